@@ -1,0 +1,123 @@
+//! The ABI shared by the XDP program and the daemon: map layouts, value types and constants.
+//!
+//! Every map that holds rules is double-buffered by *generation*: the daemon writes a complete
+//! rule set into the idle generation, then flips [`ACTIVE_GENERATION`](crate) with one map update.
+//! The XDP program reads the generation once per packet, so a packet is classified entirely by
+//! the old rules or entirely by the new ones.
+#![no_std]
+
+/// Most rules a rule set can hold; one bit per rule in a [`RuleBits`].
+pub const MAX_RULES: usize = 1024;
+/// 64-bit words in a [`RuleBits`].
+pub const RULE_WORDS: usize = MAX_RULES / 64;
+/// Rule generations kept in the maps (live and idle).
+pub const GENERATIONS: u32 = 2;
+/// Distinct destination-port classes per generation. Class 0 is "packet has no port".
+pub const MAX_PORT_CLASSES: u32 = 4096;
+/// Entries per address trie (both generations together).
+pub const MAX_TRIE_ENTRIES: u32 = 1 << 18;
+
+/// Verdicts stored per rule and as default policy.
+pub const ACTION_ALLOW: u32 = 0;
+pub const ACTION_DENY: u32 = 1;
+
+/// Slots of the per-CPU [`Counter`] array: `gen * MAX_RULES + rule` for rule hits, then the
+/// counters below, which do not depend on the generation.
+pub const STAT_RULES: u32 = GENERATIONS * MAX_RULES as u32;
+pub const STAT_DEFAULT_ALLOW: u32 = STAT_RULES;
+pub const STAT_DEFAULT_DENY: u32 = STAT_RULES + 1;
+/// Frames dropped because a header was truncated or inconsistent.
+pub const STAT_MALFORMED: u32 = STAT_RULES + 2;
+/// Non-IP frames (ARP and others), always passed.
+pub const STAT_NON_IP: u32 = STAT_RULES + 3;
+/// Drop log lines suppressed by the kernel-side rate limit.
+pub const STAT_LOG_SUPPRESSED: u32 = STAT_RULES + 4;
+pub const STAT_SLOTS: u32 = STAT_RULES + 5;
+
+/// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleBits {
+    pub words: [u64; RULE_WORDS],
+}
+
+impl RuleBits {
+    pub const EMPTY: RuleBits = RuleBits {
+        words: [0; RULE_WORDS],
+    };
+
+    pub fn set(&mut self, rule: usize) {
+        self.words[rule / 64] |= 1 << (rule % 64);
+    }
+
+    pub fn contains(&self, rule: usize) -> bool {
+        self.words[rule / 64] & (1 << (rule % 64)) != 0
+    }
+}
+
+/// Per-generation settings: everything about a rule set that is not a per-field bit set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenerationConfig {
+    /// `ACTION_ALLOW` or `ACTION_DENY` when no rule matches.
+    pub default_action: u32,
+    /// Words of [`RuleBits`] in use (`ceil(rules / 64)`); the kernel stops its AND there.
+    pub rule_words: u32,
+    /// Drop log lines allowed per second per CPU (0 = drop logging off).
+    pub log_per_sec: u32,
+    /// Burst of drop log lines allowed per CPU.
+    pub log_burst: u32,
+}
+
+/// Packet and byte counter, one per CPU per slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Token bucket of the drop log, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogBucket {
+    /// Tokens in nanoseconds of credit: one line costs `1e9 / log_per_sec`.
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+/// LPM key data of the IPv4 tries: generation byte, then the address (network order).
+pub type V4KeyData = [u8; 5];
+/// LPM key data of the IPv6 tries: generation byte, then the address.
+pub type V6KeyData = [u8; 17];
+/// Bits of the generation byte that prefix every trie key.
+pub const GEN_PREFIX_BITS: u32 = 8;
+
+/// Map names, shared so userspace finds what the kernel declares.
+pub mod map_names {
+    pub const ACTIVE_GENERATION: &str = "FW_ACTIVE_GEN";
+    pub const GEN_CONFIG: &str = "FW_GEN_CONFIG";
+    pub const RULE_ACTIONS: &str = "FW_RULE_ACTIONS";
+    pub const SRC_V4: &str = "FW_SRC_V4";
+    pub const DST_V4: &str = "FW_DST_V4";
+    pub const SRC_V6: &str = "FW_SRC_V6";
+    pub const DST_V6: &str = "FW_DST_V6";
+    pub const PROTO_BITS: &str = "FW_PROTO_BITS";
+    pub const PORT_CLASS: &str = "FW_PORT_CLASS";
+    pub const PORT_BITS: &str = "FW_PORT_BITS";
+    pub const STATS: &str = "FW_STATS";
+    pub const LOG_BUCKET: &str = "FW_LOG_BUCKET";
+}
+
+/// Name of the XDP program in the object file.
+pub const XDP_PROGRAM: &str = "firewall";
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `repr(C)` integer aggregates without padding.
+    unsafe impl aya::Pod for RuleBits {}
+    unsafe impl aya::Pod for GenerationConfig {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for LogBucket {}
+}

@@ -1,0 +1,6 @@
+//! The firewall daemon as a library: parse config -> compile -> apply -> run.
+pub mod compile;
+pub mod config;
+pub mod model;
+pub mod packet;
+pub mod reference;

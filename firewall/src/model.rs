@@ -1,0 +1,68 @@
+//! The validated rule set: what a rule file means, independent of TOML and of BPF maps.
+//!
+//! Semantics (the contract both the map compiler and the reference evaluator implement):
+//! rules are tried top to bottom and the first match decides; no match gives the default
+//! policy. A rule matches a packet when every field it has matches:
+//! - `proto`: the IP protocol number (IPv6: the upper-layer header after extension headers);
+//!   `Any` matches every protocol.
+//! - `ports`: the destination port lies in one of the ranges; only TCP and UDP packets that
+//!   carry a port (not non-first fragments) can match a rule with ports.
+//! - `from` / `to`: the source / destination address lies in one of the networks of the
+//!   packet's family; a list with no network of that family never matches.
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+impl Proto {
+    /// Whether this rule protocol matches IP protocol number `ip_proto`.
+    pub fn matches(self, ip_proto: u8) -> bool {
+        match self {
+            Proto::Any => true,
+            Proto::Tcp => ip_proto == IPPROTO_TCP,
+            Proto::Udp => ip_proto == IPPROTO_UDP,
+            Proto::Icmp => ip_proto == IPPROTO_ICMP,
+            Proto::Icmpv6 => ip_proto == IPPROTO_ICMPV6,
+        }
+    }
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Name from the file, or `rule N` (1-based position) when it has none.
+    pub name: String,
+    pub action: Action,
+    pub proto: Proto,
+    /// `None`: any source. `Some`: one of these networks (host bits are zero).
+    pub from: Option<Vec<IpNet>>,
+    /// `None`: any destination.
+    pub to: Option<Vec<IpNet>>,
+    /// `None`: any port (and any protocol). `Some`: destination port in one of these ranges.
+    pub ports: Option<Vec<RangeInclusive<u16>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    /// Verdict when no rule matches.
+    pub default_policy: Action,
+    pub rules: Vec<Rule>,
+}
