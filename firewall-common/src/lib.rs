@@ -36,7 +36,7 @@ pub const STAT_SLOTS: u32 = STAT_RULES + 5;
 
 /// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleBits {
     pub words: [u64; RULE_WORDS],
 }
@@ -52,6 +52,12 @@ impl RuleBits {
 
     pub fn contains(&self, rule: usize) -> bool {
         self.words[rule / 64] & (1 << (rule % 64)) != 0
+    }
+}
+
+impl Default for RuleBits {
+    fn default() -> Self {
+        Self::EMPTY
     }
 }
 

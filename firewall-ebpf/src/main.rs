@@ -1,2 +1,69 @@
+//! The XDP program: parse the frame, classify it against the live rule generation, count,
+//! and pass or drop.
 #![no_std]
 #![no_main]
+
+mod classify;
+mod log;
+mod maps;
+mod parse;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use firewall_common::{
+    ACTION_DENY, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP,
+};
+
+use crate::{
+    maps::{count, ACTIVE_GEN, GEN_CONFIG, RULE_ACTIONS},
+    parse::Parsed,
+};
+
+#[xdp]
+pub fn firewall(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let packet = match parse::parse(&ctx) {
+        Parsed::Ip(packet) => packet,
+        Parsed::NonIp => {
+            count(STAT_NON_IP, bytes);
+            return xdp_action::XDP_PASS;
+        }
+        Parsed::Malformed => {
+            count(STAT_MALFORMED, bytes);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    // Read the generation once: every lookup below uses the same rule set.
+    let Some(&gen) = ACTIVE_GEN.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let gen = gen & 1;
+    let Some(config) = GEN_CONFIG.get(gen) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (action, rule, slot) = match classify::first_match(gen, config, &packet) {
+        Some(rule) => {
+            let slot = gen * MAX_RULES as u32 + rule;
+            let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
+            (action, Some(rule), slot)
+        }
+        None if config.default_action == ACTION_DENY => (ACTION_DENY, None, STAT_DEFAULT_DENY),
+        None => (config.default_action, None, STAT_DEFAULT_ALLOW),
+    };
+    count(slot, bytes);
+    if action == ACTION_DENY {
+        log::log_drop(&ctx, config, &packet, rule);
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,1 +1,232 @@
-//! TODO
+//! Compiles a [`RuleSet`] into the contents of the kernel's maps (see `firewall_common`).
+//!
+//! Each packet field gets a table from field value to the bit set of rules that field value
+//! satisfies; the kernel ANDs the four bit sets and takes the lowest rule. So each table entry
+//! must hold exactly the rules whose condition on that field holds for every value the entry
+//! covers:
+//! - address tries: one entry per prefix named by any rule, plus `/0`. The trie returns the
+//!   longest entry containing the address, and every prefix containing the address is an
+//!   ancestor of (or equal to) that entry, so an entry's bits are the rules naming the entry or
+//!   one of its ancestors, plus the rules without that field.
+//! - protocols: a rule with ports can only match TCP and UDP.
+//! - ports: destination ports are cut into classes at every range boundary; class 0 is "the
+//!   packet has no port" and holds the rules without ports.
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{bail, Result};
+use firewall_common::{
+    RuleBits, ACTION_ALLOW, ACTION_DENY, MAX_PORT_CLASSES, MAX_RULES, RULE_WORDS,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::model::{Action, Rule, RuleSet, IPPROTO_TCP, IPPROTO_UDP};
+
+/// Port values, 0..=65535.
+pub const PORTS: usize = 1 << 16;
+/// IP protocol numbers.
+pub const PROTOS: usize = 256;
+
+/// Everything one generation of the maps holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub default_action: u32,
+    /// Words of [`RuleBits`] in use.
+    pub rule_words: u32,
+    /// Per rule: `ACTION_ALLOW` / `ACTION_DENY`.
+    pub actions: Vec<u32>,
+    /// Indexed by IP protocol number.
+    pub proto_bits: Vec<RuleBits>,
+    /// Indexed by destination port: the port's class.
+    pub port_class: Vec<u32>,
+    /// Indexed by port class; class 0 is "no port".
+    pub port_bits: Vec<RuleBits>,
+    pub src_v4: Vec<(Ipv4Net, RuleBits)>,
+    pub dst_v4: Vec<(Ipv4Net, RuleBits)>,
+    pub src_v6: Vec<(Ipv6Net, RuleBits)>,
+    pub dst_v6: Vec<(Ipv6Net, RuleBits)>,
+}
+
+pub fn compile(set: &RuleSet) -> Result<Compiled> {
+    if set.rules.len() > MAX_RULES {
+        bail!("{} rules; at most {MAX_RULES} are supported", set.rules.len());
+    }
+    let (port_class, port_bits) = port_tables(&set.rules)?;
+    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
+    let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
+    Ok(Compiled {
+        default_action: action_code(set.default_policy),
+        rule_words: set.rules.len().div_ceil(64).min(RULE_WORDS) as u32,
+        actions: set.rules.iter().map(|rule| action_code(rule.action)).collect(),
+        proto_bits: proto_table(&set.rules),
+        port_class,
+        port_bits,
+        src_v4,
+        dst_v4,
+        src_v6,
+        dst_v6,
+    })
+}
+
+fn action_code(action: Action) -> u32 {
+    match action {
+        Action::Allow => ACTION_ALLOW,
+        Action::Deny => ACTION_DENY,
+    }
+}
+
+fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
+    (0..PROTOS)
+        .map(|proto| {
+            let proto = proto as u8;
+            let mut bits = RuleBits::EMPTY;
+            for (index, rule) in rules.iter().enumerate() {
+                let port_ok = rule.ports.is_none() || proto == IPPROTO_TCP || proto == IPPROTO_UDP;
+                if rule.proto.matches(proto) && port_ok {
+                    bits.set(index);
+                }
+            }
+            bits
+        })
+        .collect()
+}
+
+/// Port -> class, and class -> rules. Identical bit sets share a class.
+fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
+    let mut portless = RuleBits::EMPTY;
+    // Ports where some rule's membership changes.
+    let mut cuts = vec![0usize];
+    for (index, rule) in rules.iter().enumerate() {
+        match &rule.ports {
+            None => portless.set(index),
+            Some(ranges) => {
+                for range in ranges {
+                    cuts.push(usize::from(*range.start()));
+                    cuts.push(usize::from(*range.end()) + 1);
+                }
+            }
+        }
+    }
+    cuts.retain(|&cut| cut < PORTS);
+    cuts.sort_unstable();
+    cuts.dedup();
+
+    // Bits per segment [cuts[i], cuts[i+1]).
+    let mut segment_bits = vec![portless; cuts.len()];
+    for (index, rule) in rules.iter().enumerate() {
+        for range in rule.ports.iter().flatten() {
+            let first = cuts.partition_point(|&cut| cut <= usize::from(*range.start())) - 1;
+            let last = cuts.partition_point(|&cut| cut <= usize::from(*range.end())) - 1;
+            for bits in &mut segment_bits[first..=last] {
+                bits.set(index);
+            }
+        }
+    }
+
+    let mut class_of: HashMap<RuleBits, u32> = HashMap::from([(portless, 0)]);
+    let mut port_bits = vec![portless];
+    let mut port_class = vec![0u32; PORTS];
+    for (segment, bits) in segment_bits.iter().enumerate() {
+        let class = *class_of.entry(*bits).or_insert_with(|| {
+            port_bits.push(*bits);
+            port_bits.len() as u32 - 1
+        });
+        let end = cuts.get(segment + 1).copied().unwrap_or(PORTS);
+        port_class[cuts[segment]..end].fill(class);
+    }
+    if port_bits.len() > MAX_PORT_CLASSES as usize {
+        bail!(
+            "the rules' ports form {} distinct port classes; at most {MAX_PORT_CLASSES} are supported",
+            port_bits.len()
+        );
+    }
+    Ok((port_class, port_bits))
+}
+
+/// IPv4 and IPv6 trie entries for the address field `field` selects.
+#[allow(clippy::type_complexity)]
+fn address_tables(
+    rules: &[Rule],
+    field: impl Fn(&Rule) -> Option<&[IpNet]>,
+) -> (Vec<(Ipv4Net, RuleBits)>, Vec<(Ipv6Net, RuleBits)>) {
+    let mut wildcard = RuleBits::EMPTY;
+    let mut named_v4: HashMap<Ipv4Net, RuleBits> = HashMap::new();
+    let mut named_v6: HashMap<Ipv6Net, RuleBits> = HashMap::new();
+    for (index, rule) in rules.iter().enumerate() {
+        match field(rule) {
+            None => wildcard.set(index),
+            Some(nets) => {
+                for net in nets {
+                    match net {
+                        IpNet::V4(net) => named_v4.entry(*net).or_insert(RuleBits::EMPTY),
+                        IpNet::V6(net) => named_v6.entry(*net).or_insert(RuleBits::EMPTY),
+                    }
+                    .set(index);
+                }
+            }
+        }
+    }
+    let v4 = with_ancestors(&named_v4, wildcard, |net, len| {
+        Ipv4Net::new(net.addr(), len).map(|n| n.trunc()).ok()
+    });
+    let v6 = with_ancestors(&named_v6, wildcard, |net, len| {
+        Ipv6Net::new(net.addr(), len).map(|n| n.trunc()).ok()
+    });
+    (v4, v6)
+}
+
+/// For every named prefix (and the zero-length prefix), the union of the bits of itself and
+/// all its named ancestors, plus `wildcard`.
+fn with_ancestors<N>(
+    named: &HashMap<N, RuleBits>,
+    wildcard: RuleBits,
+    ancestor: impl Fn(&N, u8) -> Option<N>,
+) -> Vec<(N, RuleBits)>
+where
+    N: Copy + Eq + std::hash::Hash + Ord + Prefix,
+{
+    let mut prefixes: Vec<N> = named.keys().copied().collect();
+    prefixes.push(N::ZERO);
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    prefixes
+        .into_iter()
+        .map(|prefix| {
+            let mut bits = wildcard;
+            for len in 0..=prefix.len() {
+                if let Some(named_bits) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
+                    for (word, named_word) in bits.words.iter_mut().zip(named_bits.words) {
+                        *word |= named_word;
+                    }
+                }
+            }
+            (prefix, bits)
+        })
+        .collect()
+}
+
+/// What [`with_ancestors`] needs of a prefix type.
+pub trait Prefix {
+    const ZERO: Self;
+    fn len(&self) -> u8;
+}
+
+impl Prefix for Ipv4Net {
+    const ZERO: Self = match Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0) {
+        Ok(net) => net,
+        Err(_) => panic!("valid prefix"),
+    };
+    fn len(&self) -> u8 {
+        self.prefix_len()
+    }
+}
+
+impl Prefix for Ipv6Net {
+    const ZERO: Self = match Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0) {
+        Ok(net) => net,
+        Err(_) => panic!("valid prefix"),
+    };
+    fn len(&self) -> u8 {
+        self.prefix_len()
+    }
+}

@@ -1,0 +1,83 @@
+//! Classification by bit vectors: one lookup per packet field returns the set of rules that
+//! field matches; the lowest rule in the intersection is the first match. The cost is four
+//! lookups plus an AND over at most `rule_words` words, whatever the number of rules.
+use aya_ebpf::maps::lpm_trie::Key;
+use firewall_common::{GenerationConfig, RuleBits, GEN_PREFIX_BITS, MAX_PORT_CLASSES, RULE_WORDS};
+
+use crate::{
+    maps::{DST_V4, DST_V6, PORTS, PORT_BITS, PORT_CLASS, PROTOS, PROTO_BITS, SRC_V4, SRC_V6},
+    parse::Packet,
+};
+
+/// Index of the first rule matching `packet` in generation `gen`, if any.
+#[inline(always)]
+pub fn first_match(gen: u32, config: &GenerationConfig, packet: &Packet) -> Option<u32> {
+    let (src, dst) = if packet.v6 {
+        (
+            SRC_V6.get(v6_key(gen, &packet.src))?,
+            DST_V6.get(v6_key(gen, &packet.dst))?,
+        )
+    } else {
+        (
+            SRC_V4.get(v4_key(gen, &packet.src))?,
+            DST_V4.get(v4_key(gen, &packet.dst))?,
+        )
+    };
+    let proto = PROTO_BITS.get(gen * PROTOS + u32::from(packet.proto))?;
+    let class = match packet.dport {
+        Some(port) => *PORT_CLASS.get(gen * PORTS + u32::from(port))?,
+        None => 0,
+    };
+    if class >= MAX_PORT_CLASSES {
+        return None;
+    }
+    let ports = PORT_BITS.get(gen * MAX_PORT_CLASSES + class)?;
+    lowest_common_rule(config.rule_words, [src, dst, proto, ports])
+}
+
+#[inline(always)]
+fn lowest_common_rule(words: u32, sets: [&RuleBits; 4]) -> Option<u32> {
+    for word in 0..RULE_WORDS {
+        if word as u32 >= words {
+            break;
+        }
+        let common = sets[0].words[word]
+            & sets[1].words[word]
+            & sets[2].words[word]
+            & sets[3].words[word];
+        if common != 0 {
+            return Some(word as u32 * 64 + lowest_bit(common));
+        }
+    }
+    None
+}
+
+/// Index of the lowest set bit of a non-zero word (BPF has no count-trailing-zeros).
+#[inline(always)]
+fn lowest_bit(mut word: u64) -> u32 {
+    let mut index = 0;
+    for shift in [32u32, 16, 8, 4, 2, 1] {
+        let low_mask = (1u64 << shift) - 1;
+        if word & low_mask == 0 {
+            word >>= shift;
+            index += shift;
+        }
+    }
+    index
+}
+
+#[inline(always)]
+fn v4_key(gen: u32, addr: &[u8; 16]) -> Key<[u8; 5]> {
+    let mut data = [0u8; 5];
+    data[0] = gen as u8;
+    data[1..].copy_from_slice(&addr[..4]);
+    Key::new(GEN_PREFIX_BITS + 32, data)
+}
+
+#[inline(always)]
+fn v6_key(gen: u32, addr: &[u8; 16]) -> Key<[u8; 17]> {
+    let mut data = [0u8; 17];
+    data[0] = gen as u8;
+    data[1..].copy_from_slice(addr);
+    Key::new(GEN_PREFIX_BITS + 128, data)
+}

@@ -1,0 +1,68 @@
+//! The BPF maps: rule bit sets per packet field, double-buffered by generation (see
+//! `firewall_common`), plus counters and the drop-log token bucket.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, PerCpuArray},
+};
+use firewall_common::{
+    Counter, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData, GENERATIONS,
+    MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+};
+
+/// Ports per generation in [`PORT_CLASS`].
+pub const PORTS: u32 = 65536;
+/// IP protocol numbers per generation in [`PROTO_BITS`].
+pub const PROTOS: u32 = 256;
+
+/// One element: the generation packets are classified with.
+#[map(name = "FW_ACTIVE_GEN")]
+pub static ACTIVE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "FW_GEN_CONFIG")]
+pub static GEN_CONFIG: Array<GenerationConfig> = Array::with_max_entries(GENERATIONS, 0);
+
+/// `gen * MAX_RULES + rule` -> ACTION_ALLOW / ACTION_DENY.
+#[map(name = "FW_RULE_ACTIONS")]
+pub static RULE_ACTIONS: Array<u32> = Array::with_max_entries(GENERATIONS * MAX_RULES as u32, 0);
+
+/// Source / destination prefix -> rules whose `from` / `to` contains it.
+#[map(name = "FW_SRC_V4")]
+pub static SRC_V4: LpmTrie<V4KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+#[map(name = "FW_DST_V4")]
+pub static DST_V4: LpmTrie<V4KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+#[map(name = "FW_SRC_V6")]
+pub static SRC_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+#[map(name = "FW_DST_V6")]
+pub static DST_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+
+/// `gen * 256 + ip_proto` -> rules that can match that protocol.
+#[map(name = "FW_PROTO_BITS")]
+pub static PROTO_BITS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * PROTOS, 0);
+
+/// `gen * 65536 + dport` -> port class; class 0 means "no port".
+#[map(name = "FW_PORT_CLASS")]
+pub static PORT_CLASS: Array<u32> = Array::with_max_entries(GENERATIONS * PORTS, 0);
+
+/// `gen * MAX_PORT_CLASSES + class` -> rules that match ports of that class.
+#[map(name = "FW_PORT_BITS")]
+pub static PORT_BITS: Array<RuleBits> =
+    Array::with_max_entries(GENERATIONS * MAX_PORT_CLASSES, 0);
+
+/// Per-CPU packet/byte counters, slots as in `firewall_common::STAT_*`.
+#[map(name = "FW_STATS")]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+#[map(name = "FW_LOG_BUCKET")]
+pub static LOG_BUCKET: PerCpuArray<LogBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Adds one packet of `bytes` to counter `slot`.
+#[inline(always)]
+pub fn count(slot: u32, bytes: u64) {
+    if let Some(counter) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes;
+        }
+    }
+}

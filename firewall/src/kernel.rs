@@ -1,0 +1,308 @@
+//! The kernel side as seen from userspace: loads the XDP program, attaches it, writes compiled
+//! rule sets into the idle generation and flips to it, and runs packets through
+//! BPF_PROG_TEST_RUN.
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::util::nr_cpus;
+use aya::{Ebpf, Pod};
+use firewall_common::{
+    map_names, Counter, GenerationConfig, RuleBits, V4KeyData, V6KeyData, GEN_PREFIX_BITS,
+    MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, XDP_PROGRAM,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::compile::{Compiled, PORTS, PROTOS};
+
+/// The XDP object built from firewall-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
+
+/// Drop log lines per second per CPU, and their burst.
+pub const LOG_PER_SEC: u32 = 5;
+pub const LOG_BURST: u32 = 10;
+
+/// How to attach: `Auto` tries native (driver) XDP and falls back to generic (skb) XDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    Auto,
+    Native,
+    Skb,
+}
+
+pub struct Kernel {
+    ebpf: Ebpf,
+    /// What each generation holds as last written by us (`None`: zero-filled at load).
+    written: [Option<Compiled>; 2],
+}
+
+impl Kernel {
+    /// Loads the XDP program and creates its maps; nothing is attached yet.
+    pub fn load() -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this binary was built without its XDP object (AYA_BUILD_SKIP was set)");
+        }
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(OBJECT).context("loading the XDP object")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("XDP program `{XDP_PROGRAM}` missing from the object"))?
+            .try_into()?;
+        program
+            .load()
+            .context("the kernel rejected the XDP program")?;
+        Ok(Kernel {
+            ebpf,
+            written: [None, None],
+        })
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("XDP program missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches to `iface`; returns the mode that worked. The link lives as long as `self`.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("XDP program missing"))?
+            .try_into()?;
+        let attempts: &[(XdpMode, &'static str)] = match mode {
+            AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
+            AttachMode::Native => &[(XdpMode::Driver, "native")],
+            AttachMode::Skb => &[(XdpMode::Skb, "skb")],
+        };
+        let mut last_error = None;
+        for &(xdp_mode, name) in attempts {
+            match program.attach(iface, xdp_mode) {
+                Ok(_) => return Ok(name),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(anyhow!(last_error.expect("at least one attempt")))
+            .with_context(|| format!("attaching XDP to {iface}"))
+    }
+
+    /// The generation packets are classified with now.
+    pub fn active_generation(&self) -> Result<u32> {
+        let active: Array<&MapData, u32> = Array::try_from(self.map(map_names::ACTIVE_GENERATION)?)?;
+        Ok(active.get(&0, 0)? & 1)
+    }
+
+    /// Writes `compiled` into the idle generation, then makes it live with one map update.
+    /// On error the live generation is untouched.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<()> {
+        let gen = self.active_generation()? ^ 1;
+        let old = self.written[gen as usize].take();
+        self.write_generation(gen, compiled, old.as_ref())
+            .context("writing the new rules into the kernel maps")?;
+        let mut active: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(map_names::ACTIVE_GENERATION)?)?;
+        active.set(0, gen, 0).context("switching to the new rules")?;
+        self.written[gen as usize] = Some(compiled.clone());
+        Ok(())
+    }
+
+    fn write_generation(&mut self, gen: u32, new: &Compiled, old: Option<&Compiled>) -> Result<()> {
+        let rules = MAX_RULES as u32;
+        write_array(
+            self.map_mut(map_names::RULE_ACTIONS)?,
+            gen * rules,
+            &new.actions,
+            old.map(|o| o.actions.as_slice()),
+        )?;
+        write_array(
+            self.map_mut(map_names::PROTO_BITS)?,
+            gen * PROTOS as u32,
+            &new.proto_bits,
+            old.map(|o| o.proto_bits.as_slice()),
+        )?;
+        write_array(
+            self.map_mut(map_names::PORT_CLASS)?,
+            gen * PORTS as u32,
+            &new.port_class,
+            old.map(|o| o.port_class.as_slice()),
+        )?;
+        write_array(
+            self.map_mut(map_names::PORT_BITS)?,
+            gen * MAX_PORT_CLASSES,
+            &new.port_bits,
+            old.map(|o| o.port_bits.as_slice()),
+        )?;
+        write_trie(
+            self.map_mut(map_names::SRC_V4)?,
+            gen,
+            &new.src_v4,
+            old.map(|o| o.src_v4.as_slice()),
+            v4_key,
+        )?;
+        write_trie(
+            self.map_mut(map_names::DST_V4)?,
+            gen,
+            &new.dst_v4,
+            old.map(|o| o.dst_v4.as_slice()),
+            v4_key,
+        )?;
+        write_trie(
+            self.map_mut(map_names::SRC_V6)?,
+            gen,
+            &new.src_v6,
+            old.map(|o| o.src_v6.as_slice()),
+            v6_key,
+        )?;
+        write_trie(
+            self.map_mut(map_names::DST_V6)?,
+            gen,
+            &new.dst_v6,
+            old.map(|o| o.dst_v6.as_slice()),
+            v6_key,
+        )?;
+        self.reset_rule_counters(gen, new.actions.len())?;
+        let config = GenerationConfig {
+            default_action: new.default_action,
+            rule_words: new.rule_words,
+            log_per_sec: LOG_PER_SEC,
+            log_burst: LOG_BURST,
+        };
+        let mut configs: Array<&mut MapData, GenerationConfig> =
+            Array::try_from(self.map_mut(map_names::GEN_CONFIG)?)?;
+        configs.set(gen, config, 0)?;
+        Ok(())
+    }
+
+    fn reset_rule_counters(&mut self, gen: u32, rules: usize) -> Result<()> {
+        let mut stats: PerCpuArray<&mut MapData, Counter> =
+            PerCpuArray::try_from(self.map_mut(map_names::STATS)?)?;
+        let cpus = nr_cpus().map_err(|(_, error)| error)?;
+        for rule in 0..rules as u32 {
+            let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
+            stats.set(gen * MAX_RULES as u32 + rule, zero, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Counters summed over CPUs, indexed by `firewall_common::STAT_*` slot.
+    pub fn counters(&self) -> Result<Vec<Counter>> {
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(map_names::STATS)?)?;
+        (0..STAT_SLOTS)
+            .map(|slot| {
+                let per_cpu = stats.get(&slot, 0)?;
+                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    /// Runs `frame` through the program `repeat` times with BPF_PROG_TEST_RUN; returns the
+    /// XDP action and the kernel's average time per run.
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })?;
+        Ok((result.return_value, result.duration))
+    }
+
+    fn map(&self, name: &str) -> Result<&Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
+    }
+}
+
+/// Writes `new` at `base..`, skipping entries equal to what the generation already holds
+/// (`old`; `None` means zero-filled).
+fn write_array<V: Pod + PartialEq + Default>(
+    map: &mut Map,
+    base: u32,
+    new: &[V],
+    old: Option<&[V]>,
+) -> Result<()> {
+    let mut array: Array<&mut MapData, V> = Array::try_from(map)?;
+    for (index, value) in new.iter().enumerate() {
+        let current = match old {
+            Some(old) => old.get(index).copied(),
+            None => Some(V::default()),
+        };
+        if current.as_ref() != Some(value) {
+            array.set(base + index as u32, *value, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the trie entries of generation `gen` equal to `new`: removes stale entries, inserts
+/// new and changed ones.
+fn write_trie<N: Copy + Eq + Hash, K: Pod>(
+    map: &mut Map,
+    gen: u32,
+    new: &[(N, RuleBits)],
+    old: Option<&[(N, RuleBits)]>,
+    key: fn(u32, &N) -> Key<K>,
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(map)?;
+    let old: HashMap<N, RuleBits> = old.unwrap_or_default().iter().copied().collect();
+    let new_map: HashMap<N, RuleBits> = new.iter().copied().collect();
+    for net in old.keys() {
+        if !new_map.contains_key(net) {
+            trie.remove(&key(gen, net))?;
+        }
+    }
+    for (net, bits) in new {
+        if old.get(net) != Some(bits) {
+            trie.insert(&key(gen, net), *bits, 0)?;
+        }
+    }
+    Ok(())
+}
+
+fn v4_key(gen: u32, net: &Ipv4Net) -> Key<V4KeyData> {
+    let mut data = [0u8; 5];
+    data[0] = gen as u8;
+    data[1..].copy_from_slice(&net.addr().octets());
+    Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
+}
+
+fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
+    let mut data = [0u8; 17];
+    data[0] = gen as u8;
+    data[1..].copy_from_slice(&net.addr().octets());
+    Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
