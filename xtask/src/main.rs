@@ -1,1 +1,146 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup|build|run|test|bench`.
+//!
+//! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
+//! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
+//! (no system LLVM needed), and the Debian packages the tests use.
+mod setup;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the build chain: nightly + rust-src, bpf-linker, test packages.
+    Setup,
+    /// Build the daemon (with its XDP object) to target/release/firewall.
+    Build,
+    /// Set up, build and run the firewall in the foreground.
+    Run {
+        /// Interface to attach to (default: the interface of the default route).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Rule file (default: rules/default.toml).
+        #[arg(long, default_value = "rules/default.toml")]
+        rules: PathBuf,
+        /// More arguments for `firewall run`.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
+    /// Set up and run every test (unit, kernel packet tests, differential, end to end).
+    Test {
+        /// Arguments passed to `cargo test` after `--`.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
+    /// Benchmark the packet path through BPF_PROG_TEST_RUN.
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    let env = setup::setup()?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Build => build(&env),
+        Task::Run { iface, rules, extra } => {
+            build(&env)?;
+            let iface = match iface {
+                Some(iface) => iface,
+                None => default_route_iface()?,
+            };
+            require_root("cargo xtask run")?;
+            eprintln!("firewall run --rules {} --iface {iface}", rules.display());
+            let status = Command::new(root.join("target/release/firewall"))
+                .args(["run", "--rules"])
+                .arg(&rules)
+                .args(["--iface", &iface])
+                .args(extra)
+                .status()?;
+            check(status, "firewall run")
+        }
+        Task::Test { extra } => {
+            require_root("cargo xtask test (the tests load XDP programs and create namespaces)")?;
+            let status = env
+                .cargo()
+                .args(["test", "--release", "--workspace"])
+                .arg("--")
+                .args(extra)
+                .status()?;
+            check(status, "cargo test")
+        }
+        Task::Bench => {
+            require_root("cargo xtask bench")?;
+            let status = env
+                .cargo()
+                .args(["bench", "-p", "firewall", "--bench", "packet_path"])
+                .status()?;
+            check(status, "cargo bench")
+        }
+    }
+}
+
+fn build(env: &setup::Env) -> Result<()> {
+    let status = env
+        .cargo()
+        .args(["build", "--release", "-p", "firewall"])
+        .status()?;
+    check(status, "cargo build")
+}
+
+fn check(status: std::process::ExitStatus, what: &str) -> Result<()> {
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc_getuid() } != 0 {
+        bail!("{what} needs root");
+    }
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+/// The interface of the IPv4 (else IPv6) default route.
+fn default_route_iface() -> Result<String> {
+    for family in ["-4", "-6"] {
+        let output = Command::new("ip")
+            .args([family, "route", "show", "default"])
+            .output()
+            .context("running `ip route`")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let mut words = text.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "dev" {
+                if let Some(iface) = words.next() {
+                    return Ok(iface.to_string());
+                }
+            }
+        }
+    }
+    bail!("no default route; name the interface with --iface")
+}

@@ -1,0 +1,159 @@
+//! The build chain, installed on demand and verified on every run.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and benchmarks use, by the command that proves each is there.
+const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+
+/// What later steps need: where bpf-linker lives.
+pub struct Env {
+    bpf_linker_bin: PathBuf,
+}
+
+impl Env {
+    /// `cargo` with bpf-linker on PATH.
+    pub fn cargo(&self) -> Command {
+        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![self.bpf_linker_bin.clone()];
+        paths.extend(std::env::split_paths(&path));
+        command.env("PATH", std::env::join_paths(paths).expect("valid PATH"));
+        command
+    }
+}
+
+pub fn setup() -> Result<Env> {
+    ensure_nightly()?;
+    let bpf_linker_bin = ensure_bpf_linker()?;
+    ensure_packages()?;
+    Ok(Env { bpf_linker_bin })
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("setup: {program} {}", args.join(" "));
+    let status = Command::new(program).args(args).status()?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ensure_nightly() -> Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"])?;
+    if !toolchains.lines().any(|line| line.starts_with("nightly")) {
+        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+    }
+    let components = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )?;
+    if !components.lines().any(|line| line.starts_with("rust-src")) {
+        run(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+    Ok(())
+}
+
+/// bpf-linker links against the very libLLVM that rustc nightly ships, found through a prefix
+/// of symlinks. Both live outside target/ so `cargo clean` keeps them (the binary has an rpath
+/// into the prefix). A stamp records which libLLVM it was built for; a new nightly rebuilds it.
+fn ensure_bpf_linker() -> Result<PathBuf> {
+    let sysroot = PathBuf::from(output("rustc", &["+nightly", "--print", "sysroot"])?.trim());
+    let version = output("rustc", &["+nightly", "-vV"])?;
+    let llvm_major = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV printed no LLVM version")?
+        .to_string();
+    let libllvm = find_libllvm(&sysroot.join("lib"))?;
+    let libllvm_name = libllvm.file_name().unwrap().to_string_lossy().into_owned();
+
+    let home = PathBuf::from(std::env::var("HOME").context("HOME is not set")?);
+    let base = home.join(".cache/firewall");
+    let prefix = base.join(format!("llvm-{llvm_major}"));
+    let root = base.join("bpf-linker");
+    let bin = root.join("bin");
+    let stamp = root.join("built-for");
+    let linker = bin.join("bpf-linker");
+    let want = format!("{BPF_LINKER_VERSION} {}", libllvm.display());
+    if linker.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(bin);
+    }
+
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so", libllvm_name.as_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {libllvm_name} (about 2 minutes)");
+    let status = Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--force"])
+        .args(["--version", BPF_LINKER_VERSION, "--no-default-features"])
+        .args(["--features", &format!("llvm-{llvm_major}")])
+        .arg("--root")
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix)
+        .status()?;
+    if !status.success() {
+        bail!("building bpf-linker failed ({status})");
+    }
+    std::fs::write(&stamp, want)?;
+    Ok(bin)
+}
+
+/// rustc's shared LLVM, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn find_libllvm(lib: &Path) -> Result<PathBuf> {
+    for entry in std::fs::read_dir(lib)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap().to_string_lossy();
+        if name.starts_with("libLLVM.so.") {
+            return Ok(path);
+        }
+    }
+    bail!("no libLLVM.so.* in {}", lib.display())
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(command, _)| which(command).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    run("apt-get", &args)
+}
+
+fn which(command: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(command))
+        .find(|candidate| candidate.is_file())
+}
