@@ -230,3 +230,108 @@ impl Prefix for Ipv6Net {
         self.prefix_len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Proto;
+
+    fn rule(proto: Proto, from: Option<&[&str]>, ports: Option<Vec<RangeInclusive<u16>>>) -> Rule {
+        Rule {
+            name: "r".into(),
+            action: Action::Allow,
+            proto,
+            from: from.map(|nets| nets.iter().map(|n| n.parse().unwrap()).collect()),
+            to: None,
+            ports,
+        }
+    }
+
+    use std::ops::RangeInclusive;
+
+    fn set(rules: Vec<Rule>) -> Compiled {
+        compile(&RuleSet {
+            default_policy: Action::Deny,
+            rules,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn rules_with_ports_only_match_tcp_and_udp() {
+        let compiled = set(vec![
+            rule(Proto::Any, None, Some(vec![22..=22])),
+            rule(Proto::Any, None, None),
+        ]);
+        assert!(compiled.proto_bits[6].contains(0) && compiled.proto_bits[17].contains(0));
+        assert!(!compiled.proto_bits[1].contains(0) && !compiled.proto_bits[58].contains(0));
+        assert!((0..PROTOS).all(|p| compiled.proto_bits[p].contains(1)));
+    }
+
+    #[test]
+    fn port_classes_split_at_range_boundaries() {
+        let compiled = set(vec![
+            rule(Proto::Tcp, None, Some(vec![8000..=8100, 22..=22])),
+            rule(Proto::Tcp, None, Some(vec![8050..=9000])),
+            rule(Proto::Tcp, None, None),
+        ]);
+        let bits = |port: usize| compiled.port_bits[compiled.port_class[port] as usize];
+        let members = |port: usize| (0..3).filter(|&r| bits(port).contains(r)).collect::<Vec<_>>();
+        assert_eq!(members(21), vec![2]);
+        assert_eq!(members(22), vec![0, 2]);
+        assert_eq!(members(23), vec![2]);
+        assert_eq!(members(8000), vec![0, 2]);
+        assert_eq!(members(8050), vec![0, 1, 2]);
+        assert_eq!(members(8100), vec![0, 1, 2]);
+        assert_eq!(members(8101), vec![1, 2]);
+        assert_eq!(members(9000), vec![1, 2]);
+        assert_eq!(members(9001), vec![2]);
+        assert_eq!(members(65535), vec![2]);
+        // Class 0 ("no port") holds only the rules without ports.
+        assert_eq!(compiled.port_bits[0].words[0], 0b100);
+        // Ports 21, 23 and 9001 share one class with "no port".
+        assert_eq!(compiled.port_class[21], 0);
+        assert_eq!(compiled.port_class[9001], 0);
+    }
+
+    #[test]
+    fn prefixes_inherit_the_rules_of_their_ancestors() {
+        let compiled = set(vec![
+            rule(Proto::Any, Some(&["10.0.0.0/8"]), None),
+            rule(Proto::Any, Some(&["10.1.0.0/16", "2001:db8::/32"]), None),
+            rule(Proto::Any, None, None),
+            rule(Proto::Any, Some(&["2001:db8::/32"]), None),
+        ]);
+        let v4: HashMap<String, u64> = compiled
+            .src_v4
+            .iter()
+            .map(|(net, bits)| (net.to_string(), bits.words[0]))
+            .collect();
+        assert_eq!(v4["0.0.0.0/0"], 0b0100);
+        assert_eq!(v4["10.0.0.0/8"], 0b0101);
+        assert_eq!(v4["10.1.0.0/16"], 0b0111);
+        let v6: HashMap<String, u64> = compiled
+            .src_v6
+            .iter()
+            .map(|(net, bits)| (net.to_string(), bits.words[0]))
+            .collect();
+        assert_eq!(v6["::/0"], 0b0100);
+        assert_eq!(v6["2001:db8::/32"], 0b1110);
+        // Destination: no rule names one, so only `/0` with every rule.
+        assert_eq!(compiled.dst_v4.len(), 1);
+        assert_eq!(compiled.dst_v4[0].1.words[0], 0b1111);
+    }
+
+    #[test]
+    fn rule_words_cover_the_rules() {
+        let rules = vec![rule(Proto::Any, None, None); 65];
+        assert_eq!(set(rules).rule_words, 2);
+        assert_eq!(set(vec![]).rule_words, 0);
+        let too_many = vec![rule(Proto::Any, None, None); MAX_RULES + 1];
+        assert!(compile(&RuleSet {
+            default_policy: Action::Allow,
+            rules: too_many
+        })
+        .is_err());
+    }
+}

@@ -1,6 +1,7 @@
 //! The firewall daemon as a library: parse config -> compile -> apply -> run.
 pub mod compile;
 pub mod config;
+pub mod daemon;
 pub mod kernel;
 pub mod model;
 pub mod packet;

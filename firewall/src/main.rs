@@ -1,1 +1,66 @@
-fn main(){}
+//! The `firewall` command: a host firewall on XDP.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use firewall::config::{load_rules, summary};
+use firewall::daemon::{self, RunOptions};
+use firewall::kernel::AttachMode;
+
+#[derive(Parser)]
+#[command(version, about = "Host firewall on XDP: allow/deny rules from a TOML file")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the interfaces and filter until SIGINT/SIGTERM; SIGHUP reloads the rules.
+    Run {
+        /// Rule file (TOML).
+        #[arg(long)]
+        rules: PathBuf,
+        /// Interface to filter; repeat for several.
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        /// XDP attach mode: auto tries native, then skb (generic).
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: AttachMode,
+    },
+    /// Validate a rule file and summarise what would be loaded.
+    Check {
+        /// Rule file (TOML).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { file } => load_rules(&file).map(|set| print!("{}", summary(&set))),
+        Command::Run {
+            rules,
+            ifaces,
+            xdp_mode,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| {
+                runtime.block_on(daemon::run(RunOptions {
+                    rules,
+                    ifaces,
+                    mode: xdp_mode,
+                }))
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
