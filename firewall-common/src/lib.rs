@@ -69,10 +69,10 @@ pub struct GenerationConfig {
     pub default_action: u32,
     /// Words of [`RuleBits`] in use (`ceil(rules / 64)`); the kernel stops its AND there.
     pub rule_words: u32,
-    /// Drop log lines allowed per second per CPU (0 = drop logging off).
-    pub log_per_sec: u32,
-    /// Burst of drop log lines allowed per CPU.
-    pub log_burst: u32,
+    /// Nanoseconds of credit one drop log line costs (`1e9 / lines per second`; 0 = off).
+    pub log_line_ns: u64,
+    /// Most credit a CPU can save up: `log_line_ns * burst`.
+    pub log_burst_ns: u64,
 }
 
 /// Packet and byte counter, one per CPU per slot.
@@ -87,17 +87,18 @@ pub struct Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LogBucket {
-    /// Tokens in nanoseconds of credit: one line costs `1e9 / log_per_sec`.
+    /// Credit in nanoseconds: one line costs `GenerationConfig::log_line_ns`.
     pub credit_ns: u64,
     pub last_ns: u64,
 }
 
-/// LPM key data of the IPv4 tries: generation byte, then the address (network order).
-pub type V4KeyData = [u8; 5];
-/// LPM key data of the IPv6 tries: generation byte, then the address.
-pub type V6KeyData = [u8; 17];
-/// Bits of the generation byte that prefix every trie key.
-pub const GEN_PREFIX_BITS: u32 = 8;
+/// LPM key data of the IPv4 tries: the generation as a big-endian word, then the address as
+/// it appears on the wire. Whole words keep key building in the kernel free of byte copies.
+pub type V4KeyData = [u32; 2];
+/// LPM key data of the IPv6 tries: generation word, then the address.
+pub type V6KeyData = [u32; 5];
+/// Bits of the generation word that prefix every trie key.
+pub const GEN_PREFIX_BITS: u32 = 32;
 
 /// Map names, shared so userspace finds what the kernel declares.
 pub mod map_names {

@@ -2,7 +2,9 @@
 //! field matches; the lowest rule in the intersection is the first match. The cost is four
 //! lookups plus an AND over at most `rule_words` words, whatever the number of rules.
 use aya_ebpf::maps::lpm_trie::Key;
-use firewall_common::{GenerationConfig, RuleBits, GEN_PREFIX_BITS, MAX_PORT_CLASSES, RULE_WORDS};
+use firewall_common::{
+    GenerationConfig, RuleBits, V4KeyData, V6KeyData, GEN_PREFIX_BITS, MAX_PORT_CLASSES, RULE_WORDS,
+};
 
 use crate::{
     maps::{DST_V4, DST_V6, PORTS, PORT_BITS, PORT_CLASS, PROTOS, PROTO_BITS, SRC_V4, SRC_V6},
@@ -67,17 +69,14 @@ fn lowest_bit(mut word: u64) -> u32 {
 }
 
 #[inline(always)]
-fn v4_key(gen: u32, addr: &[u8; 16]) -> Key<[u8; 5]> {
-    let mut data = [0u8; 5];
-    data[0] = gen as u8;
-    data[1..].copy_from_slice(&addr[..4]);
-    Key::new(GEN_PREFIX_BITS + 32, data)
+fn v4_key(gen: u32, addr: &[u32; 4]) -> Key<V4KeyData> {
+    Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr[0]])
 }
 
 #[inline(always)]
-fn v6_key(gen: u32, addr: &[u8; 16]) -> Key<[u8; 17]> {
-    let mut data = [0u8; 17];
-    data[0] = gen as u8;
-    data[1..].copy_from_slice(addr);
-    Key::new(GEN_PREFIX_BITS + 128, data)
+fn v6_key(gen: u32, addr: &[u32; 4]) -> Key<V6KeyData> {
+    Key::new(
+        GEN_PREFIX_BITS + 128,
+        [gen.to_be(), addr[0], addr[1], addr[2], addr[3]],
+    )
 }

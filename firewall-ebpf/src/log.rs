@@ -1,6 +1,6 @@
 //! Drop logging with a per-CPU token bucket in the kernel, so a flood of dropped packets
 //! cannot turn into a flood of log lines.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::info;
 use core::net::{Ipv4Addr, Ipv6Addr};
 use firewall_common::{GenerationConfig, STAT_LOG_SUPPRESSED};
@@ -10,12 +10,10 @@ use crate::{
     parse::Packet,
 };
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
-
 /// Takes one token if the bucket has one; counts a suppressed line otherwise.
 #[inline(always)]
 fn take_token(config: &GenerationConfig) -> bool {
-    if config.log_per_sec == 0 {
+    if config.log_line_ns == 0 {
         return false;
     }
     let Some(bucket) = LOG_BUCKET.get_ptr_mut(0) else {
@@ -23,12 +21,12 @@ fn take_token(config: &GenerationConfig) -> bool {
     };
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     let bucket = unsafe { &mut *bucket };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let cost = NANOS_PER_SEC / u64::from(config.log_per_sec);
-    let cap = cost * u64::from(config.log_burst.max(1));
+    // A coarse clock (tick resolution) is plenty for a few lines a second, and cheaper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let cost = config.log_line_ns;
     let credit = bucket.credit_ns + (now - bucket.last_ns);
     bucket.last_ns = now;
-    let credit = if credit > cap { cap } else { credit };
+    let credit = if credit > config.log_burst_ns { config.log_burst_ns } else { credit };
     if credit < cost {
         bucket.credit_ns = credit;
         count(STAT_LOG_SUPPRESSED, 0);
@@ -38,27 +36,39 @@ fn take_token(config: &GenerationConfig) -> bool {
     true
 }
 
-/// Logs a dropped packet; `rule` is `None` for the default policy.
+/// Logs a dropped packet. `rule` is the 1-based rule number, 0 for the default policy;
+/// `dport` is 0 for packets without a port.
 #[inline(always)]
-pub fn log_drop(ctx: &XdpContext, config: &GenerationConfig, packet: &Packet, rule: Option<u32>) {
+pub fn log_drop(ctx: &XdpContext, config: &GenerationConfig, packet: &Packet, rule: u32) {
     if !take_token(config) {
         return;
     }
-    let rule = match rule {
-        Some(rule) => rule as i64 + 1,
-        None => -1,
+    let dport = match packet.dport {
+        Some(port) => u32::from(port),
+        None => 0,
     };
-    let port = match packet.dport {
-        Some(port) => i32::from(port),
-        None => -1,
-    };
+    let proto = u32::from(packet.proto);
     if packet.v6 {
-        let src = Ipv6Addr::from(packet.src);
-        let dst = Ipv6Addr::from(packet.dst);
-        info!(ctx, "drop rule={} proto={} {} -> {} dport={}", rule, packet.proto, src, dst, port);
+        let src = Ipv6Addr::from(words_to_bytes(&packet.src));
+        let dst = Ipv6Addr::from(words_to_bytes(&packet.dst));
+        info!(ctx, "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport);
     } else {
-        let src = Ipv4Addr::new(packet.src[0], packet.src[1], packet.src[2], packet.src[3]);
-        let dst = Ipv4Addr::new(packet.dst[0], packet.dst[1], packet.dst[2], packet.dst[3]);
-        info!(ctx, "drop rule={} proto={} {} -> {} dport={}", rule, packet.proto, src, dst, port);
+        let src = Ipv4Addr::from(packet.src[0].to_ne_bytes());
+        let dst = Ipv4Addr::from(packet.dst[0].to_ne_bytes());
+        info!(ctx, "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport);
     }
+}
+
+/// Wire-order address words back to bytes (only on the rare logging path).
+#[inline(always)]
+fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        let b = word.to_ne_bytes();
+        bytes[4 * i] = b[0];
+        bytes[4 * i + 1] = b[1];
+        bytes[4 * i + 2] = b[2];
+        bytes[4 * i + 3] = b[3];
+    }
+    bytes
 }

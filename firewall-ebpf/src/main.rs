@@ -15,14 +15,15 @@ use firewall_common::{
 
 use crate::{
     maps::{count, ACTIVE_GEN, GEN_CONFIG, RULE_ACTIONS},
-    parse::Parsed,
+    parse::{Packet, Parsed},
 };
 
 #[xdp]
 pub fn firewall(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let packet = match parse::parse(&ctx) {
-        Parsed::Ip(packet) => packet,
+    let mut packet = Packet::new();
+    match parse::parse(&ctx, &mut packet) {
+        Parsed::Ip => {}
         Parsed::NonIp => {
             count(STAT_NON_IP, bytes);
             return xdp_action::XDP_PASS;
@@ -31,7 +32,7 @@ pub fn firewall(ctx: XdpContext) -> u32 {
             count(STAT_MALFORMED, bytes);
             return xdp_action::XDP_DROP;
         }
-    };
+    }
     // Read the generation once: every lookup below uses the same rule set.
     let Some(&gen) = ACTIVE_GEN.get(0) else {
         return xdp_action::XDP_PASS;
@@ -40,18 +41,19 @@ pub fn firewall(ctx: XdpContext) -> u32 {
     let Some(config) = GEN_CONFIG.get(gen) else {
         return xdp_action::XDP_PASS;
     };
-    let (action, rule, slot) = match classify::first_match(gen, config, &packet) {
+    // `rule_number` is 1-based for the log; 0 is the default policy.
+    let (action, rule_number, slot) = match classify::first_match(gen, config, &packet) {
         Some(rule) => {
             let slot = gen * MAX_RULES as u32 + rule;
             let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
-            (action, Some(rule), slot)
+            (action, rule + 1, slot)
         }
-        None if config.default_action == ACTION_DENY => (ACTION_DENY, None, STAT_DEFAULT_DENY),
-        None => (config.default_action, None, STAT_DEFAULT_ALLOW),
+        None if config.default_action == ACTION_DENY => (ACTION_DENY, 0, STAT_DEFAULT_DENY),
+        None => (config.default_action, 0, STAT_DEFAULT_ALLOW),
     };
     count(slot, bytes);
     if action == ACTION_DENY {
-        log::log_drop(&ctx, config, &packet, rule);
+        log::log_drop(&ctx, config, &packet, rule_number);
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS

@@ -30,21 +30,35 @@ pub const MAX_EXT_HEADERS: usize = 8;
 /// with headers beyond this are treated as malformed.
 const MAX_OFFSET: usize = 4096;
 
-/// What the classifier needs of an IP packet.
+/// What the classifier needs of an IP packet. Addresses are kept as words in wire byte order
+/// (an IPv4 address is word 0): word copies compile to plain loads and stores, where byte
+/// arrays would call the slow byte-looping `memcpy`/`memset` of compiler-builtins.
 pub struct Packet {
     pub v6: bool,
-    /// IPv4 addresses occupy the first 4 bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
     pub proto: u8,
     /// Destination port, or `None` for non-TCP/UDP and non-first fragments.
     pub dport: Option<u16>,
 }
 
+impl Packet {
+    pub const fn new() -> Self {
+        Packet {
+            v6: false,
+            src: [0; 4],
+            dst: [0; 4],
+            proto: 0,
+            dport: None,
+        }
+    }
+}
+
 pub enum Parsed {
     NonIp,
     Malformed,
-    Ip(Packet),
+    /// The IP packet was written to the caller's [`Packet`].
+    Ip,
 }
 
 /// Bounds-checked view of the frame.
@@ -79,13 +93,19 @@ impl Frame {
     }
 }
 
+/// A 4-byte address slice as a word in wire byte order.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+fn word(bytes: &[u8]) -> u32 {
+    u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
     let frame = Frame {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    match parse_frame(&frame) {
+    match parse_frame(&frame, packet) {
         Some(parsed) => parsed,
         None => Parsed::Malformed,
     }
@@ -93,7 +113,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 
 /// `None` means malformed.
 #[inline(always)]
-fn parse_frame(frame: &Frame) -> Option<Parsed> {
+fn parse_frame(frame: &Frame, packet: &mut Packet) -> Option<Parsed> {
     let mut ethertype = frame.be16_at(12)?;
     let mut cursor = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -104,8 +124,8 @@ fn parse_frame(frame: &Frame) -> Option<Parsed> {
         cursor += VLAN_HLEN;
     }
     match ethertype {
-        ETH_P_IP => parse_ipv4(frame, cursor).map(Parsed::Ip),
-        ETH_P_IPV6 => parse_ipv6(frame, cursor).map(Parsed::Ip),
+        ETH_P_IP => parse_ipv4(frame, cursor, packet).map(|()| Parsed::Ip),
+        ETH_P_IPV6 => parse_ipv6(frame, cursor, packet).map(|()| Parsed::Ip),
         // A third VLAN tag: we cannot tell what it carries.
         ETH_P_8021Q | ETH_P_8021AD => None,
         _ => Some(Parsed::NonIp),
@@ -113,7 +133,7 @@ fn parse_frame(frame: &Frame) -> Option<Parsed> {
 }
 
 #[inline(always)]
-fn parse_ipv4(frame: &Frame, l3: usize) -> Option<Packet> {
+fn parse_ipv4(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
     let header = frame.bytes::<IPV4_MIN_HLEN>(l3)?;
     if header[0] >> 4 != 4 {
         return None;
@@ -124,24 +144,18 @@ fn parse_ipv4(frame: &Frame, l3: usize) -> Option<Packet> {
         return None;
     }
     let proto = header[9];
-    let mut packet = Packet {
-        v6: false,
-        src: [0; 16],
-        dst: [0; 16],
-        proto,
-        dport: None,
-    };
-    packet.src[..4].copy_from_slice(&header[12..16]);
-    packet.dst[..4].copy_from_slice(&header[16..20]);
+    packet.proto = proto;
+    packet.src[0] = word(&header[12..16]);
+    packet.dst[0] = word(&header[16..20]);
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     if fragment_offset == 0 {
         packet.dport = dport(frame, proto, l3 + hlen, l3 + total_len)?;
     }
-    Some(packet)
+    Some(())
 }
 
 #[inline(always)]
-fn parse_ipv6(frame: &Frame, l3: usize) -> Option<Packet> {
+fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
     let header = frame.bytes::<IPV6_HLEN>(l3)?;
     if header[0] >> 4 != 6 {
         return None;
@@ -150,15 +164,12 @@ fn parse_ipv6(frame: &Frame, l3: usize) -> Option<Packet> {
     if ip_end > frame.len() {
         return None;
     }
-    let mut packet = Packet {
-        v6: true,
-        src: [0; 16],
-        dst: [0; 16],
-        proto: header[6],
-        dport: None,
-    };
-    packet.src.copy_from_slice(&header[8..24]);
-    packet.dst.copy_from_slice(&header[24..40]);
+    packet.v6 = true;
+    packet.proto = header[6];
+    for i in 0..4 {
+        packet.src[i] = word(&header[8 + 4 * i..12 + 4 * i]);
+        packet.dst[i] = word(&header[24 + 4 * i..28 + 4 * i]);
+    }
 
     let mut offset = l3 + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
@@ -178,14 +189,14 @@ fn parse_ipv6(frame: &Frame, l3: usize) -> Option<Packet> {
                 packet.proto = fragment[0];
                 if u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0 {
                     // Non-first fragment: no upper-layer header here.
-                    return Some(packet);
+                    return Some(());
                 }
                 offset += 8;
                 continue;
             }
             _ => {
                 packet.dport = dport(frame, packet.proto, offset, ip_end)?;
-                return Some(packet);
+                return Some(());
             }
         };
         if offset + len > ip_end {
@@ -198,7 +209,7 @@ fn parse_ipv6(frame: &Frame, l3: usize) -> Option<Packet> {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => None,
         _ => {
             packet.dport = dport(frame, packet.proto, offset, ip_end)?;
-            Some(packet)
+            Some(())
         }
     }
 }

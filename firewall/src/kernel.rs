@@ -174,8 +174,8 @@ impl Kernel {
         let config = GenerationConfig {
             default_action: new.default_action,
             rule_words: new.rule_words,
-            log_per_sec: LOG_PER_SEC,
-            log_burst: LOG_BURST,
+            log_line_ns: 1_000_000_000 / u64::from(LOG_PER_SEC),
+            log_burst_ns: 1_000_000_000 / u64::from(LOG_PER_SEC) * u64::from(LOG_BURST),
         };
         let mut configs: Array<&mut MapData, GenerationConfig> =
             Array::try_from(self.map_mut(map_names::GEN_CONFIG)?)?;
@@ -282,16 +282,15 @@ fn write_trie<N: Copy + Eq + Hash, K: Pod>(
 }
 
 fn v4_key(gen: u32, net: &Ipv4Net) -> Key<V4KeyData> {
-    let mut data = [0u8; 5];
-    data[0] = gen as u8;
-    data[1..].copy_from_slice(&net.addr().octets());
+    let data = [gen.to_be(), u32::from_ne_bytes(net.addr().octets())];
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
 }
 
 fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
-    let mut data = [0u8; 17];
-    data[0] = gen as u8;
-    data[1..].copy_from_slice(&net.addr().octets());
+    let mut data = [gen.to_be(), 0, 0, 0, 0];
+    for (word, chunk) in data[1..].iter_mut().zip(net.addr().octets().chunks_exact(4)) {
+        *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
+    }
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
 }
 
