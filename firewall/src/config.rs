@@ -1,1 +1,488 @@
-//! TODO
+//! Rule files: TOML text -> validated [`RuleSet`], with every mistake reported as
+//! `FILE:LINE:COL: message` at the value that is wrong.
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::Path;
+
+use anyhow::Context as _;
+use firewall_common::MAX_RULES;
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{Action, Proto, Rule, RuleSet};
+
+/// A mistake in a rule file, with its 1-based position (column in characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    defaults: Option<RawDefaults>,
+    rules: Option<Vec<Spanned<RawRule>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    policy: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
+    proto: Option<Spanned<String>>,
+    from: Option<Spanned<Vec<Spanned<String>>>>,
+    to: Option<Spanned<Vec<Spanned<String>>>>,
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+}
+
+/// A message and the byte range it is about.
+type Located = (Range<usize>, String);
+
+/// Parses and validates a rule file's text; `file` only names it in messages.
+pub fn parse_rules(file: &str, text: &str) -> Result<RuleSet, ConfigError> {
+    let located = |(span, message): Located| {
+        let (line, col) = line_col(text, span.start);
+        ConfigError {
+            file: file.to_string(),
+            line,
+            col,
+            message,
+        }
+    };
+    let raw: RawFile = toml::from_str(text).map_err(|error| {
+        let span = error.span().unwrap_or(0..0);
+        located((span, readable(error.message())))
+    })?;
+    validate(raw).map_err(located)
+}
+
+/// Reads and parses a rule file.
+pub fn load_rules(path: &Path) -> anyhow::Result<RuleSet> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading rule file {}", path.display()))?;
+    Ok(parse_rules(&path.display().to_string(), &text)?)
+}
+
+fn validate(raw: RawFile) -> Result<RuleSet, Located> {
+    let default_policy = match raw.defaults.and_then(|d| d.policy) {
+        None => Action::Allow,
+        Some(policy) => action(&policy, "policy")?,
+    };
+    let raw_rules = raw.rules.unwrap_or_default();
+    if raw_rules.len() > MAX_RULES {
+        let span = raw_rules[MAX_RULES].span();
+        return Err((
+            span,
+            format!("too many rules: at most {MAX_RULES} are supported"),
+        ));
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut rules = Vec::with_capacity(raw_rules.len());
+    for (index, raw_rule) in raw_rules.into_iter().enumerate() {
+        let span = raw_rule.span();
+        let raw_rule = raw_rule.into_inner();
+        let name = match raw_rule.name {
+            Some(name) => {
+                if name.get_ref().is_empty() {
+                    return Err((name.span(), "empty rule name".into()));
+                }
+                if let Some(first) = names.insert(name.get_ref().clone(), index) {
+                    return Err((
+                        name.span(),
+                        format!(
+                            "duplicate rule name {:?} (also rule {})",
+                            name.get_ref(),
+                            first + 1
+                        ),
+                    ));
+                }
+                name.into_inner()
+            }
+            None => format!("rule {}", index + 1),
+        };
+        let action = match &raw_rule.action {
+            Some(value) => action(value, "action")?,
+            None => {
+                return Err((
+                    span,
+                    format!("rule {:?} has no `action` (\"allow\" or \"deny\")", name),
+                ))
+            }
+        };
+        let proto = match &raw_rule.proto {
+            None => Proto::Any,
+            Some(value) => proto(value)?,
+        };
+        let ports = match raw_rule.ports {
+            None => None,
+            Some(ports) => {
+                if matches!(proto, Proto::Icmp | Proto::Icmpv6) {
+                    return Err((
+                        ports.span(),
+                        "`ports` only apply to tcp and udp, not to icmp/icmpv6".into(),
+                    ));
+                }
+                Some(port_list(ports)?)
+            }
+        };
+        rules.push(Rule {
+            name,
+            action,
+            proto,
+            from: raw_rule.from.map(address_list).transpose()?,
+            to: raw_rule.to.map(address_list).transpose()?,
+            ports,
+        });
+    }
+    Ok(RuleSet {
+        default_policy,
+        rules,
+    })
+}
+
+fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
+    match value.get_ref().as_str() {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        other => Err((
+            value.span(),
+            format!("invalid {key} {other:?}: expected \"allow\" or \"deny\""),
+        )),
+    }
+}
+
+fn proto(value: &Spanned<String>) -> Result<Proto, Located> {
+    match value.get_ref().as_str() {
+        "any" => Ok(Proto::Any),
+        "tcp" => Ok(Proto::Tcp),
+        "udp" => Ok(Proto::Udp),
+        "icmp" => Ok(Proto::Icmp),
+        "icmpv6" => Ok(Proto::Icmpv6),
+        other => Err((
+            value.span(),
+            format!("invalid proto {other:?}: expected \"tcp\", \"udp\", \"icmp\", \"icmpv6\" or \"any\""),
+        )),
+    }
+}
+
+fn address_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<IpNet>, Located> {
+    if list.get_ref().is_empty() {
+        return Err((
+            list.span(),
+            "empty address list: omit the key to match any address".into(),
+        ));
+    }
+    list.into_inner().iter().map(network).collect()
+}
+
+/// An address (a host) or a CIDR whose host bits are zero.
+fn network(entry: &Spanned<String>) -> Result<IpNet, Located> {
+    let text = entry.get_ref().trim();
+    let error = |message: String| Err((entry.span(), message));
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    let Some((addr, len)) = text.split_once('/') else {
+        return error(format!("invalid address {text:?}"));
+    };
+    let Ok(addr) = addr.parse::<IpAddr>() else {
+        return error(format!("invalid address {addr:?} in {text:?}"));
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let Ok(len) = len.parse::<u8>() else {
+        return error(format!("invalid prefix length {len:?} in {text:?}"));
+    };
+    let Ok(net) = IpNet::new(addr, len) else {
+        return error(format!(
+            "invalid CIDR {text:?}: prefix length {len} exceeds {max}"
+        ));
+    };
+    if net.trunc() != net {
+        return error(format!(
+            "host bits set in {text:?}; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn port_list(
+    list: Spanned<Vec<Spanned<toml::Value>>>,
+) -> Result<Vec<RangeInclusive<u16>>, Located> {
+    if list.get_ref().is_empty() {
+        return Err((
+            list.span(),
+            "empty port list: omit the key to match any port".into(),
+        ));
+    }
+    list.into_inner().iter().map(port_entry).collect()
+}
+
+/// `22`, `"22"` or `"8000-8100"`.
+fn port_entry(entry: &Spanned<toml::Value>) -> Result<RangeInclusive<u16>, Located> {
+    let span = entry.span();
+    match entry.get_ref() {
+        toml::Value::Integer(port) => {
+            let port = port_number(*port).map_err(|message| (span.clone(), message))?;
+            Ok(port..=port)
+        }
+        toml::Value::String(text) => {
+            let parse = |part: &str| {
+                match part.trim().parse::<i64>() {
+                Ok(port) => port_number(port),
+                Err(_) => Err(format!(
+                    "invalid port range {text:?}: expected a port like \"22\" or a range like \"8000-8100\""
+                )),
+            }
+            };
+            let (start, end) = match text.split_once('-') {
+                Some((start, end)) => (parse(start), parse(end)),
+                None => (parse(text), parse(text)),
+            };
+            let (start, end) = (
+                start.map_err(|m| (span.clone(), m))?,
+                end.map_err(|m| (span.clone(), m))?,
+            );
+            if start > end {
+                return Err((
+                    span,
+                    format!("reversed port range {text:?}: {start} > {end}"),
+                ));
+            }
+            Ok(start..=end)
+        }
+        other => Err((
+            span,
+            format!("invalid port {other}: expected a number or a \"start-end\" string"),
+        )),
+    }
+}
+
+fn port_number(port: i64) -> Result<u16, String> {
+    match port {
+        1..=65535 => Ok(port as u16),
+        0 => Err("port 0 is not a valid destination port (use 1-65535)".into()),
+        _ => Err(format!("port {port} is out of range 1-65535")),
+    }
+}
+
+/// Makes serde's messages speak of keys rather than fields.
+fn readable(message: &str) -> String {
+    message
+        .trim()
+        .replace("unknown field", "unknown key")
+        .replace("missing field", "missing key")
+}
+
+/// 1-based line and character column of byte `offset`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+/// A short description of what a rule set would load, for `firewall check`.
+pub fn summary(set: &RuleSet) -> String {
+    let policy = |action: Action| match action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    };
+    let nets = |nets: &Option<Vec<IpNet>>| match nets {
+        None => "any".to_string(),
+        Some(nets) if nets.len() <= 3 => nets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(nets) => format!("{} networks", nets.len()),
+    };
+    let mut out = format!(
+        "{} rules, default policy {}\n",
+        set.rules.len(),
+        policy(set.default_policy)
+    );
+    for (index, rule) in set.rules.iter().enumerate() {
+        let ports = match &rule.ports {
+            None => "any".to_string(),
+            Some(ranges) => ranges
+                .iter()
+                .map(|r| {
+                    if r.start() == r.end() {
+                        r.start().to_string()
+                    } else {
+                        format!("{}-{}", r.start(), r.end())
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        out += &format!(
+            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}\n",
+            index + 1,
+            rule.name,
+            policy(rule.action),
+            format!("{:?}", rule.proto).to_lowercase(),
+            nets(&rule.from),
+            nets(&rule.to),
+            ports
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> ConfigError {
+        parse_rules("t.toml", text).expect_err("should be rejected")
+    }
+
+    #[test]
+    fn bad_inputs_are_reported_at_their_position() {
+        let cases: &[(&str, usize, usize, &str)] = &[
+            ("polcy = 1\n", 1, 1, "unknown key `polcy`"),
+            ("[defaults]\npolicy = \"drop\"\n", 2, 10, "invalid policy \"drop\""),
+            ("[defaults]\nmode = \"x\"\n", 2, 1, "unknown key `mode`"),
+            ("[[rules]]\naction = \"allow\"\nprot = \"tcp\"\n", 3, 1, "unknown key `prot`"),
+            ("[[rules]]\nproto = \"tcp\"\n", 1, 1, "has no `action`"),
+            ("[[rules]]\naction = \"permit\"\n", 2, 10, "invalid action \"permit\""),
+            ("[[rules]]\naction = \"allow\"\nproto = \"sctp\"\n", 3, 9, "invalid proto \"sctp\""),
+            ("[[rules]]\naction = \"allow\"\nfrom = \"10.0.0.0/8\"\n", 3, 8, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\nfrom = [10]\n", 3, 9, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.300\"]\n", 3, 9, "invalid address \"10.0.0.300\""),
+            ("[[rules]]\naction = \"allow\"\nto = [\"10.0.0.0/33\"]\n", 3, 7, "prefix length 33 exceeds 32"),
+            ("[[rules]]\naction = \"allow\"\nto = [\"2001:db8::/129\"]\n", 3, 7, "exceeds 128"),
+            ("[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.1/8\"]\n", 3, 9, "did you mean 10.0.0.0/8?"),
+            ("[[rules]]\naction = \"allow\"\nfrom = []\n", 3, 8, "empty address list"),
+            ("[[rules]]\naction = \"allow\"\nports = []\n", 3, 9, "empty port list"),
+            ("[[rules]]\naction = \"allow\"\nports = [0]\n", 3, 10, "port 0"),
+            ("[[rules]]\naction = \"allow\"\nports = [22, 65536]\n", 3, 14, "out of range"),
+            ("[[rules]]\naction = \"allow\"\nports = [-1]\n", 3, 10, "out of range"),
+            ("[[rules]]\naction = \"allow\"\nports = [\"9000-8000\"]\n", 3, 10, "reversed port range"),
+            ("[[rules]]\naction = \"allow\"\nports = [\"80-\"]\n", 3, 10, "invalid port range"),
+            ("[[rules]]\naction = \"allow\"\nports = [8.5]\n", 3, 10, "invalid port 8.5"),
+            ("[[rules]]\naction = \"allow\"\nports = [true]\n", 3, 10, "invalid port true"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nports = [22]\n", 4, 9, "only apply to tcp and udp"),
+            ("[[rules]]\naction = \"allow\"\nname = 7\n", 3, 8, "invalid type"),
+            ("[[rules]]\nname = \"a\"\naction = \"allow\"\n[[rules]]\nname = \"a\"\naction = \"deny\"\n", 5, 8, "duplicate rule name \"a\""),
+            ("rules = 5\n", 1, 9, "invalid type"),
+            ("[[rules]\naction = \"allow\"\n", 1, 8, "invalid table header"),
+            ("[[rules]]\naction = \"allow\nproto = \"tcp\"\n", 2, 16, "invalid basic string"),
+            ("[[rules]]\n  name = \"é\"  ; action = \"allow\"\n", 2, 15, "expected newline"),
+        ];
+        for &(text, line, col, message) in cases {
+            let error = error(text);
+            assert_eq!(
+                (error.line, error.col),
+                (line, col),
+                "position of {error} for input {text:?}"
+            );
+            assert!(
+                error.message.contains(message),
+                "message {:?} lacks {message:?}",
+                error.message
+            );
+            assert!(error
+                .to_string()
+                .starts_with(&format!("t.toml:{line}:{col}: ")));
+        }
+    }
+
+    #[test]
+    fn too_many_rules_are_rejected() {
+        let text = "[[rules]]\naction = \"allow\"\n".repeat(MAX_RULES + 1);
+        let error = error(&text);
+        assert_eq!(error.line, 2 * MAX_RULES + 1);
+        assert!(error.message.contains("too many rules"));
+    }
+
+    #[test]
+    fn a_full_rule_parses() {
+        let set = parse_rules(
+            "t.toml",
+            r#"
+            [defaults]
+            policy = "deny"
+
+            [[rules]]
+            name = "ssh-from-lan"
+            action = "allow"
+            proto = "tcp"
+            from = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]
+            to = ["198.51.100.0/24"]
+            ports = [22, "8000-8100", "443"]
+
+            [[rules]]
+            action = "deny"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(set.default_policy, Action::Deny);
+        let rule = &set.rules[0];
+        assert_eq!(rule.name, "ssh-from-lan");
+        assert_eq!((rule.action, rule.proto), (Action::Allow, Proto::Tcp));
+        let from: Vec<String> = rule
+            .from
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(from, ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]);
+        assert_eq!(rule.ports, Some(vec![22..=22, 8000..=8100, 443..=443]));
+        let second = &set.rules[1];
+        assert_eq!(second.name, "rule 2");
+        assert_eq!(
+            (second.proto, &second.from, &second.ports),
+            (Proto::Any, &None, &None)
+        );
+    }
+
+    #[test]
+    fn an_empty_file_allows_everything() {
+        let set = parse_rules("t.toml", "").unwrap();
+        assert_eq!(set.default_policy, Action::Allow);
+        assert!(set.rules.is_empty());
+    }
+
+    #[test]
+    fn the_example_rule_files_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                load_rules(&path).unwrap_or_else(|e| panic!("{e:#}"));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3);
+    }
+}
