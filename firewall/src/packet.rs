@@ -1,1 +1,303 @@
-//! TODO
+//! Builds Ethernet frames for tests and benchmarks: IPv4 (with options and fragments), IPv6
+//! (with extension-header chains), TCP, UDP, ICMP, ICMPv6, VLAN tags, ARP.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const TPID_8021Q: u16 = 0x8100;
+pub const TPID_8021AD: u16 = 0x88a8;
+
+/// IPv6 extension header numbers.
+pub const EXT_HOP_BY_HOP: u8 = 0;
+pub const EXT_ROUTING: u8 = 43;
+pub const EXT_FRAGMENT: u8 = 44;
+pub const EXT_AUTH: u8 = 51;
+pub const EXT_DEST_OPTS: u8 = 60;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp { dport: u16 },
+    Udp { dport: u16 },
+    Icmp,
+    Icmpv6,
+    /// Any other protocol number, with a few bytes of payload.
+    Other(u8),
+}
+
+impl L4 {
+    fn proto(self) -> u8 {
+        match self {
+            L4::Tcp { .. } => 6,
+            L4::Udp { .. } => 17,
+            L4::Icmp => 1,
+            L4::Icmpv6 => 58,
+            L4::Other(proto) => proto,
+        }
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        match self {
+            L4::Tcp { dport } => {
+                let mut tcp = vec![0xc0, 0x01];
+                tcp.extend_from_slice(&dport.to_be_bytes());
+                tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+                tcp
+            }
+            L4::Udp { dport } => {
+                let mut udp = vec![0xc0, 0x01];
+                udp.extend_from_slice(&dport.to_be_bytes());
+                udp.extend_from_slice(&[0, 8, 0, 0]);
+                udp
+            }
+            // Echo request: type, code, checksum, identifier, sequence.
+            L4::Icmp => vec![8, 0, 0, 0, 0, 1, 0, 1],
+            L4::Icmpv6 => vec![128, 0, 0, 0, 0, 1, 0, 1],
+            L4::Other(_) => vec![0; 8],
+        }
+    }
+}
+
+/// A frame under construction; `build` lays it out with consistent lengths.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    vlan_tags: Vec<(u16, u16)>,
+    src: IpAddr,
+    dst: IpAddr,
+    l4: L4,
+    ipv4_options: usize,
+    /// Fragment offset in 8-byte units, and the more-fragments flag.
+    fragment: Option<(u16, bool)>,
+    /// IPv6 extension headers before the upper layer: (kind, length in bytes).
+    ext_headers: Vec<(u8, usize)>,
+    payload: usize,
+}
+
+impl Frame {
+    pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Frame {
+        assert_eq!(src.is_ipv4(), dst.is_ipv4(), "one address family per packet");
+        Frame {
+            vlan_tags: Vec::new(),
+            src,
+            dst,
+            l4,
+            ipv4_options: 0,
+            fragment: None,
+            ext_headers: Vec::new(),
+            payload: 0,
+        }
+    }
+
+    pub fn v4(src: &str, dst: &str, l4: L4) -> Frame {
+        Frame::new(
+            IpAddr::V4(src.parse::<Ipv4Addr>().expect("IPv4 address")),
+            IpAddr::V4(dst.parse::<Ipv4Addr>().expect("IPv4 address")),
+            l4,
+        )
+    }
+
+    pub fn v6(src: &str, dst: &str, l4: L4) -> Frame {
+        Frame::new(
+            IpAddr::V6(src.parse::<Ipv6Addr>().expect("IPv6 address")),
+            IpAddr::V6(dst.parse::<Ipv6Addr>().expect("IPv6 address")),
+            l4,
+        )
+    }
+
+    /// Adds an outer-to-inner VLAN tag.
+    pub fn vlan(mut self, tpid: u16, vid: u16) -> Frame {
+        self.vlan_tags.push((tpid, vid));
+        self
+    }
+
+    /// IPv4 options of `bytes` (a multiple of 4, at most 40).
+    pub fn ipv4_options(mut self, bytes: usize) -> Frame {
+        assert!(bytes % 4 == 0 && bytes <= 40);
+        self.ipv4_options = bytes;
+        self
+    }
+
+    /// Makes the packet a fragment (`offset` in 8-byte units). For IPv6 this adds a fragment
+    /// header after the other extension headers.
+    pub fn fragment(mut self, offset: u16, more: bool) -> Frame {
+        self.fragment = Some((offset, more));
+        self
+    }
+
+    /// Appends an IPv6 extension header of `len` bytes (a multiple of 8; of 4 for AH).
+    pub fn ext_header(mut self, kind: u8, len: usize) -> Frame {
+        self.ext_headers.push((kind, len));
+        self
+    }
+
+    pub fn payload(mut self, bytes: usize) -> Frame {
+        self.payload = bytes;
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+        for &(tpid, vid) in &self.vlan_tags {
+            frame.extend_from_slice(&tpid.to_be_bytes());
+            frame.extend_from_slice(&vid.to_be_bytes());
+        }
+        // A non-first fragment carries payload, not the upper-layer header.
+        let later_fragment = matches!(self.fragment, Some((offset, _)) if offset != 0);
+        let mut upper = if later_fragment { vec![0xab; 16] } else { self.l4.bytes() };
+        upper.extend(std::iter::repeat_n(0x5a, self.payload));
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                frame.extend_from_slice(&0x0800u16.to_be_bytes());
+                frame.extend(self.ipv4(src, dst, &upper));
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+                frame.extend(self.ipv6(src, dst, &upper));
+            }
+            _ => unreachable!("checked in Frame::new"),
+        }
+        frame
+    }
+
+    fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr, upper: &[u8]) -> Vec<u8> {
+        let header_len = 20 + self.ipv4_options;
+        let total_len = (header_len + upper.len()) as u16;
+        let fragment = match self.fragment {
+            Some((offset, more)) => offset | if more { 0x2000 } else { 0 },
+            None => 0x4000, // don't fragment
+        };
+        let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
+        ip.extend_from_slice(&total_len.to_be_bytes());
+        ip.extend_from_slice(&[0x12, 0x34]);
+        ip.extend_from_slice(&fragment.to_be_bytes());
+        ip.extend_from_slice(&[64, self.l4.proto(), 0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        // Options: NOPs ending with end-of-list.
+        ip.extend(std::iter::repeat_n(1u8, self.ipv4_options.saturating_sub(1)));
+        if self.ipv4_options > 0 {
+            ip.push(0);
+        }
+        let checksum = internet_checksum(&ip);
+        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        ip.extend_from_slice(upper);
+        ip
+    }
+
+    fn ipv6(&self, src: Ipv6Addr, dst: Ipv6Addr, upper: &[u8]) -> Vec<u8> {
+        let mut chain = self.ext_headers.clone();
+        if self.fragment.is_some() {
+            chain.push((EXT_FRAGMENT, 8));
+        }
+        let mut payload = Vec::new();
+        for (index, &(kind, len)) in chain.iter().enumerate() {
+            let next = chain.get(index + 1).map_or(self.l4.proto(), |&(kind, _)| kind);
+            let mut header = vec![0u8; len];
+            header[0] = next;
+            match kind {
+                EXT_FRAGMENT => {
+                    let (offset, more) = self.fragment.unwrap_or((0, false));
+                    let field = offset << 3 | u16::from(more);
+                    header[2..4].copy_from_slice(&field.to_be_bytes());
+                    header[4..8].copy_from_slice(&0x0bad_cafe_u32.to_be_bytes());
+                }
+                EXT_AUTH => header[1] = (len / 4 - 2) as u8,
+                _ => header[1] = (len / 8 - 1) as u8,
+            }
+            payload.extend(header);
+        }
+        payload.extend_from_slice(upper);
+        let first = chain.first().map_or(self.l4.proto(), |&(kind, _)| kind);
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[first, 64]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        ip.extend(payload);
+        ip
+    }
+}
+
+/// An ARP request for 10.0.0.2 from 10.0.0.1.
+pub fn arp_request() -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 10, 0, 0, 1]);
+    frame.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
+    frame
+}
+
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The benchmark's packet mix: traffic a server sees, allowed and denied, v4 and v6.
+pub fn bench_mix() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("tcp4 :443", Frame::v4("10.1.2.3", "10.0.0.1", L4::Tcp { dport: 443 }).build()),
+        ("udp6 :443", Frame::v6("fd00::5", "fd00::1", L4::Udp { dport: 443 }).build()),
+        ("tcp4 :22", Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 22 }).build()),
+        (
+            "tcp6+ext :80",
+            Frame::v6("2001:db8:ffff::9", "fd00::1", L4::Tcp { dport: 80 })
+                .ext_header(EXT_HOP_BY_HOP, 8)
+                .ext_header(EXT_DEST_OPTS, 16)
+                .build(),
+        ),
+        ("icmp4", Frame::v4("203.0.113.9", "10.0.0.1", L4::Icmp).build()),
+        (
+            "vlan udp4 :53",
+            Frame::v4("10.9.9.9", "10.0.0.1", L4::Udp { dport: 53 }).vlan(TPID_8021Q, 7).build(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::{parse_frame, PacketInfo, Parsed};
+
+    fn info(frame: &[u8]) -> PacketInfo {
+        match parse_frame(frame) {
+            Parsed::Ip(info) => info,
+            other => panic!("not an IP packet: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn built_frames_parse_back() {
+        let tcp = info(&Frame::v4("10.0.0.1", "10.0.0.2", L4::Tcp { dport: 22 }).build());
+        assert_eq!((tcp.proto, tcp.dport), (6, Some(22)));
+        assert_eq!(tcp.src, "10.0.0.1".parse::<IpAddr>().unwrap());
+        let udp = info(&Frame::v6("2001:db8::1", "2001:db8::2", L4::Udp { dport: 53 }).build());
+        assert_eq!((udp.proto, udp.dport), (17, Some(53)));
+        let options = Frame::v4("10.0.0.1", "10.0.0.2", L4::Udp { dport: 9 }).ipv4_options(40);
+        assert_eq!(info(&options.build()).dport, Some(9));
+        let tagged = Frame::v6("::1", "::2", L4::Icmpv6)
+            .vlan(TPID_8021AD, 1)
+            .vlan(TPID_8021Q, 2)
+            .build();
+        assert_eq!((info(&tagged).proto, info(&tagged).dport), (58, None));
+        let chain = Frame::v6("::1", "::2", L4::Tcp { dport: 80 })
+            .ext_header(EXT_HOP_BY_HOP, 8)
+            .ext_header(EXT_ROUTING, 24)
+            .ext_header(EXT_AUTH, 12)
+            .ext_header(EXT_DEST_OPTS, 8)
+            .fragment(0, true)
+            .build();
+        assert_eq!((info(&chain).proto, info(&chain).dport), (6, Some(80)));
+        let later = Frame::v6("::1", "::2", L4::Tcp { dport: 80 }).fragment(3, true).build();
+        assert_eq!((info(&later).proto, info(&later).dport), (6, None));
+    }
+
+    #[test]
+    fn ipv4_checksum_verifies() {
+        let frame = Frame::v4("10.0.0.1", "10.0.0.2", L4::Icmp).ipv4_options(8).build();
+        assert_eq!(internet_checksum(&frame[14..14 + 28]), 0);
+    }
+}

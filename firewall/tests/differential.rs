@@ -1,0 +1,364 @@
+//! Differential test: the XDP program (through BPF_PROG_TEST_RUN on the real kernel) and the
+//! reference evaluator must give the same verdict for every packet under random rule sets.
+//!
+//! Frames are drawn to hit the parser's edges: VLAN stacks (up to three tags), IPv4 options,
+//! fragments, IPv6 extension-header chains (up to nine), truncations and corrupted bytes, with
+//! addresses and ports from small pools so that rules and packets overlap. Set `FW_SEED` to
+//! replay a run and `FW_PACKETS` to change its length.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
+
+use firewall::compile::compile;
+use firewall::kernel::Kernel;
+use firewall::model::{Action, Proto, Rule, RuleSet};
+use firewall::reference::{evaluate, Verdict};
+use ipnet::IpNet;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const V4_POOL: &[[u8; 4]] = &[
+    [10, 1, 2, 3],
+    [10, 1, 2, 200],
+    [10, 9, 0, 1],
+    [192, 168, 1, 77],
+    [8, 8, 8, 8],
+    [0, 0, 0, 0],
+    [255, 255, 255, 255],
+];
+const V6_POOL: &[[u16; 8]] = &[
+    [0x2001, 0xdb8, 0, 0, 0, 0, 0, 1],
+    [0x2001, 0xdb8, 1, 0, 0, 0, 0, 5],
+    [0x2001, 0xdb9, 0, 0, 0, 0, 0, 1],
+    [0xfe80, 0, 0, 0, 0, 0, 0, 1],
+    [0, 0, 0, 0, 0, 0, 0, 1],
+    [0xffff; 8],
+];
+const PORT_POOL: &[u16] = &[1, 22, 53, 80, 443, 999, 1000, 2000, 2001, 8080, 65535];
+
+fn pool_addr(rng: &mut StdRng, v6: bool) -> IpAddr {
+    if v6 {
+        let mut words = V6_POOL[rng.gen_range(0..V6_POOL.len())];
+        if rng.gen_bool(0.3) {
+            words[7] ^= rng.gen::<u16>();
+        }
+        IpAddr::V6(Ipv6Addr::from(words))
+    } else {
+        let mut octets = V4_POOL[rng.gen_range(0..V4_POOL.len())];
+        if rng.gen_bool(0.3) {
+            octets[3] ^= rng.gen::<u8>();
+        }
+        IpAddr::V4(Ipv4Addr::from(octets))
+    }
+}
+
+fn random_net(rng: &mut StdRng) -> IpNet {
+    let v6 = rng.gen_bool(0.4);
+    let addr = pool_addr(rng, v6);
+    let max = if v6 { 128 } else { 32 };
+    let len = match rng.gen_range(0..4) {
+        0 => max,
+        1 => 0,
+        _ => rng.gen_range(0..=max),
+    };
+    IpNet::new(addr, len).unwrap().trunc()
+}
+
+fn random_port(rng: &mut StdRng) -> u16 {
+    let port = PORT_POOL[rng.gen_range(0..PORT_POOL.len())];
+    match rng.gen_range(0..6) {
+        0 => port.saturating_add(1),
+        1 => port.saturating_sub(1).max(1),
+        2 => rng.gen_range(1..=u16::MAX),
+        _ => port,
+    }
+}
+
+fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
+    let proto = [
+        Proto::Any,
+        Proto::Tcp,
+        Proto::Udp,
+        Proto::Icmp,
+        Proto::Icmpv6,
+    ][rng.gen_range(0..5)];
+    let nets = |rng: &mut StdRng| {
+        rng.gen_bool(0.5)
+            .then(|| (0..rng.gen_range(1..=3)).map(|_| random_net(rng)).collect())
+    };
+    let ports_allowed = !matches!(proto, Proto::Icmp | Proto::Icmpv6);
+    let ports = (ports_allowed && rng.gen_bool(0.5)).then(|| {
+        (0..rng.gen_range(1..=3))
+            .map(|_| {
+                let a = random_port(rng);
+                let b = if rng.gen_bool(0.5) {
+                    a
+                } else {
+                    random_port(rng)
+                };
+                a.min(b)..=a.max(b)
+            })
+            .collect::<Vec<RangeInclusive<u16>>>()
+    });
+    Rule {
+        name: format!("rule {}", index + 1),
+        action: if rng.gen_bool(0.5) {
+            Action::Allow
+        } else {
+            Action::Deny
+        },
+        proto,
+        from: nets(rng),
+        to: nets(rng),
+        ports,
+    }
+}
+
+fn random_rule_set(rng: &mut StdRng, max_rules: usize) -> RuleSet {
+    let count = rng.gen_range(0..=max_rules);
+    RuleSet {
+        default_policy: if rng.gen_bool(0.5) {
+            Action::Allow
+        } else {
+            Action::Deny
+        },
+        rules: (0..count).map(|i| random_rule(rng, i)).collect(),
+    }
+}
+
+fn push16(frame: &mut Vec<u8>, value: u16) {
+    frame.extend_from_slice(&value.to_be_bytes());
+}
+
+/// An L4 header (and a little payload) for `proto`.
+fn l4_bytes(rng: &mut StdRng, proto: u8) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    match proto {
+        6 => {
+            push16(&mut l4, random_port(rng));
+            push16(&mut l4, random_port(rng));
+            l4.extend_from_slice(&[0; 8]);
+            l4.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        }
+        17 => {
+            push16(&mut l4, random_port(rng));
+            push16(&mut l4, random_port(rng));
+            l4.extend_from_slice(&[0, 8, 0, 0]);
+        }
+        _ => l4.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]),
+    }
+    let payload = rng.gen_range(0..16);
+    l4.extend((0..payload).map(|_| rng.gen::<u8>()));
+    l4
+}
+
+fn random_proto(rng: &mut StdRng) -> u8 {
+    match rng.gen_range(0..10) {
+        0..=2 => 6,
+        3..=5 => 17,
+        6 => 1,
+        7 => 58,
+        8 => 47,
+        _ => rng.gen(),
+    }
+}
+
+fn ipv4_packet(rng: &mut StdRng) -> Vec<u8> {
+    let proto = random_proto(rng);
+    let options = if rng.gen_bool(0.2) {
+        rng.gen_range(1..=10) * 4
+    } else {
+        0
+    };
+    let l4 = l4_bytes(rng, proto);
+    let header_len = 20 + options;
+    let total = header_len + l4.len();
+    let mut ip = Vec::new();
+    ip.push(0x40 | (header_len / 4) as u8);
+    ip.push(0);
+    push16(&mut ip, total as u16);
+    push16(&mut ip, rng.gen());
+    let fragment = match rng.gen_range(0..10) {
+        0 => 0x2000,                               // first fragment (MF)
+        1 => rng.gen_range(1..0x2000u16),          // later fragment
+        2 => 0x2000 | rng.gen_range(1..0x2000u16), // middle fragment
+        3 => 0x4000,                               // DF
+        _ => 0,
+    };
+    push16(&mut ip, fragment);
+    ip.push(64);
+    ip.push(proto);
+    push16(&mut ip, 0);
+    for _ in 0..2 {
+        let IpAddr::V4(addr) = pool_addr(rng, false) else {
+            unreachable!()
+        };
+        ip.extend_from_slice(&addr.octets());
+    }
+    ip.extend((0..options).map(|_| rng.gen::<u8>()));
+    ip.extend_from_slice(&l4);
+    ip
+}
+
+fn ipv6_packet(rng: &mut StdRng) -> Vec<u8> {
+    const EXT: &[u8] = &[0, 43, 60, 51, 44];
+    let chain_len = match rng.gen_range(0..10) {
+        0..=4 => 0,
+        5..=8 => rng.gen_range(1..=3),
+        _ => rng.gen_range(7..=10),
+    };
+    let chain: Vec<u8> = (0..chain_len)
+        .map(|_| EXT[rng.gen_range(0..EXT.len())])
+        .collect();
+    let upper = random_proto(rng);
+    let mut payload = Vec::new();
+    for (i, &kind) in chain.iter().enumerate() {
+        let next = chain.get(i + 1).copied().unwrap_or(upper);
+        match kind {
+            44 => {
+                let offset: u16 = if rng.gen_bool(0.3) {
+                    rng.gen_range(1..0x2000)
+                } else {
+                    0
+                };
+                payload.extend_from_slice(&[next, 0]);
+                push16(&mut payload, offset << 3 | u16::from(rng.gen_bool(0.5)));
+                payload.extend_from_slice(&rng.gen::<[u8; 4]>());
+            }
+            51 => {
+                let words = rng.gen_range(1..4u8); // AH payload length field
+                let len = (usize::from(words) + 2) * 4;
+                payload.extend_from_slice(&[next, words]);
+                payload.extend((2..len).map(|_| rng.gen::<u8>()));
+            }
+            _ => {
+                let units = rng.gen_range(0..3u8);
+                let len = (usize::from(units) + 1) * 8;
+                payload.extend_from_slice(&[next, units]);
+                payload.extend((2..len).map(|_| rng.gen::<u8>()));
+            }
+        }
+    }
+    payload.extend(l4_bytes(rng, upper));
+    let first = chain.first().copied().unwrap_or(upper);
+    let mut ip = vec![0x60, 0, 0, 0];
+    push16(&mut ip, payload.len() as u16);
+    ip.push(first);
+    ip.push(64);
+    for _ in 0..2 {
+        let IpAddr::V6(addr) = pool_addr(rng, true) else {
+            unreachable!()
+        };
+        ip.extend_from_slice(&addr.octets());
+    }
+    ip.extend_from_slice(&payload);
+    ip
+}
+
+fn random_frame(rng: &mut StdRng) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    let tags = match rng.gen_range(0..10) {
+        0 | 1 => 1,
+        2 => 2,
+        3 => 3,
+        _ => 0,
+    };
+    for _ in 0..tags {
+        push16(&mut frame, if rng.gen_bool(0.5) { 0x8100 } else { 0x88a8 });
+        push16(&mut frame, rng.gen_range(1..4095));
+    }
+    let (ethertype, l3) = match rng.gen_range(0..20) {
+        0 => (0x0806, vec![0u8; 28]),           // ARP
+        1 => (rng.gen::<u16>(), vec![0u8; 30]), // anything
+        2..=10 => (0x0800, ipv4_packet(rng)),
+        _ => (0x86dd, ipv6_packet(rng)),
+    };
+    push16(&mut frame, ethertype);
+    frame.extend_from_slice(&l3);
+    // Ethernet pads short frames; the IP length must be what bounds the packet.
+    if rng.gen_bool(0.2) {
+        frame.extend((0..rng.gen_range(1..20)).map(|_| 0u8));
+    }
+    match rng.gen_range(0..20) {
+        0..=2 => frame.truncate(rng.gen_range(0..=frame.len())),
+        3 | 4 => {
+            let at = rng.gen_range(0..frame.len());
+            frame[at] = rng.gen();
+        }
+        _ => {}
+    }
+    frame
+}
+
+fn seed() -> u64 {
+    match std::env::var("FW_SEED") {
+        Ok(seed) => seed.parse().expect("FW_SEED is a number"),
+        Err(_) => rand::random(),
+    }
+}
+
+fn hex(frame: &[u8]) -> String {
+    frame.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `rule_sets` random rule sets with `packets_per_set` frames each; panics with the seed
+/// and the first disagreement.
+fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
+    let seed = seed();
+    eprintln!("differential: seed {seed} (FW_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kernel = Kernel::load().expect("load the XDP program");
+    let mut verdicts = [0usize; 2];
+    for set_index in 0..rule_sets {
+        let set = random_rule_set(&mut rng, max_rules);
+        kernel
+            .apply(&compile(&set).expect("compile"))
+            .expect("apply");
+        for _ in 0..packets_per_set {
+            let frame = random_frame(&mut rng);
+            let expected = evaluate(&set, &frame);
+            let want = match expected.verdict {
+                Verdict::Pass => XDP_PASS,
+                Verdict::Drop => XDP_DROP,
+            };
+            let (got, _) = kernel.test_run(&frame, 1).expect("test run");
+            if got != want {
+                panic!(
+                    "kernel and reference disagree (seed {seed}, rule set {set_index}):\n\
+                     frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}",
+                    hex(&frame),
+                    expected,
+                    set
+                );
+            }
+            verdicts[usize::from(want == XDP_PASS)] += 1;
+        }
+    }
+    eprintln!(
+        "differential: {} packets agree ({} dropped, {} passed)",
+        verdicts[0] + verdicts[1],
+        verdicts[0],
+        verdicts[1]
+    );
+    // Guard against a generator that only exercises one side.
+    assert!(verdicts[0] > rule_sets && verdicts[1] > rule_sets);
+}
+
+fn packets() -> usize {
+    std::env::var("FW_PACKETS")
+        .ok()
+        .map_or(100_000, |n| n.parse().expect("FW_PACKETS is a number"))
+}
+
+#[test]
+fn kernel_matches_reference_on_small_rule_sets() {
+    let total = packets();
+    differential(24, 400, total / 400);
+}
+
+#[test]
+fn kernel_matches_reference_on_large_rule_sets() {
+    differential(1024, 10, 2_000);
+}
