@@ -43,10 +43,8 @@ fn lowest_common_rule(words: u32, sets: [&RuleBits; 4]) -> Option<u32> {
         if word as u32 >= words {
             break;
         }
-        let common = sets[0].words[word]
-            & sets[1].words[word]
-            & sets[2].words[word]
-            & sets[3].words[word];
+        let common =
+            sets[0].words[word] & sets[1].words[word] & sets[2].words[word] & sets[3].words[word];
         if common != 0 {
             return Some(word as u32 * 64 + lowest_bit(common));
         }

@@ -26,7 +26,11 @@ fn take_token(config: &GenerationConfig) -> bool {
     let cost = config.log_line_ns;
     let credit = bucket.credit_ns + (now - bucket.last_ns);
     bucket.last_ns = now;
-    let credit = if credit > config.log_burst_ns { config.log_burst_ns } else { credit };
+    let credit = if credit > config.log_burst_ns {
+        config.log_burst_ns
+    } else {
+        credit
+    };
     if credit < cost {
         bucket.credit_ns = credit;
         count(STAT_LOG_SUPPRESSED, 0);
@@ -51,11 +55,17 @@ pub fn log_drop(ctx: &XdpContext, config: &GenerationConfig, packet: &Packet, ru
     if packet.v6 {
         let src = Ipv6Addr::from(words_to_bytes(&packet.src));
         let dst = Ipv6Addr::from(words_to_bytes(&packet.dst));
-        info!(ctx, "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport);
+        info!(
+            ctx,
+            "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport
+        );
     } else {
         let src = Ipv4Addr::from(packet.src[0].to_ne_bytes());
         let dst = Ipv4Addr::from(packet.dst[0].to_ne_bytes());
-        info!(ctx, "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport);
+        info!(
+            ctx,
+            "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport
+        );
     }
 }
 

@@ -45,8 +45,7 @@ pub static PORT_CLASS: Array<u32> = Array::with_max_entries(GENERATIONS * PORTS,
 
 /// `gen * MAX_PORT_CLASSES + class` -> rules that match ports of that class.
 #[map(name = "FW_PORT_BITS")]
-pub static PORT_BITS: Array<RuleBits> =
-    Array::with_max_entries(GENERATIONS * MAX_PORT_CLASSES, 0);
+pub static PORT_BITS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * MAX_PORT_CLASSES, 0);
 
 /// Per-CPU packet/byte counters, slots as in `firewall_common::STAT_*`.
 #[map(name = "FW_STATS")]

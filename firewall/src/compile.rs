@@ -49,7 +49,10 @@ pub struct Compiled {
 
 pub fn compile(set: &RuleSet) -> Result<Compiled> {
     if set.rules.len() > MAX_RULES {
-        bail!("{} rules; at most {MAX_RULES} are supported", set.rules.len());
+        bail!(
+            "{} rules; at most {MAX_RULES} are supported",
+            set.rules.len()
+        );
     }
     let (port_class, port_bits) = port_tables(&set.rules)?;
     let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
@@ -57,7 +60,11 @@ pub fn compile(set: &RuleSet) -> Result<Compiled> {
     Ok(Compiled {
         default_action: action_code(set.default_policy),
         rule_words: set.rules.len().div_ceil(64).min(RULE_WORDS) as u32,
-        actions: set.rules.iter().map(|rule| action_code(rule.action)).collect(),
+        actions: set
+            .rules
+            .iter()
+            .map(|rule| action_code(rule.action))
+            .collect(),
         proto_bits: proto_table(&set.rules),
         port_class,
         port_bits,
@@ -276,7 +283,11 @@ mod tests {
             rule(Proto::Tcp, None, None),
         ]);
         let bits = |port: usize| compiled.port_bits[compiled.port_class[port] as usize];
-        let members = |port: usize| (0..3).filter(|&r| bits(port).contains(r)).collect::<Vec<_>>();
+        let members = |port: usize| {
+            (0..3)
+                .filter(|&r| bits(port).contains(r))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(members(21), vec![2]);
         assert_eq!(members(22), vec![0, 2]);
         assert_eq!(members(23), vec![2]);

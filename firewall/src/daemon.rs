@@ -26,7 +26,11 @@ pub fn prepare(path: &Path) -> Result<Compiled> {
         "{}: {} rules, default {}",
         path.display(),
         set.rules.len(),
-        if compiled.default_action == firewall_common::ACTION_DENY { "deny" } else { "allow" }
+        if compiled.default_action == firewall_common::ACTION_DENY {
+            "deny"
+        } else {
+            "allow"
+        }
     );
     Ok(compiled)
 }

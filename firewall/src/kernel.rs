@@ -98,7 +98,8 @@ impl Kernel {
 
     /// The generation packets are classified with now.
     pub fn active_generation(&self) -> Result<u32> {
-        let active: Array<&MapData, u32> = Array::try_from(self.map(map_names::ACTIVE_GENERATION)?)?;
+        let active: Array<&MapData, u32> =
+            Array::try_from(self.map(map_names::ACTIVE_GENERATION)?)?;
         Ok(active.get(&0, 0)? & 1)
     }
 
@@ -111,7 +112,9 @@ impl Kernel {
             .context("writing the new rules into the kernel maps")?;
         let mut active: Array<&mut MapData, u32> =
             Array::try_from(self.map_mut(map_names::ACTIVE_GENERATION)?)?;
-        active.set(0, gen, 0).context("switching to the new rules")?;
+        active
+            .set(0, gen, 0)
+            .context("switching to the new rules")?;
         self.written[gen as usize] = Some(compiled.clone());
         Ok(())
     }
@@ -288,7 +291,10 @@ fn v4_key(gen: u32, net: &Ipv4Net) -> Key<V4KeyData> {
 
 fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
     let mut data = [gen.to_be(), 0, 0, 0, 0];
-    for (word, chunk) in data[1..].iter_mut().zip(net.addr().octets().chunks_exact(4)) {
+    for (word, chunk) in data[1..]
+        .iter_mut()
+        .zip(net.addr().octets().chunks_exact(4))
+    {
         *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
     }
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)

@@ -8,7 +8,10 @@ use firewall::daemon::{self, RunOptions};
 use firewall::kernel::AttachMode;
 
 #[derive(Parser)]
-#[command(version, about = "Host firewall on XDP: allow/deny rules from a TOML file")]
+#[command(
+    version,
+    about = "Host firewall on XDP: allow/deny rules from a TOML file"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -14,8 +14,12 @@ pub const EXT_DEST_OPTS: u8 = 60;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { dport: u16 },
-    Udp { dport: u16 },
+    Tcp {
+        dport: u16,
+    },
+    Udp {
+        dport: u16,
+    },
     Icmp,
     Icmpv6,
     /// Any other protocol number, with a few bytes of payload.
@@ -38,7 +42,9 @@ impl L4 {
             L4::Tcp { dport } => {
                 let mut tcp = vec![0xc0, 0x01];
                 tcp.extend_from_slice(&dport.to_be_bytes());
-                tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+                tcp.extend_from_slice(&[
+                    0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+                ]);
                 tcp
             }
             L4::Udp { dport } => {
@@ -72,7 +78,11 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Frame {
-        assert_eq!(src.is_ipv4(), dst.is_ipv4(), "one address family per packet");
+        assert_eq!(
+            src.is_ipv4(),
+            dst.is_ipv4(),
+            "one address family per packet"
+        );
         Frame {
             vlan_tags: Vec::new(),
             src,
@@ -140,7 +150,11 @@ impl Frame {
         }
         // A non-first fragment carries payload, not the upper-layer header.
         let later_fragment = matches!(self.fragment, Some((offset, _)) if offset != 0);
-        let mut upper = if later_fragment { vec![0xab; 16] } else { self.l4.bytes() };
+        let mut upper = if later_fragment {
+            vec![0xab; 16]
+        } else {
+            self.l4.bytes()
+        };
         upper.extend(std::iter::repeat_n(0x5a, self.payload));
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
@@ -171,7 +185,10 @@ impl Frame {
         ip.extend_from_slice(&src.octets());
         ip.extend_from_slice(&dst.octets());
         // Options: NOPs ending with end-of-list.
-        ip.extend(std::iter::repeat_n(1u8, self.ipv4_options.saturating_sub(1)));
+        ip.extend(std::iter::repeat_n(
+            1u8,
+            self.ipv4_options.saturating_sub(1),
+        ));
         if self.ipv4_options > 0 {
             ip.push(0);
         }
@@ -188,7 +205,9 @@ impl Frame {
         }
         let mut payload = Vec::new();
         for (index, &(kind, len)) in chain.iter().enumerate() {
-            let next = chain.get(index + 1).map_or(self.l4.proto(), |&(kind, _)| kind);
+            let next = chain
+                .get(index + 1)
+                .map_or(self.l4.proto(), |&(kind, _)| kind);
             let mut header = vec![0u8; len];
             header[0] = next;
             match kind {
@@ -239,9 +258,18 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
 /// The benchmark's packet mix: traffic a server sees, allowed and denied, v4 and v6.
 pub fn bench_mix() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("tcp4 :443", Frame::v4("10.1.2.3", "10.0.0.1", L4::Tcp { dport: 443 }).build()),
-        ("udp6 :443", Frame::v6("fd00::5", "fd00::1", L4::Udp { dport: 443 }).build()),
-        ("tcp4 :22", Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 22 }).build()),
+        (
+            "tcp4 :443",
+            Frame::v4("10.1.2.3", "10.0.0.1", L4::Tcp { dport: 443 }).build(),
+        ),
+        (
+            "udp6 :443",
+            Frame::v6("fd00::5", "fd00::1", L4::Udp { dport: 443 }).build(),
+        ),
+        (
+            "tcp4 :22",
+            Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 22 }).build(),
+        ),
         (
             "tcp6+ext :80",
             Frame::v6("2001:db8:ffff::9", "fd00::1", L4::Tcp { dport: 80 })
@@ -249,10 +277,15 @@ pub fn bench_mix() -> Vec<(&'static str, Vec<u8>)> {
                 .ext_header(EXT_DEST_OPTS, 16)
                 .build(),
         ),
-        ("icmp4", Frame::v4("203.0.113.9", "10.0.0.1", L4::Icmp).build()),
+        (
+            "icmp4",
+            Frame::v4("203.0.113.9", "10.0.0.1", L4::Icmp).build(),
+        ),
         (
             "vlan udp4 :53",
-            Frame::v4("10.9.9.9", "10.0.0.1", L4::Udp { dport: 53 }).vlan(TPID_8021Q, 7).build(),
+            Frame::v4("10.9.9.9", "10.0.0.1", L4::Udp { dport: 53 })
+                .vlan(TPID_8021Q, 7)
+                .build(),
         ),
     ]
 }
@@ -291,13 +324,17 @@ mod tests {
             .fragment(0, true)
             .build();
         assert_eq!((info(&chain).proto, info(&chain).dport), (6, Some(80)));
-        let later = Frame::v6("::1", "::2", L4::Tcp { dport: 80 }).fragment(3, true).build();
+        let later = Frame::v6("::1", "::2", L4::Tcp { dport: 80 })
+            .fragment(3, true)
+            .build();
         assert_eq!((info(&later).proto, info(&later).dport), (6, None));
     }
 
     #[test]
     fn ipv4_checksum_verifies() {
-        let frame = Frame::v4("10.0.0.1", "10.0.0.2", L4::Icmp).ipv4_options(8).build();
+        let frame = Frame::v4("10.0.0.1", "10.0.0.2", L4::Icmp)
+            .ipv4_options(8)
+            .build();
         assert_eq!(internet_checksum(&frame[14..14 + 28]), 0);
     }
 }

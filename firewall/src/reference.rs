@@ -154,8 +154,12 @@ fn ipv4(frame: &[u8], l3: usize) -> Option<PacketInfo> {
     }
     let ip_end = l3 + total_len;
     let proto = header[9];
-    let src = IpAddr::V4(Ipv4Addr::new(header[12], header[13], header[14], header[15]));
-    let dst = IpAddr::V4(Ipv4Addr::new(header[16], header[17], header[18], header[19]));
+    let src = IpAddr::V4(Ipv4Addr::new(
+        header[12], header[13], header[14], header[15],
+    ));
+    let dst = IpAddr::V4(Ipv4Addr::new(
+        header[16], header[17], header[18], header[19],
+    ));
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     let dport = if fragment_offset != 0 {
         None
@@ -179,8 +183,12 @@ fn ipv6(frame: &[u8], l3: usize) -> Option<PacketInfo> {
     if ip_end > frame.len() {
         return None;
     }
-    let src = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&header[8..24]).unwrap()));
-    let dst = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&header[24..40]).unwrap()));
+    let src = IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&header[8..24]).unwrap(),
+    ));
+    let dst = IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&header[24..40]).unwrap(),
+    ));
     let mut next = header[6];
     let mut offset = l3 + 40;
     let mut walked = 0;

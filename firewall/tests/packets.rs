@@ -69,12 +69,18 @@ fn check(rows: &[(&str, Vec<u8>, u32)]) {
     let set = rule_set();
     for (name, frame, want) in rows {
         let got = verdict(&kernel, frame);
-        assert_eq!(got, *want, "{name}: kernel gave XDP action {got}, expected {want}");
+        assert_eq!(
+            got, *want,
+            "{name}: kernel gave XDP action {got}, expected {want}"
+        );
         let reference = match evaluate(&set, frame).verdict {
             Verdict::Pass => XDP_PASS,
             Verdict::Drop => XDP_DROP,
         };
-        assert_eq!(reference, *want, "{name}: the reference evaluator disagrees");
+        assert_eq!(
+            reference, *want,
+            "{name}: the reference evaluator disagrees"
+        );
     }
 }
 
@@ -90,24 +96,84 @@ fn tcp6(src: &str, dport: u16) -> Frame {
 fn ipv4_and_ipv6_by_protocol() {
     check(&[
         ("tcp4 ssh from lan", tcp4("10.1.2.3", 22).build(), XDP_PASS),
-        ("tcp4 ssh from outside", tcp4("192.0.2.9", 22).build(), XDP_DROP),
+        (
+            "tcp4 ssh from outside",
+            tcp4("192.0.2.9", 22).build(),
+            XDP_DROP,
+        ),
         ("tcp4 web", tcp4("192.0.2.9", 80).build(), XDP_PASS),
-        ("tcp4 range start", tcp4("192.0.2.9", 8000).build(), XDP_PASS),
+        (
+            "tcp4 range start",
+            tcp4("192.0.2.9", 8000).build(),
+            XDP_PASS,
+        ),
         ("tcp4 range end", tcp4("192.0.2.9", 8100).build(), XDP_PASS),
         ("tcp4 past range", tcp4("192.0.2.9", 8101).build(), XDP_DROP),
-        ("udp4 web", Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build(), XDP_PASS),
-        ("udp4 ssh port from lan: rule is tcp", Frame::v4("10.1.1.1", "10.0.0.1", L4::Udp { dport: 22 }).build(), XDP_DROP),
-        ("icmp4", Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp).build(), XDP_PASS),
-        ("gre4 to endpoint", Frame::v4("192.0.2.9", "192.0.2.1", L4::Other(47)).build(), XDP_PASS),
-        ("gre4 elsewhere", Frame::v4("192.0.2.9", "192.0.2.2", L4::Other(47)).build(), XDP_DROP),
-        ("tcp6 ssh from lan", tcp6("2001:db8::7", 22).build(), XDP_PASS),
-        ("tcp6 ssh from outside", tcp6("2001:db9::7", 22).build(), XDP_DROP),
-        ("udp6 web", Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 8050 }).build(), XDP_PASS),
-        ("icmpv6", Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build(), XDP_PASS),
-        ("icmp (v4 proto number) in IPv6", Frame::v6("2001:db9::7", "fd00::1", L4::Icmp).build(), XDP_PASS),
-        ("first match: bad host on web port", tcp4("10.6.6.6", 80).build(), XDP_DROP),
-        ("first match: bad host on ssh", tcp4("10.6.6.6", 22).build(), XDP_PASS),
-        ("v4 rule never matches v6: to 192.0.2.1 only", Frame::v6("::1", "::2", L4::Other(47)).build(), XDP_DROP),
+        (
+            "udp4 web",
+            Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build(),
+            XDP_PASS,
+        ),
+        (
+            "udp4 ssh port from lan: rule is tcp",
+            Frame::v4("10.1.1.1", "10.0.0.1", L4::Udp { dport: 22 }).build(),
+            XDP_DROP,
+        ),
+        (
+            "icmp4",
+            Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp).build(),
+            XDP_PASS,
+        ),
+        (
+            "gre4 to endpoint",
+            Frame::v4("192.0.2.9", "192.0.2.1", L4::Other(47)).build(),
+            XDP_PASS,
+        ),
+        (
+            "gre4 elsewhere",
+            Frame::v4("192.0.2.9", "192.0.2.2", L4::Other(47)).build(),
+            XDP_DROP,
+        ),
+        (
+            "tcp6 ssh from lan",
+            tcp6("2001:db8::7", 22).build(),
+            XDP_PASS,
+        ),
+        (
+            "tcp6 ssh from outside",
+            tcp6("2001:db9::7", 22).build(),
+            XDP_DROP,
+        ),
+        (
+            "udp6 web",
+            Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 8050 }).build(),
+            XDP_PASS,
+        ),
+        (
+            "icmpv6",
+            Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build(),
+            XDP_PASS,
+        ),
+        (
+            "icmp (v4 proto number) in IPv6",
+            Frame::v6("2001:db9::7", "fd00::1", L4::Icmp).build(),
+            XDP_PASS,
+        ),
+        (
+            "first match: bad host on web port",
+            tcp4("10.6.6.6", 80).build(),
+            XDP_DROP,
+        ),
+        (
+            "first match: bad host on ssh",
+            tcp4("10.6.6.6", 22).build(),
+            XDP_PASS,
+        ),
+        (
+            "v4 rule never matches v6: to 192.0.2.1 only",
+            Frame::v6("::1", "::2", L4::Other(47)).build(),
+            XDP_DROP,
+        ),
     ]);
 }
 
@@ -127,12 +193,31 @@ fn non_ip_frames_pass() {
 #[test]
 fn vlan_tags_are_seen_through() {
     check(&[
-        ("802.1Q", tcp4("10.1.2.3", 22).vlan(TPID_8021Q, 10).build(), XDP_PASS),
-        ("802.1Q denied", tcp4("192.0.2.9", 22).vlan(TPID_8021Q, 10).build(), XDP_DROP),
-        ("802.1ad+802.1Q", tcp6("2001:db8::1", 22).vlan(TPID_8021AD, 1).vlan(TPID_8021Q, 2).build(), XDP_PASS),
+        (
+            "802.1Q",
+            tcp4("10.1.2.3", 22).vlan(TPID_8021Q, 10).build(),
+            XDP_PASS,
+        ),
+        (
+            "802.1Q denied",
+            tcp4("192.0.2.9", 22).vlan(TPID_8021Q, 10).build(),
+            XDP_DROP,
+        ),
+        (
+            "802.1ad+802.1Q",
+            tcp6("2001:db8::1", 22)
+                .vlan(TPID_8021AD, 1)
+                .vlan(TPID_8021Q, 2)
+                .build(),
+            XDP_PASS,
+        ),
         (
             "three tags: malformed",
-            tcp4("10.1.2.3", 22).vlan(TPID_8021AD, 1).vlan(TPID_8021Q, 2).vlan(TPID_8021Q, 3).build(),
+            tcp4("10.1.2.3", 22)
+                .vlan(TPID_8021AD, 1)
+                .vlan(TPID_8021Q, 2)
+                .vlan(TPID_8021Q, 3)
+                .build(),
             XDP_DROP,
         ),
     ]);
@@ -144,21 +229,33 @@ fn ipv4_options_move_the_transport_header() {
         .into_iter()
         .flat_map(|bytes| {
             [
-                (format!("{bytes} option bytes, allowed"), tcp4("10.1.2.3", 22), XDP_PASS),
-                (format!("{bytes} option bytes, denied"), tcp4("192.0.2.9", 22), XDP_DROP),
+                (
+                    format!("{bytes} option bytes, allowed"),
+                    tcp4("10.1.2.3", 22),
+                    XDP_PASS,
+                ),
+                (
+                    format!("{bytes} option bytes, denied"),
+                    tcp4("192.0.2.9", 22),
+                    XDP_DROP,
+                ),
             ]
             .map(|(name, frame, want)| (name, frame.ipv4_options(bytes).build(), want))
         })
         .collect();
-    let rows: Vec<(&str, Vec<u8>, u32)> =
-        rows.iter().map(|(name, frame, want)| (name.as_str(), frame.clone(), *want)).collect();
+    let rows: Vec<(&str, Vec<u8>, u32)> = rows
+        .iter()
+        .map(|(name, frame, want)| (name.as_str(), frame.clone(), *want))
+        .collect();
     check(&rows);
 }
 
 #[test]
 fn ipv6_extension_headers_are_walked() {
     let chain = |frame: Frame, kinds: &[(u8, usize)]| {
-        kinds.iter().fold(frame, |frame, &(kind, len)| frame.ext_header(kind, len))
+        kinds
+            .iter()
+            .fold(frame, |frame, &(kind, len)| frame.ext_header(kind, len))
     };
     let eight: Vec<(u8, usize)> = [EXT_HOP_BY_HOP, EXT_DEST_OPTS, EXT_ROUTING, EXT_AUTH]
         .into_iter()
@@ -169,13 +266,45 @@ fn ipv6_extension_headers_are_walked() {
     let mut nine = eight.clone();
     nine.push((EXT_DEST_OPTS, 8));
     check(&[
-        ("hop-by-hop", chain(tcp6("2001:db8::1", 22), &[(EXT_HOP_BY_HOP, 8)]).build(), XDP_PASS),
-        ("routing+destopts", chain(tcp6("2001:db9::1", 22), &[(EXT_ROUTING, 24), (EXT_DEST_OPTS, 8)]).build(), XDP_DROP),
-        ("AH (length in 4-byte units)", chain(tcp6("2001:db8::1", 22), &[(EXT_AUTH, 12)]).build(), XDP_PASS),
-        ("AH then denied port", chain(tcp6("2001:db8::1", 23), &[(EXT_AUTH, 24)]).build(), XDP_DROP),
-        ("eight headers", chain(tcp6("2001:db8::1", 22), &eight).build(), XDP_PASS),
-        ("nine headers: malformed", chain(tcp6("2001:db8::1", 22), &nine).build(), XDP_DROP),
-        ("first fragment has ports", tcp6("2001:db8::1", 22).fragment(0, true).build(), XDP_PASS),
+        (
+            "hop-by-hop",
+            chain(tcp6("2001:db8::1", 22), &[(EXT_HOP_BY_HOP, 8)]).build(),
+            XDP_PASS,
+        ),
+        (
+            "routing+destopts",
+            chain(
+                tcp6("2001:db9::1", 22),
+                &[(EXT_ROUTING, 24), (EXT_DEST_OPTS, 8)],
+            )
+            .build(),
+            XDP_DROP,
+        ),
+        (
+            "AH (length in 4-byte units)",
+            chain(tcp6("2001:db8::1", 22), &[(EXT_AUTH, 12)]).build(),
+            XDP_PASS,
+        ),
+        (
+            "AH then denied port",
+            chain(tcp6("2001:db8::1", 23), &[(EXT_AUTH, 24)]).build(),
+            XDP_DROP,
+        ),
+        (
+            "eight headers",
+            chain(tcp6("2001:db8::1", 22), &eight).build(),
+            XDP_PASS,
+        ),
+        (
+            "nine headers: malformed",
+            chain(tcp6("2001:db8::1", 22), &nine).build(),
+            XDP_DROP,
+        ),
+        (
+            "first fragment has ports",
+            tcp6("2001:db8::1", 22).fragment(0, true).build(),
+            XDP_PASS,
+        ),
     ]);
 }
 
@@ -183,12 +312,36 @@ fn ipv6_extension_headers_are_walked() {
 fn later_fragments_match_only_rules_without_ports() {
     check(&[
         // The ssh and web rules need ports: a later fragment falls to the default (deny)...
-        ("v4 later fragment of ssh", tcp4("10.1.2.3", 22).fragment(100, false).build(), XDP_DROP),
-        ("v6 later fragment of ssh", tcp6("2001:db8::1", 22).fragment(100, true).build(), XDP_DROP),
+        (
+            "v4 later fragment of ssh",
+            tcp4("10.1.2.3", 22).fragment(100, false).build(),
+            XDP_DROP,
+        ),
+        (
+            "v6 later fragment of ssh",
+            tcp6("2001:db8::1", 22).fragment(100, true).build(),
+            XDP_DROP,
+        ),
         // ...unless a port-less rule matches it.
-        ("v4 later fragment to endpoint", Frame::v4("192.0.2.9", "192.0.2.1", L4::Udp { dport: 9 }).fragment(7, true).build(), XDP_PASS),
-        ("v4 first fragment", tcp4("10.1.2.3", 22).fragment(0, true).build(), XDP_PASS),
-        ("icmp later fragment", Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp).fragment(3, false).build(), XDP_PASS),
+        (
+            "v4 later fragment to endpoint",
+            Frame::v4("192.0.2.9", "192.0.2.1", L4::Udp { dport: 9 })
+                .fragment(7, true)
+                .build(),
+            XDP_PASS,
+        ),
+        (
+            "v4 first fragment",
+            tcp4("10.1.2.3", 22).fragment(0, true).build(),
+            XDP_PASS,
+        ),
+        (
+            "icmp later fragment",
+            Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp)
+                .fragment(3, false)
+                .build(),
+            XDP_PASS,
+        ),
     ]);
 }
 
@@ -199,8 +352,16 @@ fn every_truncation_is_handled() {
     let kernel = kernel();
     let set = rule_set();
     let frames = [
-        tcp4("10.1.2.3", 22).ipv4_options(8).vlan(TPID_8021Q, 3).payload(4).build(),
-        tcp6("2001:db8::1", 22).ext_header(EXT_HOP_BY_HOP, 8).ext_header(EXT_AUTH, 12).payload(4).build(),
+        tcp4("10.1.2.3", 22)
+            .ipv4_options(8)
+            .vlan(TPID_8021Q, 3)
+            .payload(4)
+            .build(),
+        tcp6("2001:db8::1", 22)
+            .ext_header(EXT_HOP_BY_HOP, 8)
+            .ext_header(EXT_AUTH, 12)
+            .payload(4)
+            .build(),
         Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build(),
         Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build(),
     ];
@@ -209,8 +370,17 @@ fn every_truncation_is_handled() {
         for len in 14..=frame.len() {
             let cut = &frame[..len];
             let expected = evaluate(&set, cut);
-            let want = if expected.verdict == Verdict::Pass { XDP_PASS } else { XDP_DROP };
-            assert_eq!(verdict(&kernel, cut), want, "frame cut to {len} of {} bytes", frame.len());
+            let want = if expected.verdict == Verdict::Pass {
+                XDP_PASS
+            } else {
+                XDP_DROP
+            };
+            assert_eq!(
+                verdict(&kernel, cut),
+                want,
+                "frame cut to {len} of {} bytes",
+                frame.len()
+            );
             if expected.reason == Reason::Malformed {
                 malformed += 1;
                 // Only the full length (IP length = frame) is well-formed here.
@@ -219,7 +389,10 @@ fn every_truncation_is_handled() {
         }
         assert_eq!(evaluate(&set, frame).reason != Reason::Malformed, true);
     }
-    assert!(malformed > 100, "truncations counted as malformed: {malformed}");
+    assert!(
+        malformed > 100,
+        "truncations counted as malformed: {malformed}"
+    );
 }
 
 #[test]
@@ -246,7 +419,11 @@ fn bad_lengths_are_malformed() {
         ("total length beyond frame", long_total, XDP_DROP),
         ("total length below header", total_below_header, XDP_DROP),
         ("TCP header beyond total length", tcp_cut_by_total, XDP_DROP),
-        ("IPv6 payload length beyond frame", payload_too_long, XDP_DROP),
+        (
+            "IPv6 payload length beyond frame",
+            payload_too_long,
+            XDP_DROP,
+        ),
         ("padded frame", padded, XDP_PASS),
     ]);
 }
@@ -289,7 +466,11 @@ fn reload_swaps_rules_and_keeps_counting_from_zero() {
     assert_eq!(verdict(&kernel, &ssh), XDP_PASS);
     // Many swaps in a row exercise both generations' diffs.
     for round in 0..20 {
-        let set = if round % 2 == 0 { &deny_all } else { &rule_set() };
+        let set = if round % 2 == 0 {
+            &deny_all
+        } else {
+            &rule_set()
+        };
         kernel.apply(&compile(set).unwrap()).unwrap();
         let want = if round % 2 == 0 { XDP_DROP } else { XDP_PASS };
         assert_eq!(verdict(&kernel, &ssh), want, "round {round}");

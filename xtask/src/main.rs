@@ -53,7 +53,11 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => Ok(()),
         Task::Build => build(&env),
-        Task::Run { iface, rules, extra } => {
+        Task::Run {
+            iface,
+            rules,
+            extra,
+        } => {
             build(&env)?;
             let iface = match iface {
                 Some(iface) => iface,

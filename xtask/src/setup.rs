@@ -59,7 +59,10 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
 fn ensure_nightly() -> Result<()> {
     let toolchains = output("rustup", &["toolchain", "list"])?;
     if !toolchains.lines().any(|line| line.starts_with("nightly")) {
-        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        run(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
     let components = output(
         "rustup",
@@ -107,7 +110,9 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&libllvm, &link)?;
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {libllvm_name} (about 2 minutes)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {libllvm_name} (about 2 minutes)"
+    );
     let status = Command::new("cargo")
         .args(["+nightly", "install", "bpf-linker", "--force"])
         .args(["--version", BPF_LINKER_VERSION, "--no-default-features"])
