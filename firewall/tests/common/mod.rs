@@ -1,0 +1,288 @@
+//! Test hosts for end-to-end tests: two network namespaces joined by a veth pair, sockets
+//! opened inside them, and the daemon run inside one of them. Everything created here is
+//! removed on drop, also when a test fails.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Namespaces `a` (the firewalled host) and `b` (its peer), linked by `veth_a` <-> `veth_b`.
+pub struct TestNet {
+    pub a: String,
+    pub b: String,
+    pub veth_a: String,
+    pub a4: IpAddr,
+    pub b4: IpAddr,
+    pub a6: IpAddr,
+    pub b6: IpAddr,
+}
+
+impl TestNet {
+    pub fn new() -> TestNet {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id() % 100_000);
+        let subnet = (std::process::id() % 200 + n) % 250 + 1;
+        let net = TestNet {
+            a: format!("fwt-{id}-a"),
+            b: format!("fwt-{id}-b"),
+            veth_a: format!("fwa{id}"),
+            a4: format!("10.213.{subnet}.1").parse().unwrap(),
+            b4: format!("10.213.{subnet}.2").parse().unwrap(),
+            a6: format!("fd00:213:{subnet:x}::1").parse().unwrap(),
+            b6: format!("fd00:213:{subnet:x}::2").parse().unwrap(),
+        };
+        let veth_b = format!("fwb{id}");
+        ip(&["netns", "add", &net.a]);
+        ip(&["netns", "add", &net.b]);
+        ip(&[
+            "-n",
+            &net.a,
+            "link",
+            "add",
+            &net.veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth_b,
+            "netns",
+            &net.b,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&net.a, &net.veth_a, net.a4, net.a6),
+            (&net.b, &veth_b, net.b4, net.b6),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    /// Runs `f` on a thread that lives in namespace `ns`; sockets it opens stay there.
+    pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        thread::spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    /// Attached XDP program shown by `ip link` for the firewalled veth, if any.
+    pub fn xdp_attached(&self) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.a, "-d", "link", "show", &self.veth_a])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth pair with it.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// TCP listeners and UDP echo sockets on `ports`, in namespace `ns`, on `addrs`.
+pub fn serve(ns: &str, addrs: Vec<IpAddr>, ports: Vec<u16>) {
+    TestNet::within(ns, move || {
+        for addr in addrs {
+            for &port in &ports {
+                let tcp = TcpListener::bind(SocketAddr::new(addr, port)).expect("bind tcp");
+                thread::spawn(move || {
+                    for stream in tcp.incoming().flatten() {
+                        let _ = (&stream).write_all(b"hello");
+                    }
+                });
+                let udp = UdpSocket::bind(SocketAddr::new(addr, port)).expect("bind udp");
+                thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&buf[..n], from);
+                    }
+                });
+            }
+        }
+    });
+}
+
+const WAIT: Duration = Duration::from_millis(700);
+
+/// From namespace `ns`: does a TCP connection to `to` complete and deliver the greeting?
+pub fn tcp_reaches(ns: &str, to: SocketAddr) -> bool {
+    TestNet::within(ns, move || {
+        let Ok(mut stream) = TcpStream::connect_timeout(&to, WAIT) else {
+            return false;
+        };
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut greeting = [0u8; 5];
+        stream.read_exact(&mut greeting).is_ok() && &greeting == b"hello"
+    })
+}
+
+/// From namespace `ns`: does a UDP datagram to `to` come back echoed?
+pub fn udp_reaches(ns: &str, to: SocketAddr) -> bool {
+    TestNet::within(ns, move || {
+        let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .unwrap();
+        let socket = UdpSocket::bind(any).unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        // Two tries: the first datagram may wait for neighbour resolution.
+        for _ in 0..2 {
+            socket.send_to(b"ping", to).unwrap();
+            let mut buf = [0u8; 16];
+            if let Ok((4, _)) = socket.recv_from(&mut buf) {
+                return &buf[..4] == b"ping";
+            }
+        }
+        false
+    })
+}
+
+/// The daemon, run inside a namespace, its log captured to a file.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(ns: &str, rules: &Path, iface: &str) -> Daemon {
+        let log = std::env::temp_dir().join(format!("{ns}.log"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_firewall"),
+                "run",
+                "--rules",
+            ])
+            .arg(rules)
+            .args(["--iface", iface])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start the daemon");
+        let daemon = Daemon {
+            child: Some(child),
+            log,
+        };
+        daemon.wait_for("filtering", 1);
+        daemon
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `needle` appears `count` times in the log.
+    pub fn wait_for(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "daemon never logged {needle:?} ({count}x); log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
+        // `ip netns exec` execs the daemon, so the pid is the daemon's.
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A rule file in a fresh temporary directory, removed on drop.
+pub struct RuleFile {
+    pub path: PathBuf,
+}
+
+impl RuleFile {
+    pub fn new(name: &str, text: &str) -> RuleFile {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("fwt-rules-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        RuleFile { path }
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+}
+
+impl Drop for RuleFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.path.parent().unwrap());
+    }
+}

@@ -1,0 +1,163 @@
+//! End to end: the daemon filters a veth inside a network namespace; real TCP connections and
+//! UDP datagrams (IPv4 and IPv6) come from a peer namespace.
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::{serve, tcp_reaches, udp_reaches, Daemon, RuleFile, TestNet};
+
+/// Default deny; TCP 8080 from the peer's addresses and UDP 5353 from anyone; IPv6 neighbour
+/// discovery (ICMPv6) allowed so the IPv6 peer stays reachable.
+fn rules(net: &TestNet, tcp_port: u16) -> String {
+    format!(
+        r#"
+[defaults]
+policy = "deny"
+
+[[rules]]
+name = "app-from-peer"
+action = "allow"
+proto = "tcp"
+from = ["{}", "{}/128"]
+ports = [{tcp_port}]
+
+[[rules]]
+name = "mdns"
+action = "allow"
+proto = "udp"
+ports = ["5353"]
+
+[[rules]]
+name = "neighbour-discovery"
+action = "allow"
+proto = "icmpv6"
+"#,
+        net.b4, net.b6
+    )
+}
+
+const PORTS: [u16; 4] = [8080, 8081, 5353, 5354];
+
+/// (tcp 8080, tcp 8081, udp 5353, udp 5354) as seen from the peer, for v4 and v6.
+fn reachability(net: &TestNet) -> Vec<(String, bool)> {
+    let mut seen = Vec::new();
+    for addr in [net.a4, net.a6] {
+        let at = |port| SocketAddr::new(addr, port);
+        seen.push((format!("tcp {}", at(8080)), tcp_reaches(&net.b, at(8080))));
+        seen.push((format!("tcp {}", at(8081)), tcp_reaches(&net.b, at(8081))));
+        seen.push((format!("udp {}", at(5353)), udp_reaches(&net.b, at(5353))));
+        seen.push((format!("udp {}", at(5354)), udp_reaches(&net.b, at(5354))));
+    }
+    seen
+}
+
+fn assert_reachability(
+    net: &TestNet,
+    tcp_8080: bool,
+    tcp_8081: bool,
+    udp_5353: bool,
+    udp_5354: bool,
+    when: &str,
+) {
+    let expected = [tcp_8080, tcp_8081, udp_5353, udp_5354];
+    for (index, (what, reached)) in reachability(net).into_iter().enumerate() {
+        assert_eq!(
+            reached,
+            expected[index % 4],
+            "{when}: {what} {}",
+            if reached {
+                "got through but should be dropped"
+            } else {
+                "was dropped but should pass"
+            }
+        );
+    }
+}
+
+#[test]
+fn filters_reloads_and_detaches() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4, net.a6], PORTS.to_vec());
+    assert_reachability(&net, true, true, true, true, "before the firewall");
+
+    let file = RuleFile::new("rules.toml", &rules(&net, 8080));
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    assert!(net.xdp_attached(), "no XDP program on {}", net.veth_a);
+    assert_reachability(&net, true, false, true, false, "with the rules");
+
+    // An edited file swaps the TCP port.
+    file.write(&rules(&net, 8081));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reloaded", 1);
+    assert_reachability(&net, false, true, true, false, "after reloading");
+
+    // A broken file is refused and the rules in force stay.
+    file.write(&rules(&net, 8081).replace("\"5353\"", "\"5353-53\""));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reload failed", 1);
+    assert!(
+        daemon
+            .log()
+            .contains("rules.toml:16:10: reversed port range"),
+        "error without position:\n{}",
+        daemon.log()
+    );
+    assert_reachability(&net, false, true, true, false, "after a failed reload");
+
+    let status = daemon.terminate();
+    assert!(status.success(), "daemon exited with {status}");
+    assert!(!net.xdp_attached(), "XDP still attached after SIGTERM");
+    assert_reachability(&net, true, true, true, true, "after SIGTERM");
+}
+
+#[test]
+fn check_reports_errors_with_positions() {
+    let good = RuleFile::new("good.toml", "[[rules]]\naction = \"allow\"\nports = [22]\n");
+    let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+        .arg("check")
+        .arg(&good.path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1 rules"));
+
+    let bad = RuleFile::new(
+        "bad.toml",
+        "[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.0/33\"]\n",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+        .arg("check")
+        .arg(&bad.path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!("{}:3:9: ", bad.path.display());
+    assert!(
+        stderr.starts_with(&expected),
+        "stderr {stderr:?} lacks {expected:?}"
+    );
+}
+
+#[test]
+fn a_broken_file_at_start_attaches_nothing() {
+    let net = TestNet::new();
+    let file = RuleFile::new("broken.toml", "[defaults]\npolicy = \"maybe\"\n");
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.a,
+            env!("CARGO_BIN_EXE_firewall"),
+            "run",
+            "--rules",
+        ])
+        .arg(&file.path)
+        .args(["--iface", &net.veth_a])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("broken.toml:2:10: invalid policy"));
+    assert!(!net.xdp_attached());
+}
