@@ -38,16 +38,28 @@ pub const STAT_SLOTS: u32 = STAT_RULES + 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleBits {
+    /// Bit `w` is set when `words[w]` is not zero: the kernel ANDs the summaries first and
+    /// reads only the words that can have a common rule.
+    pub summary: u64,
     pub words: [u64; RULE_WORDS],
 }
 
 impl RuleBits {
     pub const EMPTY: RuleBits = RuleBits {
+        summary: 0,
         words: [0; RULE_WORDS],
     };
 
     pub fn set(&mut self, rule: usize) {
         self.words[rule / 64] |= 1 << (rule % 64);
+        self.summary |= 1 << (rule / 64);
+    }
+
+    pub fn union_with(&mut self, other: &RuleBits) {
+        self.summary |= other.summary;
+        for (word, other) in self.words.iter_mut().zip(other.words) {
+            *word |= other;
+        }
     }
 
     pub fn contains(&self, rule: usize) -> bool {
@@ -67,8 +79,9 @@ impl Default for RuleBits {
 pub struct GenerationConfig {
     /// `ACTION_ALLOW` or `ACTION_DENY` when no rule matches.
     pub default_action: u32,
-    /// Words of [`RuleBits`] in use (`ceil(rules / 64)`); the kernel stops its AND there.
-    pub rule_words: u32,
+    /// `TRIE_*` bits of the address tries that hold prefixes other than `/0`; for the others
+    /// the kernel reads the `/0` bits from `ANY_ADDRESS` instead of searching the trie.
+    pub tries_in_use: u32,
     /// Nanoseconds of credit one drop log line costs (`1e9 / lines per second`; 0 = off).
     pub log_line_ns: u64,
     /// Most credit a CPU can save up: `log_line_ns * burst`.
@@ -100,11 +113,20 @@ pub type V6KeyData = [u32; 5];
 /// Bits of the generation word that prefix every trie key.
 pub const GEN_PREFIX_BITS: u32 = 32;
 
+/// Address fields, as bits of [`GenerationConfig::tries_in_use`] and indices (plus
+/// `gen * ADDRESS_FIELDS`) of the `ANY_ADDRESS` map.
+pub const TRIE_SRC_V4: u32 = 0;
+pub const TRIE_DST_V4: u32 = 1;
+pub const TRIE_SRC_V6: u32 = 2;
+pub const TRIE_DST_V6: u32 = 3;
+pub const ADDRESS_FIELDS: u32 = 4;
+
 /// Map names, shared so userspace finds what the kernel declares.
 pub mod map_names {
     pub const ACTIVE_GENERATION: &str = "FW_ACTIVE_GEN";
     pub const GEN_CONFIG: &str = "FW_GEN_CONFIG";
     pub const RULE_ACTIONS: &str = "FW_RULE_ACTIONS";
+    pub const ANY_ADDRESS: &str = "FW_ANY_ADDRESS";
     pub const SRC_V4: &str = "FW_SRC_V4";
     pub const DST_V4: &str = "FW_DST_V4";
     pub const SRC_V6: &str = "FW_SRC_V6";

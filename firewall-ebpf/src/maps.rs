@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray},
 };
 use firewall_common::{
-    Counter, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData, GENERATIONS,
-    MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    Counter, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS,
+    GENERATIONS, MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -24,6 +24,11 @@ pub static GEN_CONFIG: Array<GenerationConfig> = Array::with_max_entries(GENERAT
 /// `gen * MAX_RULES + rule` -> ACTION_ALLOW / ACTION_DENY.
 #[map(name = "FW_RULE_ACTIONS")]
 pub static RULE_ACTIONS: Array<u32> = Array::with_max_entries(GENERATIONS * MAX_RULES as u32, 0);
+
+/// `gen * ADDRESS_FIELDS + TRIE_*` -> the `/0` bits of that trie, read instead of the trie
+/// when it holds nothing else.
+#[map(name = "FW_ANY_ADDRESS")]
+pub static ANY_ADDRESS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * ADDRESS_FIELDS, 0);
 
 /// Source / destination prefix -> rules whose `from` / `to` contains it.
 #[map(name = "FW_SRC_V4")]

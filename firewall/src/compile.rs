@@ -15,9 +15,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
-use firewall_common::{
-    RuleBits, ACTION_ALLOW, ACTION_DENY, MAX_PORT_CLASSES, MAX_RULES, RULE_WORDS,
-};
+use firewall_common::{RuleBits, ACTION_ALLOW, ACTION_DENY, MAX_PORT_CLASSES, MAX_RULES};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::model::{Action, Rule, RuleSet, IPPROTO_TCP, IPPROTO_UDP};
@@ -31,8 +29,6 @@ pub const PROTOS: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     pub default_action: u32,
-    /// Words of [`RuleBits`] in use.
-    pub rule_words: u32,
     /// Per rule: `ACTION_ALLOW` / `ACTION_DENY`.
     pub actions: Vec<u32>,
     /// Indexed by IP protocol number.
@@ -41,6 +37,7 @@ pub struct Compiled {
     pub port_class: Vec<u32>,
     /// Indexed by port class; class 0 is "no port".
     pub port_bits: Vec<RuleBits>,
+    /// Trie entries, sorted; the first is always the zero-length prefix.
     pub src_v4: Vec<(Ipv4Net, RuleBits)>,
     pub dst_v4: Vec<(Ipv4Net, RuleBits)>,
     pub src_v6: Vec<(Ipv6Net, RuleBits)>,
@@ -59,7 +56,6 @@ pub fn compile(set: &RuleSet) -> Result<Compiled> {
     let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
     Ok(Compiled {
         default_action: action_code(set.default_policy),
-        rule_words: set.rules.len().div_ceil(64).min(RULE_WORDS) as u32,
         actions: set
             .rules
             .iter()
@@ -202,9 +198,7 @@ where
             let mut bits = wildcard;
             for len in 0..=prefix.len() {
                 if let Some(named_bits) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
-                    for (word, named_word) in bits.words.iter_mut().zip(named_bits.words) {
-                        *word |= named_word;
-                    }
+                    bits.union_with(named_bits);
                 }
             }
             (prefix, bits)
@@ -334,10 +328,13 @@ mod tests {
     }
 
     #[test]
-    fn rule_words_cover_the_rules() {
-        let rules = vec![rule(Proto::Any, None, None); 65];
-        assert_eq!(set(rules).rule_words, 2);
-        assert_eq!(set(vec![]).rule_words, 0);
+    fn summaries_mark_the_words_in_use() {
+        let mut rules = vec![rule(Proto::Tcp, None, None); 130];
+        rules[129].proto = Proto::Udp;
+        let compiled = set(rules);
+        assert_eq!(compiled.proto_bits[6].summary, 0b011);
+        assert_eq!(compiled.proto_bits[17].summary, 0b100);
+        assert_eq!(compiled.proto_bits[1].summary, 0);
         let too_many = vec![rule(Proto::Any, None, None); MAX_RULES + 1];
         assert!(compile(&RuleSet {
             default_policy: Action::Allow,

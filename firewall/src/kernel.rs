@@ -12,8 +12,9 @@ use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, Pod};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, RuleBits, V4KeyData, V6KeyData, GEN_PREFIX_BITS,
-    MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, XDP_PROGRAM,
+    map_names, Counter, GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS,
+    GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6,
+    TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -173,10 +174,23 @@ impl Kernel {
             old.map(|o| o.dst_v6.as_slice()),
             v6_key,
         )?;
+        let any_address = [
+            &new.src_v4[0].1,
+            &new.dst_v4[0].1,
+            &new.src_v6[0].1,
+            &new.dst_v6[0].1,
+        ];
+        let old_any = old.map(|o| [o.src_v4[0].1, o.dst_v4[0].1, o.src_v6[0].1, o.dst_v6[0].1]);
+        write_array(
+            self.map_mut(map_names::ANY_ADDRESS)?,
+            gen * ADDRESS_FIELDS,
+            &any_address.map(|bits| *bits),
+            old_any.as_ref().map(|o| o.as_slice()),
+        )?;
         self.reset_rule_counters(gen, new.actions.len())?;
         let config = GenerationConfig {
             default_action: new.default_action,
-            rule_words: new.rule_words,
+            tries_in_use: tries_in_use(new),
             log_line_ns: 1_000_000_000 / u64::from(LOG_PER_SEC),
             log_burst_ns: 1_000_000_000 / u64::from(LOG_PER_SEC) * u64::from(LOG_BURST),
         };
@@ -236,6 +250,20 @@ impl Kernel {
             .map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
     }
+}
+
+/// `TRIE_*` bits of the tries with more than their `/0` entry.
+fn tries_in_use(compiled: &Compiled) -> u32 {
+    let fields = [
+        (TRIE_SRC_V4, compiled.src_v4.len()),
+        (TRIE_DST_V4, compiled.dst_v4.len()),
+        (TRIE_SRC_V6, compiled.src_v6.len()),
+        (TRIE_DST_V6, compiled.dst_v6.len()),
+    ];
+    fields
+        .iter()
+        .filter(|(_, entries)| *entries > 1)
+        .fold(0, |mask, (field, _)| mask | 1 << field)
 }
 
 /// Writes `new` at `base..`, skipping entries equal to what the generation already holds
