@@ -332,7 +332,7 @@ mod tests {
         let mut rules = vec![rule(Proto::Tcp, None, None); 130];
         rules[129].proto = Proto::Udp;
         let compiled = set(rules);
-        assert_eq!(compiled.proto_bits[6].summary, 0b011);
+        assert_eq!(compiled.proto_bits[6].summary, 0b111);
         assert_eq!(compiled.proto_bits[17].summary, 0b100);
         assert_eq!(compiled.proto_bits[1].summary, 0);
         let too_many = vec![rule(Proto::Any, None, None); MAX_RULES + 1];
