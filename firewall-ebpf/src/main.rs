@@ -1,7 +1,8 @@
 //! The XDP program: parse the frame, classify it against the live rule generation, count,
 //! and pass or drop.
-#![no_std]
-#![no_main]
+// Built for the BPF target; on the host (`cargo clippy --workspace`) it is an empty binary.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod classify;
 mod log;
@@ -60,7 +61,7 @@ pub fn firewall(ctx: XdpContext) -> u32 {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
@@ -69,3 +70,6 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -105,7 +105,7 @@ fn main() -> Result<()> {
         "{:<24} {:>10} {:>14} {:>14}",
         "program", "ns/packet", "vs 1 rule", "vs floor"
     );
-    let floor_ns = measure(&run_floor, &frames)?;
+    let floor_ns = measure(run_floor, &frames)?;
     println!("{:<24} {:>10.1}", "bare XDP_DROP (floor)", floor_ns);
     let mut one_rule_ns = None;
     for count in [1usize, 100, 1024] {

@@ -196,7 +196,7 @@ where
         .into_iter()
         .map(|prefix| {
             let mut bits = wildcard;
-            for len in 0..=prefix.len() {
+            for len in 0..=prefix.length() {
                 if let Some(named_bits) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
                     bits.union_with(named_bits);
                 }
@@ -209,7 +209,7 @@ where
 /// What [`with_ancestors`] needs of a prefix type.
 pub trait Prefix {
     const ZERO: Self;
-    fn len(&self) -> u8;
+    fn length(&self) -> u8;
 }
 
 impl Prefix for Ipv4Net {
@@ -217,7 +217,7 @@ impl Prefix for Ipv4Net {
         Ok(net) => net,
         Err(_) => panic!("valid prefix"),
     };
-    fn len(&self) -> u8 {
+    fn length(&self) -> u8 {
         self.prefix_len()
     }
 }
@@ -227,7 +227,7 @@ impl Prefix for Ipv6Net {
         Ok(net) => net,
         Err(_) => panic!("valid prefix"),
     };
-    fn len(&self) -> u8 {
+    fn length(&self) -> u8 {
         self.prefix_len()
     }
 }

@@ -119,7 +119,7 @@ impl Frame {
 
     /// IPv4 options of `bytes` (a multiple of 4, at most 40).
     pub fn ipv4_options(mut self, bytes: usize) -> Frame {
-        assert!(bytes % 4 == 0 && bytes <= 40);
+        assert!(bytes.is_multiple_of(4) && bytes <= 40);
         self.ipv4_options = bytes;
         self
     }

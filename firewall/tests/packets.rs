@@ -387,7 +387,7 @@ fn every_truncation_is_handled() {
                 assert!(len < frame.len());
             }
         }
-        assert_eq!(evaluate(&set, frame).reason != Reason::Malformed, true);
+        assert_ne!(evaluate(&set, frame).reason, Reason::Malformed);
     }
     assert!(
         malformed > 100,
