@@ -32,7 +32,11 @@ pub const STAT_MALFORMED: u32 = STAT_RULES + 2;
 pub const STAT_NON_IP: u32 = STAT_RULES + 3;
 /// Drop log lines suppressed by the kernel-side rate limit.
 pub const STAT_LOG_SUPPRESSED: u32 = STAT_RULES + 4;
-pub const STAT_SLOTS: u32 = STAT_RULES + 5;
+/// Replies to tracked flows, and ICMP errors quoting them, passed before the rules.
+pub const STAT_ESTABLISHED: u32 = STAT_RULES + 5;
+/// Essential ICMPv6 (neighbour discovery and friends) passed before the rules.
+pub const STAT_ESSENTIAL: u32 = STAT_RULES + 6;
+pub const STAT_SLOTS: u32 = STAT_RULES + 7;
 
 /// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
 #[repr(C)]
@@ -86,7 +90,50 @@ pub struct GenerationConfig {
     pub log_line_ns: u64,
     /// Most credit a CPU can save up: `log_line_ns * burst`.
     pub log_burst_ns: u64,
+    /// `CHECK_*` bits: what is decided before the rules.
+    pub checks: u32,
+    pub _pad: u32,
+    /// Idle timeouts of tracked flows, in nanoseconds.
+    pub tcp_timeout_ns: u64,
+    /// TCP flows after a FIN or RST was seen in either direction.
+    pub tcp_closing_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+    pub icmp_timeout_ns: u64,
 }
+
+/// Replies to the host's own flows (and ICMP errors quoting them) pass before the rules.
+pub const CHECK_ESTABLISHED: u32 = 1;
+/// ICMPv6 that IPv6 cannot work without passes before the rules.
+pub const CHECK_ESSENTIALS: u32 = 2;
+
+/// A flow the host started, keyed as its replies look from the host: `remote` is the peer.
+/// ICMP echo flows use `local_port` for the echo identifier and 0 for `remote_port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Addresses in wire byte order; IPv4 uses word 0.
+    pub remote: [u32; 4],
+    pub local: [u32; 4],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub proto: u8,
+    pub v6: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the host's last packet of the flow.
+    pub last_seen_ns: u64,
+    /// `FLOW_CLOSING` once a FIN or RST was seen.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub const FLOW_CLOSING: u32 = 1;
+/// Flows tracked at once (LRU: the least recently used is evicted).
+pub const MAX_FLOWS: u32 = 262_144;
 
 /// Packet and byte counter, one per CPU per slot.
 #[repr(C)]
@@ -136,10 +183,13 @@ pub mod map_names {
     pub const PORT_BITS: &str = "FW_PORT_BITS";
     pub const STATS: &str = "FW_STATS";
     pub const LOG_BUCKET: &str = "FW_LOG_BUCKET";
+    pub const FLOWS: &str = "FW_FLOWS";
 }
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "firewall";
+/// Name of the tc egress program that records the host's flows.
+pub const EGRESS_PROGRAM: &str = "track_egress";
 
 #[cfg(feature = "user")]
 mod pod {
@@ -149,4 +199,6 @@ mod pod {
     unsafe impl aya::Pod for GenerationConfig {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for LogBucket {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
 }

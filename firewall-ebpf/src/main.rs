@@ -8,10 +8,16 @@ mod classify;
 mod log;
 mod maps;
 mod parse;
+mod state;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use firewall_common::{
-    ACTION_DENY, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP,
+    ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW,
+    STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP,
 };
 
 use crate::{
@@ -23,7 +29,7 @@ use crate::{
 pub fn firewall(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut packet = Packet::new();
-    match parse::parse(&ctx, &mut packet) {
+    match parse::parse(ctx.data(), ctx.data_end(), &mut packet) {
         Parsed::Ip => {}
         Parsed::NonIp => {
             count(STAT_NON_IP, bytes);
@@ -42,6 +48,14 @@ pub fn firewall(ctx: XdpContext) -> u32 {
     let Some(config) = GEN_CONFIG.get(gen) else {
         return xdp_action::XDP_PASS;
     };
+    if config.checks & CHECK_ESSENTIALS != 0 && is_essential_icmpv6(&packet) {
+        count(STAT_ESSENTIAL, bytes);
+        return xdp_action::XDP_PASS;
+    }
+    if config.checks & CHECK_ESTABLISHED != 0 && state::is_established(config, &packet) {
+        count(STAT_ESTABLISHED, bytes);
+        return xdp_action::XDP_PASS;
+    }
     // `rule_number` is 1-based for the log; 0 is the default policy.
     let (action, rule_number, slot) = match classify::first_match(gen, config, &packet) {
         Some(rule) => {
@@ -59,6 +73,27 @@ pub fn firewall(ctx: XdpContext) -> u32 {
     } else {
         xdp_action::XDP_PASS
     }
+}
+
+/// ICMPv6 that IPv6 needs to work: packet too big (path MTU discovery), multicast listener
+/// discovery (130-132, 143) and neighbour discovery (133-137: router and neighbour
+/// solicitation and advertisement, redirect).
+#[inline(always)]
+fn is_essential_icmpv6(packet: &parse::Packet) -> bool {
+    match packet.icmp {
+        Some(icmp) if packet.v6 => matches!(icmp.kind, 2 | 130..=137 | 143),
+        _ => false,
+    }
+}
+
+/// tc egress: records the host's outbound flows so that their replies pass. Never drops.
+#[classifier]
+pub fn track_egress(ctx: TcContext) -> i32 {
+    let mut packet = Packet::new();
+    if let Parsed::Ip = parse::parse(ctx.data(), ctx.data_end(), &mut packet) {
+        state::record_outbound(&packet);
+    }
+    TC_ACT_OK
 }
 
 #[cfg(target_arch = "bpf")]

@@ -2,11 +2,12 @@
 //! `firewall_common`), plus counters and the drop-log token bucket.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use firewall_common::{
-    Counter, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS,
-    GENERATIONS, MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    Counter, FlowKey, FlowState, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData,
+    ADDRESS_FIELDS, GENERATIONS, MAX_FLOWS, MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES,
+    STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -55,6 +56,10 @@ pub static PORT_BITS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * MA
 /// Per-CPU packet/byte counters, slots as in `firewall_common::STAT_*`.
 #[map(name = "FW_STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+/// The host's own flows, written by the tc egress program, read by the XDP program.
+#[map(name = "FW_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 #[map(name = "FW_LOG_BUCKET")]
 pub static LOG_BUCKET: PerCpuArray<LogBucket> = PerCpuArray::with_max_entries(1, 0);

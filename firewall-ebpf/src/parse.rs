@@ -1,7 +1,7 @@
 //! Header parsing: Ethernet (up to two VLAN tags), IPv4, IPv6 with extension headers, and
 //! the destination port of TCP/UDP. Every read is bounds-checked against the frame end; every
 //! length the packet declares is checked against the frame and the IP packet's own length.
-use aya_ebpf::programs::XdpContext;
+use firewall_common::FlowKey;
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -40,6 +40,21 @@ pub struct Packet {
     pub proto: u8,
     /// Destination port, or `None` for non-TCP/UDP and non-first fragments.
     pub dport: Option<u16>,
+    /// Source port, valid when `dport` is.
+    pub sport: u16,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04), when `dport` is valid.
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6 header of an unfragmented packet or first fragment.
+    pub icmp: Option<Icmp>,
+    /// For ICMP errors: the flow of the packet they quote, keyed as its replies look.
+    pub quoted: Option<FlowKey>,
+}
+
+#[derive(Clone, Copy)]
+pub struct Icmp {
+    pub kind: u8,
+    /// Echo identifier (meaningful for echo requests and replies).
+    pub id: u16,
 }
 
 impl Packet {
@@ -50,6 +65,10 @@ impl Packet {
             dst: [0; 4],
             proto: 0,
             dport: None,
+            sport: 0,
+            tcp_flags: 0,
+            icmp: None,
+            quoted: None,
         }
     }
 }
@@ -87,6 +106,22 @@ impl Frame {
         Some(unsafe { &*(at as *const [u8; N]) })
     }
 
+    /// [`Frame::bytes`] for reads whose bounds LLVM can derive from earlier checks of the IP
+    /// length against the frame: it would drop the pointer comparison as redundant, but the
+    /// verifier trusts only that comparison. Hiding `end` from LLVM keeps it.
+    #[inline(always)]
+    fn bytes_checked<const N: usize>(&self, offset: usize) -> Option<&[u8; N]> {
+        if offset > MAX_OFFSET {
+            return None;
+        }
+        let at = self.start + offset;
+        if at + N > core::hint::black_box(self.end) {
+            return None;
+        }
+        // SAFETY: `at..at + N` was checked against the frame end just above.
+        Some(unsafe { &*(at as *const [u8; N]) })
+    }
+
     #[inline(always)]
     fn be16_at(&self, offset: usize) -> Option<u16> {
         self.bytes::<2>(offset).map(|b| u16::from_be_bytes(*b))
@@ -99,12 +134,10 @@ fn word(bytes: &[u8]) -> u32 {
     u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
+/// Parses the frame between `start` and `end` (packet pointers of an XDP or tc context).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
-    let frame = Frame {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
+pub fn parse(start: usize, end: usize, packet: &mut Packet) -> Parsed {
+    let frame = Frame { start, end };
     match parse_frame(&frame, packet) {
         Some(parsed) => parsed,
         None => Parsed::Malformed,
@@ -149,7 +182,7 @@ fn parse_ipv4(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
     packet.dst[0] = word(&header[16..20]);
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     if fragment_offset == 0 {
-        packet.dport = dport(frame, proto, l3 + hlen, l3 + total_len)?;
+        transport(frame, packet, l3 + hlen, l3 + total_len)?;
     }
     Some(())
 }
@@ -195,7 +228,7 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
                 continue;
             }
             _ => {
-                packet.dport = dport(frame, packet.proto, offset, ip_end)?;
+                transport(frame, packet, offset, ip_end)?;
                 return Some(());
             }
         };
@@ -208,23 +241,129 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
     match packet.proto {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => None,
         _ => {
-            packet.dport = dport(frame, packet.proto, offset, ip_end)?;
+            transport(frame, packet, offset, ip_end)?;
             Some(())
         }
     }
 }
 
-/// Destination port of a TCP/UDP header at `l4`; `Some(None)` for other protocols and `None`
-/// when the header does not fit in the IP packet.
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// Every ICMP and ICMPv6 message starts with type, code, checksum and 4 more bytes.
+const ICMP_HLEN: usize = 8;
+
+/// Reads the transport header at `l4`: ports and TCP flags for TCP/UDP, type/code/identifier
+/// for ICMP, and the quoted flow of an ICMP error. `None` when a TCP, UDP or ICMP header does
+/// not fit in the IP packet.
 #[inline(always)]
-fn dport(frame: &Frame, proto: u8, l4: usize, ip_end: usize) -> Option<Option<u16>> {
-    let header_len = match proto {
+fn transport(frame: &Frame, packet: &mut Packet, l4: usize, ip_end: usize) -> Option<()> {
+    let header_len = match packet.proto {
         IPPROTO_TCP => TCP_MIN_HLEN,
         IPPROTO_UDP => UDP_HLEN,
-        _ => return Some(None),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => ICMP_HLEN,
+        _ => return Some(()),
     };
     if l4 + header_len > ip_end {
         return None;
     }
-    frame.be16_at(l4 + 2).map(Some)
+    // One read per header: a header must start within MAX_OFFSET.
+    let header = frame.bytes::<8>(l4)?;
+    match packet.proto {
+        IPPROTO_TCP => {
+            let tcp = frame.bytes::<TCP_MIN_HLEN>(l4)?;
+            packet.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+            packet.dport = Some(u16::from_be_bytes([tcp[2], tcp[3]]));
+            packet.tcp_flags = tcp[13];
+        }
+        IPPROTO_UDP => {
+            packet.sport = u16::from_be_bytes([header[0], header[1]]);
+            packet.dport = Some(u16::from_be_bytes([header[2], header[3]]));
+        }
+        // ICMP fields count only in their own family (ICMPv6 inside IPv4 is just a protocol).
+        proto if (proto == IPPROTO_ICMPV6) == packet.v6 => {
+            let icmp = Icmp {
+                kind: header[0],
+                id: u16::from_be_bytes([header[4], header[5]]),
+            };
+            packet.icmp = Some(icmp);
+            if is_icmp_error(packet.v6, icmp.kind) {
+                packet.quoted = quoted_flow(frame, packet.v6, l4 + ICMP_HLEN, ip_end);
+            }
+        }
+        _ => {}
+    }
+    Some(())
+}
+
+/// Destination unreachable, time exceeded, parameter problem (and IPv6 packet too big).
+#[inline(always)]
+pub fn is_icmp_error(v6: bool, kind: u8) -> bool {
+    if v6 {
+        matches!(kind, 1..=4)
+    } else {
+        matches!(kind, 3 | 11 | 12)
+    }
+}
+
+/// ICMP echo request type of the family.
+#[inline(always)]
+pub fn echo_request(v6: bool) -> u8 {
+    if v6 {
+        128
+    } else {
+        8
+    }
+}
+
+/// The flow an ICMP error quotes: the host's own packet (source = local), as the key its
+/// replies would have. `None` when the quote is shorter than an IP header plus 8 bytes, has
+/// IPv4 options, or is not TCP, UDP or an echo request. The quote is read as one block at a
+/// fixed layout, which keeps the verifier's bounds tracking simple.
+#[inline(always)]
+fn quoted_flow(frame: &Frame, v6: bool, inner: usize, ip_end: usize) -> Option<FlowKey> {
+    let mut key = FlowKey::default();
+    let transport: [u8; 8];
+    if v6 {
+        if inner + IPV6_HLEN + 8 > ip_end {
+            return None;
+        }
+        let quote = frame.bytes_checked::<{ IPV6_HLEN + 8 }>(inner)?;
+        if quote[0] >> 4 != 6 {
+            return None;
+        }
+        key.v6 = 1;
+        key.proto = quote[6];
+        for i in 0..4 {
+            key.local[i] = word(&quote[8 + 4 * i..12 + 4 * i]);
+            key.remote[i] = word(&quote[24 + 4 * i..28 + 4 * i]);
+        }
+        transport = [
+            quote[40], quote[41], quote[42], quote[43], quote[44], quote[45], quote[46], quote[47],
+        ];
+    } else {
+        if inner + IPV4_MIN_HLEN + 8 > ip_end {
+            return None;
+        }
+        let quote = frame.bytes_checked::<{ IPV4_MIN_HLEN + 8 }>(inner)?;
+        if quote[0] != 0x45 {
+            return None;
+        }
+        key.proto = quote[9];
+        key.local[0] = word(&quote[12..16]);
+        key.remote[0] = word(&quote[16..20]);
+        transport = [
+            quote[20], quote[21], quote[22], quote[23], quote[24], quote[25], quote[26], quote[27],
+        ];
+    }
+    match key.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            key.local_port = u16::from_be_bytes([transport[0], transport[1]]);
+            key.remote_port = u16::from_be_bytes([transport[2], transport[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if transport[0] == echo_request(v6) => {
+            key.local_port = u16::from_be_bytes([transport[4], transport[5]]);
+        }
+        _ => return None,
+    }
+    Some(key)
 }

@@ -52,10 +52,7 @@ fn rule_set(count: usize) -> RuleSet {
         to: None,
         ports: Some(vec![80..=80, 443..=443]),
     });
-    RuleSet {
-        default_policy: Action::Deny,
-        rules,
-    }
+    RuleSet::new(Action::Deny, rules)
 }
 
 fn median(mut samples: Vec<Duration>) -> f64 {

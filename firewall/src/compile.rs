@@ -15,10 +15,13 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
-use firewall_common::{RuleBits, ACTION_ALLOW, ACTION_DENY, MAX_PORT_CLASSES, MAX_RULES};
+use firewall_common::{
+    RuleBits, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_PORT_CLASSES,
+    MAX_RULES,
+};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, Rule, RuleSet, IPPROTO_TCP, IPPROTO_UDP};
+use crate::model::{Action, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Port values, 0..=65535.
 pub const PORTS: usize = 1 << 16;
@@ -29,6 +32,9 @@ pub const PROTOS: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     pub default_action: u32,
+    /// `CHECK_*` bits.
+    pub checks: u32,
+    pub timeouts: Timeouts,
     /// Per rule: `ACTION_ALLOW` / `ACTION_DENY`.
     pub actions: Vec<u32>,
     /// Indexed by IP protocol number.
@@ -56,6 +62,12 @@ pub fn compile(set: &RuleSet) -> Result<Compiled> {
     let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
     Ok(Compiled {
         default_action: action_code(set.default_policy),
+        checks: if set.established {
+            CHECK_ESTABLISHED
+        } else {
+            0
+        } | if set.essentials { CHECK_ESSENTIALS } else { 0 },
+        timeouts: set.timeouts,
         actions: set
             .rules
             .iter()
@@ -251,11 +263,7 @@ mod tests {
     use std::ops::RangeInclusive;
 
     fn set(rules: Vec<Rule>) -> Compiled {
-        compile(&RuleSet {
-            default_policy: Action::Deny,
-            rules,
-        })
-        .unwrap()
+        compile(&RuleSet::new(Action::Deny, rules)).unwrap()
     }
 
     #[test]
@@ -336,10 +344,6 @@ mod tests {
         assert_eq!(compiled.proto_bits[17].summary, 0b100);
         assert_eq!(compiled.proto_bits[1].summary, 0);
         let too_many = vec![rule(Proto::Any, None, None); MAX_RULES + 1];
-        assert!(compile(&RuleSet {
-            default_policy: Action::Allow,
-            rules: too_many
-        })
-        .is_err());
+        assert!(compile(&RuleSet::new(Action::Allow, too_many)).is_err());
     }
 }

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{Action, Proto, Rule, RuleSet};
+use crate::model::{Action, Proto, Rule, RuleSet, Timeouts};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,7 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawFile {
     defaults: Option<RawDefaults>,
+    state: Option<RawState>,
     rules: Option<Vec<Spanned<RawRule>>>,
 }
 
@@ -46,6 +47,18 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawDefaults {
     policy: Option<Spanned<String>>,
+    established: Option<bool>,
+    essentials: Option<bool>,
+}
+
+/// Idle timeouts in seconds.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    tcp_timeout: Option<Spanned<i64>>,
+    tcp_closing_timeout: Option<Spanned<i64>>,
+    udp_timeout: Option<Spanned<i64>>,
+    icmp_timeout: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +71,9 @@ struct RawRule {
     to: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
 }
+
+/// Longest idle timeout accepted: 30 days.
+const MAX_TIMEOUT_SECS: i64 = 30 * 24 * 3600;
 
 /// A message and the byte range it is about.
 type Located = (Range<usize>, String);
@@ -88,10 +104,34 @@ pub fn load_rules(path: &Path) -> anyhow::Result<RuleSet> {
 }
 
 fn validate(raw: RawFile) -> Result<RuleSet, Located> {
-    let default_policy = match raw.defaults.and_then(|d| d.policy) {
+    let defaults = raw.defaults.unwrap_or(RawDefaults {
+        policy: None,
+        established: None,
+        essentials: None,
+    });
+    let default_policy = match defaults.policy {
         None => Action::Allow,
         Some(policy) => action(&policy, "policy")?,
     };
+    let mut timeouts = Timeouts::default();
+    if let Some(state) = raw.state {
+        for (value, slot) in [
+            (state.tcp_timeout, &mut timeouts.tcp),
+            (state.tcp_closing_timeout, &mut timeouts.tcp_closing),
+            (state.udp_timeout, &mut timeouts.udp),
+            (state.icmp_timeout, &mut timeouts.icmp),
+        ] {
+            if let Some(value) = value {
+                if !(1..=MAX_TIMEOUT_SECS).contains(value.get_ref()) {
+                    return Err((
+                        value.span(),
+                        format!("timeout must be 1 to {MAX_TIMEOUT_SECS} seconds"),
+                    ));
+                }
+                *slot = *value.get_ref() as u64;
+            }
+        }
+    }
     let raw_rules = raw.rules.unwrap_or_default();
     if raw_rules.len() > MAX_RULES {
         let span = raw_rules[MAX_RULES].span();
@@ -160,6 +200,9 @@ fn validate(raw: RawFile) -> Result<RuleSet, Located> {
     }
     Ok(RuleSet {
         default_policy,
+        established: defaults.established.unwrap_or(true),
+        essentials: defaults.essentials.unwrap_or(true),
+        timeouts,
         rules,
     })
 }
@@ -322,10 +365,13 @@ pub fn summary(set: &RuleSet) -> String {
             .join(","),
         Some(nets) => format!("{} networks", nets.len()),
     };
+    let on_off = |on: bool| if on { "on" } else { "off" };
     let mut out = format!(
-        "{} rules, default policy {}\n",
+        "{} rules, default policy {}, established {}, essentials {}\n",
         set.rules.len(),
-        policy(set.default_policy)
+        policy(set.default_policy),
+        on_off(set.established),
+        on_off(set.essentials),
     );
     for (index, rule) in set.rules.iter().enumerate() {
         let ports = match &rule.ports {
@@ -393,6 +439,9 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\nname = 7\n", 3, 8, "invalid type"),
             ("[[rules]]\nname = \"a\"\naction = \"allow\"\n[[rules]]\nname = \"a\"\naction = \"deny\"\n", 5, 8, "duplicate rule name \"a\""),
             ("rules = 5\n", 1, 9, "invalid type"),
+            ("[defaults]\nestablished = \"yes\"\n", 2, 15, "invalid type"),
+            ("[state]\nudp_timeout = 0\n", 2, 15, "timeout must be 1"),
+            ("[state]\ntcp = 5\n", 2, 1, "unknown key `tcp`"),
             ("[[rules]\naction = \"allow\"\n", 1, 8, "invalid table header"),
             ("[[rules]]\naction = \"allow\nproto = \"tcp\"\n", 2, 16, "invalid basic string"),
             ("[[rules]]\n  name = \"é\"  ; action = \"allow\"\n", 2, 15, "expected newline"),

@@ -1,20 +1,20 @@
 //! The kernel side as seen from userspace: loads the XDP program, attaches it, writes compiled
 //! rule sets into the idle generation and flips to it, and runs packets through
 //! BPF_PROG_TEST_RUN.
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{tc, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, Pod};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS,
-    GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6,
-    TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
+    map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, V4KeyData, V6KeyData,
+    ADDRESS_FIELDS, EGRESS_PROGRAM, GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS,
+    TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -22,6 +22,8 @@ use crate::compile::{Compiled, PORTS, PROTOS};
 
 /// The XDP object built from firewall-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 /// Drop log lines per second per CPU, and their burst.
 pub const LOG_PER_SEC: u32 = 5;
@@ -56,6 +58,13 @@ impl Kernel {
         program
             .load()
             .context("the kernel rejected the XDP program")?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(EGRESS_PROGRAM)
+            .ok_or_else(|| anyhow!("tc program `{EGRESS_PROGRAM}` missing from the object"))?
+            .try_into()?;
+        egress
+            .load()
+            .context("the kernel rejected the tc egress program")?;
         Ok(Kernel {
             ebpf,
             written: [None, None],
@@ -86,15 +95,35 @@ impl Kernel {
             AttachMode::Native => &[(XdpMode::Driver, "native")],
             AttachMode::Skb => &[(XdpMode::Skb, "skb")],
         };
+        let mut attached = None;
         let mut last_error = None;
         for &(xdp_mode, name) in attempts {
             match program.attach(iface, xdp_mode) {
-                Ok(_) => return Ok(name),
+                Ok(_) => {
+                    attached = Some(name);
+                    break;
+                }
                 Err(error) => last_error = Some(error),
             }
         }
-        Err(anyhow!(last_error.expect("at least one attempt")))
-            .with_context(|| format!("attaching XDP to {iface}"))
+        let Some(mode) = attached else {
+            return Err(anyhow!(last_error.expect("at least one attempt")))
+                .with_context(|| format!("attaching XDP to {iface}"));
+        };
+        // The egress half of connection state: records the host's flows leaving `iface`.
+        if let Err(error) = tc::qdisc_add_clsact(iface) {
+            // Already there (ours from an earlier run, or someone else's): share it.
+            log::debug!("clsact on {iface}: {error}");
+        }
+        let egress: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(EGRESS_PROGRAM)
+            .ok_or_else(|| anyhow!("tc program missing"))?
+            .try_into()?;
+        egress
+            .attach(iface, TcAttachType::Egress)
+            .with_context(|| format!("attaching the tc egress program to {iface}"))?;
+        Ok(mode)
     }
 
     /// The generation packets are classified with now.
@@ -191,8 +220,14 @@ impl Kernel {
         let config = GenerationConfig {
             default_action: new.default_action,
             tries_in_use: tries_in_use(new),
-            log_line_ns: 1_000_000_000 / u64::from(LOG_PER_SEC),
-            log_burst_ns: 1_000_000_000 / u64::from(LOG_PER_SEC) * u64::from(LOG_BURST),
+            checks: new.checks,
+            _pad: 0,
+            tcp_timeout_ns: new.timeouts.tcp * NANOS_PER_SEC,
+            tcp_closing_timeout_ns: new.timeouts.tcp_closing * NANOS_PER_SEC,
+            udp_timeout_ns: new.timeouts.udp * NANOS_PER_SEC,
+            icmp_timeout_ns: new.timeouts.icmp * NANOS_PER_SEC,
+            log_line_ns: NANOS_PER_SEC / u64::from(LOG_PER_SEC),
+            log_burst_ns: NANOS_PER_SEC / u64::from(LOG_PER_SEC) * u64::from(LOG_BURST),
         };
         let mut configs: Array<&mut MapData, GenerationConfig> =
             Array::try_from(self.map_mut(map_names::GEN_CONFIG)?)?;
@@ -207,6 +242,27 @@ impl Kernel {
         for rule in 0..rules as u32 {
             let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
             stats.set(gen * MAX_RULES as u32 + rule, zero, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Tracked flows, as the tc egress program recorded them.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        let flows: HashMap<&MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map(map_names::FLOWS)?)?;
+        Ok(flows.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Replaces the tracked flows (tests use this to put the kernel in a known state).
+    pub fn set_flows(&mut self, table: &[(FlowKey, FlowState)]) -> Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map_mut(map_names::FLOWS)?)?;
+        let stale: Vec<FlowKey> = flows.keys().collect::<Result<_, _>>()?;
+        for key in stale {
+            flows.remove(&key)?;
+        }
+        for (key, state) in table {
+            flows.insert(key, state, 0)?;
         }
         Ok(())
     }
@@ -297,8 +353,8 @@ fn write_trie<N: Copy + Eq + Hash, K: Pod>(
     key: fn(u32, &N) -> Key<K>,
 ) -> Result<()> {
     let mut trie: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(map)?;
-    let old: HashMap<N, RuleBits> = old.unwrap_or_default().iter().copied().collect();
-    let new_map: HashMap<N, RuleBits> = new.iter().copied().collect();
+    let old: StdHashMap<N, RuleBits> = old.unwrap_or_default().iter().copied().collect();
+    let new_map: StdHashMap<N, RuleBits> = new.iter().copied().collect();
     for net in old.keys() {
         if !new_map.contains_key(net) {
             trie.remove(&key(gen, net))?;
@@ -338,4 +394,15 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         log::debug!("could not raise RLIMIT_MEMLOCK");
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * NANOS_PER_SEC + now.tv_nsec as u64
 }

@@ -64,5 +64,46 @@ pub struct Rule {
 pub struct RuleSet {
     /// Verdict when no rule matches.
     pub default_policy: Action,
+    /// Replies to the host's own flows (and ICMP errors about them) pass before the rules.
+    pub established: bool,
+    /// ICMPv6 that IPv6 needs (neighbour discovery, MLD, packet too big) passes before the
+    /// rules.
+    pub essentials: bool,
+    pub timeouts: Timeouts,
     pub rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    /// A rule set with the defaults of an empty file around `rules`.
+    pub fn new(default_policy: Action, rules: Vec<Rule>) -> RuleSet {
+        RuleSet {
+            default_policy,
+            established: true,
+            essentials: true,
+            timeouts: Timeouts::default(),
+            rules,
+        }
+    }
+}
+
+/// Idle timeouts of tracked flows (`[state]`), in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: u64,
+    /// After a FIN or RST.
+    pub tcp_closing: u64,
+    pub udp: u64,
+    pub icmp: u64,
+}
+
+impl Default for Timeouts {
+    /// As Linux conntrack: established TCP 5 days, closing TCP 10 s; UDP 60 s, ICMP 30 s.
+    fn default() -> Self {
+        Timeouts {
+            tcp: 5 * 24 * 3600,
+            tcp_closing: 10,
+            udp: 60,
+            icmp: 30,
+        }
+    }
 }

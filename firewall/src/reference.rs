@@ -3,7 +3,11 @@
 //! kernel is tested against, and the answer to "what would the rules do with this packet".
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{Action, Rule, RuleSet, IPPROTO_TCP, IPPROTO_UDP};
+use std::collections::HashMap;
+
+use firewall_common::{FlowKey, FlowState, FLOW_CLOSING};
+
+use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -17,6 +21,10 @@ pub enum Reason {
     NonIp,
     /// A truncated or inconsistent header: always dropped.
     Malformed,
+    /// Essential ICMPv6 (neighbour discovery, MLD, packet too big), passed before the rules.
+    Essential,
+    /// A reply to a tracked flow, or an ICMP error quoting one, passed before the rules.
+    Established,
     /// Rule index (0-based) that matched first.
     Rule(usize),
     /// No rule matched.
@@ -38,6 +46,22 @@ pub struct PacketInfo {
     pub proto: u8,
     /// Destination port of TCP/UDP, `None` for other protocols and non-first fragments.
     pub dport: Option<u16>,
+    /// Source port, with `dport`.
+    pub sport: Option<u16>,
+    /// TCP flags byte.
+    pub tcp_flags: u8,
+    /// ICMP type and echo identifier (ICMP in IPv4, ICMPv6 in IPv6; not later fragments).
+    pub icmp: Option<(u8, u16)>,
+    /// For ICMP errors: the flow of the quoted packet, keyed as its replies look.
+    pub quoted: Option<FlowKey>,
+}
+
+/// The host's tracked flows at one moment, as the kernel's flow map holds them.
+#[derive(Clone, Debug, Default)]
+pub struct FlowTable {
+    pub flows: HashMap<FlowKey, FlowState>,
+    /// CLOCK_MONOTONIC now, in nanoseconds.
+    pub now_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +79,8 @@ const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers followed before the packet counts as malformed.
 pub const MAX_EXT_HEADERS: usize = 8;
 /// Headers the classifier reads must start within this many bytes of the frame (it bounds
-/// the kernel's offsets for the verifier); deeper ones make the packet malformed.
+/// the kernel's offsets for the verifier); deeper ones make the packet malformed (and an ICMP
+/// error quoting a packet that deep quotes no flow).
 pub const MAX_HEADER_OFFSET: usize = 4096;
 
 const HOP_BY_HOP: u8 = 0;
@@ -64,8 +89,22 @@ const FRAGMENT: u8 = 44;
 const AUTH: u8 = 51;
 const DEST_OPTS: u8 = 60;
 
+/// The verdict with no tracked flows.
 pub fn evaluate(rules: &RuleSet, frame: &[u8]) -> Decision {
+    evaluate_with_flows(rules, frame, &FlowTable::default())
+}
+
+/// The verdict given the host's tracked flows.
+pub fn evaluate_with_flows(rules: &RuleSet, frame: &[u8], flows: &FlowTable) -> Decision {
+    let pass = |reason| Decision {
+        verdict: Verdict::Pass,
+        reason,
+    };
     match parse_frame(frame) {
+        Parsed::Ip(packet) if rules.essentials && is_essential(&packet) => pass(Reason::Essential),
+        Parsed::Ip(packet) if rules.established && is_established(rules, &packet, flows) => {
+            pass(Reason::Established)
+        }
         Parsed::NonIp => Decision {
             verdict: Verdict::Pass,
             reason: Reason::NonIp,
@@ -76,6 +115,98 @@ pub fn evaluate(rules: &RuleSet, frame: &[u8]) -> Decision {
         },
         Parsed::Ip(packet) => classify(rules, &packet),
     }
+}
+
+fn is_essential(packet: &PacketInfo) -> bool {
+    packet.src.is_ipv6()
+        && packet.proto == IPPROTO_ICMPV6
+        && matches!(packet.icmp, Some((2 | 130..=137 | 143, _)))
+}
+
+fn addr_words(addr: IpAddr) -> [u32; 4] {
+    let mut words = [0u32; 4];
+    match addr {
+        IpAddr::V4(v4) => words[0] = u32::from_ne_bytes(v4.octets()),
+        IpAddr::V6(v6) => {
+            for (word, chunk) in words.iter_mut().zip(v6.octets().chunks(4)) {
+                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+            }
+        }
+    }
+    words
+}
+
+/// The key of the flow a packet from `remote` to `local` belongs to.
+fn flow_key(
+    proto: u8,
+    remote: IpAddr,
+    local: IpAddr,
+    remote_port: u16,
+    local_port: u16,
+) -> FlowKey {
+    FlowKey {
+        remote: addr_words(remote),
+        local: addr_words(local),
+        remote_port,
+        local_port,
+        proto,
+        v6: u8::from(remote.is_ipv6()),
+        _pad: [0; 2],
+    }
+}
+
+/// The flow an inbound packet answers: TCP/UDP by ports, echo replies by identifier, ICMP
+/// errors by the packet they quote.
+pub fn inbound_flow(packet: &PacketInfo) -> Option<FlowKey> {
+    if packet.quoted.is_some() {
+        return packet.quoted;
+    }
+    // A TCP SYN without ACK opens a connection; it never answers one.
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    if packet.proto == IPPROTO_TCP && packet.tcp_flags & (SYN | ACK) == SYN {
+        return None;
+    }
+    if let (Some(sport), Some(dport)) = (packet.sport, packet.dport) {
+        return Some(flow_key(packet.proto, packet.src, packet.dst, sport, dport));
+    }
+    let echo_reply = if packet.src.is_ipv6() { 129 } else { 0 };
+    match packet.icmp {
+        Some((kind, id)) if kind == echo_reply => {
+            Some(flow_key(packet.proto, packet.src, packet.dst, 0, id))
+        }
+        _ => None,
+    }
+}
+
+/// The flow an outbound packet starts or continues, keyed as its replies will look.
+pub fn outbound_flow(packet: &PacketInfo) -> Option<FlowKey> {
+    if let (Some(sport), Some(dport)) = (packet.sport, packet.dport) {
+        return Some(flow_key(packet.proto, packet.dst, packet.src, dport, sport));
+    }
+    let echo_request = if packet.src.is_ipv6() { 128 } else { 8 };
+    match packet.icmp {
+        Some((kind, id)) if kind == echo_request => {
+            Some(flow_key(packet.proto, packet.dst, packet.src, 0, id))
+        }
+        _ => None,
+    }
+}
+
+fn is_established(rules: &RuleSet, packet: &PacketInfo, flows: &FlowTable) -> bool {
+    let Some(key) = inbound_flow(packet) else {
+        return false;
+    };
+    let Some(state) = flows.flows.get(&key) else {
+        return false;
+    };
+    let timeout = match key.proto {
+        IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => rules.timeouts.tcp_closing,
+        IPPROTO_TCP => rules.timeouts.tcp,
+        IPPROTO_UDP => rules.timeouts.udp,
+        _ => rules.timeouts.icmp,
+    };
+    flows.now_ns.saturating_sub(state.last_seen_ns) <= timeout * 1_000_000_000
 }
 
 /// First matching rule, else the default policy.
@@ -161,17 +292,11 @@ fn ipv4(frame: &[u8], l3: usize) -> Option<PacketInfo> {
         header[16], header[17], header[18], header[19],
     ));
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    let dport = if fragment_offset != 0 {
-        None
-    } else {
-        l4_port(frame, proto, l3 + header_len, ip_end)?
-    };
-    Some(PacketInfo {
-        src,
-        dst,
-        proto,
-        dport,
-    })
+    let mut packet = PacketInfo::new(src, dst, proto);
+    if fragment_offset == 0 {
+        transport(frame, &mut packet, l3 + header_len, ip_end)?;
+    }
+    Some(packet)
 }
 
 fn ipv6(frame: &[u8], l3: usize) -> Option<PacketInfo> {
@@ -195,13 +320,9 @@ fn ipv6(frame: &[u8], l3: usize) -> Option<PacketInfo> {
     loop {
         let is_extension = matches!(next, HOP_BY_HOP | ROUTING | DEST_OPTS | AUTH | FRAGMENT);
         if !is_extension {
-            let dport = l4_port(frame, next, offset, ip_end)?;
-            return Some(PacketInfo {
-                src,
-                dst,
-                proto: next,
-                dport,
-            });
+            let mut packet = PacketInfo::new(src, dst, next);
+            transport(frame, &mut packet, offset, ip_end)?;
+            return Some(packet);
         }
         if walked == MAX_EXT_HEADERS || offset > MAX_HEADER_OFFSET {
             return None;
@@ -220,12 +341,7 @@ fn ipv6(frame: &[u8], l3: usize) -> Option<PacketInfo> {
             let fragment_offset = u16::from_be_bytes([frame[offset + 2], frame[offset + 3]]) >> 3;
             if fragment_offset != 0 {
                 // A later fragment: the upper-layer header is in the first one.
-                return Some(PacketInfo {
-                    src,
-                    dst,
-                    proto: header_next,
-                    dport: None,
-                });
+                return Some(PacketInfo::new(src, dst, header_next));
             }
         }
         next = header_next;
@@ -233,16 +349,108 @@ fn ipv6(frame: &[u8], l3: usize) -> Option<PacketInfo> {
     }
 }
 
-/// `Some(port)` for TCP/UDP, `Some(None)` for other protocols, `None` if the TCP/UDP header
-/// does not fit in the IP packet.
-fn l4_port(frame: &[u8], proto: u8, l4: usize, ip_end: usize) -> Option<Option<u16>> {
-    let header_len = match proto {
+impl PacketInfo {
+    fn new(src: IpAddr, dst: IpAddr, proto: u8) -> PacketInfo {
+        PacketInfo {
+            src,
+            dst,
+            proto,
+            dport: None,
+            sport: None,
+            tcp_flags: 0,
+            icmp: None,
+            quoted: None,
+        }
+    }
+}
+
+/// Fills in the transport fields from the header at `l4`; `None` (malformed) when a TCP
+/// (20 bytes), UDP or ICMP (8 bytes) header does not fit in the IP packet.
+fn transport(frame: &[u8], packet: &mut PacketInfo, l4: usize, ip_end: usize) -> Option<()> {
+    let header_len = match packet.proto {
         IPPROTO_TCP => 20,
-        IPPROTO_UDP => 8,
-        _ => return Some(None),
+        IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6 => 8,
+        _ => return Some(()),
     };
-    if l4 + header_len > ip_end || l4 + 2 > MAX_HEADER_OFFSET {
+    if l4 + header_len > ip_end || l4 > MAX_HEADER_OFFSET {
         return None;
     }
-    be16(frame, l4 + 2).map(Some)
+    let header = &frame[l4..l4 + header_len];
+    let v6 = packet.src.is_ipv6();
+    match packet.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            packet.sport = Some(u16::from_be_bytes([header[0], header[1]]));
+            packet.dport = Some(u16::from_be_bytes([header[2], header[3]]));
+            if packet.proto == IPPROTO_TCP {
+                packet.tcp_flags = header[13];
+            }
+        }
+        // ICMP fields count only in their own family.
+        proto if (proto == IPPROTO_ICMPV6) == v6 => {
+            let kind = header[0];
+            packet.icmp = Some((kind, u16::from_be_bytes([header[4], header[5]])));
+            let is_error = if v6 {
+                (1..=4).contains(&kind)
+            } else {
+                [3, 11, 12].contains(&kind)
+            };
+            if is_error {
+                packet.quoted = quoted_flow(&frame[..ip_end], l4 + 8, v6);
+            }
+        }
+        _ => {}
+    }
+    Some(())
+}
+
+/// The flow of the host's own packet quoted by an ICMP error (IP header without options plus
+/// at least 8 bytes of TCP, UDP or ICMP echo request), keyed as its replies look.
+fn quoted_flow(packet: &[u8], inner: usize, v6: bool) -> Option<FlowKey> {
+    if inner > MAX_HEADER_OFFSET {
+        return None;
+    }
+    let (proto, local, remote, l4) = if v6 {
+        let header = packet.get(inner..inner + 40)?;
+        if header[0] >> 4 != 6 {
+            return None;
+        }
+        let local = Ipv6Addr::from(<[u8; 16]>::try_from(&header[8..24]).unwrap());
+        let remote = Ipv6Addr::from(<[u8; 16]>::try_from(&header[24..40]).unwrap());
+        (header[6], IpAddr::V6(local), IpAddr::V6(remote), inner + 40)
+    } else {
+        let header = packet.get(inner..inner + 20)?;
+        let header_len = usize::from(header[0] & 0x0f) * 4;
+        // Quotes of IPv4 packets with options are not followed.
+        if header[0] >> 4 != 4 || header_len != 20 {
+            return None;
+        }
+        let local = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+        let remote = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+        (
+            header[9],
+            IpAddr::V4(local),
+            IpAddr::V4(remote),
+            inner + header_len,
+        )
+    };
+    if l4 > MAX_HEADER_OFFSET {
+        return None;
+    }
+    let l4 = packet.get(l4..l4 + 8)?;
+    let echo_request = if v6 { 128 } else { 8 };
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let local_port = u16::from_be_bytes([l4[0], l4[1]]);
+            let remote_port = u16::from_be_bytes([l4[2], l4[3]]);
+            Some(flow_key(proto, remote, local, remote_port, local_port))
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if l4[0] == echo_request => Some(flow_key(
+            proto,
+            remote,
+            local,
+            0,
+            u16::from_be_bytes([l4[4], l4[5]]),
+        )),
+        _ => None,
+    }
 }

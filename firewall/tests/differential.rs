@@ -9,9 +9,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
 use firewall::compile::compile;
+use firewall::kernel::monotonic_now_ns;
 use firewall::kernel::Kernel;
 use firewall::model::{Action, Proto, Rule, RuleSet};
-use firewall::reference::{evaluate, Reason, Verdict};
+use firewall::reference::{
+    evaluate_with_flows, inbound_flow, parse_frame, FlowTable, Parsed, Reason, Verdict,
+};
+use firewall_common::{FlowState, FLOW_CLOSING};
 use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -119,14 +123,51 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
 
 fn random_rule_set(rng: &mut StdRng, max_rules: usize) -> RuleSet {
     let count = rng.gen_range(0..=max_rules);
-    RuleSet {
-        default_policy: if rng.gen_bool(0.5) {
-            Action::Allow
+    let default_policy = if rng.gen_bool(0.5) {
+        Action::Allow
+    } else {
+        Action::Deny
+    };
+    let mut set = RuleSet::new(
+        default_policy,
+        (0..count).map(|i| random_rule(rng, i)).collect(),
+    );
+    set.established = rng.gen_bool(0.8);
+    set.essentials = rng.gen_bool(0.8);
+    // Short timeouts, so that expired flows are a few minutes old.
+    set.timeouts.tcp = rng.gen_range(10..100);
+    set.timeouts.tcp_closing = rng.gen_range(5..10);
+    set.timeouts.udp = rng.gen_range(10..100);
+    set.timeouts.icmp = rng.gen_range(10..100);
+    set
+}
+
+/// ICMP errors (v4: unreachable, time exceeded, parameter problem; v6: 1-4) quoting a packet,
+/// echo replies, essential ICMPv6, or other types.
+fn icmp_message(rng: &mut StdRng, v6: bool) -> Vec<u8> {
+    let kind = match (v6, rng.gen_range(0..6)) {
+        (false, 0) => 3,
+        (false, 1) => 11,
+        (false, 2) => 12,
+        (true, 0..=2) => rng.gen_range(1..=4),
+        (false, 3) => 0,
+        (true, 3) => 129,
+        (true, 4) => [133, 134, 135, 136, 137, 143, 130][rng.gen_range(0..7)],
+        _ => rng.gen(),
+    };
+    let mut icmp = vec![kind, 0, 0, 0];
+    icmp.extend_from_slice(&rng.gen::<[u8; 4]>());
+    // Errors quote the offending packet: usually its IP header and 8 bytes, sometimes less.
+    if rng.gen_bool(0.6) {
+        let quoted = if v6 {
+            ipv6_packet(rng)
         } else {
-            Action::Deny
-        },
-        rules: (0..count).map(|i| random_rule(rng, i)).collect(),
+            ipv4_packet(rng)
+        };
+        let keep = rng.gen_range(0..=quoted.len()).max(quoted.len().min(48));
+        icmp.extend_from_slice(&quoted[..keep]);
     }
+    icmp
 }
 
 fn push16(frame: &mut Vec<u8>, value: u16) {
@@ -141,14 +182,23 @@ fn l4_bytes(rng: &mut StdRng, proto: u8) -> Vec<u8> {
             push16(&mut l4, random_port(rng));
             push16(&mut l4, random_port(rng));
             l4.extend_from_slice(&[0; 8]);
-            l4.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            let flags = [0x02, 0x12, 0x10, 0x11, 0x04, 0x18][rng.gen_range(0..6)];
+            l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
         }
         17 => {
             push16(&mut l4, random_port(rng));
             push16(&mut l4, random_port(rng));
             l4.extend_from_slice(&[0, 8, 0, 0]);
         }
-        _ => l4.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]),
+        1 | 58 if rng.gen_bool(0.5) => return icmp_message(rng, proto == 58),
+        _ => {
+            let kind = if rng.gen_bool(0.5) {
+                [8, 0, 128, 129][rng.gen_range(0..4)]
+            } else {
+                rng.gen()
+            };
+            l4.extend_from_slice(&[kind, 0, 0, 0, 0, rng.gen_range(0..3), 0, 1]);
+        }
     }
     let payload = rng.gen_range(0..16);
     l4.extend((0..payload).map(|_| rng.gen::<u8>()));
@@ -293,6 +343,58 @@ fn random_frame(rng: &mut StdRng) -> Vec<u8> {
     frame
 }
 
+fn reason_index(reason: Reason) -> usize {
+    match reason {
+        Reason::NonIp => 0,
+        Reason::Malformed => 1,
+        Reason::Essential => 2,
+        Reason::Established => 3,
+        Reason::Rule(_) => 4,
+        Reason::Default => 5,
+    }
+}
+
+/// Tracked flows for about a third of `frames` (the flows they would reply to), fresh or
+/// long expired, open or closing; timestamps are far from the timeouts' edges.
+fn random_flows(rng: &mut StdRng, frames: &[Vec<u8>], set: &RuleSet) -> FlowTable {
+    let now_ns = monotonic_now_ns();
+    let mut table = FlowTable {
+        flows: Default::default(),
+        now_ns,
+    };
+    let longest = set
+        .timeouts
+        .tcp
+        .max(set.timeouts.udp)
+        .max(set.timeouts.icmp);
+    for frame in frames {
+        let Parsed::Ip(packet) = parse_frame(frame) else {
+            continue;
+        };
+        let Some(key) = inbound_flow(&packet) else {
+            continue;
+        };
+        if rng.gen_bool(0.35) {
+            let age = if rng.gen_bool(0.7) {
+                0
+            } else {
+                2 * longest * 1_000_000_000
+            };
+            let flags = if rng.gen_bool(0.3) { FLOW_CLOSING } else { 0 };
+            let last_seen_ns = now_ns.saturating_sub(age);
+            table.flows.insert(
+                key,
+                FlowState {
+                    last_seen_ns,
+                    flags,
+                    _pad: 0,
+                },
+            );
+        }
+    }
+    table
+}
+
 fn seed() -> u64 {
     match std::env::var("FW_SEED") {
         Ok(seed) => seed.parse().expect("FW_SEED is a number"),
@@ -312,18 +414,25 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut kernel = Kernel::load().expect("load the XDP program");
     let mut verdicts = [0usize; 2];
+    let mut reasons = [0usize; 6];
     for set_index in 0..rule_sets {
         let set = random_rule_set(&mut rng, max_rules);
         kernel
             .apply(&compile(&set).expect("compile"))
             .expect("apply");
-        for _ in 0..packets_per_set {
-            let frame = random_frame(&mut rng);
-            let expected = evaluate(&set, &frame);
+        let frames: Vec<Vec<u8>> = (0..packets_per_set)
+            .map(|_| random_frame(&mut rng))
+            .collect();
+        let flows = random_flows(&mut rng, &frames, &set);
+        let table: Vec<_> = flows.flows.iter().map(|(k, v)| (*k, *v)).collect();
+        kernel.set_flows(&table).expect("set flows");
+        for frame in frames {
+            let expected = evaluate_with_flows(&set, &frame, &flows);
             if frame.len() < ETH_HLEN {
                 // The kernel hands XDP no frame shorter than an Ethernet header, and
                 // BPF_PROG_TEST_RUN refuses one.
                 assert_eq!(expected.reason, Reason::Malformed);
+                reasons[1] += 1;
                 continue;
             }
             let want = match expected.verdict {
@@ -334,13 +443,15 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
             if got != want {
                 panic!(
                     "kernel and reference disagree (seed {seed}, rule set {set_index}):\n\
-                     frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}",
+                     frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}\nflows {:?}",
                     hex(&frame),
                     expected,
-                    set
+                    set,
+                    flows.flows
                 );
             }
             verdicts[usize::from(want == XDP_PASS)] += 1;
+            reasons[reason_index(expected.reason)] += 1;
         }
     }
     eprintln!(
@@ -349,8 +460,20 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         verdicts[0],
         verdicts[1]
     );
-    // Guard against a generator that only exercises one side.
+    eprintln!("differential: by reason [non-IP, malformed, essential, established, rule, default] = {reasons:?}");
+    // Guard against a generator that leaves a path unexercised.
     assert!(verdicts[0] > rule_sets && verdicts[1] > rule_sets);
+    // Large random rule sets nearly always contain a catch-all rule, so the default policy is
+    // reached only with small ones.
+    let paths = if max_rules > 100 {
+        &reasons[..5]
+    } else {
+        &reasons[..]
+    };
+    assert!(
+        paths.iter().all(|&n| n > 0),
+        "a decision path was never taken: {reasons:?}"
+    );
 }
 
 fn packets() -> usize {

@@ -1,0 +1,138 @@
+//! Connection state: the tc egress program records the host's own flows; the XDP program lets
+//! their replies, and ICMP errors quoting them, in before the rules (like nftables'
+//! `ct state established,related`). Timeouts are idle times since the host's last packet of
+//! the flow (and the peer's FIN/RST shortens TCP's).
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use firewall_common::{FlowKey, FlowState, GenerationConfig, FLOW_CLOSING};
+
+use crate::{maps::FLOWS, parse::Packet};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+#[inline(always)]
+fn key(packet: &Packet, remote: [u32; 4], local: [u32; 4]) -> FlowKey {
+    FlowKey {
+        remote,
+        local,
+        remote_port: 0,
+        local_port: 0,
+        proto: packet.proto,
+        v6: packet.v6 as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// The flow an outbound packet belongs to, keyed as its replies will look.
+#[inline(always)]
+pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
+    let mut key = key(packet, packet.dst, packet.src);
+    if let Some(dport) = packet.dport {
+        key.remote_port = dport;
+        key.local_port = packet.sport;
+        return Some(key);
+    }
+    let icmp = packet.icmp?;
+    if icmp.kind != crate::parse::echo_request(packet.v6) {
+        return None;
+    }
+    key.local_port = icmp.id;
+    Some(key)
+}
+
+/// The flow an inbound packet would reply to.
+#[inline(always)]
+fn inbound_key(packet: &Packet) -> Option<FlowKey> {
+    if let Some(quoted) = packet.quoted {
+        return Some(quoted);
+    }
+    // A TCP SYN without ACK opens a connection: it is never a reply, so skip the lookup.
+    if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return None;
+    }
+    let mut key = key(packet, packet.src, packet.dst);
+    if let Some(dport) = packet.dport {
+        key.remote_port = packet.sport;
+        key.local_port = dport;
+        return Some(key);
+    }
+    let icmp = packet.icmp?;
+    let echo_reply = if packet.v6 {
+        ICMPV6_ECHO_REPLY
+    } else {
+        ICMP_ECHO_REPLY
+    };
+    if icmp.kind != echo_reply {
+        return None;
+    }
+    key.local_port = icmp.id;
+    Some(key)
+}
+
+/// Records an outbound packet (called from the tc egress program).
+#[inline(always)]
+pub fn record_outbound(packet: &Packet) {
+    let Some(key) = outbound_key(packet) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let closing_flags = if key.proto == IPPROTO_TCP {
+        packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    } else {
+        false
+    };
+    if let Some(state) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a value of the map; concurrent writers store whole words.
+        let state = unsafe { &mut *state };
+        state.last_seen_ns = now;
+        if closing_flags {
+            state.flags |= FLOW_CLOSING;
+        } else if packet.tcp_flags & TCP_SYN != 0 {
+            // A new connection reusing the ports.
+            state.flags &= !FLOW_CLOSING;
+        }
+        return;
+    }
+    let state = FlowState {
+        last_seen_ns: now,
+        flags: if closing_flags { FLOW_CLOSING } else { 0 },
+        _pad: 0,
+    };
+    let _ = FLOWS.insert(&key, &state, 0);
+}
+
+/// Whether an inbound packet replies to (or is an ICMP error about) a live tracked flow.
+#[inline(always)]
+pub fn is_established(config: &GenerationConfig, packet: &Packet) -> bool {
+    let Some(key) = inbound_key(packet) else {
+        return false;
+    };
+    let Some(state) = FLOWS.get_ptr_mut(&key) else {
+        return false;
+    };
+    // SAFETY: a value of the map.
+    let state = unsafe { &mut *state };
+    let timeout = match key.proto {
+        IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => config.tcp_closing_timeout_ns,
+        IPPROTO_TCP => config.tcp_timeout_ns,
+        IPPROTO_UDP => config.udp_timeout_ns,
+        _ => config.icmp_timeout_ns,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(state.last_seen_ns) > timeout {
+        return false;
+    }
+    if packet.quoted.is_none()
+        && key.proto == IPPROTO_TCP
+        && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    {
+        state.flags |= FLOW_CLOSING;
+    }
+    true
+}
