@@ -161,3 +161,95 @@ fn a_broken_file_at_start_attaches_nothing() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("broken.toml:2:10: invalid policy"));
     assert!(!net.xdp_attached());
 }
+
+/// Under default deny with nothing allowed, the firewalled host still reaches its peer: the
+/// replies to its own TCP connections, UDP requests and pings pass as established, IPv6
+/// neighbour discovery passes as essential, while unsolicited traffic is dropped and a reply
+/// that comes after its flow's timeout is dropped too.
+#[test]
+fn default_deny_keeps_the_hosts_own_flows() {
+    let net = TestNet::new();
+    serve(&net.b, vec![net.b4, net.b6], vec![9000]);
+    serve(&net.a, vec![net.a4, net.a6], vec![9000]);
+    let file = RuleFile::new(
+        "deny.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[state]\nudp_timeout = 1\n",
+    );
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    for (a, b) in [(net.a4, net.b4), (net.a6, net.b6)] {
+        let peer = SocketAddr::new(b, 9000);
+        assert!(
+            tcp_reaches(&net.a, peer),
+            "outbound TCP to {peer} got no reply"
+        );
+        assert!(
+            udp_reaches(&net.a, peer),
+            "outbound UDP to {peer} got no reply"
+        );
+        let host = SocketAddr::new(a, 9000);
+        assert!(
+            !tcp_reaches(&net.b, host),
+            "unsolicited TCP to {host} got through"
+        );
+        assert!(
+            !udp_reaches(&net.b, host),
+            "unsolicited UDP to {host} got through"
+        );
+        assert!(
+            late_reply_is_dropped(&net, a, b),
+            "a reply after the UDP timeout got through ({a})"
+        );
+    }
+    // The control: a purely stateless firewall drops those replies.
+    file.write("[defaults]\npolicy = \"deny\"\nestablished = false\n");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reloaded", 1);
+    let peer = SocketAddr::new(net.b4, 9000);
+    assert!(
+        !tcp_reaches(&net.a, peer),
+        "stateless: a TCP reply got through"
+    );
+    assert!(
+        !udp_reaches(&net.a, peer),
+        "stateless: a UDP reply got through"
+    );
+    daemon.terminate();
+}
+
+/// The host sends a datagram to the peer, which answers at once and again after 2.5 s; with
+/// `udp_timeout = 1` only the first answer may arrive.
+fn late_reply_is_dropped(net: &TestNet, host: std::net::IpAddr, peer: std::net::IpAddr) -> bool {
+    use std::net::UdpSocket;
+    use std::time::Duration;
+    let peer_socket = TestNet::within(&net.b, move || {
+        UdpSocket::bind(SocketAddr::new(peer, 0)).unwrap()
+    });
+    let peer_addr = peer_socket.local_addr().unwrap();
+    let answerer = std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        let (_, from) = peer_socket.recv_from(&mut buf).unwrap();
+        peer_socket.send_to(b"early", from).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        peer_socket.send_to(b"late!", from).unwrap();
+    });
+    let received = TestNet::within(&net.a, move || {
+        let socket = UdpSocket::bind(SocketAddr::new(host, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(4)))
+            .unwrap();
+        socket.send_to(b"ask", peer_addr).unwrap();
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 16];
+        while let Ok((n, _)) = socket.recv_from(&mut buf) {
+            answers.push(buf[..n].to_vec());
+        }
+        answers
+    });
+    answerer.join().unwrap();
+    assert_eq!(
+        received.first().map(Vec::as_slice),
+        Some(&b"early"[..]),
+        "the early reply was dropped"
+    );
+    received.len() == 1
+}
