@@ -21,6 +21,9 @@ pub struct RunOptions {
 /// Reads and compiles a rule file; nothing touches the kernel.
 pub fn prepare(path: &Path) -> Result<Compiled> {
     let set = load_rules(path)?;
+    for warning in crate::lint::warnings(&set) {
+        warn!("{}: {warning}", path.display());
+    }
     let compiled = compile(&set).with_context(|| format!("{}", path.display()))?;
     info!(
         "{}: {} rules, default {}",

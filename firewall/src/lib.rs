@@ -3,6 +3,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod lint;
 pub mod model;
 pub mod packet;
 pub mod reference;

@@ -42,7 +42,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { file } => load_rules(&file).map(|set| print!("{}", summary(&set))),
+        Command::Check { file } => load_rules(&file).map(|set| {
+            print!("{}", summary(&set));
+            for warning in firewall::lint::warnings(&set) {
+                eprintln!("warning: {}: {warning}", file.display());
+            }
+        }),
         Command::Run {
             rules,
             ifaces,
