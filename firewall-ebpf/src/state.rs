@@ -87,7 +87,7 @@ pub fn record_outbound(packet: &Packet) {
     } else {
         false
     };
-    if let Some(state) = FLOWS.get_ptr_mut(&key) {
+    if let Some(state) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a value of the map; concurrent writers store whole words.
         let state = unsafe { &mut *state };
         state.last_seen_ns = now;
@@ -104,7 +104,7 @@ pub fn record_outbound(packet: &Packet) {
         flags: if closing_flags { FLOW_CLOSING } else { 0 },
         _pad: 0,
     };
-    let _ = FLOWS.insert(&key, &state, 0);
+    let _ = FLOWS.insert(key, state, 0);
 }
 
 /// Whether an inbound packet replies to (or is an ICMP error about) a live tracked flow.
@@ -113,7 +113,7 @@ pub fn is_established(config: &GenerationConfig, packet: &Packet) -> bool {
     let Some(key) = inbound_key(packet) else {
         return false;
     };
-    let Some(state) = FLOWS.get_ptr_mut(&key) else {
+    let Some(state) = FLOWS.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: a value of the map.

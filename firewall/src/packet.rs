@@ -3,6 +3,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const TPID_8021Q: u16 = 0x8100;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+/// Source port of built TCP and UDP packets.
+pub const SOURCE_PORT: u16 = 0xc001;
 pub const TPID_8021AD: u16 = 0x88a8;
 
 /// IPv6 extension header numbers.
@@ -74,6 +78,7 @@ pub struct Frame {
     /// IPv6 extension headers before the upper layer: (kind, length in bytes).
     ext_headers: Vec<(u8, usize)>,
     payload: usize,
+    tcp_flags: u8,
 }
 
 impl Frame {
@@ -92,6 +97,7 @@ impl Frame {
             fragment: None,
             ext_headers: Vec::new(),
             payload: 0,
+            tcp_flags: TCP_SYN,
         }
     }
 
@@ -134,6 +140,12 @@ impl Frame {
     /// Appends an IPv6 extension header of `len` bytes (a multiple of 8; of 4 for AH).
     pub fn ext_header(mut self, kind: u8, len: usize) -> Frame {
         self.ext_headers.push((kind, len));
+        self
+    }
+
+    /// TCP flags (default [`TCP_SYN`]).
+    pub fn tcp_flags(mut self, flags: u8) -> Frame {
+        self.tcp_flags = flags;
         self
     }
 

@@ -479,7 +479,7 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
 fn packets() -> usize {
     std::env::var("FW_PACKETS")
         .ok()
-        .map_or(100_000, |n| n.parse().expect("FW_PACKETS is a number"))
+        .map_or(1_000_000, |n| n.parse().expect("FW_PACKETS is a number"))
 }
 
 #[test]

@@ -43,6 +43,16 @@ enum Task {
     },
     /// Benchmark the packet path through BPF_PROG_TEST_RUN.
     Bench,
+    /// Run the kernel-vs-reference differential test for longer; reports the seed of any
+    /// disagreement.
+    Fuzz {
+        /// Random frames to try.
+        #[arg(long, default_value_t = 10_000_000)]
+        packets: u64,
+        /// Seed to replay (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -78,11 +88,36 @@ fn main() -> Result<()> {
             let status = env
                 .cargo()
                 // The eBPF crate is built by firewall's build script for the BPF target.
-                .args(["test", "--release", "--workspace", "--exclude", "firewall-ebpf"])
+                .args([
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "firewall-ebpf",
+                ])
                 .arg("--")
                 .args(extra)
                 .status()?;
             check(status, "cargo test")
+        }
+        Task::Fuzz { packets, seed } => {
+            require_root("cargo xtask fuzz")?;
+            let mut command = env.cargo();
+            command
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "firewall",
+                    "--test",
+                    "differential",
+                ])
+                .args(["small_rule_sets", "--", "--nocapture"])
+                .env("FW_PACKETS", packets.to_string());
+            if let Some(seed) = seed {
+                command.env("FW_SEED", seed.to_string());
+            }
+            check(command.status()?, "the differential test")
         }
         Task::Bench => {
             require_root("cargo xtask bench")?;
