@@ -54,7 +54,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     };
     for iface in &options.ifaces {
         let mode = kernel.attach(iface, options.mode)?;
-        info!("attached to {iface} ({mode} XDP)");
+        info!("attached to {iface} ({mode} XDP ingress, tc egress)");
     }
     info!("filtering; SIGHUP reloads {}", options.rules.display());
 
