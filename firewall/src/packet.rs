@@ -41,14 +41,13 @@ impl L4 {
         }
     }
 
-    fn bytes(self) -> Vec<u8> {
+    fn bytes(self, tcp_flags: u8) -> Vec<u8> {
         match self {
             L4::Tcp { dport } => {
                 let mut tcp = vec![0xc0, 0x01];
                 tcp.extend_from_slice(&dport.to_be_bytes());
-                tcp.extend_from_slice(&[
-                    0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
-                ]);
+                tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, tcp_flags, 0xff, 0xff]);
+                tcp.extend_from_slice(&[0, 0, 0, 0]);
                 tcp
             }
             L4::Udp { dport } => {
@@ -165,7 +164,7 @@ impl Frame {
         let mut upper = if later_fragment {
             vec![0xab; 16]
         } else {
-            self.l4.bytes()
+            self.l4.bytes(self.tcp_flags)
         };
         upper.extend(std::iter::repeat_n(0x5a, self.payload));
         match (self.src, self.dst) {

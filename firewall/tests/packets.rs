@@ -476,3 +476,178 @@ fn reload_swaps_rules_and_keeps_counting_from_zero() {
         assert_eq!(verdict(&kernel, &ssh), want, "round {round}");
     }
 }
+
+mod state {
+    use super::*;
+    use firewall::kernel::monotonic_now_ns;
+    use firewall::reference::{outbound_flow, parse_frame, Parsed};
+    use firewall_common::{FlowKey, FlowState};
+
+    const HOST: &str = "10.0.0.1";
+    const PEER: &str = "198.51.100.7";
+
+    fn deny_all(extra: &str) -> Kernel {
+        let mut kernel = Kernel::load().unwrap();
+        let text = format!("[defaults]\npolicy = \"deny\"\n{extra}\n[state]\nicmp_timeout = 30\ntcp_timeout = 100\n");
+        kernel
+            .apply(&compile(&parse_rules("t.toml", &text).unwrap()).unwrap())
+            .unwrap();
+        kernel
+    }
+
+    /// The flow the host starts by sending `frame`, last seen `age_secs` ago.
+    fn track(kernel: &mut Kernel, frame: &[u8], age_secs: u64) -> FlowKey {
+        let Parsed::Ip(packet) = parse_frame(frame) else {
+            panic!("not IP")
+        };
+        let key = outbound_flow(&packet).expect("a trackable packet");
+        let last_seen_ns = monotonic_now_ns().saturating_sub(age_secs * 1_000_000_000);
+        kernel
+            .set_flows(&[(
+                key,
+                FlowState {
+                    last_seen_ns,
+                    flags: 0,
+                    _pad: 0,
+                },
+            )])
+            .unwrap();
+        key
+    }
+
+    /// An ICMP(v6) error of `kind` from the peer quoting `quoted` (an IP packet).
+    fn icmp_error(v6: bool, kind: u8, quoted: &[u8]) -> Vec<u8> {
+        let frame = if v6 {
+            Frame::v6("2001:db8::7", "fd00::1", L4::Icmpv6)
+        } else {
+            Frame::v4(PEER, HOST, L4::Icmp)
+        };
+        let mut frame = frame.payload(quoted.len()).build();
+        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+        frame[l4] = kind;
+        frame[l4 + 8..].copy_from_slice(quoted);
+        frame
+    }
+
+    #[test]
+    fn replies_to_the_hosts_flows_pass() {
+        let mut kernel = deny_all("");
+        let out = Frame::v4(HOST, PEER, L4::Tcp { dport: 443 }).build();
+        let reply = Frame::v4(PEER, HOST, L4::Tcp { dport: SOURCE_PORT }).tcp_flags(TCP_ACK);
+        let reply = reply.build();
+        // The reply comes from port 443: the builder's source port is fixed, so swap it in.
+        let mut reply = reply;
+        reply[34..36].copy_from_slice(&443u16.to_be_bytes());
+        assert_eq!(verdict(&kernel, &reply), XDP_DROP, "no flow yet");
+        track(&mut kernel, &out, 0);
+        assert_eq!(
+            verdict(&kernel, &reply),
+            XDP_PASS,
+            "reply to a tracked flow"
+        );
+        let mut other_port = reply.clone();
+        other_port[34..36].copy_from_slice(&444u16.to_be_bytes());
+        assert_eq!(
+            verdict(&kernel, &other_port),
+            XDP_DROP,
+            "another port of the peer"
+        );
+        let mut syn = reply.clone();
+        syn[14 + 20 + 13] = TCP_SYN;
+        assert_eq!(verdict(&kernel, &syn), XDP_DROP, "a SYN never replies");
+        track(&mut kernel, &out, 50);
+        assert_eq!(
+            verdict(&kernel, &reply),
+            XDP_PASS,
+            "within tcp_timeout"
+        );
+        track(&mut kernel, &out, 200);
+        assert_eq!(verdict(&kernel, &reply), XDP_DROP, "expired");
+    }
+
+    #[test]
+    fn echo_replies_and_icmp_errors_about_tracked_flows_pass() {
+        let mut kernel = deny_all("");
+        let ping = Frame::v4(HOST, PEER, L4::Icmp).build();
+        let mut echo_reply = Frame::v4(PEER, HOST, L4::Icmp).build();
+        echo_reply[34] = 0;
+        assert_eq!(verdict(&kernel, &echo_reply), XDP_DROP);
+        track(&mut kernel, &ping, 0);
+        assert_eq!(verdict(&kernel, &echo_reply), XDP_PASS);
+        track(&mut kernel, &ping, 60);
+        assert_eq!(verdict(&kernel, &echo_reply), XDP_DROP, "past icmp_timeout");
+
+        let udp = Frame::v4(HOST, PEER, L4::Udp { dport: 53 }).build();
+        let unreachable = icmp_error(false, 3, &udp[14..]);
+        let time_exceeded = icmp_error(false, 11, &udp[14..]);
+        assert_eq!(verdict(&kernel, &unreachable), XDP_DROP, "no flow");
+        track(&mut kernel, &udp, 0);
+        assert_eq!(
+            verdict(&kernel, &unreachable),
+            XDP_PASS,
+            "unreachable quoting the flow"
+        );
+        assert_eq!(
+            verdict(&kernel, &time_exceeded),
+            XDP_PASS,
+            "time exceeded quoting the flow"
+        );
+        let other = Frame::v4(HOST, PEER, L4::Udp { dport: 54 }).build();
+        assert_eq!(
+            verdict(&kernel, &icmp_error(false, 3, &other[14..])),
+            XDP_DROP
+        );
+
+        let udp6 = Frame::v6("fd00::1", "2001:db8::7", L4::Udp { dport: 53 }).build();
+        let too_big = icmp_error(true, 2, &udp6[14..]);
+        let unreachable6 = icmp_error(true, 1, &udp6[14..]);
+        assert_eq!(verdict(&kernel, &unreachable6), XDP_DROP, "no flow");
+        assert_eq!(
+            verdict(&kernel, &too_big),
+            XDP_PASS,
+            "packet too big is essential"
+        );
+        track(&mut kernel, &udp6, 0);
+        assert_eq!(
+            verdict(&kernel, &unreachable6),
+            XDP_PASS,
+            "v6 unreachable quoting the flow"
+        );
+    }
+
+    #[test]
+    fn essentials_pass_unless_switched_off() {
+        let neighbour_solicitation = |kernel: &Kernel| {
+            let mut frame = Frame::v6("fe80::1", "ff02::1:ff00:1", L4::Icmpv6).build();
+            frame[54] = 135;
+            verdict(kernel, &frame)
+        };
+        assert_eq!(neighbour_solicitation(&deny_all("")), XDP_PASS);
+        assert_eq!(
+            neighbour_solicitation(&deny_all("essentials = false")),
+            XDP_DROP
+        );
+        let mut echo6 = Frame::v6("fe80::1", "fd00::1", L4::Icmpv6).build();
+        echo6[54] = 128;
+        assert_eq!(
+            verdict(&deny_all(""), &echo6),
+            XDP_DROP,
+            "echo is not essential"
+        );
+        assert_eq!(
+            verdict(&deny_all(""), &arp_request()),
+            XDP_PASS,
+            "ARP always passes"
+        );
+    }
+
+    #[test]
+    fn stateless_mode_ignores_flows() {
+        let mut kernel = deny_all("established = false");
+        let out = Frame::v4(HOST, PEER, L4::Udp { dport: 53 }).build();
+        let mut reply = Frame::v4(PEER, HOST, L4::Udp { dport: SOURCE_PORT }).build();
+        reply[34..36].copy_from_slice(&53u16.to_be_bytes());
+        track(&mut kernel, &out, 0);
+        assert_eq!(verdict(&kernel, &reply), XDP_DROP);
+    }
+}
