@@ -246,13 +246,6 @@ impl Kernel {
         Ok(())
     }
 
-    /// Tracked flows, as the tc egress program recorded them.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        let flows: HashMap<&MapData, FlowKey, FlowState> =
-            HashMap::try_from(self.map(map_names::FLOWS)?)?;
-        Ok(flows.iter().collect::<Result<_, _>>()?)
-    }
-
     /// Replaces the tracked flows (tests use this to put the kernel in a known state).
     pub fn set_flows(&mut self, table: &[(FlowKey, FlowState)]) -> Result<()> {
         let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =

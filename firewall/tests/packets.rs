@@ -556,11 +556,7 @@ mod state {
         syn[14 + 20 + 13] = TCP_SYN;
         assert_eq!(verdict(&kernel, &syn), XDP_DROP, "a SYN never replies");
         track(&mut kernel, &out, 50);
-        assert_eq!(
-            verdict(&kernel, &reply),
-            XDP_PASS,
-            "within tcp_timeout"
-        );
+        assert_eq!(verdict(&kernel, &reply), XDP_PASS, "within tcp_timeout");
         track(&mut kernel, &out, 200);
         assert_eq!(verdict(&kernel, &reply), XDP_DROP, "expired");
     }
