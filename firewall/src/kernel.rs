@@ -83,34 +83,10 @@ impl Kernel {
             .try_into()?)
     }
 
-    /// Attaches to `iface`; returns the mode that worked. The link lives as long as `self`.
+    /// Attaches to `iface`: first the tc egress program, so that the host's flows are being
+    /// recorded before the XDP program starts to judge their replies; then XDP. Returns the
+    /// XDP mode that worked. The links live as long as `self`.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("XDP program missing"))?
-            .try_into()?;
-        let attempts: &[(XdpMode, &'static str)] = match mode {
-            AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
-            AttachMode::Native => &[(XdpMode::Driver, "native")],
-            AttachMode::Skb => &[(XdpMode::Skb, "skb")],
-        };
-        let mut attached = None;
-        let mut last_error = None;
-        for &(xdp_mode, name) in attempts {
-            match program.attach(iface, xdp_mode) {
-                Ok(_) => {
-                    attached = Some(name);
-                    break;
-                }
-                Err(error) => last_error = Some(error),
-            }
-        }
-        let Some(mode) = attached else {
-            return Err(anyhow!(last_error.expect("at least one attempt")))
-                .with_context(|| format!("attaching XDP to {iface}"));
-        };
-        // The egress half of connection state: records the host's flows leaving `iface`.
         if let Err(error) = tc::qdisc_add_clsact(iface) {
             // Already there (ours from an earlier run, or someone else's): share it.
             log::debug!("clsact on {iface}: {error}");
@@ -123,7 +99,26 @@ impl Kernel {
         egress
             .attach(iface, TcAttachType::Egress)
             .with_context(|| format!("attaching the tc egress program to {iface}"))?;
-        Ok(mode)
+
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("XDP program missing"))?
+            .try_into()?;
+        let attempts: &[(XdpMode, &'static str)] = match mode {
+            AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
+            AttachMode::Native => &[(XdpMode::Driver, "native")],
+            AttachMode::Skb => &[(XdpMode::Skb, "skb")],
+        };
+        let mut last_error = None;
+        for &(xdp_mode, name) in attempts {
+            match program.attach(iface, xdp_mode) {
+                Ok(_) => return Ok(name),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(anyhow!(last_error.expect("at least one attempt")))
+            .with_context(|| format!("attaching XDP to {iface}"))
     }
 
     /// The generation packets are classified with now.
