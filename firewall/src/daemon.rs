@@ -52,6 +52,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             None
         }
     };
+    // Connections that exist already keep working under default deny.
+    let existing = crate::sockets::open_flows();
+    kernel.add_flows(&existing)?;
+    info!("tracking {} existing connections", existing.len());
     for iface in &options.ifaces {
         let mode = kernel.attach(iface, options.mode)?;
         info!("attached to {iface} ({mode} XDP ingress, tc egress)");

@@ -241,6 +241,21 @@ impl Kernel {
         Ok(())
     }
 
+    /// Adds flows as fresh (the host's existing connections at start-up).
+    pub fn add_flows(&mut self, keys: &[FlowKey]) -> Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map_mut(map_names::FLOWS)?)?;
+        let state = FlowState {
+            last_seen_ns: monotonic_now_ns(),
+            flags: 0,
+            _pad: 0,
+        };
+        for key in keys {
+            flows.insert(key, state, 0)?;
+        }
+        Ok(())
+    }
+
     /// Replaces the tracked flows (tests use this to put the kernel in a known state).
     pub fn set_flows(&mut self, table: &[(FlowKey, FlowState)]) -> Result<()> {
         let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =

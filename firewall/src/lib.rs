@@ -7,3 +7,4 @@ pub mod lint;
 pub mod model;
 pub mod packet;
 pub mod reference;
+pub mod sockets;

@@ -253,3 +253,53 @@ fn late_reply_is_dropped(net: &TestNet, host: std::net::IpAddr, peer: std::net::
     );
     received.len() == 1
 }
+
+/// A connection the host opened before the firewall started, whose peer speaks next, keeps
+/// working under default deny: the daemon seeds the flow map from the host's open sockets.
+#[test]
+fn connections_open_before_start_keep_working() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let net = TestNet::new();
+    let mut waiting = Vec::new();
+    for peer in [net.b4, net.b6] {
+        let listener = TestNet::within(&net.b, move || {
+            TcpListener::bind(SocketAddr::new(peer, 9100)).unwrap()
+        });
+        let (speak, told) = mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            told.recv().unwrap();
+            stream.write_all(b"late").unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        // The fresh veth may still be coming up: allow a few tries.
+        let client = TestNet::within(&net.a, move || {
+            let to = SocketAddr::new(peer, 9100);
+            (0..5)
+                .find_map(|_| TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
+                .expect("connect before the firewall starts")
+        });
+        waiting.push((peer, client, speak, server));
+    }
+    let file = RuleFile::new("deny.toml", "[defaults]\npolicy = \"deny\"\n");
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    for (peer, mut client, speak, server) in waiting {
+        speak.send(()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut word = [0u8; 4];
+        client.read_exact(&mut word).unwrap_or_else(|e| {
+            panic!("data on the connection to {peer} opened before start: {e}")
+        });
+        assert_eq!(&word, b"late");
+        drop(client);
+        server.join().unwrap();
+    }
+    assert!(daemon.log().contains("tracking"), "{}", daemon.log());
+    daemon.terminate();
+}

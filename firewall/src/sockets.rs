@@ -1,0 +1,132 @@
+//! The host's open connections, read from /proc/net at start-up, so that a firewall started
+//! under default deny does not cut the flows that already exist (a download in progress, an
+//! idle SSH session whose peer speaks next). The kernel's tc program only learns flows from
+//! packets the host sends after it is attached.
+use std::fs;
+
+use firewall_common::FlowKey;
+
+const TCP_LISTEN: u8 = 0x0a;
+const TCP_CLOSE: u8 = 0x07;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Flow keys (as replies look) of the connected TCP and UDP sockets of this network namespace.
+pub fn open_flows() -> Vec<FlowKey> {
+    let mut flows = Vec::new();
+    for (file, proto) in [
+        ("/proc/net/tcp", IPPROTO_TCP),
+        ("/proc/net/tcp6", IPPROTO_TCP),
+        ("/proc/net/udp", IPPROTO_UDP),
+        ("/proc/net/udp6", IPPROTO_UDP),
+    ] {
+        let Ok(table) = fs::read_to_string(file) else {
+            continue;
+        };
+        flows.extend(
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| parse_line(line, proto)),
+        );
+    }
+    flows
+}
+
+/// One socket line: `sl local rem st ...`, addresses as `HEX:PORT`.
+fn parse_line(line: &str, proto: u8) -> Option<FlowKey> {
+    let mut fields = line.split_whitespace().skip(1);
+    let (local, local_port) = endpoint(fields.next()?)?;
+    let (remote, remote_port) = endpoint(fields.next()?)?;
+    let state = u8::from_str_radix(fields.next()?, 16).ok()?;
+    // Listening and unconnected sockets have no remote port.
+    let unconnected = remote_port == 0;
+    if unconnected || (proto == IPPROTO_TCP && matches!(state, TCP_LISTEN | TCP_CLOSE)) {
+        return None;
+    }
+    let (local, remote, v6) = match (unmap_v4(local), unmap_v4(remote)) {
+        (Some(local), Some(remote)) => (local, remote, false),
+        _ => (local, remote, true),
+    };
+    Some(FlowKey {
+        remote,
+        local,
+        remote_port,
+        local_port,
+        proto,
+        v6: u8::from(v6),
+        _pad: [0; 2],
+    })
+}
+
+/// `0100007F:0016` (IPv4) or 32 hex digits (IPv6): each 8-digit group is a word as the
+/// kernel stores it, which is the word layout of `FlowKey`.
+fn endpoint(field: &str) -> Option<([u32; 4], u16)> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut words = [0u32; 4];
+    match addr.len() {
+        8 => words[3] = u32::from_str_radix(addr, 16).ok()?,
+        32 => {
+            for (word, chunk) in words.iter_mut().zip(addr.as_bytes().chunks(8)) {
+                *word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+            }
+        }
+        _ => return None,
+    }
+    // IPv4 lines were put in the last word so that the mapped-address check covers both.
+    if addr.len() == 8 {
+        words[2] = V4_MAPPED_MARK;
+    }
+    Some((words, port))
+}
+
+/// Word 2 of `::ffff:a.b.c.d` in the kernel's layout.
+const V4_MAPPED_MARK: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4 (plain or IPv4-mapped IPv6) addresses in `FlowKey`'s IPv4 layout (word 0).
+fn unmap_v4(words: [u32; 4]) -> Option<[u32; 4]> {
+    (words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_MARK).then_some([words[3], 0, 0, 0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u32; 4] {
+        [u32::from_ne_bytes(a), 0, 0, 0]
+    }
+
+    #[test]
+    fn parses_connected_sockets_only() {
+        let established = "   1: 0100000A:C001 0700000A:01BB 01 00000000:00000000 00:00000000 00000000     0        0 1 1";
+        let key = parse_line(established, IPPROTO_TCP).unwrap();
+        assert_eq!(key.local, v4([10, 0, 0, 1]));
+        assert_eq!(key.remote, v4([10, 0, 0, 7]));
+        assert_eq!((key.local_port, key.remote_port, key.v6), (0xc001, 443, 0));
+        let listening = "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1";
+        assert!(parse_line(listening, IPPROTO_TCP).is_none());
+        let unconnected_udp = "  5: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2";
+        assert!(parse_line(unconnected_udp, IPPROTO_UDP).is_none());
+    }
+
+    #[test]
+    fn ipv6_and_mapped_ipv4() {
+        let v6 = "  0: 00000000000000000000000001000000:0016 B80D0120000000000000000007000000:D431 01 0 0 0 0 0 1";
+        let key = parse_line(v6, IPPROTO_TCP).unwrap();
+        assert_eq!(key.v6, 1);
+        let local: std::net::Ipv6Addr = "::1".parse().unwrap();
+        let expect: Vec<u32> = local
+            .octets()
+            .chunks(4)
+            .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(key.local.to_vec(), expect);
+        let mapped = "  0: 0000000000000000FFFF00000100000A:0016 0000000000000000FFFF00000700000A:D431 01 0 0 0 0 0 1";
+        let key = parse_line(mapped, IPPROTO_TCP).unwrap();
+        assert_eq!(
+            (key.v6, key.local, key.remote),
+            (0, v4([10, 0, 0, 1]), v4([10, 0, 0, 7]))
+        );
+    }
+}
