@@ -14,8 +14,9 @@ pub const RULE_WORDS: usize = MAX_RULES / 64;
 pub const GENERATIONS: u32 = 2;
 /// Distinct destination-port classes per generation. Class 0 is "packet has no port".
 pub const MAX_PORT_CLASSES: u32 = 4096;
-/// Entries per address trie (both generations together).
-pub const MAX_TRIE_ENTRIES: u32 = 1 << 18;
+/// Entries per address trie (both generations together, so two full rule sets of up to a
+/// million networks). LPM tries allocate per entry, so unused capacity costs nothing.
+pub const MAX_TRIE_ENTRIES: u32 = 1 << 21;
 
 /// Verdicts stored per rule and as default policy.
 pub const ACTION_ALLOW: u32 = 0;

@@ -1,6 +1,6 @@
 //! Rule files: TOML text -> validated [`RuleSet`], with every mistake reported as
 //! `FILE:LINE:COL: message` at the value that is wrong.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::ops::{Range, RangeInclusive};
@@ -24,12 +24,14 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// `FILE:LINE:COL: message`, or `FILE:LINE: message` for set files (column 0).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.col, self.message
-        )
+        if self.col == 0 {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        } else {
+            let (file, line, col) = (&self.file, self.line, self.col);
+            write!(f, "{file}:{line}:{col}: {}", self.message)
+        }
     }
 }
 
@@ -40,7 +42,24 @@ impl std::error::Error for ConfigError {}
 struct RawFile {
     defaults: Option<RawDefaults>,
     state: Option<RawState>,
+    limits: Option<RawLimits>,
+    sets: Option<BTreeMap<String, Spanned<RawSet>>>,
     rules: Option<Vec<Spanned<RawRule>>>,
+}
+
+/// A named set of networks, used in `from`/`to` as `"@NAME"`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSet {
+    cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Files of one address or CIDR per line; `#` comments and blank lines allowed.
+    files: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_entries: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -78,8 +97,14 @@ const MAX_TIMEOUT_SECS: i64 = 30 * 24 * 3600;
 /// A message and the byte range it is about.
 type Located = (Range<usize>, String);
 
-/// Parses and validates a rule file's text; `file` only names it in messages.
+/// Parses and validates a rule file's text; `file` only names it in messages, and set files
+/// are looked up relative to the current directory.
 pub fn parse_rules(file: &str, text: &str) -> Result<RuleSet, ConfigError> {
+    parse_rules_in(file, text, Path::new("."))
+}
+
+/// Like [`parse_rules`], with set files relative to `dir`.
+pub fn parse_rules_in(file: &str, text: &str, dir: &Path) -> Result<RuleSet, ConfigError> {
     let located = |(span, message): Located| {
         let (line, col) = line_col(text, span.start);
         ConfigError {
@@ -89,21 +114,95 @@ pub fn parse_rules(file: &str, text: &str) -> Result<RuleSet, ConfigError> {
             message,
         }
     };
-    let raw: RawFile = toml::from_str(text).map_err(|error| {
+    let mut raw: RawFile = toml::from_str(text).map_err(|error| {
         let span = error.span().unwrap_or(0..0);
         located((span, readable(error.message())))
     })?;
-    validate(raw).map_err(located)
+    let sets = resolve_sets(raw.sets.take().unwrap_or_default(), dir, &located)?;
+    validate(raw, &sets).map_err(located)
+}
+
+/// Default and hard cap of `[limits] max_entries`: distinct networks in all rules' `from`
+/// and `to` after merging, which is what the kernel's address tries hold.
+pub const DEFAULT_MAX_ENTRIES: i64 = 1_000_000;
+
+/// Expands every set into its merged networks. Inline errors point into the rule file; set
+/// file errors are `SETFILE:LINE: message`.
+fn resolve_sets(
+    raw: BTreeMap<String, Spanned<RawSet>>,
+    dir: &Path,
+    located: &dyn Fn(Located) -> ConfigError,
+) -> Result<HashMap<String, Vec<IpNet>>, ConfigError> {
+    let mut sets = HashMap::new();
+    for (name, set) in raw {
+        let span = set.span();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(located((
+                span,
+                format!("invalid set name {name:?}: use letters, digits, - and _"),
+            )));
+        }
+        let set = set.into_inner();
+        let mut nets = Vec::new();
+        if let Some(cidrs) = set.cidrs {
+            for entry in cidrs.get_ref() {
+                nets.push(network(entry).map_err(located)?);
+            }
+        }
+        if let Some(files) = set.files {
+            for file in files.get_ref() {
+                let path = dir.join(file.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|error| {
+                    located((
+                        file.span(),
+                        format!("cannot read set file {}: {error}", path.display()),
+                    ))
+                })?;
+                nets.extend(parse_set_file(&path.display().to_string(), &text)?);
+            }
+        }
+        if nets.is_empty() {
+            return Err(located((span, format!("set {name:?} is empty"))));
+        }
+        sets.insert(name, IpNet::aggregate(&nets));
+    }
+    Ok(sets)
+}
+
+/// One address or CIDR per line (FireHOL .netset and plain lists); `#` starts a comment.
+pub fn parse_set_file(file: &str, text: &str) -> Result<Vec<IpNet>, ConfigError> {
+    let mut nets = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let entry = line.split('#').next().unwrap_or("").trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let net = network(&Spanned::new(0..0, entry.to_string())).map_err(|(_, message)| {
+            ConfigError {
+                file: file.to_string(),
+                line: index + 1,
+                col: 0,
+                message,
+            }
+        })?;
+        nets.push(net);
+    }
+    Ok(nets)
 }
 
 /// Reads and parses a rule file.
 pub fn load_rules(path: &Path) -> anyhow::Result<RuleSet> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading rule file {}", path.display()))?;
-    Ok(parse_rules(&path.display().to_string(), &text)?)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok(parse_rules_in(&path.display().to_string(), &text, dir)?)
 }
 
-fn validate(raw: RawFile) -> Result<RuleSet, Located> {
+fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet, Located> {
     let defaults = raw.defaults.unwrap_or(RawDefaults {
         policy: None,
         established: None,
@@ -142,8 +241,10 @@ fn validate(raw: RawFile) -> Result<RuleSet, Located> {
     }
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut rules = Vec::with_capacity(raw_rules.len());
+    let mut rule_spans = Vec::with_capacity(raw_rules.len());
     for (index, raw_rule) in raw_rules.into_iter().enumerate() {
         let span = raw_rule.span();
+        rule_spans.push(span.clone());
         let raw_rule = raw_rule.into_inner();
         let name = match raw_rule.name {
             Some(name) => {
@@ -193,11 +294,28 @@ fn validate(raw: RawFile) -> Result<RuleSet, Located> {
             name,
             action,
             proto,
-            from: raw_rule.from.map(address_list).transpose()?,
-            to: raw_rule.to.map(address_list).transpose()?,
+            from: raw_rule
+                .from
+                .map(|list| address_list(list, sets))
+                .transpose()?,
+            to: raw_rule
+                .to
+                .map(|list| address_list(list, sets))
+                .transpose()?,
             ports,
         });
     }
+    let max_entries = match raw.limits.and_then(|limits| limits.max_entries) {
+        None => DEFAULT_MAX_ENTRIES,
+        Some(value) if (1..=DEFAULT_MAX_ENTRIES).contains(value.get_ref()) => *value.get_ref(),
+        Some(value) => {
+            return Err((
+                value.span(),
+                format!("max_entries must be 1 to {DEFAULT_MAX_ENTRIES}"),
+            ))
+        }
+    };
+    check_capacity(&rules, &rule_spans, max_entries as usize)?;
     Ok(RuleSet {
         default_policy,
         established: defaults.established.unwrap_or(true),
@@ -205,6 +323,33 @@ fn validate(raw: RawFile) -> Result<RuleSet, Located> {
         timeouts,
         rules,
     })
+}
+
+/// The distinct networks of all `from` lists, and of all `to` lists, must each fit the
+/// limit; the first rule that goes over it is reported.
+fn check_capacity(
+    rules: &[Rule],
+    spans: &[Range<usize>],
+    max_entries: usize,
+) -> Result<(), Located> {
+    let mut sources: HashSet<IpNet> = HashSet::new();
+    let mut destinations: HashSet<IpNet> = HashSet::new();
+    for (rule, span) in rules.iter().zip(spans) {
+        sources.extend(rule.from.iter().flatten());
+        destinations.extend(rule.to.iter().flatten());
+        let entries = sources.len().max(destinations.len());
+        if entries > max_entries {
+            return Err((
+                span.clone(),
+                format!(
+                    "rule {:?} takes the rules past {max_entries} address entries \
+                     (raise [limits] max_entries, at most {DEFAULT_MAX_ENTRIES})",
+                    rule.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
@@ -232,14 +377,28 @@ fn proto(value: &Spanned<String>) -> Result<Proto, Located> {
     }
 }
 
-fn address_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<IpNet>, Located> {
+/// Networks and `@set` references, merged (overlapping and adjacent prefixes joined).
+fn address_list(
+    list: Spanned<Vec<Spanned<String>>>,
+    sets: &HashMap<String, Vec<IpNet>>,
+) -> Result<Vec<IpNet>, Located> {
     if list.get_ref().is_empty() {
         return Err((
             list.span(),
             "empty address list: omit the key to match any address".into(),
         ));
     }
-    list.into_inner().iter().map(network).collect()
+    let mut nets = Vec::new();
+    for entry in list.get_ref() {
+        match entry.get_ref().strip_prefix('@') {
+            Some(name) => match sets.get(name) {
+                Some(set) => nets.extend_from_slice(set),
+                None => return Err((entry.span(), format!("unknown set @{name}"))),
+            },
+            None => nets.push(network(entry)?),
+        }
+    }
+    Ok(IpNet::aggregate(&nets))
 }
 
 /// An address (a host) or a CIDR whose host bits are zero.
@@ -464,6 +623,112 @@ mod tests {
         }
     }
 
+    /// A rule file and set files in a fresh directory.
+    fn with_files(files: &[(&str, &str)], rules: &str) -> Result<RuleSet, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "fw-config-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let result = parse_rules_in("r.toml", rules, &dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn nets(set: &RuleSet, rule: usize) -> Vec<String> {
+        set.rules[rule]
+            .from
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn sets_from_inline_lists_and_files_are_merged() {
+        let set = with_files(
+            &[
+                (
+                    "drop.netset",
+                    "# FireHOL style\n10.0.0.0/25\n\n10.0.0.128/25  # adjacent\n192.0.2.7\n",
+                ),
+                ("more.txt", "10.0.0.5\n2001:db8::/32\n2001:db8:1::/48\n"),
+            ],
+            r#"
+            [sets.bad]
+            cidrs = ["198.51.100.0/24", "198.51.100.0/25"]
+            files = ["drop.netset", "more.txt"]
+
+            [[rules]]
+            action = "deny"
+            from = ["@bad", "203.0.113.1"]
+
+            [[rules]]
+            action = "deny"
+            to = ["@bad"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            nets(&set, 0),
+            [
+                "10.0.0.0/24",
+                "192.0.2.7/32",
+                "198.51.100.0/24",
+                "203.0.113.1/32",
+                "2001:db8::/32"
+            ]
+        );
+        assert_eq!(set.rules[1].to.as_ref().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn set_mistakes_are_reported() {
+        let error = with_files(
+            &[("l.txt", "10.0.0.0/8\n# ok\n10.0.0.1/8\n")],
+            "[sets.s]\nfiles = [\"l.txt\"]\n",
+        )
+        .unwrap_err();
+        assert!(error.file.ends_with("l.txt"));
+        assert_eq!((error.line, error.col), (3, 0));
+        assert!(
+            error.to_string().contains("l.txt:3: host bits set"),
+            "{error}"
+        );
+
+        let cases: &[(&str, usize, usize, &str)] = &[
+            ("[[rules]]\naction = \"deny\"\nfrom = [\"@nope\"]\n", 3, 9, "unknown set @nope"),
+            ("[sets.s]\nfiles = [\"missing.txt\"]\n", 2, 10, "cannot read set file"),
+            ("[sets.s]\ncidrs = [\"10.0.0.0/33\"]\n", 2, 10, "exceeds 32"),
+            ("[sets.s]\ncidr = []\n", 2, 1, "unknown key `cidr`"),
+            ("[sets.\"a b\"]\ncidrs = [\"10.0.0.0/8\"]\n", 1, 1, "invalid set name"),
+            ("[sets.s]\ncidrs = []\n", 1, 1, "is empty"),
+            ("[limits]\nmax_entries = 0\n", 2, 15, "max_entries must be"),
+            (
+                "[limits]\nmax_entries = 2\n[[rules]]\naction = \"deny\"\nfrom = [\"10.0.0.1\", \"10.0.0.3\", \"10.0.0.5\"]\n",
+                3,
+                1,
+                "past 2 address entries",
+            ),
+        ];
+        for &(text, line, col, message) in cases {
+            let error = with_files(&[], text).unwrap_err();
+            assert_eq!((error.line, error.col), (line, col), "{error} for {text:?}");
+            assert!(error.message.contains(message), "{error} lacks {message:?}");
+        }
+    }
+
     #[test]
     fn too_many_rules_are_rejected() {
         let text = "[[rules]]\naction = \"allow\"\n".repeat(MAX_RULES + 1);
@@ -504,7 +769,8 @@ mod tests {
             .iter()
             .map(|n| n.to_string())
             .collect();
-        assert_eq!(from, ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]);
+        // Merged lists come out sorted, IPv4 first.
+        assert_eq!(from, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
         assert_eq!(rule.ports, Some(vec![22..=22, 8000..=8100, 443..=443]));
         let second = &set.rules[1];
         assert_eq!(second.name, "rule 2");

@@ -647,3 +647,50 @@ mod state {
         assert_eq!(verdict(&kernel, &reply), XDP_DROP);
     }
 }
+
+/// A blocklist set file referenced as `@set`: members are denied, everything else allowed,
+/// in both families, also with 20,000 entries.
+#[test]
+fn blocklist_sets_from_files() {
+    let dir = std::env::temp_dir().join(format!("fw-sets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut list = String::from("# generated blocklist\n2001:db8:bad::/48\n");
+    for i in 0..20_000u32 {
+        list += &format!("100.{}.{}.0/24\n", 64 + i / 256 % 64, i % 256);
+    }
+    std::fs::write(dir.join("block.netset"), list).unwrap();
+    std::fs::write(
+        dir.join("rules.toml"),
+        "[sets.block]\nfiles = [\"block.netset\"]\ncidrs = [\"192.0.2.0/24\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@block\"]\n",
+    )
+    .unwrap();
+    let set = firewall::config::load_rules(&dir.join("rules.toml")).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut kernel = Kernel::load().unwrap();
+    kernel.apply(&compile(&set).unwrap()).unwrap();
+    let cases = [
+        ("192.0.2.9", XDP_DROP),
+        ("100.64.0.1", XDP_DROP),
+        ("100.127.255.200", XDP_DROP),
+        ("100.128.0.1", XDP_PASS),
+        ("198.51.100.1", XDP_PASS),
+    ];
+    for (src, want) in cases {
+        assert_eq!(verdict(&kernel, &tcp4(src, 80).build()), want, "{src}");
+    }
+    assert_eq!(
+        verdict(&kernel, &tcp6("2001:db8:bad::1", 80).build()),
+        XDP_DROP
+    );
+    assert_eq!(
+        verdict(&kernel, &tcp6("2001:db8:bad:1::1", 80).build()),
+        XDP_DROP
+    );
+    assert_eq!(
+        verdict(&kernel, &tcp6("2001:db8:bae::1", 80).build()),
+        XDP_PASS
+    );
+    // 20,000 adjacent /24s merge into one /10 before they reach the kernel.
+    let from = set.rules[0].from.as_ref().unwrap();
+    assert_eq!(from.len(), 3, "{from:?}");
+}
