@@ -86,9 +86,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
 /// Re-reads the rule file and swaps it in; on any error the rules in force stay.
 fn reload(kernel: &mut Kernel, path: &Path) {
     let started = Instant::now();
-    let result = prepare(path).and_then(|compiled| kernel.apply(&compiled));
+    let result = prepare(path).and_then(|compiled| {
+        let entries = compiled.src_v4.len()
+            + compiled.src_v6.len()
+            + compiled.dst_v4.len()
+            + compiled.dst_v6.len();
+        Ok((kernel.apply(&compiled)?, entries))
+    });
     match result {
-        Ok(()) => info!("reloaded {} in {:.1?}", path.display(), started.elapsed()),
+        Ok((updates, entries)) => info!(
+            "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
+            path.display(),
+            started.elapsed()
+        ),
         Err(error) => error!("reload failed, previous rules stay in force: {error:#}"),
     }
 }

@@ -129,11 +129,12 @@ impl Kernel {
     }
 
     /// Writes `compiled` into the idle generation, then makes it live with one map update.
-    /// On error the live generation is untouched.
-    pub fn apply(&mut self, compiled: &Compiled) -> Result<()> {
+    /// On error the live generation is untouched. Returns the map updates it took.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<usize> {
         let gen = self.active_generation()? ^ 1;
         let old = self.written[gen as usize].take();
-        self.write_generation(gen, compiled, old.as_ref())
+        let updates = self
+            .write_generation(gen, compiled, old.as_ref())
             .context("writing the new rules into the kernel maps")?;
         let mut active: Array<&mut MapData, u32> =
             Array::try_from(self.map_mut(map_names::ACTIVE_GENERATION)?)?;
@@ -141,57 +142,63 @@ impl Kernel {
             .set(0, gen, 0)
             .context("switching to the new rules")?;
         self.written[gen as usize] = Some(compiled.clone());
-        Ok(())
+        Ok(updates + 1)
     }
 
-    fn write_generation(&mut self, gen: u32, new: &Compiled, old: Option<&Compiled>) -> Result<()> {
+    fn write_generation(
+        &mut self,
+        gen: u32,
+        new: &Compiled,
+        old: Option<&Compiled>,
+    ) -> Result<usize> {
+        let mut updates = 0;
         let rules = MAX_RULES as u32;
-        write_array(
+        updates += write_array(
             self.map_mut(map_names::RULE_ACTIONS)?,
             gen * rules,
             &new.actions,
             old.map(|o| o.actions.as_slice()),
         )?;
-        write_array(
+        updates += write_array(
             self.map_mut(map_names::PROTO_BITS)?,
             gen * PROTOS as u32,
             &new.proto_bits,
             old.map(|o| o.proto_bits.as_slice()),
         )?;
-        write_array(
+        updates += write_array(
             self.map_mut(map_names::PORT_CLASS)?,
             gen * PORTS as u32,
             &new.port_class,
             old.map(|o| o.port_class.as_slice()),
         )?;
-        write_array(
+        updates += write_array(
             self.map_mut(map_names::PORT_BITS)?,
             gen * MAX_PORT_CLASSES,
             &new.port_bits,
             old.map(|o| o.port_bits.as_slice()),
         )?;
-        write_trie(
+        updates += write_trie(
             self.map_mut(map_names::SRC_V4)?,
             gen,
             &new.src_v4,
             old.map(|o| o.src_v4.as_slice()),
             v4_key,
         )?;
-        write_trie(
+        updates += write_trie(
             self.map_mut(map_names::DST_V4)?,
             gen,
             &new.dst_v4,
             old.map(|o| o.dst_v4.as_slice()),
             v4_key,
         )?;
-        write_trie(
+        updates += write_trie(
             self.map_mut(map_names::SRC_V6)?,
             gen,
             &new.src_v6,
             old.map(|o| o.src_v6.as_slice()),
             v6_key,
         )?;
-        write_trie(
+        updates += write_trie(
             self.map_mut(map_names::DST_V6)?,
             gen,
             &new.dst_v6,
@@ -205,7 +212,7 @@ impl Kernel {
             &new.dst_v6[0].1,
         ];
         let old_any = old.map(|o| [o.src_v4[0].1, o.dst_v4[0].1, o.src_v6[0].1, o.dst_v6[0].1]);
-        write_array(
+        updates += write_array(
             self.map_mut(map_names::ANY_ADDRESS)?,
             gen * ADDRESS_FIELDS,
             &any_address.map(|bits| *bits),
@@ -227,7 +234,7 @@ impl Kernel {
         let mut configs: Array<&mut MapData, GenerationConfig> =
             Array::try_from(self.map_mut(map_names::GEN_CONFIG)?)?;
         configs.set(gen, config, 0)?;
-        Ok(())
+        Ok(updates + 1)
     }
 
     fn reset_rule_counters(&mut self, gen: u32, rules: usize) -> Result<()> {
@@ -332,7 +339,8 @@ fn write_array<V: Pod + PartialEq + Default>(
     base: u32,
     new: &[V],
     old: Option<&[V]>,
-) -> Result<()> {
+) -> Result<usize> {
+    let mut updates = 0;
     let mut array: Array<&mut MapData, V> = Array::try_from(map)?;
     for (index, value) in new.iter().enumerate() {
         let current = match old {
@@ -341,9 +349,10 @@ fn write_array<V: Pod + PartialEq + Default>(
         };
         if current.as_ref() != Some(value) {
             array.set(base + index as u32, *value, 0)?;
+            updates += 1;
         }
     }
-    Ok(())
+    Ok(updates)
 }
 
 /// Makes the trie entries of generation `gen` equal to `new`: removes stale entries, inserts
@@ -354,21 +363,24 @@ fn write_trie<N: Copy + Eq + Hash, K: Pod>(
     new: &[(N, RuleBits)],
     old: Option<&[(N, RuleBits)]>,
     key: fn(u32, &N) -> Key<K>,
-) -> Result<()> {
+) -> Result<usize> {
+    let mut updates = 0;
     let mut trie: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(map)?;
     let old: StdHashMap<N, RuleBits> = old.unwrap_or_default().iter().copied().collect();
     let new_map: StdHashMap<N, RuleBits> = new.iter().copied().collect();
     for net in old.keys() {
         if !new_map.contains_key(net) {
             trie.remove(&key(gen, net))?;
+            updates += 1;
         }
     }
     for (net, bits) in new {
         if old.get(net) != Some(bits) {
             trie.insert(&key(gen, net), *bits, 0)?;
+            updates += 1;
         }
     }
-    Ok(())
+    Ok(updates)
 }
 
 fn v4_key(gen: u32, net: &Ipv4Net) -> Key<V4KeyData> {
