@@ -121,6 +121,7 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             require_root("cargo xtask bench")?;
+            setup::ensure_packages(setup::BENCH_PACKAGES)?;
             let status = env
                 .cargo()
                 .args(["bench", "-p", "firewall", "--bench", "packet_path"])

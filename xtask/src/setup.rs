@@ -5,8 +5,10 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests and benchmarks use, by the command that proves each is there.
+/// Debian packages the tests use, by the command that proves each is there.
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+/// What the benchmark adds: nftables, to compare set load times.
+pub const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables")];
 
 /// What later steps need: where bpf-linker lives.
 pub struct Env {
@@ -28,7 +30,7 @@ impl Env {
 pub fn setup() -> Result<Env> {
     ensure_nightly()?;
     let bpf_linker_bin = ensure_bpf_linker()?;
-    ensure_packages()?;
+    ensure_packages(PACKAGES)?;
     Ok(Env { bpf_linker_bin })
 }
 
@@ -140,8 +142,8 @@ fn find_libllvm(lib: &Path) -> Result<PathBuf> {
     bail!("no libLLVM.so.* in {}", lib.display())
 }
 
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(command, _)| which(command).is_none())
         .map(|(_, package)| *package)
