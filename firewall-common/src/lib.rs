@@ -84,8 +84,9 @@ impl Default for RuleBits {
 pub struct GenerationConfig {
     /// `ACTION_ALLOW` or `ACTION_DENY` when no rule matches.
     pub default_action: u32,
-    /// `TRIE_*` bits of the address tries that hold prefixes other than `/0`; for the others
-    /// the kernel reads the `/0` bits from `ANY_ADDRESS` instead of searching the trie.
+    /// Bit `TRIE_*`: that address trie holds prefixes other than `/0` (otherwise the kernel
+    /// reads the `/0` bits from `ANY_ADDRESS` instead of searching it). Bit
+    /// `HOSTS_SHIFT + TRIE_*`: that field's host map (full-length prefixes) is not empty.
     pub tries_in_use: u32,
     /// Nanoseconds of credit one drop log line costs (`1e9 / lines per second`; 0 = off).
     pub log_line_ns: u64,
@@ -168,6 +169,9 @@ pub const TRIE_DST_V4: u32 = 1;
 pub const TRIE_SRC_V6: u32 = 2;
 pub const TRIE_DST_V6: u32 = 3;
 pub const ADDRESS_FIELDS: u32 = 4;
+/// Host addresses (/32, /128) live in hash maps beside the tries: an exact lookup is cheaper
+/// than a deep trie walk, and the tries stay shallow.
+pub const HOSTS_SHIFT: u32 = 4;
 
 /// Map names, shared so userspace finds what the kernel declares.
 pub mod map_names {
@@ -175,6 +179,10 @@ pub mod map_names {
     pub const GEN_CONFIG: &str = "FW_GEN_CONFIG";
     pub const RULE_ACTIONS: &str = "FW_RULE_ACTIONS";
     pub const ANY_ADDRESS: &str = "FW_ANY_ADDRESS";
+    pub const SRC_HOSTS_V4: &str = "FW_SRC_HOST_V4";
+    pub const DST_HOSTS_V4: &str = "FW_DST_HOST_V4";
+    pub const SRC_HOSTS_V6: &str = "FW_SRC_HOST_V6";
+    pub const DST_HOSTS_V6: &str = "FW_DST_HOST_V6";
     pub const SRC_V4: &str = "FW_SRC_V4";
     pub const DST_V4: &str = "FW_DST_V4";
     pub const SRC_V6: &str = "FW_SRC_V6";

@@ -2,16 +2,16 @@
 //! field matches; the lowest rule in the intersection is the first match. The cost is four
 //! lookups plus an AND of the sets' word summaries and of the words both summaries allow,
 //! whatever the number of rules.
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{lpm_trie::Key, HashMap, LpmTrie};
 use firewall_common::{
-    GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, GEN_PREFIX_BITS,
+    GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, GEN_PREFIX_BITS, HOSTS_SHIFT,
     MAX_PORT_CLASSES, RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6,
 };
 
 use crate::{
     maps::{
-        ANY_ADDRESS, DST_V4, DST_V6, PORTS, PORT_BITS, PORT_CLASS, PROTOS, PROTO_BITS, SRC_V4,
-        SRC_V6,
+        ANY_ADDRESS, DST_HOSTS_V4, DST_HOSTS_V6, DST_V4, DST_V6, PORTS, PORT_BITS, PORT_CLASS,
+        PROTOS, PROTO_BITS, SRC_HOSTS_V4, SRC_HOSTS_V6, SRC_V4, SRC_V6,
     },
     parse::Packet,
 };
@@ -19,33 +19,17 @@ use crate::{
 /// Index of the first rule matching `packet` in generation `gen`, if any.
 #[inline(always)]
 pub fn first_match(gen: u32, config: &GenerationConfig, packet: &Packet) -> Option<u32> {
-    let in_use = |field: u32| config.tries_in_use & (1 << field) != 0;
-    let any = |field: u32| ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field);
     let (src, dst) = if packet.v6 {
+        let (src_key, dst_key) = (v6_key(gen, &packet.src), v6_key(gen, &packet.dst));
         (
-            if in_use(TRIE_SRC_V6) {
-                SRC_V6.get(v6_key(gen, &packet.src))
-            } else {
-                any(TRIE_SRC_V6)
-            }?,
-            if in_use(TRIE_DST_V6) {
-                DST_V6.get(v6_key(gen, &packet.dst))
-            } else {
-                any(TRIE_DST_V6)
-            }?,
+            address(gen, config, TRIE_SRC_V6, &SRC_HOSTS_V6, &SRC_V6, src_key)?,
+            address(gen, config, TRIE_DST_V6, &DST_HOSTS_V6, &DST_V6, dst_key)?,
         )
     } else {
+        let (src_key, dst_key) = (v4_key(gen, &packet.src), v4_key(gen, &packet.dst));
         (
-            if in_use(TRIE_SRC_V4) {
-                SRC_V4.get(v4_key(gen, &packet.src))
-            } else {
-                any(TRIE_SRC_V4)
-            }?,
-            if in_use(TRIE_DST_V4) {
-                DST_V4.get(v4_key(gen, &packet.dst))
-            } else {
-                any(TRIE_DST_V4)
-            }?,
+            address(gen, config, TRIE_SRC_V4, &SRC_HOSTS_V4, &SRC_V4, src_key)?,
+            address(gen, config, TRIE_DST_V4, &DST_HOSTS_V4, &DST_V4, dst_key)?,
         )
     };
     let proto = PROTO_BITS.get(gen * PROTOS + u32::from(packet.proto))?;
@@ -58,6 +42,30 @@ pub fn first_match(gen: u32, config: &GenerationConfig, packet: &Packet) -> Opti
     }
     let ports = PORT_BITS.get(gen * MAX_PORT_CLASSES + class)?;
     lowest_common_rule([src, dst, proto, ports])
+}
+
+/// Rules an address satisfies: its host entry if it has one, else the longest prefix in the
+/// trie, else (trie holding only `/0`) the `/0` bits from an array.
+#[inline(always)]
+fn address<K: Copy>(
+    gen: u32,
+    config: &GenerationConfig,
+    field: u32,
+    hosts: &'static HashMap<K, RuleBits>,
+    trie: &'static LpmTrie<K, RuleBits>,
+    key: Key<K>,
+) -> Option<&'static RuleBits> {
+    if config.tries_in_use & (1 << (HOSTS_SHIFT + field)) != 0 {
+        let data = key.data;
+        if let Some(bits) = hosts.get_ptr(data) {
+            // SAFETY: map values stay valid while the program runs (RCU).
+            return Some(unsafe { &*bits });
+        }
+    }
+    if config.tries_in_use & (1 << field) != 0 {
+        return trie.get(key);
+    }
+    ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
 }
 
 #[inline(always)]

@@ -1,8 +1,9 @@
 //! The BPF maps: rule bit sets per packet field, double-buffered by generation (see
 //! `firewall_common`), plus counters and the drop-log token bucket.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData,
@@ -40,6 +41,21 @@ pub static DST_V4: LpmTrie<V4KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_
 pub static SRC_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
 #[map(name = "FW_DST_V6")]
 pub static DST_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+
+/// Host addresses (full-length prefixes) -> rules, looked up before the tries. Allocated per
+/// entry like the tries.
+#[map(name = "FW_SRC_HOST_V4")]
+pub static SRC_HOSTS_V4: HashMap<V4KeyData, RuleBits> =
+    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "FW_DST_HOST_V4")]
+pub static DST_HOSTS_V4: HashMap<V4KeyData, RuleBits> =
+    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "FW_SRC_HOST_V6")]
+pub static SRC_HOSTS_V6: HashMap<V6KeyData, RuleBits> =
+    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "FW_DST_HOST_V6")]
+pub static DST_HOSTS_V6: HashMap<V6KeyData, RuleBits> =
+    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// `gen * 256 + ip_proto` -> rules that can match that protocol.
 #[map(name = "FW_PROTO_BITS")]

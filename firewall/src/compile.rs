@@ -221,10 +221,16 @@ where
 /// What [`with_ancestors`] needs of a prefix type.
 pub trait Prefix {
     const ZERO: Self;
+    /// Bits of an address: a prefix this long is a host.
+    const BITS: u8;
     fn length(&self) -> u8;
+    fn is_host(&self) -> bool {
+        self.length() == Self::BITS
+    }
 }
 
 impl Prefix for Ipv4Net {
+    const BITS: u8 = 32;
     const ZERO: Self = match Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0) {
         Ok(net) => net,
         Err(_) => panic!("valid prefix"),
@@ -235,6 +241,7 @@ impl Prefix for Ipv4Net {
 }
 
 impl Prefix for Ipv6Net {
+    const BITS: u8 = 128;
     const ZERO: Self = match Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0) {
         Ok(net) => net,
         Err(_) => panic!("valid prefix"),

@@ -13,12 +13,12 @@ use aya::util::nr_cpus;
 use aya::{Ebpf, Pod};
 use firewall_common::{
     map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, V4KeyData, V6KeyData,
-    ADDRESS_FIELDS, EGRESS_PROGRAM, GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS,
-    TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
+    ADDRESS_FIELDS, EGRESS_PROGRAM, GEN_PREFIX_BITS, HOSTS_SHIFT, MAX_PORT_CLASSES, MAX_RULES,
+    STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::compile::{Compiled, PORTS, PROTOS};
+use crate::compile::{Compiled, Prefix, PORTS, PROTOS};
 
 /// The XDP object built from firewall-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
@@ -177,29 +177,29 @@ impl Kernel {
             &new.port_bits,
             old.map(|o| o.port_bits.as_slice()),
         )?;
-        updates += write_trie(
-            self.map_mut(map_names::SRC_V4)?,
+        updates += self.write_addresses(
+            (map_names::SRC_V4, map_names::SRC_HOSTS_V4),
             gen,
             &new.src_v4,
             old.map(|o| o.src_v4.as_slice()),
             v4_key,
         )?;
-        updates += write_trie(
-            self.map_mut(map_names::DST_V4)?,
+        updates += self.write_addresses(
+            (map_names::DST_V4, map_names::DST_HOSTS_V4),
             gen,
             &new.dst_v4,
             old.map(|o| o.dst_v4.as_slice()),
             v4_key,
         )?;
-        updates += write_trie(
-            self.map_mut(map_names::SRC_V6)?,
+        updates += self.write_addresses(
+            (map_names::SRC_V6, map_names::SRC_HOSTS_V6),
             gen,
             &new.src_v6,
             old.map(|o| o.src_v6.as_slice()),
             v6_key,
         )?;
-        updates += write_trie(
-            self.map_mut(map_names::DST_V6)?,
+        updates += self.write_addresses(
+            (map_names::DST_V6, map_names::DST_HOSTS_V6),
             gen,
             &new.dst_v6,
             old.map(|o| o.dst_v6.as_slice()),
@@ -235,6 +235,46 @@ impl Kernel {
             Array::try_from(self.map_mut(map_names::GEN_CONFIG)?)?;
         configs.set(gen, config, 0)?;
         Ok(updates + 1)
+    }
+
+    /// One address field: hosts into the host map, shorter prefixes (and `/0`) into the trie.
+    fn write_addresses<N: Prefix + Copy + Eq + Hash, K: Pod>(
+        &mut self,
+        (trie, hosts): (&str, &str),
+        gen: u32,
+        new: &[(N, RuleBits)],
+        old: Option<&[(N, RuleBits)]>,
+        key: fn(u32, &N) -> Key<K>,
+    ) -> Result<usize> {
+        let split = |entries: &[(N, RuleBits)]| -> (Vec<_>, Vec<_>) {
+            entries.iter().partition(|(net, _)| net.is_host())
+        };
+        let (new_hosts, new_prefixes) = split(new);
+        let (old_hosts, old_prefixes) = match old.map(split) {
+            Some((hosts, prefixes)) => (Some(hosts), Some(prefixes)),
+            None => (None, None),
+        };
+        let mut updates = write_trie(
+            self.map_mut(trie)?,
+            gen,
+            &new_prefixes,
+            old_prefixes.as_deref(),
+            key,
+        )?;
+        let mut map: HashMap<&mut MapData, K, RuleBits> = HashMap::try_from(self.map_mut(hosts)?)?;
+        let old: StdHashMap<N, RuleBits> = old_hosts.unwrap_or_default().into_iter().collect();
+        let new: StdHashMap<N, RuleBits> = new_hosts.iter().copied().collect();
+        for net in old.keys().filter(|net| !new.contains_key(net)) {
+            map.remove(&key(gen, net).data())?;
+            updates += 1;
+        }
+        for (net, bits) in &new {
+            if old.get(net) != Some(bits) {
+                map.insert(key(gen, net).data(), bits, 0)?;
+                updates += 1;
+            }
+        }
+        Ok(updates)
     }
 
     fn reset_rule_counters(&mut self, gen: u32, rules: usize) -> Result<()> {
@@ -318,18 +358,18 @@ impl Kernel {
     }
 }
 
-/// `TRIE_*` bits of the tries with more than their `/0` entry.
+/// `TRIE_*` bits of the tries with more than their `/0` entry, and `HOSTS_SHIFT + TRIE_*`
+/// bits of the non-empty host maps.
 fn tries_in_use(compiled: &Compiled) -> u32 {
-    let fields = [
-        (TRIE_SRC_V4, compiled.src_v4.len()),
-        (TRIE_DST_V4, compiled.dst_v4.len()),
-        (TRIE_SRC_V6, compiled.src_v6.len()),
-        (TRIE_DST_V6, compiled.dst_v6.len()),
-    ];
-    fields
-        .iter()
-        .filter(|(_, entries)| *entries > 1)
-        .fold(0, |mask, (field, _)| mask | 1 << field)
+    fn bits<N: Prefix>(field: u32, entries: &[(N, RuleBits)]) -> u32 {
+        let hosts = entries.iter().filter(|(net, _)| net.is_host()).count();
+        let prefixes = entries.len() - hosts;
+        (u32::from(prefixes > 1) << field) | (u32::from(hosts > 0) << (HOSTS_SHIFT + field))
+    }
+    bits(TRIE_SRC_V4, &compiled.src_v4)
+        | bits(TRIE_DST_V4, &compiled.dst_v4)
+        | bits(TRIE_SRC_V6, &compiled.src_v6)
+        | bits(TRIE_DST_V6, &compiled.dst_v6)
 }
 
 /// Writes `new` at `base..`, skipping entries equal to what the generation already holds
