@@ -204,11 +204,16 @@ where
     prefixes.push(N::ZERO);
     prefixes.sort_unstable();
     prefixes.dedup();
+    // Only lengths some rule names can hold an ancestor: a blocklist of hosts and /24s needs
+    // two lookups per prefix, not 33.
+    let mut lengths: Vec<u8> = named.keys().map(Prefix::length).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
     prefixes
         .into_iter()
         .map(|prefix| {
             let mut bits = wildcard;
-            for len in 0..=prefix.length() {
+            for &len in lengths.iter().take_while(|&&len| len <= prefix.length()) {
                 if let Some(named_bits) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
                     bits.union_with(named_bits);
                 }
