@@ -26,14 +26,10 @@ pub fn prepare(path: &Path) -> Result<Compiled> {
     }
     let compiled = compile(&set).with_context(|| format!("{}", path.display()))?;
     info!(
-        "{}: {} rules, default {}",
+        "{}: {} rules, default {:?}",
         path.display(),
         set.rules.len(),
-        if compiled.default_action == firewall_common::ACTION_DENY {
-            "deny"
-        } else {
-            "allow"
-        }
+        set.default_policy
     );
     Ok(compiled)
 }
@@ -43,7 +39,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let compiled = prepare(&options.rules)?;
     let mut kernel = Kernel::load()?;
     kernel.apply(&compiled)?;
-    let logger = match EbpfLogger::init(kernel.ebpf_mut()) {
+    let mut logger = match EbpfLogger::init(kernel.ebpf_mut()) {
         // SAFETY: the logger owns its ring buffer fd for as long as it lives, and the AsyncFd
         // owns the logger.
         Ok(logger) => Some(unsafe { AsyncFd::register(logger) }.map_err(|e| e.into_parts().1)?),
@@ -65,7 +61,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut logger = logger;
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(&mut kernel, &options.rules),
