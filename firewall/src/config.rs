@@ -118,8 +118,16 @@ pub fn parse_rules_in(file: &str, text: &str, dir: &Path) -> Result<RuleSet, Con
         let span = error.span().unwrap_or(0..0);
         located((span, readable(error.message())))
     })?;
-    let sets = resolve_sets(raw.sets.take().unwrap_or_default(), dir, &located)?;
-    validate(raw, &sets).map_err(located)
+    let mut set_files = Vec::new();
+    let sets = resolve_sets(
+        raw.sets.take().unwrap_or_default(),
+        dir,
+        &located,
+        &mut set_files,
+    )?;
+    let mut set = validate(raw, &sets).map_err(located)?;
+    set.set_files = set_files;
+    Ok(set)
 }
 
 /// Default and hard cap of `[limits] max_entries`: distinct networks in all rules' `from`
@@ -132,6 +140,7 @@ fn resolve_sets(
     raw: BTreeMap<String, Spanned<RawSet>>,
     dir: &Path,
     located: &dyn Fn(Located) -> ConfigError,
+    set_files: &mut Vec<std::path::PathBuf>,
 ) -> Result<HashMap<String, Vec<IpNet>>, ConfigError> {
     let mut sets = HashMap::new();
     for (name, set) in raw {
@@ -163,6 +172,7 @@ fn resolve_sets(
                     ))
                 })?;
                 nets.extend(parse_set_file(&path.display().to_string(), &text)?);
+                set_files.push(path);
             }
         }
         if nets.is_empty() {
@@ -322,6 +332,7 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
         essentials: defaults.essentials.unwrap_or(true),
         timeouts,
         rules,
+        set_files: Vec::new(),
     })
 }
 

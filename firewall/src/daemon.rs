@@ -1,12 +1,21 @@
 //! `firewall run`: the pipeline parse -> compile -> apply, then attach and serve signals.
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use aya_log::EbpfLogger;
+use futures_util::StreamExt as _;
+use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask};
 use log::{error, info, warn};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Sleep;
 
 use crate::compile::{compile, Compiled};
 use crate::config::load_rules;
@@ -16,10 +25,24 @@ pub struct RunOptions {
     pub rules: PathBuf,
     pub ifaces: Vec<String>,
     pub mode: AttachMode,
+    /// Unix socket that `firewall reload` talks to.
+    pub control: PathBuf,
+}
+
+/// Default path of the control socket.
+pub const DEFAULT_CONTROL: &str = "/run/firewall.sock";
+
+/// Wait after a file change before reloading, so that a burst of writes reloads once.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A compiled rule file and the files it was read from.
+pub struct Prepared {
+    pub compiled: Compiled,
+    pub files: Vec<PathBuf>,
 }
 
 /// Reads and compiles a rule file; nothing touches the kernel.
-pub fn prepare(path: &Path) -> Result<Compiled> {
+pub fn prepare(path: &Path) -> Result<Prepared> {
     let set = load_rules(path)?;
     for warning in crate::lint::warnings(&set) {
         warn!("{}: {warning}", path.display());
@@ -31,14 +54,18 @@ pub fn prepare(path: &Path) -> Result<Compiled> {
         set.rules.len(),
         set.default_policy
     );
-    Ok(compiled)
+    let mut files = vec![path.to_path_buf()];
+    files.extend(set.set_files.iter().cloned());
+    Ok(Prepared { compiled, files })
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
-    let compiled = prepare(&options.rules)?;
+    let prepared = prepare(&options.rules)?;
     let mut kernel = Kernel::load()?;
-    kernel.apply(&compiled)?;
+    kernel.apply(&prepared.compiled)?;
+    let mut watcher = FileWatcher::new(&prepared.files)?;
+    let control = ControlSocket::bind(&options.control)?;
     let mut logger = match EbpfLogger::init(kernel.ebpf_mut()) {
         // SAFETY: the logger owns its ring buffer fd for as long as it lives, and the AsyncFd
         // owns the logger.
@@ -56,14 +83,35 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let mode = kernel.attach(iface, options.mode)?;
         info!("attached to {iface} ({mode} XDP ingress, tc egress)");
     }
-    info!("filtering; SIGHUP reloads {}", options.rules.display());
+    info!(
+        "filtering; SIGHUP, `firewall reload --control {}` or editing {} reloads",
+        options.control.display(),
+        options.rules.display()
+    );
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut debounce: Option<Pin<Box<Sleep>>> = None;
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&mut kernel, &options.rules),
+            _ = hangup.recv() => {
+                let _ = reload(&mut kernel, &options.rules, &mut watcher);
+            }
+            changed = watcher.changed() => {
+                changed?;
+                debounce = Some(Box::pin(tokio::time::sleep(DEBOUNCE)));
+            }
+            () = async { debounce.as_mut().expect("guarded").await }, if debounce.is_some() => {
+                debounce = None;
+                info!("rule files changed");
+                let _ = reload(&mut kernel, &options.rules, &mut watcher);
+            }
+            request = control.accept() => {
+                if let Err(error) = serve(request, &mut kernel, &options.rules, &mut watcher).await {
+                    warn!("control request failed: {error:#}");
+                }
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             guard = readable(&mut logger) => {
@@ -78,23 +126,156 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Re-reads the rule file and swaps it in; on any error the rules in force stay.
-fn reload(kernel: &mut Kernel, path: &Path) {
+/// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns the
+/// line that was logged.
+fn reload(kernel: &mut Kernel, path: &Path, watcher: &mut FileWatcher) -> Result<String, String> {
     let started = Instant::now();
-    let result = prepare(path).and_then(|compiled| {
+    let result = prepare(path).and_then(|prepared| {
+        let compiled = &prepared.compiled;
         let entries = compiled.src_v4.len()
             + compiled.src_v6.len()
             + compiled.dst_v4.len()
             + compiled.dst_v6.len();
-        Ok((kernel.apply(&compiled)?, entries))
+        let updates = kernel.apply(compiled)?;
+        // Set files may have come or gone.
+        *watcher = FileWatcher::new(&prepared.files)?;
+        Ok((updates, entries))
     });
     match result {
-        Ok((updates, entries)) => info!(
-            "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
-            path.display(),
-            started.elapsed()
-        ),
-        Err(error) => error!("reload failed, previous rules stay in force: {error:#}"),
+        Ok((updates, entries)) => {
+            let message = format!(
+                "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
+                path.display(),
+                started.elapsed()
+            );
+            info!("{message}");
+            Ok(message)
+        }
+        Err(error) => {
+            let message = format!("reload failed, previous rules stay in force: {error:#}");
+            error!("{message}");
+            Err(message)
+        }
+    }
+}
+
+/// Watches the rule file and its set files through their directories (editors replace files
+/// by renaming a new one over them).
+struct FileWatcher {
+    events: EventStream<Vec<u8>>,
+    /// Per watched directory, the file names that matter.
+    names: HashMap<WatchDescriptor, HashSet<OsString>>,
+}
+
+impl FileWatcher {
+    fn new(files: &[PathBuf]) -> Result<FileWatcher> {
+        let inotify = Inotify::init().context("inotify")?;
+        let mut names: HashMap<WatchDescriptor, HashSet<OsString>> = HashMap::new();
+        for file in files {
+            let dir = match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir,
+                _ => Path::new("."),
+            };
+            let Some(name) = file.file_name() else {
+                continue;
+            };
+            let mask = WatchMask::CLOSE_WRITE
+                | WatchMask::MOVED_TO
+                | WatchMask::CREATE
+                | WatchMask::DELETE;
+            let wd = inotify
+                .watches()
+                .add(dir, mask)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            names.entry(wd).or_default().insert(name.to_os_string());
+        }
+        let events = inotify.into_event_stream(vec![0u8; 4096])?;
+        Ok(FileWatcher { events, names })
+    }
+
+    /// Waits for a change to one of the files.
+    async fn changed(&mut self) -> Result<()> {
+        loop {
+            let event = self.events.next().await.context("inotify stream ended")??;
+            let relevant = match (&event.name, self.names.get(&event.wd)) {
+                (Some(name), Some(names)) => names.contains(name),
+                _ => false,
+            };
+            if relevant {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The daemon's end of `firewall reload`: a Unix socket, root only.
+struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    fn bind(path: &Path) -> Result<ControlSocket> {
+        // A socket left by a daemon that died: nobody listens on it any more.
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One control request: `reload` -> `ok: ...` or `error: ...`.
+async fn serve(
+    request: std::io::Result<UnixStream>,
+    kernel: &mut Kernel,
+    path: &Path,
+    watcher: &mut FileWatcher,
+) -> Result<()> {
+    let stream = request?;
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut read = BufReader::new(read);
+    tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await??;
+    let reply = match line.trim() {
+        "reload" => match reload(kernel, path, watcher) {
+            Ok(message) => format!("ok: {message}\n"),
+            Err(message) => format!("error: {message}\n"),
+        },
+        other => format!("error: unknown request {other:?}\n"),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    Ok(())
+}
+
+/// `firewall reload`: asks the running daemon to reload and returns its answer.
+pub fn request_reload(control: &Path) -> Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(control).with_context(|| {
+        format!(
+            "no firewall daemon answers on {} (is it running?)",
+            control.display()
+        )
+    })?;
+    stream.write_all(b"reload\n")?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    match reply.trim_end().strip_prefix("ok: ") {
+        Some(message) => Ok(message.to_string()),
+        None => anyhow::bail!("{}", reply.trim_end().trim_start_matches("error: ")),
     }
 }
 

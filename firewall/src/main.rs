@@ -30,6 +30,15 @@ enum Command {
         /// XDP attach mode: auto tries native, then skb (generic).
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: AttachMode,
+        /// Control socket for `firewall reload`.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Ask the running daemon to reload its rule file; prints what it did or the error.
+    Reload {
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
     },
     /// Validate a rule file and summarise what would be loaded.
     Check {
@@ -48,10 +57,14 @@ fn main() -> ExitCode {
                 eprintln!("warning: {}: {warning}", file.display());
             }
         }),
+        Command::Reload { control } => {
+            daemon::request_reload(&control).map(|message| println!("{message}"))
+        }
         Command::Run {
             rules,
             ifaces,
             xdp_mode,
+            control,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -61,6 +74,7 @@ fn main() -> ExitCode {
                     rules,
                     ifaces,
                     mode: xdp_mode,
+                    control,
                 }))
             }),
     };

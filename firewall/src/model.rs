@@ -71,6 +71,8 @@ pub struct RuleSet {
     pub essentials: bool,
     pub timeouts: Timeouts,
     pub rules: Vec<Rule>,
+    /// Set files the rules were read from (the daemon watches them).
+    pub set_files: Vec<std::path::PathBuf>,
 }
 
 impl RuleSet {
@@ -82,6 +84,7 @@ impl RuleSet {
             essentials: true,
             timeouts: Timeouts::default(),
             rules,
+            set_files: Vec::new(),
         }
     }
 }

@@ -387,3 +387,68 @@ fn reloads_never_mix_rule_sets() {
     );
     daemon.terminate();
 }
+
+/// Editing the rule file or a set file it uses reloads the daemon by itself (one reload per
+/// burst of writes), and `firewall reload` reports success or the error it hit.
+#[test]
+fn reloads_on_file_changes_and_on_request() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let file = RuleFile::new(
+        "watched.toml",
+        "[sets.peers]\nfiles = [\"peers.txt\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@peers\"]\n",
+    );
+    let set_file = file.path.with_file_name("peers.txt");
+    std::fs::write(&set_file, "192.0.2.1\n").unwrap();
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let web = SocketAddr::new(net.a4, 8080);
+    assert!(tcp_reaches(&net.b, web), "the peer is not in the set yet");
+
+    // The set file gains the peer: denied, without a signal.
+    std::fs::write(&set_file, format!("192.0.2.1\n{}\n", net.b4)).unwrap();
+    daemon.wait_for("reloaded", 1);
+    assert!(!tcp_reaches(&net.b, web), "set file change not applied");
+
+    // The rule file is replaced by rename, as editors do: allow again.
+    let staged = file.path.with_file_name("staged.tmp");
+    std::fs::write(&staged, "[[rules]]\naction = \"allow\"\n").unwrap();
+    std::fs::rename(&staged, &file.path).unwrap();
+    daemon.wait_for("reloaded", 2);
+    assert!(tcp_reaches(&net.b, web), "rule file change not applied");
+
+    let reload = |control: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_firewall"))
+            .args(["reload", "--control"])
+            .arg(control)
+            .output()
+            .unwrap()
+    };
+    let output = reload(&daemon.control);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("reloaded"));
+
+    // A broken set file: the watcher's reload fails, and so does the requested one, with the
+    // position; the rules in force stay.
+    std::fs::write(&set_file, "10.0.0.1/8\n").unwrap();
+    file.write("[sets.peers]\nfiles = [\"peers.txt\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@peers\"]\n");
+    daemon.wait_for("reload failed", 1);
+    let output = reload(&daemon.control);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("peers.txt:1: host bits set"), "{stderr}");
+    assert!(
+        tcp_reaches(&net.b, web),
+        "a failed reload changed the rules"
+    );
+    let control = daemon.control.clone();
+    daemon.terminate();
+    assert!(!control.exists(), "control socket left behind");
+    assert!(
+        !reload(&control).status.success(),
+        "reload without a daemon succeeded"
+    );
+}

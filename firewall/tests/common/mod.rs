@@ -182,11 +182,14 @@ pub fn udp_reaches(ns: &str, to: SocketAddr) -> bool {
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
+    /// Its control socket, for `firewall reload --control`.
+    pub control: PathBuf,
 }
 
 impl Daemon {
     pub fn start(ns: &str, rules: &Path, iface: &str) -> Daemon {
         let log = std::env::temp_dir().join(format!("{ns}.log"));
+        let control = std::env::temp_dir().join(format!("{ns}.sock"));
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -198,6 +201,8 @@ impl Daemon {
             ])
             .arg(rules)
             .args(["--iface", iface])
+            .arg("--control")
+            .arg(&control)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -207,6 +212,7 @@ impl Daemon {
         let daemon = Daemon {
             child: Some(child),
             log,
+            control,
         };
         daemon.wait_for("filtering", 1);
         daemon
