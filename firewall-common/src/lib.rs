@@ -107,6 +107,8 @@ pub struct GenerationConfig {
 pub const CHECK_ESTABLISHED: u32 = 1;
 /// ICMPv6 that IPv6 cannot work without passes before the rules.
 pub const CHECK_ESSENTIALS: u32 = 2;
+/// Some rule names interfaces: the ingress interface is a fifth classified field.
+pub const CHECK_IFACES: u32 = 4;
 
 /// A flow the host started, keyed as its replies look from the host: `remote` is the peer.
 /// ICMP echo flows use `local_port` for the echo identifier and 0 for `remote_port`.
@@ -159,6 +161,11 @@ pub struct LogBucket {
 pub type V4KeyData = [u32; 2];
 /// LPM key data of the IPv6 tries: generation word, then the address.
 pub type V6KeyData = [u32; 5];
+/// Key of the interface map: generation, ingress ifindex.
+pub type IfaceKey = [u32; 2];
+/// Interfaces named by rules, per generation.
+pub const MAX_IFACES: u32 = 1024;
+
 /// Bits of the generation word that prefix every trie key.
 pub const GEN_PREFIX_BITS: u32 = 32;
 
@@ -193,6 +200,8 @@ pub mod map_names {
     pub const STATS: &str = "FW_STATS";
     pub const LOG_BUCKET: &str = "FW_LOG_BUCKET";
     pub const FLOWS: &str = "FW_FLOWS";
+    pub const IFACE_BITS: &str = "FW_IFACE_BITS";
+    pub const OTHER_IFACES: &str = "FW_OTHER_IFACES";
 }
 
 /// Name of the XDP program in the object file.

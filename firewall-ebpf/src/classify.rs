@@ -4,21 +4,27 @@
 //! whatever the number of rules.
 use aya_ebpf::maps::{lpm_trie::Key, HashMap, LpmTrie};
 use firewall_common::{
-    GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, GEN_PREFIX_BITS, HOSTS_SHIFT,
-    MAX_PORT_CLASSES, RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6,
+    GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, CHECK_IFACES,
+    GEN_PREFIX_BITS, HOSTS_SHIFT, MAX_PORT_CLASSES, RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6,
+    TRIE_SRC_V4, TRIE_SRC_V6,
 };
 
 use crate::{
     maps::{
-        ANY_ADDRESS, DST_HOSTS_V4, DST_HOSTS_V6, DST_V4, DST_V6, PORTS, PORT_BITS, PORT_CLASS,
-        PROTOS, PROTO_BITS, SRC_HOSTS_V4, SRC_HOSTS_V6, SRC_V4, SRC_V6,
+        ANY_ADDRESS, DST_HOSTS_V4, DST_HOSTS_V6, DST_V4, DST_V6, IFACE_BITS, OTHER_IFACES, PORTS,
+        PORT_BITS, PORT_CLASS, PROTOS, PROTO_BITS, SRC_HOSTS_V4, SRC_HOSTS_V6, SRC_V4, SRC_V6,
     },
     parse::Packet,
 };
 
 /// Index of the first rule matching `packet` in generation `gen`, if any.
 #[inline(always)]
-pub fn first_match(gen: u32, config: &GenerationConfig, packet: &Packet) -> Option<u32> {
+pub fn first_match(
+    gen: u32,
+    config: &GenerationConfig,
+    packet: &Packet,
+    ifindex: u32,
+) -> Option<u32> {
     let (src, dst) = if packet.v6 {
         let (src_key, dst_key) = (v6_key(gen, &packet.src), v6_key(gen, &packet.dst));
         (
@@ -41,7 +47,18 @@ pub fn first_match(gen: u32, config: &GenerationConfig, packet: &Packet) -> Opti
         return None;
     }
     let ports = PORT_BITS.get(gen * MAX_PORT_CLASSES + class)?;
-    lowest_common_rule([src, dst, proto, ports])
+    // Without interface rules the fifth set is the protocol set again: ANDing it twice is
+    // free of branches in the loop below.
+    let iface = if config.checks & CHECK_IFACES != 0 {
+        match IFACE_BITS.get_ptr([gen, ifindex]) {
+            // SAFETY: map values stay valid while the program runs (RCU).
+            Some(bits) => unsafe { &*bits },
+            None => OTHER_IFACES.get(gen)?,
+        }
+    } else {
+        proto
+    };
+    lowest_common_rule([src, dst, proto, ports, iface])
 }
 
 /// Rules an address satisfies: its host entry if it has one, else the longest prefix in the
@@ -69,8 +86,9 @@ fn address<K: Copy>(
 }
 
 #[inline(always)]
-fn lowest_common_rule(sets: [&RuleBits; 4]) -> Option<u32> {
-    let candidates = sets[0].summary & sets[1].summary & sets[2].summary & sets[3].summary;
+fn lowest_common_rule(sets: [&RuleBits; 5]) -> Option<u32> {
+    let candidates =
+        sets[0].summary & sets[1].summary & sets[2].summary & sets[3].summary & sets[4].summary;
     if candidates == 0 {
         return None;
     }
@@ -78,8 +96,11 @@ fn lowest_common_rule(sets: [&RuleBits; 4]) -> Option<u32> {
         if candidates & (1 << word) == 0 {
             continue;
         }
-        let common =
-            sets[0].words[word] & sets[1].words[word] & sets[2].words[word] & sets[3].words[word];
+        let common = sets[0].words[word]
+            & sets[1].words[word]
+            & sets[2].words[word]
+            & sets[3].words[word]
+            & sets[4].words[word];
         if common != 0 {
             return Some(word as u32 * 64 + lowest_bit(common));
         }

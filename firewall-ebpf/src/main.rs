@@ -57,15 +57,16 @@ pub fn firewall(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     // `rule_number` is 1-based for the log; 0 is the default policy.
-    let (action, rule_number, slot) = match classify::first_match(gen, config, &packet) {
-        Some(rule) => {
-            let slot = gen * MAX_RULES as u32 + rule;
-            let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
-            (action, rule + 1, slot)
-        }
-        None if config.default_action == ACTION_DENY => (ACTION_DENY, 0, STAT_DEFAULT_DENY),
-        None => (config.default_action, 0, STAT_DEFAULT_ALLOW),
-    };
+    let (action, rule_number, slot) =
+        match classify::first_match(gen, config, &packet, ctx.ingress_ifindex() as u32) {
+            Some(rule) => {
+                let slot = gen * MAX_RULES as u32 + rule;
+                let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
+                (action, rule + 1, slot)
+            }
+            None if config.default_action == ACTION_DENY => (ACTION_DENY, 0, STAT_DEFAULT_DENY),
+            None => (config.default_action, 0, STAT_DEFAULT_ALLOW),
+        };
     count(slot, bytes);
     if action == ACTION_DENY {
         log::log_drop(&ctx, config, &packet, rule_number);

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use firewall_common::{
-    Counter, FlowKey, FlowState, GenerationConfig, LogBucket, RuleBits, V4KeyData, V6KeyData,
-    ADDRESS_FIELDS, GENERATIONS, MAX_FLOWS, MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES,
-    STAT_SLOTS,
+    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RuleBits, V4KeyData,
+    V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES, MAX_RULES,
+    MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -56,6 +56,16 @@ pub static SRC_HOSTS_V6: HashMap<V6KeyData, RuleBits> =
 #[map(name = "FW_DST_HOST_V6")]
 pub static DST_HOSTS_V6: HashMap<V6KeyData, RuleBits> =
     HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// `(gen, ingress ifindex)` -> rules that apply on that interface (those without `iface` and
+/// those naming it).
+#[map(name = "FW_IFACE_BITS")]
+pub static IFACE_BITS: HashMap<IfaceKey, RuleBits> =
+    HashMap::with_max_entries(GENERATIONS * MAX_IFACES, 0);
+
+/// Per generation: the rules that apply on interfaces no rule names.
+#[map(name = "FW_OTHER_IFACES")]
+pub static OTHER_IFACES: Array<RuleBits> = Array::with_max_entries(GENERATIONS, 0);
 
 /// `gen * 256 + ip_proto` -> rules that can match that protocol.
 #[map(name = "FW_PROTO_BITS")]

@@ -42,6 +42,7 @@ fn rule_set(count: usize) -> RuleSet {
             ]),
             to: None,
             ports: Some(vec![(1000 + i as u16)..=(1000 + i as u16)]),
+            iface: None,
         })
         .collect();
     rules.push(Rule {
@@ -54,6 +55,7 @@ fn rule_set(count: usize) -> RuleSet {
         ]),
         to: None,
         ports: Some(vec![80..=80, 443..=443]),
+        iface: None,
     });
     RuleSet::new(Action::Deny, rules)
 }

@@ -16,8 +16,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use firewall_common::{
-    RuleBits, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_PORT_CLASSES,
-    MAX_RULES,
+    RuleBits, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES,
+    MAX_PORT_CLASSES, MAX_RULES,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -48,6 +48,10 @@ pub struct Compiled {
     pub dst_v4: Vec<(Ipv4Net, RuleBits)>,
     pub src_v6: Vec<(Ipv6Net, RuleBits)>,
     pub dst_v6: Vec<(Ipv6Net, RuleBits)>,
+    /// Rules that apply on packets arriving on an interface no rule names.
+    pub other_ifaces: RuleBits,
+    /// Per interface some rule names: the rules that apply on it. Empty: no rule names one.
+    pub ifaces: Vec<(String, RuleBits)>,
 }
 
 pub fn compile(set: &RuleSet) -> Result<Compiled> {
@@ -60,13 +64,19 @@ pub fn compile(set: &RuleSet) -> Result<Compiled> {
     let (port_class, port_bits) = port_tables(&set.rules)?;
     let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
     let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
+    let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
         default_action: action_code(set.default_policy),
         checks: if set.established {
             CHECK_ESTABLISHED
         } else {
             0
-        } | if set.essentials { CHECK_ESSENTIALS } else { 0 },
+        } | if set.essentials { CHECK_ESSENTIALS } else { 0 }
+            | if set.rules.iter().any(|rule| rule.iface.is_some()) {
+                CHECK_IFACES
+            } else {
+                0
+            },
         timeouts: set.timeouts,
         actions: set
             .rules
@@ -80,6 +90,8 @@ pub fn compile(set: &RuleSet) -> Result<Compiled> {
         dst_v4,
         src_v6,
         dst_v6,
+        other_ifaces,
+        ifaces,
     })
 }
 
@@ -104,6 +116,33 @@ fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
             bits
         })
         .collect()
+}
+
+/// Rules without `iface` apply everywhere; a named interface adds the rules naming it.
+fn interface_table(rules: &[Rule]) -> (RuleBits, Vec<(String, RuleBits)>) {
+    let mut everywhere = RuleBits::EMPTY;
+    let mut named: std::collections::BTreeMap<String, RuleBits> = Default::default();
+    for (index, rule) in rules.iter().enumerate() {
+        match &rule.iface {
+            None => everywhere.set(index),
+            Some(names) => {
+                for name in names {
+                    named
+                        .entry(name.clone())
+                        .or_insert(RuleBits::EMPTY)
+                        .set(index);
+                }
+            }
+        }
+    }
+    let ifaces = named
+        .into_iter()
+        .map(|(name, mut bits)| {
+            bits.union_with(&everywhere);
+            (name, bits)
+        })
+        .collect();
+    (everywhere, ifaces)
 }
 
 /// Port -> class, and class -> rules. Identical bit sets share a class.
@@ -269,6 +308,7 @@ mod tests {
             from: from.map(|nets| nets.iter().map(|n| n.parse().unwrap()).collect()),
             to: None,
             ports,
+            iface: None,
         }
     }
 

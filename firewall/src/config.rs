@@ -89,6 +89,7 @@ struct RawRule {
     from: Option<Spanned<Vec<Spanned<String>>>>,
     to: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    iface: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// Longest idle timeout accepted: 30 days.
@@ -313,6 +314,7 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
                 .map(|list| address_list(list, sets))
                 .transpose()?,
             ports,
+            iface: raw_rule.iface.map(interface_list).transpose()?,
         });
     }
     let max_entries = match raw.limits.and_then(|limits| limits.max_entries) {
@@ -361,6 +363,32 @@ fn check_capacity(
         }
     }
     Ok(())
+}
+
+/// Interface names (`iface = ["eth0"]`, ufw's `in on`).
+fn interface_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<String>, Located> {
+    if list.get_ref().is_empty() {
+        return Err((
+            list.span(),
+            "empty interface list: omit the key to match every interface".into(),
+        ));
+    }
+    let mut names = Vec::new();
+    for name in list.get_ref() {
+        let valid = !name.get_ref().is_empty()
+            && name.get_ref().len() < 16
+            && !name
+                .get_ref()
+                .contains(|c: char| c == '/' || c.is_whitespace());
+        if !valid {
+            return Err((
+                name.span(),
+                format!("invalid interface name {:?}", name.get_ref()),
+            ));
+        }
+        names.push(name.get_ref().clone());
+    }
+    Ok(names)
 }
 
 fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
@@ -559,14 +587,18 @@ pub fn summary(set: &RuleSet) -> String {
                 .join(","),
         };
         out += &format!(
-            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}\n",
+            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{}\n",
             index + 1,
             rule.name,
             policy(rule.action),
             format!("{:?}", rule.proto).to_lowercase(),
             nets(&rule.from),
             nets(&rule.to),
-            ports
+            ports,
+            match &rule.iface {
+                Some(names) => format!(" on {}", names.join(",")),
+                None => String::new(),
+            }
         );
     }
     out
@@ -609,6 +641,8 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\nname = 7\n", 3, 8, "invalid type"),
             ("[[rules]]\nname = \"a\"\naction = \"allow\"\n[[rules]]\nname = \"a\"\naction = \"deny\"\n", 5, 8, "duplicate rule name \"a\""),
             ("rules = 5\n", 1, 9, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\niface = []\n", 3, 9, "empty interface list"),
+            ("[[rules]]\naction = \"allow\"\niface = [\"a very long name0\"]\n", 3, 10, "invalid interface name"),
             ("[defaults]\nestablished = \"yes\"\n", 2, 15, "invalid type"),
             ("[state]\nudp_timeout = 0\n", 2, 15, "timeout must be 1"),
             ("[state]\ntcp = 5\n", 2, 1, "unknown key `tcp`"),
@@ -763,6 +797,7 @@ mod tests {
             from = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]
             to = ["198.51.100.0/24"]
             ports = [22, "8000-8100", "443"]
+            iface = ["eth0", "wg0"]
 
             [[rules]]
             action = "deny"
@@ -783,6 +818,10 @@ mod tests {
         // Merged lists come out sorted, IPv4 first.
         assert_eq!(from, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
         assert_eq!(rule.ports, Some(vec![22..=22, 8000..=8100, 443..=443]));
+        assert_eq!(
+            rule.iface,
+            Some(vec!["eth0".to_string(), "wg0".to_string()])
+        );
         let second = &set.rules[1];
         assert_eq!(second.name, "rule 2");
         assert_eq!(

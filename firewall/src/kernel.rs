@@ -218,6 +218,7 @@ impl Kernel {
             &any_address.map(|bits| *bits),
             old_any.as_ref().map(|o| o.as_slice()),
         )?;
+        updates += self.write_interfaces(gen, new, old)?;
         self.reset_rule_counters(gen, new.actions.len())?;
         let config = GenerationConfig {
             default_action: new.default_action,
@@ -275,6 +276,47 @@ impl Kernel {
             }
         }
         Ok(updates)
+    }
+
+    /// The interface map of generation `gen`, by ifindex. Interfaces that do not exist (yet)
+    /// are skipped with a warning: rules naming only them match nothing.
+    fn write_interfaces(
+        &mut self,
+        gen: u32,
+        new: &Compiled,
+        old: Option<&Compiled>,
+    ) -> Result<usize> {
+        let resolve = |entries: &[(String, RuleBits)]| -> StdHashMap<u32, RuleBits> {
+            entries
+                .iter()
+                .filter_map(|(name, bits)| match ifindex(name) {
+                    Some(index) => Some((index, *bits)),
+                    None => {
+                        log::warn!("interface {name} named by rules does not exist here");
+                        None
+                    }
+                })
+                .collect()
+        };
+        let new_map = resolve(&new.ifaces);
+        let old_map = old.map(|o| resolve(&o.ifaces)).unwrap_or_default();
+        let mut updates = 0;
+        let mut map: HashMap<&mut MapData, [u32; 2], RuleBits> =
+            HashMap::try_from(self.map_mut(map_names::IFACE_BITS)?)?;
+        for index in old_map.keys().filter(|index| !new_map.contains_key(index)) {
+            let _ = map.remove(&[gen, *index]);
+            updates += 1;
+        }
+        for (index, bits) in &new_map {
+            if old_map.get(index) != Some(bits) {
+                map.insert([gen, *index], bits, 0)?;
+                updates += 1;
+            }
+        }
+        let mut other: Array<&mut MapData, RuleBits> =
+            Array::try_from(self.map_mut(map_names::OTHER_IFACES)?)?;
+        other.set(gen, new.other_ifaces, 0)?;
+        Ok(updates + 1)
     }
 
     fn reset_rule_counters(&mut self, gen: u32, rules: usize) -> Result<()> {
@@ -449,6 +491,14 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         log::debug!("could not raise RLIMIT_MEMLOCK");
     }
+}
+
+/// The index of interface `name` in this network namespace.
+fn ifindex(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

@@ -58,6 +58,8 @@ pub struct Rule {
     pub to: Option<Vec<IpNet>>,
     /// `None`: any port (and any protocol). `Some`: destination port in one of these ranges.
     pub ports: Option<Vec<RangeInclusive<u16>>>,
+    /// `None`: every interface the daemon manages. `Some`: packets arriving on one of these.
+    pub iface: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

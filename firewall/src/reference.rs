@@ -94,8 +94,19 @@ pub fn evaluate(rules: &RuleSet, frame: &[u8]) -> Decision {
     evaluate_with_flows(rules, frame, &FlowTable::default())
 }
 
-/// The verdict given the host's tracked flows.
+/// The verdict given the host's tracked flows, for a frame arriving on an interface no rule
+/// names.
 pub fn evaluate_with_flows(rules: &RuleSet, frame: &[u8], flows: &FlowTable) -> Decision {
+    evaluate_on(rules, frame, None, flows)
+}
+
+/// The verdict for a frame arriving on interface `iface`, given the host's tracked flows.
+pub fn evaluate_on(
+    rules: &RuleSet,
+    frame: &[u8],
+    iface: Option<&str>,
+    flows: &FlowTable,
+) -> Decision {
     let pass = |reason| Decision {
         verdict: Verdict::Pass,
         reason,
@@ -113,7 +124,7 @@ pub fn evaluate_with_flows(rules: &RuleSet, frame: &[u8], flows: &FlowTable) -> 
             verdict: Verdict::Drop,
             reason: Reason::Malformed,
         },
-        Parsed::Ip(packet) => classify(rules, &packet),
+        Parsed::Ip(packet) => classify_on(rules, &packet, iface),
     }
 }
 
@@ -209,13 +220,26 @@ fn is_established(rules: &RuleSet, packet: &PacketInfo, flows: &FlowTable) -> bo
     flows.now_ns.saturating_sub(state.last_seen_ns) <= timeout * 1_000_000_000
 }
 
-/// First matching rule, else the default policy.
+/// First matching rule, else the default policy (interface not named by any rule).
 pub fn classify(rules: &RuleSet, packet: &PacketInfo) -> Decision {
+    classify_on(rules, packet, None)
+}
+
+/// First matching rule for a packet arriving on `iface`, else the default policy.
+pub fn classify_on(rules: &RuleSet, packet: &PacketInfo, iface: Option<&str>) -> Decision {
     let verdict = |action| match action {
         Action::Allow => Verdict::Pass,
         Action::Deny => Verdict::Drop,
     };
-    match rules.rules.iter().position(|rule| matches(rule, packet)) {
+    let on_iface = |rule: &Rule| match &rule.iface {
+        None => true,
+        Some(names) => iface.is_some_and(|iface| names.iter().any(|name| name == iface)),
+    };
+    match rules
+        .rules
+        .iter()
+        .position(|rule| on_iface(rule) && matches(rule, packet))
+    {
         Some(index) => Decision {
             verdict: verdict(rules.rules[index].action),
             reason: Reason::Rule(index),

@@ -13,7 +13,7 @@ use firewall::kernel::monotonic_now_ns;
 use firewall::kernel::Kernel;
 use firewall::model::{Action, Proto, Rule, RuleSet};
 use firewall::reference::{
-    evaluate_with_flows, inbound_flow, parse_frame, FlowTable, Parsed, Reason, Verdict,
+    evaluate_on, inbound_flow, parse_frame, FlowTable, Parsed, Reason, Verdict,
 };
 use firewall_common::{FlowState, FLOW_CLOSING};
 use ipnet::IpNet;
@@ -118,6 +118,13 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
         from: nets(rng),
         to: nets(rng),
         ports,
+        // BPF_PROG_TEST_RUN delivers frames on the loopback device: rules on "lo" apply,
+        // rules on an interface that does not exist never do.
+        iface: rng.gen_bool(0.2).then(|| match rng.gen_range(0..3) {
+            0 => vec!["lo".to_string()],
+            1 => vec!["nope0".to_string()],
+            _ => vec!["nope0".to_string(), "lo".to_string()],
+        }),
     }
 }
 
@@ -427,7 +434,7 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         let table: Vec<_> = flows.flows.iter().map(|(k, v)| (*k, *v)).collect();
         kernel.set_flows(&table).expect("set flows");
         for frame in frames {
-            let expected = evaluate_with_flows(&set, &frame, &flows);
+            let expected = evaluate_on(&set, &frame, Some("lo"), &flows);
             if frame.len() < ETH_HLEN {
                 // The kernel hands XDP no frame shorter than an Ethernet header, and
                 // BPF_PROG_TEST_RUN refuses one.

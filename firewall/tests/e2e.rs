@@ -452,3 +452,33 @@ fn reloads_on_file_changes_and_on_request() {
         "reload without a daemon succeeded"
     );
 }
+
+/// A rule naming the firewalled interface applies there; one naming another interface does
+/// not.
+#[test]
+fn rules_can_name_interfaces() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080, 8081]);
+    let file = RuleFile::new(
+        "ifaces.toml",
+        &format!(
+            "[[rules]]\naction = \"deny\"\nports = [8080]\niface = [\"{}\"]\n\n\
+             [[rules]]\naction = \"deny\"\nports = [8081]\niface = [\"other0\"]\n",
+            net.veth_a
+        ),
+    );
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    assert!(
+        !tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080)),
+        "rule on this interface ignored"
+    );
+    assert!(
+        tcp_reaches(&net.b, SocketAddr::new(net.a4, 8081)),
+        "rule on another interface applied"
+    );
+    assert!(
+        daemon.log().contains("other0"),
+        "no warning about the missing interface"
+    );
+    daemon.terminate();
+}
