@@ -161,7 +161,7 @@ pub struct LogBucket {
 pub type V4KeyData = [u32; 2];
 /// LPM key data of the IPv6 tries: generation word, then the address.
 pub type V6KeyData = [u32; 5];
-/// Key of the interface map: generation, ingress ifindex.
+/// Key of the interface map: generation word (big-endian, as in trie keys), ingress ifindex.
 pub type IfaceKey = [u32; 2];
 /// Interfaces named by rules, per generation.
 pub const MAX_IFACES: u32 = 1024;

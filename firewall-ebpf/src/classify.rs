@@ -50,7 +50,7 @@ pub fn first_match(
     // Without interface rules the fifth set is the protocol set again: ANDing it twice is
     // free of branches in the loop below.
     let iface = if config.checks & CHECK_IFACES != 0 {
-        match IFACE_BITS.get_ptr([gen, ifindex]) {
+        match IFACE_BITS.get_ptr([gen.to_be(), ifindex]) {
             // SAFETY: map values stay valid while the program runs (RCU).
             Some(bits) => unsafe { &*bits },
             None => OTHER_IFACES.get(gen)?,

@@ -39,8 +39,8 @@ pub enum AttachMode {
 
 pub struct Kernel {
     ebpf: Ebpf,
-    /// What each generation holds as last written by us (`None`: zero-filled at load).
-    written: [Option<Compiled>; 2],
+    /// What each generation holds, as far as we know.
+    held: [Held; 2],
 }
 
 impl Kernel {
@@ -67,7 +67,7 @@ impl Kernel {
             .context("the kernel rejected the tc egress program")?;
         Ok(Kernel {
             ebpf,
-            written: [None, None],
+            held: [Held::Zeroed, Held::Zeroed],
         })
     }
 
@@ -132,7 +132,17 @@ impl Kernel {
     /// On error the live generation is untouched. Returns the map updates it took.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<usize> {
         let gen = self.active_generation()? ^ 1;
-        let old = self.written[gen as usize].take();
+        // Until this write completes, nobody knows what the idle generation holds.
+        let held = std::mem::replace(&mut self.held[gen as usize], Held::Unknown);
+        let old = match held {
+            Held::Rules(old) => Some(*old),
+            Held::Zeroed => None,
+            Held::Unknown => {
+                self.clear_generation(gen)
+                    .context("clearing what an interrupted write left")?;
+                None
+            }
+        };
         let updates = self
             .write_generation(gen, compiled, old.as_ref())
             .context("writing the new rules into the kernel maps")?;
@@ -141,8 +151,41 @@ impl Kernel {
         active
             .set(0, gen, 0)
             .context("switching to the new rules")?;
-        self.written[gen as usize] = Some(compiled.clone());
+        self.held[gen as usize] = Held::Rules(Box::new(compiled.clone()));
         Ok(updates + 1)
+    }
+
+    /// Forgets what the idle generation holds, as a write into it that failed half-way does;
+    /// the next apply clears it first. For tests of that path.
+    #[doc(hidden)]
+    pub fn forget_idle_generation(&mut self) -> Result<()> {
+        let idle = self.active_generation()? ^ 1;
+        self.held[idle as usize] = Held::Unknown;
+        Ok(())
+    }
+
+    /// Zeroes generation `gen` in every rule map, after a write into it failed half-way (the
+    /// only time its contents are unknown).
+    fn clear_generation(&mut self, gen: u32) -> Result<()> {
+        clear_keys::<V4KeyData>(self.map_mut(map_names::SRC_V4)?, gen, true)?;
+        clear_keys::<V4KeyData>(self.map_mut(map_names::DST_V4)?, gen, true)?;
+        clear_keys::<V6KeyData>(self.map_mut(map_names::SRC_V6)?, gen, true)?;
+        clear_keys::<V6KeyData>(self.map_mut(map_names::DST_V6)?, gen, true)?;
+        clear_keys::<V4KeyData>(self.map_mut(map_names::SRC_HOSTS_V4)?, gen, false)?;
+        clear_keys::<V4KeyData>(self.map_mut(map_names::DST_HOSTS_V4)?, gen, false)?;
+        clear_keys::<V6KeyData>(self.map_mut(map_names::SRC_HOSTS_V6)?, gen, false)?;
+        clear_keys::<V6KeyData>(self.map_mut(map_names::DST_HOSTS_V6)?, gen, false)?;
+        clear_keys::<[u32; 2]>(self.map_mut(map_names::IFACE_BITS)?, gen, false)?;
+        zero_array::<u32>(
+            self.map_mut(map_names::RULE_ACTIONS)?,
+            gen,
+            MAX_RULES as u32,
+        )?;
+        zero_array::<RuleBits>(self.map_mut(map_names::PROTO_BITS)?, gen, PROTOS as u32)?;
+        zero_array::<u32>(self.map_mut(map_names::PORT_CLASS)?, gen, PORTS as u32)?;
+        zero_array::<RuleBits>(self.map_mut(map_names::PORT_BITS)?, gen, MAX_PORT_CLASSES)?;
+        zero_array::<RuleBits>(self.map_mut(map_names::ANY_ADDRESS)?, gen, ADDRESS_FIELDS)?;
+        Ok(())
     }
 
     fn write_generation(
@@ -304,12 +347,12 @@ impl Kernel {
         let mut map: HashMap<&mut MapData, [u32; 2], RuleBits> =
             HashMap::try_from(self.map_mut(map_names::IFACE_BITS)?)?;
         for index in old_map.keys().filter(|index| !new_map.contains_key(index)) {
-            let _ = map.remove(&[gen, *index]);
+            let _ = map.remove(&[gen.to_be(), *index]);
             updates += 1;
         }
         for (index, bits) in &new_map {
             if old_map.get(index) != Some(bits) {
-                map.insert([gen, *index], bits, 0)?;
+                map.insert([gen.to_be(), *index], bits, 0)?;
                 updates += 1;
             }
         }
@@ -398,6 +441,45 @@ impl Kernel {
             .map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
     }
+}
+
+/// What a generation of the rule maps holds.
+enum Held {
+    /// Nothing: freshly created maps.
+    Zeroed,
+    /// Exactly this rule set, as we wrote it (boxed: it is large).
+    Rules(Box<Compiled>),
+    /// A write into it failed half-way.
+    Unknown,
+}
+
+/// Deletes the entries of generation `gen` (the first key word, big-endian) from a trie (`lpm`) or hash
+/// map whose key data is `K`.
+fn clear_keys<K: Pod + AsRef<[u32]>>(map: &mut Map, gen: u32, lpm: bool) -> Result<()> {
+    let gen_word = gen.to_be();
+    if lpm {
+        let mut trie: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(map)?;
+        let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
+        for key in keys.iter().filter(|key| key.data().as_ref()[0] == gen_word) {
+            trie.remove(key)?;
+        }
+    } else {
+        let mut hash: HashMap<&mut MapData, K, RuleBits> = HashMap::try_from(map)?;
+        let keys: Vec<K> = hash.keys().collect::<Result<_, _>>()?;
+        for key in keys.iter().filter(|key| key.as_ref()[0] == gen_word) {
+            hash.remove(key)?;
+        }
+    }
+    Ok(())
+}
+
+/// Zeroes `len` entries of an array from `gen * len`.
+fn zero_array<V: Pod + Default>(map: &mut Map, gen: u32, len: u32) -> Result<()> {
+    let mut array: Array<&mut MapData, V> = Array::try_from(map)?;
+    for index in gen * len..(gen + 1) * len {
+        array.set(index, V::default(), 0)?;
+    }
+    Ok(())
 }
 
 /// `TRIE_*` bits of the tries with more than their `/0` entry, and `HOSTS_SHIFT + TRIE_*`

@@ -694,3 +694,28 @@ fn blocklist_sets_from_files() {
     let from = set.rules[0].from.as_ref().unwrap();
     assert_eq!(from.len(), 3, "{from:?}");
 }
+
+/// After a write into the idle generation failed half-way, the next apply clears that
+/// generation first: nothing of the rule set it held two reloads ago survives.
+#[test]
+fn an_interrupted_write_leaves_nothing_behind() {
+    let mut kernel = Kernel::load().unwrap();
+    let rules = |text: &str| compile(&parse_rules("t.toml", text).unwrap()).unwrap();
+    let deny_lan = rules(
+        "[[rules]]\naction = \"deny\"\nfrom = [\"10.0.0.0/8\", \"10.1.2.3\"]\nports = [22]\n",
+    );
+    let allow_all = rules("");
+    let deny_other = rules("[[rules]]\naction = \"deny\"\nfrom = [\"192.0.2.0/24\"]\n");
+    let from_lan = tcp4("10.1.2.3", 22).build();
+    kernel.apply(&deny_lan).unwrap(); // generation 1
+    kernel.apply(&allow_all).unwrap(); // generation 0
+    assert_eq!(verdict(&kernel, &from_lan), XDP_PASS);
+    kernel.forget_idle_generation().unwrap(); // generation 1: contents unknown
+    kernel.apply(&deny_other).unwrap(); // generation 1 again, cleared first
+    assert_eq!(
+        verdict(&kernel, &from_lan),
+        XDP_PASS,
+        "a trie or host entry of the old rule set survived"
+    );
+    assert_eq!(verdict(&kernel, &tcp4("192.0.2.9", 22).build()), XDP_DROP);
+}
