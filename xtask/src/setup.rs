@@ -94,8 +94,11 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     let libllvm = find_libllvm(&sysroot.join("lib"))?;
     let libllvm_name = libllvm.file_name().unwrap().to_string_lossy().into_owned();
 
-    let home = PathBuf::from(std::env::var("HOME").context("HOME is not set")?);
-    let base = home.join(".cache/firewall");
+    // Outside the workspace, so that `cargo clean` keeps it (the linker has an rpath into it).
+    let base = match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache/firewall"),
+        None => PathBuf::from("/var/cache/firewall-build"),
+    };
     let prefix = base.join(format!("llvm-{llvm_major}"));
     let root = base.join("bpf-linker");
     let bin = root.join("bin");
