@@ -85,8 +85,7 @@ pub struct GenerationConfig {
     /// `ACTION_ALLOW` or `ACTION_DENY` when no rule matches.
     pub default_action: u32,
     /// Bit `TRIE_*`: that address trie holds prefixes other than `/0` (otherwise the kernel
-    /// reads the `/0` bits from `ANY_ADDRESS` instead of searching it). Bit
-    /// `HOSTS_SHIFT + TRIE_*`: that field's host map (full-length prefixes) is not empty.
+    /// reads the `/0` bits from `ANY_ADDRESS` instead of searching it).
     pub tries_in_use: u32,
     /// Nanoseconds of credit one drop log line costs (`1e9 / lines per second`; 0 = off).
     pub log_line_ns: u64,
@@ -94,7 +93,9 @@ pub struct GenerationConfig {
     pub log_burst_ns: u64,
     /// `CHECK_*` bits: what is decided before the rules.
     pub checks: u32,
-    pub _pad: u32,
+    /// Bit `field * EXACT_BITS_PER_FIELD + level index`: the exact map holds entries of that
+    /// field and level (see [`V4_LEVELS`]).
+    pub exact_in_use: u32,
     /// Idle timeouts of tracked flows, in nanoseconds.
     pub tcp_timeout_ns: u64,
     /// TCP flows after a FIN or RST was seen in either direction.
@@ -176,9 +177,25 @@ pub const TRIE_DST_V4: u32 = 1;
 pub const TRIE_SRC_V6: u32 = 2;
 pub const TRIE_DST_V6: u32 = 3;
 pub const ADDRESS_FIELDS: u32 = 4;
-/// Host addresses (/32, /128) live in hash maps beside the tries: an exact lookup is cheaper
-/// than a deep trie walk, and the tries stay shallow.
-pub const HOSTS_SHIFT: u32 = 4;
+/// Exact-match levels. Before its trie, an address is looked up in the field's exact map at
+/// each level in use, longest first; an entry there is the complete answer for every address
+/// it covers. IPv4 prefixes are cut into entries of the next longer level (at most 8 each;
+/// up to /15 into /16s, of which there are only 65,536), so a blocklist of a million networks
+/// costs a few hash lookups instead of a 20-level trie walk. IPv6 keeps hosts exact.
+pub const V4_LEVELS: [u8; 5] = [32, 28, 24, 20, 16];
+pub const V6_LEVELS: [u8; 1] = [128];
+/// Bits of [`GenerationConfig::exact_in_use`] per address field: bit `level index` of byte
+/// `TRIE_*`.
+pub const EXACT_BITS_PER_FIELD: u32 = 8;
+/// First word of an exact-map key (stored big-endian like the trie keys' generation word).
+pub const fn exact_word(gen: u32, field: u32, level: u32) -> u32 {
+    gen | field << 4 | level << 8
+}
+/// The generation in a hash-map key word (after `u32::from_be`).
+pub const GEN_MASK: u32 = 0xf;
+/// Exact-map capacity: both generations and both directions share one map per family.
+pub const MAX_EXACT_V4: u32 = 1 << 22;
+pub const MAX_EXACT_V6: u32 = 1 << 21;
 
 /// Map names, shared so userspace finds what the kernel declares.
 pub mod map_names {
@@ -186,10 +203,8 @@ pub mod map_names {
     pub const GEN_CONFIG: &str = "FW_GEN_CONFIG";
     pub const RULE_ACTIONS: &str = "FW_RULE_ACTIONS";
     pub const ANY_ADDRESS: &str = "FW_ANY_ADDRESS";
-    pub const SRC_HOSTS_V4: &str = "FW_SRC_HOST_V4";
-    pub const DST_HOSTS_V4: &str = "FW_DST_HOST_V4";
-    pub const SRC_HOSTS_V6: &str = "FW_SRC_HOST_V6";
-    pub const DST_HOSTS_V6: &str = "FW_DST_HOST_V6";
+    pub const EXACT_V4: &str = "FW_EXACT_V4";
+    pub const EXACT_V6: &str = "FW_EXACT_V6";
     pub const SRC_V4: &str = "FW_SRC_V4";
     pub const DST_V4: &str = "FW_DST_V4";
     pub const SRC_V6: &str = "FW_SRC_V6";

@@ -1,18 +1,18 @@
 //! Classification by bit vectors: one lookup per packet field returns the set of rules that
-//! field matches; the lowest rule in the intersection is the first match. The cost is four
-//! lookups plus an AND of the sets' word summaries and of the words both summaries allow,
+//! field matches; the lowest rule in the intersection is the first match. The cost is five
+//! lookups (an address can take a few) plus an AND of the sets' word summaries and of the words both summaries allow,
 //! whatever the number of rules.
-use aya_ebpf::maps::{lpm_trie::Key, HashMap, LpmTrie};
+use aya_ebpf::maps::{lpm_trie::Key, LpmTrie};
 use firewall_common::{
-    GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, CHECK_IFACES,
-    GEN_PREFIX_BITS, HOSTS_SHIFT, MAX_PORT_CLASSES, RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6,
-    TRIE_SRC_V4, TRIE_SRC_V6,
+    exact_word, GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, CHECK_IFACES,
+    EXACT_BITS_PER_FIELD, GEN_PREFIX_BITS, MAX_PORT_CLASSES, RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6,
+    TRIE_SRC_V4, TRIE_SRC_V6, V4_LEVELS,
 };
 
 use crate::{
     maps::{
-        ANY_ADDRESS, DST_HOSTS_V4, DST_HOSTS_V6, DST_V4, DST_V6, IFACE_BITS, OTHER_IFACES, PORTS,
-        PORT_BITS, PORT_CLASS, PROTOS, PROTO_BITS, SRC_HOSTS_V4, SRC_HOSTS_V6, SRC_V4, SRC_V6,
+        ANY_ADDRESS, DST_V4, DST_V6, EXACT_V4, EXACT_V6, IFACE_BITS, OTHER_IFACES, PORTS,
+        PORT_BITS, PORT_CLASS, PROTOS, PROTO_BITS, SRC_V4, SRC_V6,
     },
     parse::Packet,
 };
@@ -26,16 +26,14 @@ pub fn first_match(
     ifindex: u32,
 ) -> Option<u32> {
     let (src, dst) = if packet.v6 {
-        let (src_key, dst_key) = (v6_key(gen, &packet.src), v6_key(gen, &packet.dst));
         (
-            address(gen, config, TRIE_SRC_V6, &SRC_HOSTS_V6, &SRC_V6, src_key)?,
-            address(gen, config, TRIE_DST_V6, &DST_HOSTS_V6, &DST_V6, dst_key)?,
+            address_v6(gen, config, TRIE_SRC_V6, &SRC_V6, &packet.src)?,
+            address_v6(gen, config, TRIE_DST_V6, &DST_V6, &packet.dst)?,
         )
     } else {
-        let (src_key, dst_key) = (v4_key(gen, &packet.src), v4_key(gen, &packet.dst));
         (
-            address(gen, config, TRIE_SRC_V4, &SRC_HOSTS_V4, &SRC_V4, src_key)?,
-            address(gen, config, TRIE_DST_V4, &DST_HOSTS_V4, &DST_V4, dst_key)?,
+            address_v4(gen, config, TRIE_SRC_V4, &SRC_V4, packet.src[0])?,
+            address_v4(gen, config, TRIE_DST_V4, &DST_V4, packet.dst[0])?,
         )
     };
     let proto = PROTO_BITS.get(gen * PROTOS + u32::from(packet.proto))?;
@@ -61,26 +59,71 @@ pub fn first_match(
     lowest_common_rule([src, dst, proto, ports, iface])
 }
 
-/// Rules an address satisfies: its host entry if it has one, else the longest prefix in the
-/// trie, else (trie holding only `/0`) the `/0` bits from an array.
+/// `V4_LEVELS` as masks of an address word holding its bytes in network order.
+const V4_LEVEL_MASKS: [u32; V4_LEVELS.len()] = {
+    let mut masks = [0; V4_LEVELS.len()];
+    let mut index = 0;
+    while index < masks.len() {
+        masks[index] = (u32::MAX << (32 - V4_LEVELS[index] as u32)).to_be();
+        index += 1;
+    }
+    masks
+};
+
+/// Rules an IPv4 address satisfies: the entry of the longest exact level holding it, else the
+/// longest prefix in the trie, else (trie holding only `/0`) the `/0` bits.
 #[inline(always)]
-fn address<K: Copy>(
+fn address_v4(
     gen: u32,
     config: &GenerationConfig,
     field: u32,
-    hosts: &'static HashMap<K, RuleBits>,
-    trie: &'static LpmTrie<K, RuleBits>,
-    key: Key<K>,
+    trie: &'static LpmTrie<V4KeyData, RuleBits>,
+    addr: u32,
 ) -> Option<&'static RuleBits> {
-    if config.tries_in_use & (1 << (HOSTS_SHIFT + field)) != 0 {
-        let data = key.data;
-        if let Some(bits) = hosts.get_ptr(data) {
-            // SAFETY: map values stay valid while the program runs (RCU).
+    let levels = config.exact_in_use >> (field * EXACT_BITS_PER_FIELD);
+    for (level, mask) in V4_LEVEL_MASKS.iter().enumerate() {
+        if levels & (1 << level) != 0 {
+            let key = [exact_word(gen, field, level as u32).to_be(), addr & mask];
+            if let Some(bits) = EXACT_V4.get_ptr(&key) {
+                // SAFETY: map values stay valid while the program runs (RCU).
+                return Some(unsafe { &*bits });
+            }
+        }
+    }
+    if config.tries_in_use & (1 << field) != 0 {
+        return trie.get(&Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr]));
+    }
+    ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
+}
+
+/// As [`address_v4`], with hosts as the only exact level.
+#[inline(always)]
+fn address_v6(
+    gen: u32,
+    config: &GenerationConfig,
+    field: u32,
+    trie: &'static LpmTrie<V6KeyData, RuleBits>,
+    addr: &[u32; 4],
+) -> Option<&'static RuleBits> {
+    if config.exact_in_use & (1 << (field * EXACT_BITS_PER_FIELD)) != 0 {
+        let key = [
+            exact_word(gen, field, 0).to_be(),
+            addr[0],
+            addr[1],
+            addr[2],
+            addr[3],
+        ];
+        if let Some(bits) = EXACT_V6.get_ptr(&key) {
+            // SAFETY: as above.
             return Some(unsafe { &*bits });
         }
     }
     if config.tries_in_use & (1 << field) != 0 {
-        return trie.get(key);
+        let key = Key::new(
+            GEN_PREFIX_BITS + 128,
+            [gen.to_be(), addr[0], addr[1], addr[2], addr[3]],
+        );
+        return trie.get(&key);
     }
     ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
 }
@@ -120,17 +163,4 @@ fn lowest_bit(mut word: u64) -> u32 {
         }
     }
     index
-}
-
-#[inline(always)]
-fn v4_key(gen: u32, addr: &[u32; 4]) -> Key<V4KeyData> {
-    Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr[0]])
-}
-
-#[inline(always)]
-fn v6_key(gen: u32, addr: &[u32; 4]) -> Key<V6KeyData> {
-    Key::new(
-        GEN_PREFIX_BITS + 128,
-        [gen.to_be(), addr[0], addr[1], addr[2], addr[3]],
-    )
 }

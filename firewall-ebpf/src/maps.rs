@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RuleBits, V4KeyData,
-    V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES, MAX_RULES,
-    MAX_TRIE_ENTRIES, STAT_SLOTS,
+    V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
+    MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -42,20 +42,14 @@ pub static SRC_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_
 #[map(name = "FW_DST_V6")]
 pub static DST_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
 
-/// Host addresses (full-length prefixes) -> rules, looked up before the tries. Allocated per
-/// entry like the tries.
-#[map(name = "FW_SRC_HOST_V4")]
-pub static SRC_HOSTS_V4: HashMap<V4KeyData, RuleBits> =
-    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
-#[map(name = "FW_DST_HOST_V4")]
-pub static DST_HOSTS_V4: HashMap<V4KeyData, RuleBits> =
-    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
-#[map(name = "FW_SRC_HOST_V6")]
-pub static SRC_HOSTS_V6: HashMap<V6KeyData, RuleBits> =
-    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
-#[map(name = "FW_DST_HOST_V6")]
-pub static DST_HOSTS_V6: HashMap<V6KeyData, RuleBits> =
-    HashMap::with_max_entries(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+/// `(exact_word(gen, field, level), address cut to the level)` -> rules, looked up before the
+/// tries. Allocated per entry like the tries.
+#[map(name = "FW_EXACT_V4")]
+pub static EXACT_V4: HashMap<V4KeyData, RuleBits> =
+    HashMap::with_max_entries(MAX_EXACT_V4, BPF_F_NO_PREALLOC);
+#[map(name = "FW_EXACT_V6")]
+pub static EXACT_V6: HashMap<V6KeyData, RuleBits> =
+    HashMap::with_max_entries(MAX_EXACT_V6, BPF_F_NO_PREALLOC);
 
 /// `(gen, ingress ifindex)` -> rules that apply on that interface (those without `iface` and
 /// those naming it).

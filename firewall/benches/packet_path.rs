@@ -79,6 +79,10 @@ fn measure(run: impl Fn(&[u8]) -> Result<Duration>, frames: &[(&str, Vec<u8>)]) 
 }
 
 fn main() -> Result<()> {
+    // `FW_BENCH=sets` runs only the set figures.
+    if std::env::var("FW_BENCH").as_deref() == Ok("sets") {
+        return sets();
+    }
     let frames = mix();
     let mut floor_ebpf = aya::Ebpf::load(FLOOR_OBJECT)?;
     let floor: &mut Xdp = floor_ebpf.program_mut("floor").unwrap().try_into()?;
@@ -309,39 +313,93 @@ fn sets_in(dir: &std::path::Path) -> Result<()> {
         cold.as_secs_f64() / nft.as_secs_f64()
     );
 
-    println!();
-    println!(
-        "{:<44} {:>10}",
-        "ns/packet with a set of N entries", "ns/packet"
-    );
-    let probe = vec![
-        (
-            "tcp4 member",
-            Frame::v4("1.0.0.2", "10.0.0.1", L4::Tcp { dport: 80 }).build(),
-        ),
-        (
-            "tcp4 other",
-            Frame::v4("1.0.0.3", "10.0.0.1", L4::Tcp { dport: 80 }).build(),
-        ),
-        (
-            "udp6",
-            Frame::v6("2001:db8::1", "fd00::1", L4::Udp { dport: 53 }).build(),
-        ),
-    ];
-    let mut base = None;
-    for count in [10u32, 10_000, 100_000, 1_000_000] {
-        std::fs::write(dir.join("block.txt"), host_list(count).join("\n"))?;
-        let set = firewall::config::load_rules(&rule_file)?;
-        let mut kernel = Kernel::load()?;
-        kernel.apply(&compile(&set)?)?;
-        let ns = measure(|frame| Ok(kernel.test_run(frame, REPEAT)?.1), &probe)?;
-        let base = *base.get_or_insert(ns);
+    for (kind, list) in [
+        ("hosts", host_list as fn(u32) -> Vec<String>),
+        ("mixed prefixes", mixed_list),
+    ] {
+        println!();
         println!(
-            "{:<44} {:>10.1} {:>8.2}x",
-            format!("{count} entries"),
-            ns,
-            ns / base
+            "{:<44} {:>10} {:>9} {:>24}",
+            format!("ns/packet, set of N {kind}"),
+            "ns/packet",
+            "ratio",
+            "exact/trie entries"
         );
+        // All sizes loaded at once and measured in turns, so that the machine's noise falls on
+        // every size alike.
+        let mut loaded = Vec::new();
+        for count in [10u32, 10_000, 100_000, 1_000_000] {
+            let entries = list(count);
+            std::fs::write(dir.join("block.txt"), entries.join("\n"))?;
+            let set = firewall::config::load_rules(&rule_file)?;
+            let compiled = compile(&set)?;
+            let mut kernel = Kernel::load()?;
+            kernel.apply(&compiled)?;
+            // A listed host and its neighbour.
+            let member: std::net::Ipv4Addr = entries
+                .iter()
+                .find_map(|entry| entry.parse().ok())
+                .expect("the list has hosts");
+            let neighbour = std::net::Ipv4Addr::from(u32::from(member) ^ 1);
+            let probe = [member, neighbour]
+                .map(|src| Frame::v4(&src.to_string(), "10.0.0.1", L4::Tcp { dport: 80 }).build());
+            let table = &compiled.src_v4;
+            let shape = format!("{}/{}", table.exact.len(), table.trie.len());
+            loaded.push((count, kernel, probe, shape, Vec::new()));
+        }
+        for _ in 0..ROUNDS {
+            for (_, kernel, probe, _, samples) in &mut loaded {
+                let mut total = Duration::ZERO;
+                for frame in probe.iter() {
+                    total += kernel.test_run(frame, REPEAT)?.1;
+                }
+                samples.push(total / probe.len() as u32);
+            }
+        }
+        let mut base = None;
+        for (count, _, _, shape, samples) in loaded {
+            let ns = median(samples);
+            let base = *base.get_or_insert(ns);
+            println!(
+                "{:<44} {:>10.1} {:>8.2}x {:>24}",
+                format!("{count} entries"),
+                ns,
+                ns / base,
+                shape
+            );
+        }
     }
     Ok(())
+}
+
+/// `count` IPv4 networks shaped like a large blocklist: mostly hosts and /24s, some /17 to
+/// /23 and /25 to /30, scattered over the unicast space (some overlap and merge).
+fn mixed_list(count: u32) -> Vec<String> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..count)
+        .map(|_| {
+            let roll = next() % 100;
+            let len = match roll {
+                0..=54 => 32,
+                55..=84 => 24,
+                85..=92 => 17 + (next() % 7) as u8,
+                _ => 25 + (next() % 6) as u8,
+            };
+            let addr = 0x0100_0000 + (next() % 0xde00_0000) as u32;
+            let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(addr), len)
+                .expect("valid length")
+                .trunc();
+            if len == 32 {
+                net.addr().to_string()
+            } else {
+                net.to_string()
+            }
+        })
+        .collect()
 }

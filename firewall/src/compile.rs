@@ -8,16 +8,20 @@
 //!   longest entry containing the address, and every prefix containing the address is an
 //!   ancestor of (or equal to) that entry, so an entry's bits are the rules naming the entry or
 //!   one of its ancestors, plus the rules without that field.
+//!   In the kernel, hosts and (IPv4) prefixes cut into a few fixed lengths sit in a hash map
+//!   looked up before the trie; see [`AddressTable`] and [`layout`].
 //! - protocols: a rule with ports can only match TCP and UDP.
 //! - ports: destination ports are cut into classes at every range boundary; class 0 is "the
 //!   packet has no port" and holds the rules without ports.
+use std::cmp::Reverse;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use firewall_common::{
     RuleBits, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES,
-    MAX_PORT_CLASSES, MAX_RULES,
+    MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -43,18 +47,53 @@ pub struct Compiled {
     pub port_class: Vec<u32>,
     /// Indexed by port class; class 0 is "no port".
     pub port_bits: Vec<RuleBits>,
-    /// Trie entries, sorted; the first is always the zero-length prefix.
-    pub src_v4: Vec<(Ipv4Net, RuleBits)>,
-    pub dst_v4: Vec<(Ipv4Net, RuleBits)>,
-    pub src_v6: Vec<(Ipv6Net, RuleBits)>,
-    pub dst_v6: Vec<(Ipv6Net, RuleBits)>,
+    pub src_v4: AddressTable<Ipv4Net>,
+    pub dst_v4: AddressTable<Ipv4Net>,
+    pub src_v6: AddressTable<Ipv6Net>,
+    pub dst_v6: AddressTable<Ipv6Net>,
     /// Rules that apply on packets arriving on an interface no rule names.
     pub other_ifaces: RuleBits,
     /// Per interface some rule names: the rules that apply on it. Empty: no rule names one.
     pub ifaces: Vec<(String, RuleBits)>,
 }
 
+/// One address field as the kernel holds it. A lookup tries the exact map at each level,
+/// longest first, then the trie; an exact entry is the complete answer for every address it
+/// covers, so the trie only holds what the exact levels cannot answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressTable<N> {
+    /// Sorted; the first is always the zero-length prefix.
+    pub trie: Vec<(N, RuleBits)>,
+    /// Sorted; every prefix length is one of the family's exact levels.
+    pub exact: Vec<(N, RuleBits)>,
+}
+
+impl<N> AddressTable<N> {
+    /// The bits of `/0`: the answer for an address no other entry covers.
+    pub fn any(&self) -> RuleBits {
+        self.trie[0].1
+    }
+
+    pub fn len(&self) -> usize {
+        self.trie.len() + self.exact.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Exact-map entries one generation may use (both directions; the map holds both generations).
+/// Hosts always fit: at most `DEFAULT_MAX_ENTRIES` per direction.
+pub const EXACT_BUDGET: usize = MAX_EXACT_V4 as usize / 2;
+
 pub fn compile(set: &RuleSet) -> Result<Compiled> {
+    compile_with_budget(set, EXACT_BUDGET)
+}
+
+/// [`compile`] with at most `budget` IPv4 exact-map entries: past it, prefixes stay in the
+/// trie instead of being cut. For tests of that path.
+pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
     if set.rules.len() > MAX_RULES {
         bail!(
             "{} rules; at most {MAX_RULES} are supported",
@@ -62,8 +101,15 @@ pub fn compile(set: &RuleSet) -> Result<Compiled> {
         );
     }
     let (port_class, port_bits) = port_tables(&set.rules)?;
-    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
+    // Sources first: blocklists are mostly about them. Destination hosts are kept exact
+    // whatever the sources used.
     let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
+    let dst_hosts = dst_v4.iter().filter(|(net, _)| net.is_host()).count();
+    let src_budget = budget.saturating_sub(dst_hosts);
+    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
+    let src_v4 = layout(src_v4, src_budget);
+    let dst_v4 = layout(dst_v4, budget.saturating_sub(src_v4.exact.len()));
+    let (src_v6, dst_v6) = (layout(src_v6, usize::MAX), layout(dst_v6, usize::MAX));
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
         default_action: action_code(set.default_policy),
@@ -197,7 +243,7 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
     Ok((port_class, port_bits))
 }
 
-/// IPv4 and IPv6 trie entries for the address field `field` selects.
+/// IPv4 and IPv6 entries (each with its ancestors' bits) for the address field `field` selects.
 #[allow(clippy::type_complexity)]
 fn address_tables(
     rules: &[Rule],
@@ -220,13 +266,63 @@ fn address_tables(
             }
         }
     }
-    let v4 = with_ancestors(&named_v4, wildcard, |net, len| {
-        Ipv4Net::new(net.addr(), len).map(|n| n.trunc()).ok()
-    });
-    let v6 = with_ancestors(&named_v6, wildcard, |net, len| {
-        Ipv6Net::new(net.addr(), len).map(|n| n.trunc()).ok()
-    });
+    let v4 = with_ancestors(&named_v4, wildcard, |net, len| Some(net.truncated(len)));
+    let v6 = with_ancestors(&named_v6, wildcard, |net, len| Some(net.truncated(len)));
     (v4, v6)
+}
+
+/// Splits one field's entries (each with its ancestors' bits) into exact entries and trie.
+///
+/// A prefix is cut into entries of the next longer exact level (its *level*): a /22 into four
+/// /24s. Prefixes are cut longest first until `budget` entries are used; from the first that
+/// does not fit on, the rest stay in the trie. So every prefix left in the trie is no longer
+/// than any prefix that was cut, and (as every IPv4 length but /0 has a level, and IPv6 cuts
+/// only into hosts) none lies inside an exact entry: an exact entry answers for all its
+/// addresses, with the bits of the most specific prefix containing it.
+fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
+    entries: Vec<(N, RuleBits)>,
+    budget: usize,
+) -> AddressTable<N> {
+    // Indices, not entries: a million bit sets are worth not copying around.
+    let mut cuttable: Vec<(u8, usize)> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(index, (net, _))| Some((N::level(net.length())?, index)))
+        .collect();
+    cuttable.sort_by_key(|&(_, index)| Reverse(entries[index].0.length()));
+    let mut used = 0usize;
+    let mut is_cut = vec![false; entries.len()];
+    // Exact entry -> index of the entry whose bits it takes.
+    let mut pieces: HashMap<N, usize> = HashMap::with_capacity(cuttable.len());
+    for (level, index) in cuttable {
+        let net = entries[index].0;
+        let count = 1usize << (level - net.length());
+        if used + count > budget {
+            break;
+        }
+        used += count;
+        is_cut[index] = true;
+        if count == 1 {
+            pieces.entry(net).or_insert(index);
+        } else {
+            for piece in net.cut(level) {
+                // Longer prefixes came first: a piece keeps the most specific bits.
+                pieces.entry(piece).or_insert(index);
+            }
+        }
+    }
+    let mut exact: Vec<(N, RuleBits)> = pieces
+        .into_iter()
+        .map(|(piece, index)| (piece, entries[index].1))
+        .collect();
+    exact.sort_unstable_by_key(|(net, _)| *net);
+    let trie: Vec<(N, RuleBits)> = entries
+        .into_iter()
+        .zip(is_cut)
+        .filter_map(|(entry, cut)| (!cut).then_some(entry))
+        .collect();
+    // `entries` came sorted, so the trie is too, `/0` first.
+    AddressTable { trie, exact }
 }
 
 /// For every named prefix (and the zero-length prefix), the union of the bits of itself and
@@ -262,14 +358,35 @@ where
         .collect()
 }
 
-/// What [`with_ancestors`] needs of a prefix type.
-pub trait Prefix {
+/// What [`with_ancestors`] and [`layout`] need of a prefix type.
+pub trait Prefix: Sized {
     const ZERO: Self;
     /// Bits of an address: a prefix this long is a host.
     const BITS: u8;
+    /// Exact-map levels, longest first.
+    const LEVELS: &'static [u8];
+    /// Prefixes shorter than the shortest level are cut into it too (IPv4: /16s are few).
+    const CUT_SHORTER: bool;
     fn length(&self) -> u8;
+    /// The prefix of length `len` (not longer than this one) containing this one.
+    fn truncated(&self, len: u8) -> Self;
+    /// This prefix as prefixes of length `len`.
+    fn cut(&self, len: u8) -> Vec<Self>;
     fn is_host(&self) -> bool {
         self.length() == Self::BITS
+    }
+    /// The level a prefix of `len` is cut into: the shortest level not shorter than it, if that
+    /// takes at most 8 entries (or any number for the shortest level with `CUT_SHORTER`).
+    fn level(len: u8) -> Option<u8> {
+        let shortest = *Self::LEVELS.last()?;
+        if len == 0 {
+            return None;
+        }
+        if len < shortest {
+            return Self::CUT_SHORTER.then_some(shortest);
+        }
+        let level = *Self::LEVELS.iter().rev().find(|&&level| level >= len)?;
+        (level - len <= 3).then_some(level)
     }
 }
 
@@ -279,8 +396,18 @@ impl Prefix for Ipv4Net {
         Ok(net) => net,
         Err(_) => panic!("valid prefix"),
     };
+    const LEVELS: &'static [u8] = &V4_LEVELS;
+    const CUT_SHORTER: bool = true;
     fn length(&self) -> u8 {
         self.prefix_len()
+    }
+    fn truncated(&self, len: u8) -> Self {
+        Ipv4Net::new(self.addr(), len)
+            .expect("valid length")
+            .trunc()
+    }
+    fn cut(&self, len: u8) -> Vec<Self> {
+        self.subnets(len).expect("valid length").collect()
     }
 }
 
@@ -290,8 +417,18 @@ impl Prefix for Ipv6Net {
         Ok(net) => net,
         Err(_) => panic!("valid prefix"),
     };
+    const LEVELS: &'static [u8] = &V6_LEVELS;
+    const CUT_SHORTER: bool = false;
     fn length(&self) -> u8 {
         self.prefix_len()
+    }
+    fn truncated(&self, len: u8) -> Self {
+        Ipv6Net::new(self.addr(), len)
+            .expect("valid length")
+            .trunc()
+    }
+    fn cut(&self, len: u8) -> Vec<Self> {
+        self.subnets(len).expect("valid length").collect()
     }
 }
 
@@ -361,6 +498,8 @@ mod tests {
 
     #[test]
     fn prefixes_inherit_the_rules_of_their_ancestors() {
+        // No room in the exact map: every prefix stays in the trie as itself.
+        let set = |rules| compile_with_budget(&RuleSet::new(Action::Deny, rules), 0).unwrap();
         let compiled = set(vec![
             rule(Proto::Any, Some(&["10.0.0.0/8"]), None),
             rule(Proto::Any, Some(&["10.1.0.0/16", "2001:db8::/32"]), None),
@@ -369,6 +508,7 @@ mod tests {
         ]);
         let v4: HashMap<String, u64> = compiled
             .src_v4
+            .trie
             .iter()
             .map(|(net, bits)| (net.to_string(), bits.words[0]))
             .collect();
@@ -377,6 +517,7 @@ mod tests {
         assert_eq!(v4["10.1.0.0/16"], 0b0111);
         let v6: HashMap<String, u64> = compiled
             .src_v6
+            .trie
             .iter()
             .map(|(net, bits)| (net.to_string(), bits.words[0]))
             .collect();
@@ -384,7 +525,122 @@ mod tests {
         assert_eq!(v6["2001:db8::/32"], 0b1110);
         // Destination: no rule names one, so only `/0` with every rule.
         assert_eq!(compiled.dst_v4.len(), 1);
-        assert_eq!(compiled.dst_v4[0].1.words[0], 0b1111);
+        assert_eq!(compiled.dst_v4.any().words[0], 0b1111);
+    }
+
+    /// What the kernel does with an [`AddressTable`]: exact levels longest first, then the
+    /// longest prefix in the trie.
+    fn kernel_lookup(table: &AddressTable<Ipv4Net>, addr: Ipv4Addr) -> RuleBits {
+        for &level in &V4_LEVELS {
+            let piece = Ipv4Net::new(addr, level).unwrap().trunc();
+            if let Some((_, bits)) = table.exact.iter().find(|(net, _)| *net == piece) {
+                return *bits;
+            }
+        }
+        let longest = table
+            .trie
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .expect("/0 is in the trie");
+        longest.1
+    }
+
+    #[test]
+    fn blocks_and_trie_answer_like_one_trie() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        for round in 0..200 {
+            // Nested prefixes around a few bases, every length.
+            let bases = [0x0a01_0200u32, 0x0a01_0a00, 0xc0a8_0000];
+            let nets: Vec<String> = (0..rng.gen_range(1..40))
+                .map(|_| {
+                    let base = bases[rng.gen_range(0..bases.len())] ^ rng.gen_range(0..0x400);
+                    let len = rng.gen_range(8..=32);
+                    let net = Ipv4Net::new(Ipv4Addr::from(base), len).unwrap().trunc();
+                    net.to_string()
+                })
+                .collect();
+            let rules: Vec<Rule> = nets
+                .chunks(3)
+                .map(|chunk| {
+                    let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    rule(Proto::Any, Some(&chunk), None)
+                })
+                .collect();
+            let set = RuleSet::new(Action::Deny, rules);
+            let whole = compile_with_budget(&set, 0).unwrap().src_v4;
+            assert!(whole.exact.is_empty());
+            let budget = [usize::MAX, rng.gen_range(0..300)][round % 2];
+            let cut = compile_with_budget(&set, budget).unwrap().src_v4;
+            for _ in 0..500 {
+                let base = bases[rng.gen_range(0..bases.len())] ^ rng.gen_range(0..0x800);
+                let addr = Ipv4Addr::from(base);
+                assert_eq!(
+                    kernel_lookup(&cut, addr),
+                    kernel_lookup(&whole, addr),
+                    "{addr} with {nets:?}, budget {budget}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn prefixes_cut_into_exact_levels() {
+        let nets = [
+            "10.0.0.0/22",
+            "10.0.1.0/24",
+            "10.0.9.9/32",
+            "10.0.0.0/15",
+            "10.2.0.0/18",
+            "10.3.0.0/26",
+        ];
+        let rules = vec![rule(Proto::Any, Some(&nets), None)];
+        let names = |entries: &[(Ipv4Net, RuleBits)]| {
+            entries
+                .iter()
+                .map(|(net, _)| net.to_string())
+                .collect::<Vec<_>>()
+        };
+        // /26 -> 4 x /28; /22 -> 4 x /24, one of them the named /24; /18 -> 4 x /20;
+        // /15 -> 2 x /16.
+        let table = set(rules.clone()).src_v4;
+        assert_eq!(
+            names(&table.exact),
+            [
+                "10.0.0.0/16",
+                "10.0.0.0/24",
+                "10.0.1.0/24",
+                "10.0.2.0/24",
+                "10.0.3.0/24",
+                "10.0.9.9/32",
+                "10.1.0.0/16",
+                "10.2.0.0/20",
+                "10.2.16.0/20",
+                "10.2.32.0/20",
+                "10.2.48.0/20",
+                "10.3.0.0/28",
+                "10.3.0.16/28",
+                "10.3.0.32/28",
+                "10.3.0.48/28",
+            ]
+        );
+        assert_eq!(names(&table.trie), ["0.0.0.0/0"]);
+
+        // Room for 5 entries: the host and the /26 are cut, the /24 (1 more) is not, so
+        // neither is anything shorter.
+        let tight = compile_with_budget(&RuleSet::new(Action::Deny, rules), 5).unwrap();
+        assert_eq!(tight.src_v4.exact.len(), 5);
+        assert_eq!(
+            names(&tight.src_v4.trie),
+            [
+                "0.0.0.0/0",
+                "10.0.0.0/15",
+                "10.0.0.0/22",
+                "10.0.1.0/24",
+                "10.2.0.0/18"
+            ]
+        );
     }
 
     #[test]

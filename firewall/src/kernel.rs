@@ -12,13 +12,15 @@ use aya::programs::{tc, SchedClassifier, TcAttachType, TestRun, TestRunOptions, 
 use aya::util::nr_cpus;
 use aya::{Ebpf, Pod};
 use firewall_common::{
-    map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, V4KeyData, V6KeyData,
-    ADDRESS_FIELDS, EGRESS_PROGRAM, GEN_PREFIX_BITS, HOSTS_SHIFT, MAX_PORT_CLASSES, MAX_RULES,
-    STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
+    exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, V4KeyData,
+    V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK, GEN_PREFIX_BITS,
+    MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6,
+    XDP_PROGRAM,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::compile::{Compiled, Prefix, PORTS, PROTOS};
+use crate::batch;
+use crate::compile::{AddressTable, Compiled, Prefix, PORTS, PROTOS};
 
 /// The XDP object built from firewall-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
@@ -171,10 +173,8 @@ impl Kernel {
         clear_keys::<V4KeyData>(self.map_mut(map_names::DST_V4)?, gen, true)?;
         clear_keys::<V6KeyData>(self.map_mut(map_names::SRC_V6)?, gen, true)?;
         clear_keys::<V6KeyData>(self.map_mut(map_names::DST_V6)?, gen, true)?;
-        clear_keys::<V4KeyData>(self.map_mut(map_names::SRC_HOSTS_V4)?, gen, false)?;
-        clear_keys::<V4KeyData>(self.map_mut(map_names::DST_HOSTS_V4)?, gen, false)?;
-        clear_keys::<V6KeyData>(self.map_mut(map_names::SRC_HOSTS_V6)?, gen, false)?;
-        clear_keys::<V6KeyData>(self.map_mut(map_names::DST_HOSTS_V6)?, gen, false)?;
+        clear_keys::<V4KeyData>(self.map_mut(map_names::EXACT_V4)?, gen, false)?;
+        clear_keys::<V6KeyData>(self.map_mut(map_names::EXACT_V6)?, gen, false)?;
         clear_keys::<[u32; 2]>(self.map_mut(map_names::IFACE_BITS)?, gen, false)?;
         zero_array::<u32>(
             self.map_mut(map_names::RULE_ACTIONS)?,
@@ -221,44 +221,50 @@ impl Kernel {
             old.map(|o| o.port_bits.as_slice()),
         )?;
         updates += self.write_addresses(
-            (map_names::SRC_V4, map_names::SRC_HOSTS_V4),
+            (map_names::SRC_V4, map_names::EXACT_V4),
+            TRIE_SRC_V4,
             gen,
             &new.src_v4,
-            old.map(|o| o.src_v4.as_slice()),
+            old.map(|o| &o.src_v4),
             v4_key,
         )?;
         updates += self.write_addresses(
-            (map_names::DST_V4, map_names::DST_HOSTS_V4),
+            (map_names::DST_V4, map_names::EXACT_V4),
+            TRIE_DST_V4,
             gen,
             &new.dst_v4,
-            old.map(|o| o.dst_v4.as_slice()),
+            old.map(|o| &o.dst_v4),
             v4_key,
         )?;
         updates += self.write_addresses(
-            (map_names::SRC_V6, map_names::SRC_HOSTS_V6),
+            (map_names::SRC_V6, map_names::EXACT_V6),
+            TRIE_SRC_V6,
             gen,
             &new.src_v6,
-            old.map(|o| o.src_v6.as_slice()),
+            old.map(|o| &o.src_v6),
             v6_key,
         )?;
         updates += self.write_addresses(
-            (map_names::DST_V6, map_names::DST_HOSTS_V6),
+            (map_names::DST_V6, map_names::EXACT_V6),
+            TRIE_DST_V6,
             gen,
             &new.dst_v6,
-            old.map(|o| o.dst_v6.as_slice()),
+            old.map(|o| &o.dst_v6),
             v6_key,
         )?;
-        let any_address = [
-            &new.src_v4[0].1,
-            &new.dst_v4[0].1,
-            &new.src_v6[0].1,
-            &new.dst_v6[0].1,
-        ];
-        let old_any = old.map(|o| [o.src_v4[0].1, o.dst_v4[0].1, o.src_v6[0].1, o.dst_v6[0].1]);
+        let any_address = |c: &Compiled| {
+            [
+                c.src_v4.any(),
+                c.dst_v4.any(),
+                c.src_v6.any(),
+                c.dst_v6.any(),
+            ]
+        };
+        let old_any = old.map(any_address);
         updates += write_array(
             self.map_mut(map_names::ANY_ADDRESS)?,
             gen * ADDRESS_FIELDS,
-            &any_address.map(|bits| *bits),
+            &any_address(new),
             old_any.as_ref().map(|o| o.as_slice()),
         )?;
         updates += self.write_interfaces(gen, new, old)?;
@@ -267,7 +273,7 @@ impl Kernel {
             default_action: new.default_action,
             tries_in_use: tries_in_use(new),
             checks: new.checks,
-            _pad: 0,
+            exact_in_use: exact_in_use(new),
             tcp_timeout_ns: new.timeouts.tcp * NANOS_PER_SEC,
             tcp_closing_timeout_ns: new.timeouts.tcp_closing * NANOS_PER_SEC,
             udp_timeout_ns: new.timeouts.udp * NANOS_PER_SEC,
@@ -281,44 +287,48 @@ impl Kernel {
         Ok(updates + 1)
     }
 
-    /// One address field: hosts into the host map, shorter prefixes (and `/0`) into the trie.
-    fn write_addresses<N: Prefix + Copy + Eq + Hash, K: Pod>(
+    /// One address field: exact entries into the family's exact map, the rest into the trie.
+    #[allow(clippy::too_many_arguments)]
+    fn write_addresses<N: Prefix + Copy + Eq + Hash, K: Pod + AsMut<[u32]>>(
         &mut self,
-        (trie, hosts): (&str, &str),
+        (trie, exact_map): (&str, &str),
+        field: u32,
         gen: u32,
-        new: &[(N, RuleBits)],
-        old: Option<&[(N, RuleBits)]>,
+        new: &AddressTable<N>,
+        old: Option<&AddressTable<N>>,
         key: fn(u32, &N) -> Key<K>,
     ) -> Result<usize> {
-        let split = |entries: &[(N, RuleBits)]| -> (Vec<_>, Vec<_>) {
-            entries.iter().partition(|(net, _)| net.is_host())
-        };
-        let (new_hosts, new_prefixes) = split(new);
-        let (old_hosts, old_prefixes) = match old.map(split) {
-            Some((hosts, prefixes)) => (Some(hosts), Some(prefixes)),
-            None => (None, None),
-        };
-        let mut updates = write_trie(
+        let updates = write_trie(
             self.map_mut(trie)?,
             gen,
-            &new_prefixes,
-            old_prefixes.as_deref(),
+            &new.trie,
+            old.map(|o| o.trie.as_slice()),
             key,
         )?;
-        let mut map: HashMap<&mut MapData, K, RuleBits> = HashMap::try_from(self.map_mut(hosts)?)?;
-        let old: StdHashMap<N, RuleBits> = old_hosts.unwrap_or_default().into_iter().collect();
-        let new: StdHashMap<N, RuleBits> = new_hosts.iter().copied().collect();
-        for net in old.keys().filter(|net| !new.contains_key(net)) {
-            map.remove(&key(gen, net).data())?;
-            updates += 1;
-        }
-        for (net, bits) in &new {
-            if old.get(net) != Some(bits) {
-                map.insert(key(gen, net).data(), bits, 0)?;
-                updates += 1;
-            }
-        }
-        Ok(updates)
+        let exact_key = |net: &N| -> K {
+            let mut data = key(gen, net).data();
+            data.as_mut()[0] = exact_word(gen, field, level_index::<N>(net.length())).to_be();
+            data
+        };
+        let old: StdHashMap<N, RuleBits> = old
+            .map(|o| o.exact.iter().copied().collect())
+            .unwrap_or_default();
+        let new_map: StdHashMap<N, RuleBits> = new.exact.iter().copied().collect();
+        let stale: Vec<K> = old
+            .keys()
+            .filter(|net| !new_map.contains_key(net))
+            .map(exact_key)
+            .collect();
+        let changed: Vec<(K, RuleBits)> = new
+            .exact
+            .iter()
+            .filter(|(net, bits)| old.get(net) != Some(bits))
+            .map(|(net, bits)| (exact_key(net), *bits))
+            .collect();
+        let map = self.map_mut(exact_map)?;
+        batch::remove::<K, RuleBits>(map, &stale)?;
+        batch::insert(map, &changed)?;
+        Ok(updates + stale.len() + changed.len())
     }
 
     /// The interface map of generation `gen`, by ifindex. Interfaces that do not exist (yet)
@@ -453,20 +463,20 @@ enum Held {
     Unknown,
 }
 
-/// Deletes the entries of generation `gen` (the first key word, big-endian) from a trie (`lpm`) or hash
-/// map whose key data is `K`.
+/// Deletes the entries of generation `gen` (in the first key word, big-endian) from a trie
+/// (`lpm`) or hash map whose key data is `K`.
 fn clear_keys<K: Pod + AsRef<[u32]>>(map: &mut Map, gen: u32, lpm: bool) -> Result<()> {
-    let gen_word = gen.to_be();
+    let of_gen = |word: u32| u32::from_be(word) & GEN_MASK == gen;
     if lpm {
         let mut trie: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(map)?;
         let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
-        for key in keys.iter().filter(|key| key.data().as_ref()[0] == gen_word) {
+        for key in keys.iter().filter(|key| of_gen(key.data().as_ref()[0])) {
             trie.remove(key)?;
         }
     } else {
         let mut hash: HashMap<&mut MapData, K, RuleBits> = HashMap::try_from(map)?;
         let keys: Vec<K> = hash.keys().collect::<Result<_, _>>()?;
-        for key in keys.iter().filter(|key| key.as_ref()[0] == gen_word) {
+        for key in keys.iter().filter(|key| of_gen(key.as_ref()[0])) {
             hash.remove(key)?;
         }
     }
@@ -482,18 +492,34 @@ fn zero_array<V: Pod + Default>(map: &mut Map, gen: u32, len: u32) -> Result<()>
     Ok(())
 }
 
-/// `TRIE_*` bits of the tries with more than their `/0` entry, and `HOSTS_SHIFT + TRIE_*`
-/// bits of the non-empty host maps.
+/// `TRIE_*` bits of the tries with more than their `/0` entry.
 fn tries_in_use(compiled: &Compiled) -> u32 {
-    fn bits<N: Prefix>(field: u32, entries: &[(N, RuleBits)]) -> u32 {
-        let hosts = entries.iter().filter(|(net, _)| net.is_host()).count();
-        let prefixes = entries.len() - hosts;
-        (u32::from(prefixes > 1) << field) | (u32::from(hosts > 0) << (HOSTS_SHIFT + field))
+    let bit = |field: u32, trie_len: usize| u32::from(trie_len > 1) << field;
+    bit(TRIE_SRC_V4, compiled.src_v4.trie.len())
+        | bit(TRIE_DST_V4, compiled.dst_v4.trie.len())
+        | bit(TRIE_SRC_V6, compiled.src_v6.trie.len())
+        | bit(TRIE_DST_V6, compiled.dst_v6.trie.len())
+}
+
+/// `field * EXACT_BITS_PER_FIELD + level index` bits of the exact levels in use.
+fn exact_in_use(compiled: &Compiled) -> u32 {
+    fn bits<N: Prefix>(field: u32, table: &AddressTable<N>) -> u32 {
+        table.exact.iter().fold(0, |bits, (net, _)| {
+            bits | 1 << (field * EXACT_BITS_PER_FIELD + level_index::<N>(net.length()))
+        })
     }
     bits(TRIE_SRC_V4, &compiled.src_v4)
         | bits(TRIE_DST_V4, &compiled.dst_v4)
         | bits(TRIE_SRC_V6, &compiled.src_v6)
         | bits(TRIE_DST_V6, &compiled.dst_v6)
+}
+
+/// Index in `N::LEVELS` of an exact entry's length.
+fn level_index<N: Prefix>(len: u8) -> u32 {
+    N::LEVELS
+        .iter()
+        .position(|&level| level == len)
+        .expect("exact entries have a level's length") as u32
 }
 
 /// Writes `new` at `base..`, skipping entries equal to what the generation already holds

@@ -1,4 +1,5 @@
 //! The firewall daemon as a library: parse config -> compile -> apply -> run.
+pub mod batch;
 pub mod compile;
 pub mod config;
 pub mod daemon;

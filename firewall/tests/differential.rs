@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
-use firewall::compile::compile;
+use firewall::compile::{compile_with_budget, EXACT_BUDGET};
 use firewall::kernel::monotonic_now_ns;
 use firewall::kernel::Kernel;
 use firewall::model::{Action, Proto, Rule, RuleSet};
@@ -424,8 +424,14 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
     let mut reasons = [0usize; 6];
     for set_index in 0..rule_sets {
         let set = random_rule_set(&mut rng, max_rules);
+        // Mostly the real host-map budget; sometimes a small one, so that some prefixes are
+        // cut into blocks and the rest stay in the trie.
+        let budget = match rng.gen_range(0..4) {
+            0 => rng.gen_range(0..64),
+            _ => EXACT_BUDGET,
+        };
         kernel
-            .apply(&compile(&set).expect("compile"))
+            .apply(&compile_with_budget(&set, budget).expect("compile"))
             .expect("apply");
         let frames: Vec<Vec<u8>> = (0..packets_per_set)
             .map(|_| random_frame(&mut rng))
