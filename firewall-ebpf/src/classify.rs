@@ -84,14 +84,14 @@ fn address_v4(
     for (level, mask) in V4_LEVEL_MASKS.iter().enumerate() {
         if levels & (1 << level) != 0 {
             let key = [exact_word(gen, field, level as u32).to_be(), addr & mask];
-            if let Some(bits) = EXACT_V4.get_ptr(&key) {
+            if let Some(bits) = EXACT_V4.get_ptr(key) {
                 // SAFETY: map values stay valid while the program runs (RCU).
                 return Some(unsafe { &*bits });
             }
         }
     }
     if config.tries_in_use & (1 << field) != 0 {
-        return trie.get(&Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr]));
+        return trie.get(Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr]));
     }
     ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
 }
@@ -113,7 +113,7 @@ fn address_v6(
             addr[2],
             addr[3],
         ];
-        if let Some(bits) = EXACT_V6.get_ptr(&key) {
+        if let Some(bits) = EXACT_V6.get_ptr(key) {
             // SAFETY: as above.
             return Some(unsafe { &*bits });
         }
@@ -123,7 +123,7 @@ fn address_v6(
             GEN_PREFIX_BITS + 128,
             [gen.to_be(), addr[0], addr[1], addr[2], addr[3]],
         );
-        return trie.get(&key);
+        return trie.get(key);
     }
     ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
 }
