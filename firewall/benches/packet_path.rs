@@ -65,17 +65,29 @@ fn median(mut samples: Vec<Duration>) -> f64 {
     samples[samples.len() / 2].as_nanos() as f64
 }
 
-/// Median over rounds of the mean ns/packet over the mix.
-fn measure(run: impl Fn(&[u8]) -> Result<Duration>, frames: &[(&str, Vec<u8>)]) -> Result<f64> {
-    let mut rounds = Vec::new();
+/// Runs one frame `REPEAT` times through a program, returning the mean time per run.
+type Runner<'a> = Box<dyn Fn(&[u8]) -> Result<Duration> + 'a>;
+/// A program and the named frames it is measured on.
+type Measured<'a> = (Runner<'a>, &'a [(&'static str, Vec<u8>)]);
+
+fn on(kernel: &Kernel) -> Runner<'_> {
+    Box::new(move |frame| Ok(kernel.test_run(frame, REPEAT)?.1))
+}
+
+/// Per (program, frames): the median over rounds of the mean ns/packet over its frames. The
+/// rounds visit every program in turn, so that the machine's noise falls on all of them alike.
+fn measure_in_turns(runs: &[Measured<'_>]) -> Result<Vec<f64>> {
+    let mut samples = vec![Vec::new(); runs.len()];
     for _ in 0..ROUNDS {
-        let mut total = Duration::ZERO;
-        for (_, frame) in frames {
-            total += run(frame)?;
+        for ((run, frames), samples) in runs.iter().zip(&mut samples) {
+            let mut total = Duration::ZERO;
+            for (_, frame) in frames.iter() {
+                total += run(frame)?;
+            }
+            samples.push(total / frames.len() as u32);
         }
-        rounds.push(total / frames.len() as u32);
     }
-    Ok(median(rounds))
+    Ok(samples.into_iter().map(median).collect())
 }
 
 fn main() -> Result<()> {
@@ -98,7 +110,14 @@ fn main() -> Result<()> {
         Ok(result.duration)
     };
 
-    let mut kernel = Kernel::load()?;
+    let kernels = [1usize, 100, 1024]
+        .map(|count| -> Result<Kernel> {
+            let mut kernel = Kernel::load()?;
+            kernel.apply(&compile(&rule_set(count))?)?;
+            Ok(kernel)
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
     println!(
         "packet mix: {}",
         frames
@@ -107,25 +126,6 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!(
-        "{:<24} {:>10} {:>14} {:>14}",
-        "program", "ns/packet", "vs 1 rule", "vs floor"
-    );
-    let floor_ns = measure(run_floor, &frames)?;
-    println!("{:<24} {:>10.1}", "bare XDP_DROP (floor)", floor_ns);
-    let mut one_rule_ns = None;
-    for count in [1usize, 100, 1024] {
-        kernel.apply(&compile(&rule_set(count))?)?;
-        let ns = measure(|frame| Ok(kernel.test_run(frame, REPEAT)?.1), &frames)?;
-        let base = *one_rule_ns.get_or_insert(ns);
-        println!(
-            "{:<24} {:>10.1} {:>13.2}x {:>+13.1}",
-            format!("firewall, {count} rules"),
-            ns,
-            ns / base,
-            ns - floor_ns
-        );
-    }
 
     // Connection state, with the 1,024-rule set in force: replies that hit the flow map (and
     // pass before the rules), segments of unknown flows that miss it, and SYNs, which skip it.
@@ -158,7 +158,8 @@ fn main() -> Result<()> {
             )
         })
         .collect();
-    kernel.set_flows(&table)?;
+    let mut kernels = kernels;
+    kernels[2].set_flows(&table)?;
     let misses = vec![
         (
             "tcp4 unknown ack",
@@ -175,18 +176,46 @@ fn main() -> Result<()> {
         "tcp4 syn",
         Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 40000 }).build(),
     )];
-    for (name, frames) in [
-        ("state hit (replies)", &replies),
-        ("state miss (new)", &misses),
-        ("SYN (lookup skipped)", &syns),
-    ] {
-        let ns = measure(|frame| Ok(kernel.test_run(frame, REPEAT)?.1), frames)?;
+
+    let runs: Vec<Measured<'_>> = vec![
+        (Box::new(run_floor), &frames),
+        (on(&kernels[0]), &frames),
+        (on(&kernels[1]), &frames),
+        (on(&kernels[2]), &frames),
+        (on(&kernels[2]), &replies),
+        (on(&kernels[2]), &misses),
+        (on(&kernels[2]), &syns),
+    ];
+    let ns = measure_in_turns(&runs)?;
+    let floor_ns = ns[0];
+    println!(
+        "{:<24} {:>10} {:>14} {:>14}",
+        "program", "ns/packet", "vs 1 rule", "vs floor"
+    );
+    println!("{:<24} {:>10.1}", "bare XDP_DROP (floor)", floor_ns);
+    for (count, rules_ns) in [1, 100, 1024].iter().zip(&ns[1..4]) {
+        println!(
+            "{:<24} {:>10.1} {:>13.2}x {:>+13.1}",
+            format!("firewall, {count} rules"),
+            rules_ns,
+            rules_ns / ns[1],
+            rules_ns - floor_ns
+        );
+    }
+    for (name, state_ns) in [
+        "state hit (replies)",
+        "state miss (new)",
+        "SYN (lookup skipped)",
+    ]
+    .iter()
+    .zip(&ns[4..])
+    {
         println!(
             "{:<24} {:>10.1} {:>14} {:>+13.1}",
             name,
-            ns,
+            state_ns,
             "",
-            ns - floor_ns
+            state_ns - floor_ns
         );
     }
     sets()?;
@@ -357,24 +386,21 @@ fn sets_in(dir: &std::path::Path) -> Result<()> {
                 .find_map(|entry| entry.parse().ok())
                 .expect("the list has hosts");
             let neighbour = std::net::Ipv4Addr::from(u32::from(member) ^ 1);
-            let probe = [member, neighbour]
-                .map(|src| Frame::v4(&src.to_string(), "10.0.0.1", L4::Tcp { dport: 80 }).build());
+            let probe = [("member", member), ("neighbour", neighbour)].map(|(name, src)| {
+                let frame = Frame::v4(&src.to_string(), "10.0.0.1", L4::Tcp { dport: 80 }).build();
+                (name, frame)
+            });
             let table = &compiled.src_v4;
             let shape = format!("{}/{}", table.exact.len(), table.trie.len());
-            loaded.push((count, kernel, probe, shape, Vec::new()));
+            loaded.push((count, kernel, probe, shape));
         }
-        for _ in 0..ROUNDS {
-            for (_, kernel, probe, _, samples) in &mut loaded {
-                let mut total = Duration::ZERO;
-                for frame in probe.iter() {
-                    total += kernel.test_run(frame, REPEAT)?.1;
-                }
-                samples.push(total / probe.len() as u32);
-            }
-        }
+        let runs: Vec<Measured<'_>> = loaded
+            .iter()
+            .map(|(_, kernel, probe, _)| (on(kernel), probe.as_slice()))
+            .collect();
+        let ns = measure_in_turns(&runs)?;
         let mut base = None;
-        for (count, _, _, shape, samples) in loaded {
-            let ns = median(samples);
+        for ((count, _, _, shape), ns) in loaded.iter().zip(ns) {
             let base = *base.get_or_insert(ns);
             println!(
                 "{:<44} {:>10.1} {:>8.2}x {:>24}",

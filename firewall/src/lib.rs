@@ -3,6 +3,7 @@ pub mod batch;
 pub mod compile;
 pub mod config;
 pub mod daemon;
+pub mod explain;
 pub mod kernel;
 pub mod lint;
 pub mod model;

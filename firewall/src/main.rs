@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use firewall::config::{load_rules, summary};
 use firewall::daemon::{self, RunOptions};
+use firewall::explain::{explain, Question};
 use firewall::kernel::AttachMode;
 
 #[derive(Parser)]
@@ -45,6 +46,27 @@ enum Command {
         /// Rule file (TOML).
         file: PathBuf,
     },
+    /// Which rule decides a packet, and why each rule before it does not match.
+    Explain {
+        /// Rule file (TOML).
+        #[arg(long)]
+        rules: PathBuf,
+        /// tcp, udp, icmp, icmpv6 or an IP protocol number.
+        #[arg(long)]
+        proto: String,
+        /// Source address.
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// Destination address.
+        #[arg(long)]
+        to: std::net::IpAddr,
+        /// Destination port (tcp, udp).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Interface the packet arrives on.
+        #[arg(long)]
+        iface: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +78,24 @@ fn main() -> ExitCode {
             for warning in firewall::lint::warnings(&set) {
                 eprintln!("warning: {}: {warning}", file.display());
             }
+        }),
+        Command::Explain {
+            rules,
+            proto,
+            from,
+            to,
+            port,
+            iface,
+        } => load_rules(&rules).and_then(|set| {
+            let question = Question {
+                proto,
+                from,
+                to,
+                port,
+                iface,
+            };
+            print!("{}", explain(&set, &question)?);
+            Ok(())
         }),
         Command::Reload { control } => {
             daemon::request_reload(&control).map(|message| println!("{message}"))
