@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use aya_log::EbpfLogger;
 use futures_util::StreamExt as _;
 use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask};
@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub mode: AttachMode,
     /// Unix socket that `firewall reload` talks to.
     pub control: PathBuf,
+    /// Accept rule and set files that others than root could change.
+    pub insecure_files: bool,
 }
 
 /// Default path of the control socket.
@@ -42,8 +44,15 @@ pub struct Prepared {
 }
 
 /// Reads and compiles a rule file; nothing touches the kernel.
-pub fn prepare(path: &Path) -> Result<Prepared> {
+pub fn prepare(path: &Path, insecure_files: bool) -> Result<Prepared> {
     let set = load_rules(path)?;
+    let mut files = vec![path.to_path_buf()];
+    files.extend(set.set_files.iter().cloned());
+    if !insecure_files {
+        for file in &files {
+            check_permissions(file)?;
+        }
+    }
     for warning in crate::lint::warnings(&set) {
         warn!("{}: {warning}", path.display());
     }
@@ -54,14 +63,36 @@ pub fn prepare(path: &Path) -> Result<Prepared> {
         set.rules.len(),
         set.default_policy
     );
-    let mut files = vec![path.to_path_buf()];
-    files.extend(set.set_files.iter().cloned());
     Ok(Prepared { compiled, files })
+}
+
+/// Refuses a file that someone other than root could change: whoever can edit the rules
+/// decides what the firewall lets through.
+pub fn check_permissions(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if meta.uid() != 0 {
+        bail!(
+            "{}: owned by uid {}, not root; whoever can edit it controls the firewall \
+             (chown root, or run with --insecure-files)",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{}: writable by group or others (mode {:o}); whoever can edit it controls the \
+             firewall (chmod go-w, or run with --insecure-files)",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
-    let prepared = prepare(&options.rules)?;
+    let prepared = prepare(&options.rules, options.insecure_files)?;
     let mut kernel = Kernel::load()?;
     kernel.apply(&prepared.compiled)?;
     let mut watcher = FileWatcher::new(&prepared.files)?;
@@ -96,7 +127,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                let _ = reload(&mut kernel, &options.rules, &mut watcher);
+                let _ = reload(&mut kernel, &options, &mut watcher);
             }
             changed = watcher.changed() => {
                 changed?;
@@ -105,10 +136,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             () = async { debounce.as_mut().expect("guarded").await }, if debounce.is_some() => {
                 debounce = None;
                 info!("rule files changed");
-                let _ = reload(&mut kernel, &options.rules, &mut watcher);
+                let _ = reload(&mut kernel, &options, &mut watcher);
             }
             request = control.accept() => {
-                if let Err(error) = serve(request, &mut kernel, &options.rules, &mut watcher).await {
+                if let Err(error) = serve(request, &mut kernel, &options, &mut watcher).await {
                     warn!("control request failed: {error:#}");
                 }
             }
@@ -128,9 +159,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
 /// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns the
 /// line that was logged.
-fn reload(kernel: &mut Kernel, path: &Path, watcher: &mut FileWatcher) -> Result<String, String> {
+fn reload(
+    kernel: &mut Kernel,
+    options: &RunOptions,
+    watcher: &mut FileWatcher,
+) -> Result<String, String> {
+    let path = &options.rules;
     let started = Instant::now();
-    let result = prepare(path).and_then(|prepared| {
+    let result = prepare(path, options.insecure_files).and_then(|prepared| {
         let compiled = &prepared.compiled;
         let entries = compiled.src_v4.len()
             + compiled.src_v6.len()
@@ -242,7 +278,7 @@ impl Drop for ControlSocket {
 async fn serve(
     request: std::io::Result<UnixStream>,
     kernel: &mut Kernel,
-    path: &Path,
+    options: &RunOptions,
     watcher: &mut FileWatcher,
 ) -> Result<()> {
     let stream = request?;
@@ -251,7 +287,7 @@ async fn serve(
     let mut read = BufReader::new(read);
     tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await??;
     let reply = match line.trim() {
-        "reload" => match reload(kernel, path, watcher) {
+        "reload" => match reload(kernel, options, watcher) {
             Ok(message) => format!("ok: {message}\n"),
             Err(message) => format!("error: {message}\n"),
         },
@@ -288,5 +324,31 @@ async fn readable(
     match logger {
         Some(fd) => fd.readable_mut().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_files_others_can_write_are_refused() {
+        let path = std::env::temp_dir().join(format!("fw-perm-{}.toml", std::process::id()));
+        std::fs::write(&path, "").unwrap();
+        let chmod = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        chmod(0o644).unwrap();
+        let owner_is_root = unsafe { libc::geteuid() } == 0;
+        assert_eq!(check_permissions(&path).is_ok(), owner_is_root);
+        for mode in [0o664, 0o646, 0o666] {
+            chmod(mode).unwrap();
+            let error = check_permissions(&path).unwrap_err().to_string();
+            assert!(
+                error.contains("not root") || error.contains("writable by group or others"),
+                "{error}"
+            );
+        }
+        chmod(0o600).unwrap();
+        assert_eq!(check_permissions(&path).is_ok(), owner_is_root);
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -253,11 +253,17 @@ from = ["198.51.100.0/24"]
         assert!(out.contains("verdict: pass (rule 3 \"ssh\")"), "{out}");
 
         let out = ask("tcp", "203.0.113.9", Some(443)).unwrap();
-        assert!(out.contains("verdict: drop (rule 1 \"blocklist\")"), "{out}");
+        assert!(
+            out.contains("verdict: drop (rule 1 \"blocklist\")"),
+            "{out}"
+        );
 
         let out = ask("udp", "198.51.100.7", Some(22)).unwrap();
         assert!(out.contains("rule 3 \"ssh\": does not match: protocol differs"));
-        assert!(out.contains("verdict: drop (no rule matches: default policy)"), "{out}");
+        assert!(
+            out.contains("verdict: drop (no rule matches: default policy)"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ enum Command {
         /// Control socket for `firewall reload`.
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
+        /// Accept rule and set files not owned by root or writable by group or others.
+        #[arg(long)]
+        insecure_files: bool,
     },
     /// Ask the running daemon to reload its rule file; prints what it did or the error.
     Reload {
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             ifaces,
             xdp_mode,
             control,
+            insecure_files,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
                     ifaces,
                     mode: xdp_mode,
                     control,
+                    insecure_files,
                 }))
             }),
     };

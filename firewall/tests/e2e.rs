@@ -399,19 +399,19 @@ fn reloads_on_file_changes_and_on_request() {
         "[sets.peers]\nfiles = [\"peers.txt\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@peers\"]\n",
     );
     let set_file = file.path.with_file_name("peers.txt");
-    std::fs::write(&set_file, "192.0.2.1\n").unwrap();
+    common::write_file(&set_file, "192.0.2.1\n");
     let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
     let web = SocketAddr::new(net.a4, 8080);
     assert!(tcp_reaches(&net.b, web), "the peer is not in the set yet");
 
     // The set file gains the peer: denied, without a signal.
-    std::fs::write(&set_file, format!("192.0.2.1\n{}\n", net.b4)).unwrap();
+    common::write_file(&set_file, &format!("192.0.2.1\n{}\n", net.b4));
     daemon.wait_for("reloaded", 1);
     assert!(!tcp_reaches(&net.b, web), "set file change not applied");
 
     // The rule file is replaced by rename, as editors do: allow again.
     let staged = file.path.with_file_name("staged.tmp");
-    std::fs::write(&staged, "[[rules]]\naction = \"allow\"\n").unwrap();
+    common::write_file(&staged, "[[rules]]\naction = \"allow\"\n");
     std::fs::rename(&staged, &file.path).unwrap();
     daemon.wait_for("reloaded", 2);
     assert!(tcp_reaches(&net.b, web), "rule file change not applied");
@@ -433,7 +433,7 @@ fn reloads_on_file_changes_and_on_request() {
 
     // A broken set file: the watcher's reload fails, and so does the requested one, with the
     // position; the rules in force stay.
-    std::fs::write(&set_file, "10.0.0.1/8\n").unwrap();
+    common::write_file(&set_file, "10.0.0.1/8\n");
     file.write("[sets.peers]\nfiles = [\"peers.txt\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@peers\"]\n");
     daemon.wait_for("reload failed", 1);
     let output = reload(&daemon.control);

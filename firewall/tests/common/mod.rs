@@ -278,13 +278,21 @@ impl RuleFile {
         let dir = std::env::temp_dir().join(format!("fwt-rules-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
+        write_file(&path, text);
         RuleFile { path }
     }
 
     pub fn write(&self, text: &str) {
-        std::fs::write(&self.path, text).unwrap();
+        write_file(&self.path, text);
     }
+}
+
+/// Writes a file the daemon accepts as a rule or set file: not writable by group or others,
+/// whatever the umask.
+pub fn write_file(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
 
 impl Drop for RuleFile {
