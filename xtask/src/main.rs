@@ -74,11 +74,15 @@ fn main() -> Result<()> {
                 None => default_route_iface()?,
             };
             require_root("cargo xtask run")?;
-            eprintln!("firewall run --rules {} --iface {iface}", rules.display());
+            // The rule files of a checkout belong to the developer, not root.
+            eprintln!(
+                "firewall run --rules {} --iface {iface} --insecure-files",
+                rules.display()
+            );
             let status = Command::new(root.join("target/release/firewall"))
                 .args(["run", "--rules"])
                 .arg(&rules)
-                .args(["--iface", &iface])
+                .args(["--iface", &iface, "--insecure-files"])
                 .args(extra)
                 .status()?;
             check(status, "firewall run")
