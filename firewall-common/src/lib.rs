@@ -217,6 +217,28 @@ pub mod map_names {
     pub const FLOWS: &str = "FW_FLOWS";
     pub const IFACE_BITS: &str = "FW_IFACE_BITS";
     pub const OTHER_IFACES: &str = "FW_OTHER_IFACES";
+
+    /// Every map above: what is pinned.
+    pub const PINNED: [&str; 18] = [
+        ACTIVE_GENERATION,
+        GEN_CONFIG,
+        RULE_ACTIONS,
+        ANY_ADDRESS,
+        EXACT_V4,
+        EXACT_V6,
+        SRC_V4,
+        DST_V4,
+        SRC_V6,
+        DST_V6,
+        PROTO_BITS,
+        PORT_CLASS,
+        PORT_BITS,
+        STATS,
+        LOG_BUCKET,
+        FLOWS,
+        IFACE_BITS,
+        OTHER_IFACES,
+    ];
 }
 
 /// Name of the XDP program in the object file.

@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 use crate::compile::{compile, Compiled};
 use crate::config::load_rules;
 use crate::kernel::{AttachMode, Kernel};
+use crate::pins::Pins;
 
 pub struct RunOptions {
     pub rules: PathBuf,
@@ -29,6 +30,10 @@ pub struct RunOptions {
     pub control: PathBuf,
     /// Accept rule and set files that others than root could change.
     pub insecure_files: bool,
+    /// bpffs directory for maps and links (see `pins`).
+    pub pin_dir: PathBuf,
+    /// On SIGTERM/SIGINT leave the programs attached with the rules in force.
+    pub persist: bool,
 }
 
 /// Default path of the control socket.
@@ -93,7 +98,14 @@ pub fn check_permissions(path: &Path) -> Result<()> {
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
     let prepared = prepare(&options.rules, options.insecure_files)?;
-    let mut kernel = Kernel::load()?;
+    let pins = Pins::open(&options.pin_dir)?;
+    let (mut kernel, reused) = Kernel::load_pinned(pins.clone())?;
+    if reused {
+        info!(
+            "reusing the maps pinned in {}: the rules in force keep filtering until the new ones are applied",
+            options.pin_dir.display()
+        );
+    }
     kernel.apply(&prepared.compiled)?;
     let mut watcher = FileWatcher::new(&prepared.files)?;
     let control = ControlSocket::bind(&options.control)?;
@@ -111,9 +123,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     kernel.add_flows(&existing)?;
     info!("tracking {} existing connections", existing.len());
     for iface in &options.ifaces {
-        let mode = kernel.attach(iface, options.mode)?;
-        info!("attached to {iface} ({mode} XDP ingress, tc egress)");
+        let how = kernel.attach(iface, options.mode)?;
+        info!("attached to {iface} ({how})");
     }
+    // Maps of other builds: the links run our program now.
+    pins.remove_maps_except(Some(&pins.maps_dir(crate::kernel::object_id())))?;
     info!(
         "filtering; SIGHUP, `firewall reload --control {}` or editing {} reloads",
         options.control.display(),
@@ -152,8 +166,20 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
         }
     }
+    if options.persist {
+        info!(
+            "exiting; still filtering {} with the rules in force (--persist; `firewall detach` removes it)",
+            options.ifaces.join(", ")
+        );
+        drop(kernel);
+        return Ok(());
+    }
     info!("detaching from {}", options.ifaces.join(", "));
+    for iface in &options.ifaces {
+        pins.remove_links(Some(iface))?;
+    }
     drop(kernel);
+    pins.remove_if_unused()?;
     Ok(())
 }
 

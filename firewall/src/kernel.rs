@@ -3,14 +3,18 @@
 //! BPF_PROG_TEST_RUN.
 use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::xdp::XdpLink;
 use aya::programs::{tc, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
-use aya::{Ebpf, Pod};
+use aya::{Ebpf, EbpfLoader, Pod};
 use firewall_common::{
     exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, V4KeyData,
     V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK, GEN_PREFIX_BITS,
@@ -21,6 +25,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::batch;
 use crate::compile::{AddressTable, Compiled, Prefix, PORTS, PROTOS};
+use crate::pins::{LinkKind, Pins};
 
 /// The XDP object built from firewall-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
@@ -43,16 +48,52 @@ pub struct Kernel {
     ebpf: Ebpf,
     /// What each generation holds, as far as we know.
     held: [Held; 2],
+    /// Where maps and links are pinned, if they are.
+    pins: Option<Pins>,
+}
+
+/// Identifies this build's XDP object (FNV-1a of its bytes): pinned maps are reused only by
+/// the build that made them, as another build may lay them out differently.
+pub fn object_id() -> u64 {
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Kernel {
-    /// Loads the XDP program and creates its maps; nothing is attached yet.
+    /// Loads the XDP program and creates its maps; nothing is attached yet, nothing pinned.
     pub fn load() -> Result<Self> {
+        Self::load_with(None)
+    }
+
+    /// As [`Kernel::load`], with the maps pinned under `pins`, or reused from there when this
+    /// build pinned them before (a daemon that exited with `--persist` or died): then the
+    /// rules in force and the tracked flows carry over. Returns whether maps were reused.
+    pub fn load_pinned(pins: Pins) -> Result<(Self, bool)> {
+        let maps = pins.maps_dir(object_id());
+        let reused = maps.join(map_names::ACTIVE_GENERATION).exists();
+        std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+        let mut kernel = Self::load_with(Some(&maps))?;
+        if reused {
+            // The live generation holds the old daemon's rules; neither is known to us.
+            kernel.held = [Held::Unknown, Held::Unknown];
+        }
+        kernel.pins = Some(pins);
+        Ok((kernel, reused))
+    }
+
+    fn load_with(maps_dir: Option<&Path>) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!("this binary was built without its XDP object (AYA_BUILD_SKIP was set)");
         }
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the XDP object")?;
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = maps_dir {
+            for name in map_names::PINNED {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the XDP object")?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("XDP program `{XDP_PROGRAM}` missing from the object"))?
@@ -70,6 +111,7 @@ impl Kernel {
         Ok(Kernel {
             ebpf,
             held: [Held::Zeroed, Held::Zeroed],
+            pins: None,
         })
     }
 
@@ -86,27 +128,73 @@ impl Kernel {
     }
 
     /// Attaches to `iface`: first the tc egress program, so that the host's flows are being
-    /// recorded before the XDP program starts to judge their replies; then XDP. Returns the
-    /// XDP mode that worked. The links live as long as `self`.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
-        if let Err(error) = tc::qdisc_add_clsact(iface) {
-            // Already there (ours from an earlier run, or someone else's): share it.
-            log::debug!("clsact on {iface}: {error}");
-        }
+    /// recorded before the XDP program starts to judge their replies; then XDP. With pins,
+    /// links pinned by an earlier daemon are taken over (the program they run is swapped for
+    /// ours atomically), and new links are pinned. Returns what was done, for the log.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<String> {
+        let tc = self.attach_egress(iface)?;
+        let xdp = self.attach_xdp(iface, mode)?;
+        Ok(format!("XDP ingress: {xdp}; tc egress: {tc}"))
+    }
+
+    fn attach_egress(&mut self, iface: &str) -> Result<&'static str> {
+        let pin = self.pins.as_ref().map(|p| p.link_path(LinkKind::Tc, iface));
         let egress: &mut SchedClassifier = self
             .ebpf
             .program_mut(EGRESS_PROGRAM)
             .ok_or_else(|| anyhow!("tc program missing"))?
             .try_into()?;
-        egress
+        if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+            let link = FdLink::from(PinnedLink::from_pin(pin)?);
+            egress
+                .attach_to_link(SchedClassifierLink::try_from(link)?)
+                .with_context(|| format!("taking over the tc link of {iface}"))?;
+            return Ok("taken over from the pinned link");
+        }
+        if let Err(error) = tc::qdisc_add_clsact(iface) {
+            // Already there (ours from an earlier run, or someone else's): share it.
+            log::debug!("clsact on {iface}: {error}");
+        }
+        let id = egress
             .attach(iface, TcAttachType::Egress)
             .with_context(|| format!("attaching the tc egress program to {iface}"))?;
+        let Some(pin) = pin else {
+            return Ok("attached");
+        };
+        let link = egress.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(link) => {
+                link.pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+                Ok("pinned")
+            }
+            Err(_) => {
+                // Netlink tc filters (before Linux 6.6) have no link to pin: the filter stays
+                // until the daemon detaches it.
+                log::warn!("{iface}: tc egress is not pinned (no TCX before Linux 6.6)");
+                egress.attach(iface, TcAttachType::Egress)?;
+                Ok("attached")
+            }
+        }
+    }
 
+    fn attach_xdp(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.link_path(LinkKind::Xdp, iface));
         let program: &mut Xdp = self
             .ebpf
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("XDP program missing"))?
             .try_into()?;
+        if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+            let link = FdLink::from(PinnedLink::from_pin(pin)?);
+            program
+                .attach_to_link(XdpLink::try_from(link)?)
+                .with_context(|| format!("taking over the XDP link of {iface}"))?;
+            return Ok("taken over from the pinned link");
+        }
         let attempts: &[(XdpMode, &'static str)] = match mode {
             AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
             AttachMode::Native => &[(XdpMode::Driver, "native")],
@@ -115,7 +203,19 @@ impl Kernel {
         let mut last_error = None;
         for &(xdp_mode, name) in attempts {
             match program.attach(iface, xdp_mode) {
-                Ok(_) => return Ok(name),
+                Ok(id) => {
+                    if let Some(pin) = pin {
+                        let link = FdLink::try_from(program.take_link(id)?)
+                            .context("this kernel attaches XDP without a link to pin")?;
+                        link.pin(&pin)
+                            .with_context(|| format!("pinning {}", pin.display()))?;
+                        return Ok(match name {
+                            "native" => "native, pinned",
+                            _ => "skb (generic), pinned",
+                        });
+                    }
+                    return Ok(name);
+                }
                 Err(error) => last_error = Some(error),
             }
         }
@@ -123,7 +223,11 @@ impl Kernel {
             .with_context(|| format!("attaching XDP to {iface}"))
     }
 
-    /// The generation packets are classified with now.
+    /// The pins this kernel uses, if any.
+    pub fn pins(&self) -> Option<&Pins> {
+        self.pins.as_ref()
+    }
+
     pub fn active_generation(&self) -> Result<u32> {
         let active: Array<&MapData, u32> =
             Array::try_from(self.map(map_names::ACTIVE_GENERATION)?)?;

@@ -8,5 +8,6 @@ pub mod kernel;
 pub mod lint;
 pub mod model;
 pub mod packet;
+pub mod pins;
 pub mod reference;
 pub mod sockets;

@@ -1,5 +1,5 @@
 //! The `firewall` command: a host firewall on XDP.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -7,6 +7,7 @@ use firewall::config::{load_rules, summary};
 use firewall::daemon::{self, RunOptions};
 use firewall::explain::{explain, Question};
 use firewall::kernel::AttachMode;
+use firewall::pins::{Pins, DEFAULT_PIN_DIR};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +38,23 @@ enum Command {
         /// Accept rule and set files not owned by root or writable by group or others.
         #[arg(long)]
         insecure_files: bool,
+        /// bpffs directory where programs' links and maps are pinned (bpffs is mounted on its
+        /// parent if needed).
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// On SIGTERM/SIGINT, leave the programs filtering with the rules in force (for
+        /// restarts and upgrades without a gap); `firewall detach` removes them.
+        #[arg(long)]
+        persist: bool,
+    },
+    /// Detach the pinned programs (left by `run --persist` or a daemon that died) and remove
+    /// the pins.
+    Detach {
+        /// Only this interface (default: all).
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Ask the running daemon to reload its rule file; prints what it did or the error.
     Reload {
@@ -72,6 +90,20 @@ enum Command {
     },
 }
 
+fn detach(pin_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
+    let pins = Pins::existing(pin_dir)?;
+    let removed = pins.remove_links(iface)?;
+    if removed.is_empty() {
+        println!("nothing pinned for {}", iface.unwrap_or("any interface"));
+    } else {
+        println!("detached from {}", removed.join(", "));
+    }
+    if pins.remove_if_unused()? {
+        println!("removed {}", pin_dir.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -100,6 +132,7 @@ fn main() -> ExitCode {
             print!("{}", explain(&set, &question)?);
             Ok(())
         }),
+        Command::Detach { iface, pin_dir } => detach(&pin_dir, iface.as_deref()),
         Command::Reload { control } => {
             daemon::request_reload(&control).map(|message| println!("{message}"))
         }
@@ -109,6 +142,8 @@ fn main() -> ExitCode {
             xdp_mode,
             control,
             insecure_files,
+            pin_dir,
+            persist,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -120,6 +155,8 @@ fn main() -> ExitCode {
                     mode: xdp_mode,
                     control,
                     insecure_files,
+                    pin_dir,
+                    persist,
                 }))
             }),
     };

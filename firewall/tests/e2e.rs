@@ -482,3 +482,139 @@ fn rules_can_name_interfaces() {
     );
     daemon.terminate();
 }
+
+/// UDP from B to A, without pause: `probe` datagrams to a port the rules deny, `control` ones
+/// to a port they allow, each counted as it arrives (read at once, so that no full socket
+/// buffer can hide one). `finish` stops and returns the counts.
+struct Traffic {
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Traffic {
+    const PROBE: u16 = 6001;
+    const CONTROL: u16 = 7000;
+
+    fn start(net: &TestNet) -> Traffic {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        let running = Arc::new(AtomicBool::new(true));
+        let a4 = net.a4;
+        let mut threads = Vec::new();
+        for port in [Traffic::PROBE, Traffic::CONTROL] {
+            let socket = TestNet::within(&net.a, move || {
+                let socket = UdpSocket::bind(SocketAddr::new(a4, port)).unwrap();
+                let timeout = std::time::Duration::from_millis(100);
+                socket.set_read_timeout(Some(timeout)).unwrap();
+                socket
+            });
+            let running = running.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut received = 0;
+                let mut buf = [0u8; 16];
+                loop {
+                    match socket.recv(&mut buf) {
+                        Ok(_) => received += 1,
+                        Err(_) if !running.load(Ordering::Relaxed) => return received,
+                        Err(_) => {}
+                    }
+                }
+            }));
+        }
+        let b4 = net.b4;
+        let socket = TestNet::within(&net.b, move || {
+            UdpSocket::bind(SocketAddr::new(b4, 0)).unwrap()
+        });
+        let sending = running.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut sent = 0;
+            while sending.load(Ordering::Relaxed) {
+                let _ = socket.send_to(b"probe", SocketAddr::new(a4, Traffic::PROBE));
+                let _ = socket.send_to(b"control", SocketAddr::new(a4, Traffic::CONTROL));
+                sent += 1;
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            sent
+        }));
+        Traffic { running, threads }
+    }
+
+    /// (sent of each kind, probes that arrived, controls that arrived).
+    fn finish(self) -> (u64, u64, u64) {
+        self.running
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let counts: Vec<u64> = self
+            .threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap())
+            .collect();
+        (counts[2], counts[0], counts[1])
+    }
+}
+
+/// The daemon stops (killed, or SIGTERM with `--persist`), nothing runs for a while, a new
+/// daemon takes over the pinned links: the probes must never get through.
+fn no_gap_through_restart(persist: bool) {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = RuleFile::new(
+        "restart.toml",
+        &format!(
+            "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
+             proto = \"udp\"\nports = [{}]\n",
+            Traffic::PROBE
+        ),
+    );
+    let extra: &[&str] = if persist { &["--persist"] } else { &[] };
+    let start = || Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), extra);
+    let first = start();
+    let traffic = Traffic::start(&net);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if persist {
+        assert!(first.terminate().success());
+    } else {
+        first.kill();
+    }
+    // No daemon: the pinned links keep the program, and the maps its rules.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(net.xdp_attached(), "the program went with the daemon");
+    let second = start();
+    second.wait_for("XDP ingress: taken over", 1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (sent, probes, controls) = traffic.finish();
+    eprintln!("restart (persist {persist}): sent {sent} of each, {probes} probes and {controls} controls arrived");
+    assert_eq!(probes, 0, "probes slipped through the restart");
+    assert!(
+        controls > sent * 9 / 10,
+        "allowed traffic did not flow: {controls} of {sent}"
+    );
+
+    if persist {
+        // Still pinned after this one too; `firewall detach` removes it.
+        assert!(second.terminate().success());
+        assert!(net.xdp_attached());
+        let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(pins.pin_dir())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    } else {
+        assert!(second.terminate().success());
+    }
+    assert!(!net.xdp_attached(), "still attached after detaching");
+    assert!(!pins.pin_dir().exists(), "pins left behind");
+}
+
+#[test]
+fn sigkill_and_restart_let_nothing_through() {
+    no_gap_through_restart(false);
+}
+
+#[test]
+fn persist_sigterm_and_restart_let_nothing_through() {
+    no_gap_through_restart(true);
+}

@@ -184,10 +184,62 @@ pub struct Daemon {
     log: PathBuf,
     /// Its control socket, for `firewall reload --control`.
     pub control: PathBuf,
+    /// Its own bpffs for pins, when the test gave none.
+    _pins: Option<BpfMount>,
+}
+
+/// A bpffs mounted for one test in this (the host's) mount namespace: `ip netns exec` runs
+/// the daemon in a mount namespace of its own, which sees this mount, so pins made there
+/// outlive the daemon. Unmounted on drop, which unpins everything and detaches what the pins
+/// held.
+pub struct BpfMount {
+    pub path: PathBuf,
+}
+
+impl BpfMount {
+    pub fn new() -> BpfMount {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("fwt-bpf-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount bpffs on {}", path.display());
+        BpfMount { path }
+    }
+
+    /// The daemon's `--pin-dir`.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.path.join("firewall")
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }
 
 impl Daemon {
+    /// Starts `firewall run` in `ns`, with pins on a bpffs of its own.
     pub fn start(ns: &str, rules: &Path, iface: &str) -> Daemon {
+        let pins = BpfMount::new();
+        let mut daemon = Daemon::start_with(ns, rules, iface, &pins.pin_dir(), &[]);
+        daemon._pins = Some(pins);
+        daemon
+    }
+
+    /// Starts `firewall run` in `ns` pinning under `pin_dir`, with `extra` arguments.
+    pub fn start_with(
+        ns: &str,
+        rules: &Path,
+        iface: &str,
+        pin_dir: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         let log = std::env::temp_dir().join(format!("{ns}.log"));
         let control = std::env::temp_dir().join(format!("{ns}.sock"));
         let child = Command::new("ip")
@@ -203,6 +255,9 @@ impl Daemon {
             .args(["--iface", iface])
             .arg("--control")
             .arg(&control)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -213,6 +268,7 @@ impl Daemon {
             child: Some(child),
             log,
             control,
+            _pins: None,
         };
         daemon.wait_for("filtering", 1);
         daemon
@@ -240,6 +296,12 @@ impl Daemon {
         // `ip netns exec` execs the daemon, so the pid is the daemon's.
         // SAFETY: plain kill(2) on our own child.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Kills the daemon with SIGKILL: nothing of it runs any more.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        self.child.take().unwrap().wait().unwrap();
     }
 
     /// Sends SIGTERM and returns the exit status.

@@ -1,0 +1,210 @@
+//! The pinned state under a bpffs directory, which keeps filtering when no daemon runs:
+//!
+//! ```text
+//! DIR/                      mode 0700
+//!   maps-<object id>/FW_*   the maps, per build of the XDP object (a new build brings new maps)
+//!   xdp-<iface>             the XDP link of an interface
+//!   tc-<iface>              the tc egress link (TCX, Linux 6.6+)
+//! ```
+//!
+//! A link pin keeps its program attached, and the program its maps, after the daemon exits or
+//! dies; a new daemon swaps its own program into the same links, so there is no moment without
+//! a program.
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/firewall";
+
+/// `statfs` type of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Xdp,
+    Tc,
+}
+
+impl LinkKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            LinkKind::Xdp => "xdp-",
+            LinkKind::Tc => "tc-",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    /// Opens the pin directory, creating it (mode 0700) and mounting bpffs on its parent when
+    /// the parent is not on bpffs.
+    pub fn open(dir: &Path) -> Result<Pins> {
+        let parent = dir
+            .parent()
+            .context("the pin directory needs a parent directory")?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        if !on_bpffs(parent)? {
+            mount_bpffs(parent)?;
+        }
+        if !dir.exists() {
+            std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+        Ok(Pins {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The pin directory as it is, for commands that only read or remove pins.
+    pub fn existing(dir: &Path) -> Result<Pins> {
+        if !dir.is_dir() {
+            bail!(
+                "{}: no pinned firewall state (no daemon has run with this --pin-dir)",
+                dir.display()
+            );
+        }
+        Ok(Pins {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the maps of the XDP object with id `object` are pinned.
+    pub fn maps_dir(&self, object: u64) -> PathBuf {
+        self.dir.join(format!("maps-{object:016x}"))
+    }
+
+    /// Every maps directory, newest build or not.
+    pub fn all_maps_dirs(&self) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|path| file_name(path).starts_with("maps-"))
+            .collect())
+    }
+
+    pub fn link_path(&self, kind: LinkKind, iface: &str) -> PathBuf {
+        self.dir.join(format!("{}{iface}", kind.prefix()))
+    }
+
+    /// Pinned links, as (kind, interface, path).
+    pub fn links(&self) -> Result<Vec<(LinkKind, String, PathBuf)>> {
+        let mut links = Vec::new();
+        for path in self.entries()? {
+            let name = file_name(&path);
+            for kind in [LinkKind::Xdp, LinkKind::Tc] {
+                if let Some(iface) = name.strip_prefix(kind.prefix()) {
+                    links.push((kind, iface.to_string(), path.clone()));
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// Unpins the links of `iface` (all interfaces with `None`): once no process holds them,
+    /// the programs are detached. Returns the interfaces.
+    pub fn remove_links(&self, iface: Option<&str>) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for (_, name, path) in self.links()? {
+            if iface.is_none_or(|iface| iface == name) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("unpinning {}", path.display()))?;
+                if !removed.contains(&name) {
+                    removed.push(name);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes maps directories other than `keep` (those of earlier builds, which no link uses
+    /// once the links run the new program).
+    pub fn remove_maps_except(&self, keep: Option<&Path>) -> Result<()> {
+        for maps in self.all_maps_dirs()? {
+            if Some(maps.as_path()) != keep {
+                remove_pinned_dir(&maps)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With no link left: removes the maps and the directory itself. Returns whether it did.
+    pub fn remove_if_unused(&self) -> Result<bool> {
+        if !self.links()?.is_empty() {
+            return Ok(false);
+        }
+        self.remove_maps_except(None)?;
+        std::fs::remove_dir(&self.dir)
+            .with_context(|| format!("removing {}", self.dir.display()))?;
+        Ok(true)
+    }
+
+    fn entries(&self) -> Result<Vec<PathBuf>> {
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("reading {}", self.dir.display()))?
+        {
+            entries.push(entry?.path());
+        }
+        entries.sort();
+        Ok(entries)
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn remove_pinned_dir(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+fn on_bpffs(path: &Path) -> Result<bool> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs on a valid C string, writing into a zeroed struct we own.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(path: &Path) -> Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let (source, fstype, data) = (c"bpf", c"bpf", c"mode=0700");
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            c_path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs on {}", path.display()));
+    }
+    log::info!("mounted bpffs on {}", path.display());
+    Ok(())
+}
