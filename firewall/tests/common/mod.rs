@@ -326,6 +326,8 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(&self.log);
+        // A killed daemon leaves its control socket behind.
+        let _ = std::fs::remove_file(&self.control);
     }
 }
 
