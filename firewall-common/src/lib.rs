@@ -148,6 +148,23 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// A rule's name, NUL-padded (cut to fit), for `firewall stats` to read from the pins. The
+/// XDP program does not read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleName {
+    pub bytes: [u8; RULE_NAME_BYTES],
+}
+pub const RULE_NAME_BYTES: usize = 48;
+
+impl Default for RuleName {
+    fn default() -> Self {
+        RuleName {
+            bytes: [0; RULE_NAME_BYTES],
+        }
+    }
+}
+
 /// Token bucket of the drop log, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -217,9 +234,11 @@ pub mod map_names {
     pub const FLOWS: &str = "FW_FLOWS";
     pub const IFACE_BITS: &str = "FW_IFACE_BITS";
     pub const OTHER_IFACES: &str = "FW_OTHER_IFACES";
+    pub const RULE_NAMES: &str = "FW_RULE_NAMES";
 
     /// Every map above: what is pinned.
-    pub const PINNED: [&str; 18] = [
+    pub const PINNED: [&str; 19] = [
+        RULE_NAMES,
         ACTIVE_GENERATION,
         GEN_CONFIG,
         RULE_ACTIONS,
@@ -253,6 +272,7 @@ mod pod {
     unsafe impl aya::Pod for RuleBits {}
     unsafe impl aya::Pod for GenerationConfig {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for RuleName {}
     unsafe impl aya::Pod for LogBucket {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use firewall_common::{
-    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RuleBits, V4KeyData,
-    V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
-    MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RuleBits, RuleName,
+    V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS,
+    MAX_IFACES, MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -26,6 +26,10 @@ pub static GEN_CONFIG: Array<GenerationConfig> = Array::with_max_entries(GENERAT
 /// `gen * MAX_RULES + rule` -> ACTION_ALLOW / ACTION_DENY.
 #[map(name = "FW_RULE_ACTIONS")]
 pub static RULE_ACTIONS: Array<u32> = Array::with_max_entries(GENERATIONS * MAX_RULES as u32, 0);
+
+/// `gen * MAX_RULES + rule` -> its name, for `firewall stats`; never read here.
+#[map(name = "FW_RULE_NAMES")]
+pub static RULE_NAMES: Array<RuleName> = Array::with_max_entries(GENERATIONS * MAX_RULES as u32, 0);
 
 /// `gen * ADDRESS_FIELDS + TRIE_*` -> the `/0` bits of that trie, read instead of the trie
 /// when it holds nothing else.

@@ -20,8 +20,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use firewall_common::{
-    RuleBits, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES,
-    MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES, V4_LEVELS, V6_LEVELS,
+    RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED,
+    CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -41,6 +41,8 @@ pub struct Compiled {
     pub timeouts: Timeouts,
     /// Per rule: `ACTION_ALLOW` / `ACTION_DENY`.
     pub actions: Vec<u32>,
+    /// Per rule: its name, as `firewall stats` shows it.
+    pub names: Vec<RuleName>,
     /// Indexed by IP protocol number.
     pub proto_bits: Vec<RuleBits>,
     /// Indexed by destination port: the port's class.
@@ -129,6 +131,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
             .iter()
             .map(|rule| action_code(rule.action))
             .collect(),
+        names: set.rules.iter().map(|rule| rule_name(&rule.name)).collect(),
         proto_bits: proto_table(&set.rules),
         port_class,
         port_bits,
@@ -139,6 +142,17 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         other_ifaces,
         ifaces,
     })
+}
+
+/// `name` cut to fit (at a character boundary), NUL-padded.
+pub fn rule_name(name: &str) -> RuleName {
+    let mut end = name.len().min(RULE_NAME_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut bytes = [0; RULE_NAME_BYTES];
+    bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+    RuleName { bytes }
 }
 
 fn action_code(action: Action) -> u32 {

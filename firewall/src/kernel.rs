@@ -16,10 +16,10 @@ use aya::programs::{tc, SchedClassifier, TcAttachType, TestRun, TestRunOptions, 
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader, Pod};
 use firewall_common::{
-    exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, V4KeyData,
-    V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK, GEN_PREFIX_BITS,
-    MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6,
-    XDP_PROGRAM,
+    exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, RuleName,
+    V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK,
+    GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6,
+    TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -285,6 +285,7 @@ impl Kernel {
             gen,
             MAX_RULES as u32,
         )?;
+        zero_array::<RuleName>(self.map_mut(map_names::RULE_NAMES)?, gen, MAX_RULES as u32)?;
         zero_array::<RuleBits>(self.map_mut(map_names::PROTO_BITS)?, gen, PROTOS as u32)?;
         zero_array::<u32>(self.map_mut(map_names::PORT_CLASS)?, gen, PORTS as u32)?;
         zero_array::<RuleBits>(self.map_mut(map_names::PORT_BITS)?, gen, MAX_PORT_CLASSES)?;
@@ -305,6 +306,12 @@ impl Kernel {
             gen * rules,
             &new.actions,
             old.map(|o| o.actions.as_slice()),
+        )?;
+        updates += write_array(
+            self.map_mut(map_names::RULE_NAMES)?,
+            gen * rules,
+            &padded(&new.names, old.map(|o| o.names.len())),
+            old.map(|o| o.names.as_slice()),
         )?;
         updates += write_array(
             self.map_mut(map_names::PROTO_BITS)?,
@@ -624,6 +631,14 @@ fn level_index<N: Prefix>(len: u8) -> u32 {
         .iter()
         .position(|&level| level == len)
         .expect("exact entries have a level's length") as u32
+}
+
+/// `values` followed by defaults up to `len` entries: a shorter list must blank what a longer
+/// one left (names are read up to the first blank).
+fn padded<V: Clone + Default>(values: &[V], len: Option<usize>) -> Vec<V> {
+    let mut padded = values.to_vec();
+    padded.resize(values.len().max(len.unwrap_or(0)), V::default());
+    padded
 }
 
 /// Writes `new` at `base..`, skipping entries equal to what the generation already holds

@@ -11,3 +11,4 @@ pub mod packet;
 pub mod pins;
 pub mod reference;
 pub mod sockets;
+pub mod stats;

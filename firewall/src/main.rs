@@ -47,6 +47,15 @@ enum Command {
         #[arg(long)]
         persist: bool,
     },
+    /// Counters of the rules in force, per rule and per reason, from the pinned maps (with or
+    /// without a running daemon).
+    Stats {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach the pinned programs (left by `run --persist` or a daemon that died) and remove
     /// the pins.
     Detach {
@@ -132,6 +141,16 @@ fn main() -> ExitCode {
             print!("{}", explain(&set, &question)?);
             Ok(())
         }),
+        Command::Stats { pin_dir, json } => Pins::existing(&pin_dir)
+            .and_then(|pins| firewall::stats::read(&pins))
+            .and_then(|stats| {
+                if json {
+                    print!("{}", firewall::stats::json(&stats)?);
+                } else {
+                    print!("{}", firewall::stats::table(&stats));
+                }
+                Ok(())
+            }),
         Command::Detach { iface, pin_dir } => detach(&pin_dir, iface.as_deref()),
         Command::Reload { control } => {
             daemon::request_reload(&control).map(|message| println!("{message}"))

@@ -618,3 +618,65 @@ fn sigkill_and_restart_let_nothing_through() {
 fn persist_sigterm_and_restart_let_nothing_through() {
     no_gap_through_restart(true);
 }
+
+#[test]
+fn stats_count_per_rule_from_the_pins() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = RuleFile::new(
+        "stats.toml",
+        "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"ssh\"\naction = \"allow\"\n\
+         proto = \"tcp\"\nports = [22]\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
+         proto = \"udp\"\nports = [6001]\n",
+    );
+    let daemon = Daemon::start_with(
+        &net.a,
+        &file.path,
+        &net.veth_a,
+        &pins.pin_dir(),
+        &["--persist"],
+    );
+    let (a4, b4) = (net.a4, net.b4);
+    TestNet::within(&net.b, move || {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(b4, 0)).unwrap();
+        for _ in 0..50 {
+            socket.send_to(b"probe", SocketAddr::new(a4, 6001)).unwrap();
+        }
+    });
+    let stats = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_firewall"));
+        command.arg("stats").arg("--pin-dir").arg(pins.pin_dir());
+        if json {
+            command.arg("--json");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    // UDP over IPv4 with a 5-byte payload: a 47-byte frame.
+    let check = |text: &str| {
+        let stats: serde_json::Value = serde_json::from_str(text).unwrap();
+        let probe = &stats["rules"][1];
+        assert_eq!(probe["name"], "probe", "{text}");
+        assert_eq!(probe["action"], "deny");
+        assert_eq!(probe["packets"], 50, "{text}");
+        assert_eq!(probe["bytes"], 50 * 47, "{text}");
+        assert_eq!(stats["rules"][0]["packets"], 0);
+        assert_eq!(stats["default_policy"]["policy"], "allow");
+    };
+    check(&stats(true));
+    let table = stats(false);
+    assert!(table.contains("   2 probe"), "{table}");
+    assert!(table.contains("default policy (allow)"), "{table}");
+
+    // Without the daemon, from the pins alone.
+    assert!(daemon.terminate().success());
+    check(&stats(true));
+    let detach = Command::new(env!("CARGO_BIN_EXE_firewall"))
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(pins.pin_dir())
+        .status()
+        .unwrap();
+    assert!(detach.success());
+}

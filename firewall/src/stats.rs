@@ -1,0 +1,193 @@
+//! `firewall stats`: the counters of the rules in force, read from the pinned maps, so it
+//! works whether a daemon runs or not.
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use firewall_common::{
+    map_names, Counter, GenerationConfig, RuleName, ACTION_ALLOW, MAX_RULES, STAT_DEFAULT_ALLOW,
+    STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED, STAT_MALFORMED,
+    STAT_NON_IP, STAT_SLOTS,
+};
+use serde::Serialize;
+
+use crate::kernel::object_id;
+use crate::pins::Pins;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    /// The rules in force, in order, counted since they were applied.
+    pub rules: Vec<RuleStats>,
+    /// Packets no rule matched, by the default policy.
+    pub default_policy: Verdicts,
+    /// Frames with truncated or inconsistent headers: always dropped.
+    pub malformed: Count,
+    /// Frames that are not IPv4 or IPv6 (ARP, ...): always passed.
+    pub non_ip: Count,
+    /// Replies to the host's own flows, passed before the rules.
+    pub established: Count,
+    /// Essential ICMPv6, passed before the rules.
+    pub essential: Count,
+    /// Drop log lines the rate limit suppressed.
+    pub log_lines_suppressed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleStats {
+    /// 1-based, as in the rule file.
+    pub number: usize,
+    pub name: String,
+    /// "allow" or "deny".
+    pub action: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdicts {
+    /// "allow" or "deny": the policy in force.
+    pub policy: &'static str,
+    pub passed: Count,
+    pub dropped: Count,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl From<Counter> for Count {
+    fn from(counter: Counter) -> Count {
+        Count {
+            packets: counter.packets,
+            bytes: counter.bytes,
+        }
+    }
+}
+
+fn action(code: u32) -> &'static str {
+    if code == ACTION_ALLOW {
+        "allow"
+    } else {
+        "deny"
+    }
+}
+
+/// Reads the counters from the maps pinned under `pins`.
+pub fn read(pins: &Pins) -> Result<Stats> {
+    let dir = maps_dir(pins)?;
+    let open = |name: &str| -> Result<MapData> {
+        let path = dir.join(name);
+        MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    };
+    let active: Array<MapData, u32> =
+        Array::try_from(Map::Array(open(map_names::ACTIVE_GENERATION)?))?;
+    let gen = active.get(&0, 0)? & 1;
+    let configs: Array<MapData, GenerationConfig> =
+        Array::try_from(Map::Array(open(map_names::GEN_CONFIG)?))?;
+    let config = configs.get(&gen, 0)?;
+    let names: Array<MapData, RuleName> =
+        Array::try_from(Map::Array(open(map_names::RULE_NAMES)?))?;
+    let actions: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::RULE_ACTIONS)?))?;
+    let counters: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(map_names::STATS)?))?;
+    let counter = |slot: u32| -> Result<Counter> {
+        debug_assert!(slot < STAT_SLOTS);
+        let per_cpu = counters.get(&slot, 0)?;
+        Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
+            packets: sum.packets + c.packets,
+            bytes: sum.bytes + c.bytes,
+        }))
+    };
+
+    let mut rules = Vec::new();
+    for index in 0..MAX_RULES as u32 {
+        let slot = gen * MAX_RULES as u32 + index;
+        let name = names.get(&slot, 0)?;
+        let len = name
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(name.bytes.len());
+        if len == 0 {
+            break;
+        }
+        let hits = counter(slot)?;
+        rules.push(RuleStats {
+            number: index as usize + 1,
+            name: String::from_utf8_lossy(&name.bytes[..len]).into_owned(),
+            action: action(actions.get(&slot, 0)?),
+            packets: hits.packets,
+            bytes: hits.bytes,
+        });
+    }
+    Ok(Stats {
+        rules,
+        default_policy: Verdicts {
+            policy: action(config.default_action),
+            passed: counter(STAT_DEFAULT_ALLOW)?.into(),
+            dropped: counter(STAT_DEFAULT_DENY)?.into(),
+        },
+        malformed: counter(STAT_MALFORMED)?.into(),
+        non_ip: counter(STAT_NON_IP)?.into(),
+        established: counter(STAT_ESTABLISHED)?.into(),
+        essential: counter(STAT_ESSENTIAL)?.into(),
+        log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets,
+    })
+}
+
+/// This build's maps; else the only maps there are (another build's: the counters' layout is
+/// the same across builds so far).
+fn maps_dir(pins: &Pins) -> Result<PathBuf> {
+    let own = pins.maps_dir(object_id());
+    if own.is_dir() {
+        return Ok(own);
+    }
+    match pins.all_maps_dirs()?.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => bail!("{}: no pinned maps", pins.dir().display()),
+        _ => bail!(
+            "{}: maps of several builds are pinned; run the daemon of this build once",
+            pins.dir().display()
+        ),
+    }
+}
+
+pub fn json(stats: &Stats) -> Result<String> {
+    Ok(serde_json::to_string_pretty(stats)? + "\n")
+}
+
+pub fn table(stats: &Stats) -> String {
+    let mut out = format!(
+        "{:<36} {:<6} {:>14} {:>16}\n",
+        "rule", "action", "packets", "bytes"
+    );
+    let mut line = |what: &str, verdict: &str, packets: u64, bytes: u64| {
+        let _ = writeln!(out, "{what:<36} {verdict:<6} {packets:>14} {bytes:>16}");
+    };
+    for rule in &stats.rules {
+        let what = format!("{:>4} {}", rule.number, rule.name);
+        line(&what, rule.action, rule.packets, rule.bytes);
+    }
+    let policy = &stats.default_policy;
+    let default = format!("default policy ({})", policy.policy);
+    let counted = [
+        (default.as_str(), "pass", policy.passed),
+        (default.as_str(), "drop", policy.dropped),
+        ("malformed", "drop", stats.malformed),
+        ("not IP (ARP, ...)", "pass", stats.non_ip),
+        ("established (replies)", "pass", stats.established),
+        ("essential ICMPv6", "pass", stats.essential),
+    ];
+    for (what, verdict, count) in counted {
+        line(what, verdict, count.packets, count.bytes);
+    }
+    let _ = writeln!(
+        out,
+        "drop log lines suppressed by the rate limit: {}",
+        stats.log_lines_suppressed
+    );
+    out
+}
