@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 use crate::compile::{compile, Compiled};
 use crate::config::load_rules;
 use crate::kernel::{AttachMode, Kernel};
+use crate::notify;
 use crate::pins::Pins;
 
 pub struct RunOptions {
@@ -133,6 +134,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options.control.display(),
         options.rules.display()
     );
+    // The rules are in force on every interface.
+    notify::notify(&format!(
+        "READY=1\nSTATUS=filtering {}",
+        options.ifaces.join(", ")
+    ));
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -166,6 +172,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
         }
     }
+    notify::notify("STOPPING=1");
     if options.persist {
         info!(
             "exiting; still filtering {} with the rules in force (--persist; `firewall detach` removes it)",
@@ -192,6 +199,7 @@ fn reload(
 ) -> Result<String, String> {
     let path = &options.rules;
     let started = Instant::now();
+    notify::reloading();
     let result = prepare(path, options.insecure_files).and_then(|prepared| {
         let compiled = &prepared.compiled;
         let entries = compiled.src_v4.len()
@@ -211,11 +219,13 @@ fn reload(
                 started.elapsed()
             );
             info!("{message}");
+            notify::notify(&format!("READY=1\nSTATUS={message}"));
             Ok(message)
         }
         Err(error) => {
             let message = format!("reload failed, previous rules stay in force: {error:#}");
             error!("{message}");
+            notify::notify(&format!("READY=1\nSTATUS={message}"));
             Err(message)
         }
     }

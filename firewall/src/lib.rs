@@ -7,6 +7,7 @@ pub mod explain;
 pub mod kernel;
 pub mod lint;
 pub mod model;
+pub mod notify;
 pub mod packet;
 pub mod pins;
 pub mod reference;

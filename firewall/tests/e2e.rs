@@ -680,3 +680,45 @@ fn stats_count_per_rule_from_the_pins() {
         .unwrap();
     assert!(detach.success());
 }
+
+#[test]
+fn tells_systemd_when_the_rules_are_in_force() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let socket_path = std::env::temp_dir().join(format!("fwt-notify-{}", std::process::id()));
+    let _ = std::fs::remove_file(&socket_path);
+    let systemd = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let len = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+    let file = RuleFile::new("notify.toml", "[[rules]]\naction = \"allow\"\n");
+    let daemon = Daemon::start_full(
+        &net.a,
+        &file.path,
+        &net.veth_a,
+        &pins.pin_dir(),
+        &[],
+        &[("NOTIFY_SOCKET", &socket_path)],
+    );
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=filtering"), "{ready}");
+    assert!(net.xdp_attached(), "ready before the program was attached");
+
+    daemon.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=reloaded"), "{ready}");
+
+    assert!(daemon.terminate().success());
+    assert_eq!(next(), "STOPPING=1");
+    let _ = std::fs::remove_file(&socket_path);
+}

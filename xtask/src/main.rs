@@ -1,8 +1,9 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|bench`.
+//! Developer tasks: `cargo xtask setup|build|run|test|bench|fuzz|install`.
 //!
 //! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
 //! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
 //! (no system LLVM needed), and the Debian packages the tests use.
+mod install;
 mod setup;
 
 use std::path::PathBuf;
@@ -43,6 +44,19 @@ enum Task {
     },
     /// Benchmark the packet path through BPF_PROG_TEST_RUN.
     Bench,
+    /// Install the daemon to /usr/local/sbin, its systemd unit, and (unless present)
+    /// /etc/firewall/rules.toml and firewall.env.
+    Install {
+        /// Install under this directory instead of / (for packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Interface for a new firewall.env (default: the interface of the default route).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Rule file to start from when /etc/firewall/rules.toml does not exist.
+        #[arg(long, default_value = "rules/default.toml")]
+        rules: PathBuf,
+    },
     /// Run the kernel-vs-reference differential test for longer; reports the seed of any
     /// disagreement.
     Fuzz {
@@ -122,6 +136,35 @@ fn main() -> Result<()> {
                 command.env("FW_SEED", seed.to_string());
             }
             check(command.status()?, "the differential test")
+        }
+        Task::Install {
+            root: dest,
+            iface,
+            rules,
+        } => {
+            if dest == std::path::Path::new("/") {
+                require_root("cargo xtask install")?;
+            }
+            build(&env)?;
+            let iface = match iface {
+                Some(iface) => iface,
+                None => default_route_iface()?,
+            };
+            let binary = root.join("target/release/firewall");
+            for line in install::install_files(&dest, &binary, &rules, &iface)? {
+                println!("{line}");
+            }
+            if dest == std::path::Path::new("/")
+                && std::path::Path::new("/run/systemd/system").exists()
+            {
+                let status = Command::new("systemctl").arg("daemon-reload").status()?;
+                check(status, "systemctl daemon-reload")?;
+            }
+            println!(
+                "next: edit /etc/firewall/rules.toml and firewall.env, `firewall check \
+                 /etc/firewall/rules.toml`, then `systemctl enable --now firewall`"
+            );
+            Ok(())
         }
         Task::Bench => {
             require_root("cargo xtask bench")?;

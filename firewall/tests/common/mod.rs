@@ -240,6 +240,18 @@ impl Daemon {
         pin_dir: &Path,
         extra: &[&str],
     ) -> Daemon {
+        Daemon::start_full(ns, rules, iface, pin_dir, extra, &[])
+    }
+
+    /// As [`Daemon::start_with`], with environment variables.
+    pub fn start_full(
+        ns: &str,
+        rules: &Path,
+        iface: &str,
+        pin_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Daemon {
         let log = std::env::temp_dir().join(format!("{ns}.log"));
         let control = std::env::temp_dir().join(format!("{ns}.sock"));
         let child = Command::new("ip")
@@ -258,6 +270,7 @@ impl Daemon {
             .arg("--pin-dir")
             .arg(pin_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

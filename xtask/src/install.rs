@@ -1,0 +1,100 @@
+//! `cargo xtask install`: the daemon, its systemd unit and a starting rule file.
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+
+pub const UNIT: &str = include_str!("../../firewall/dist/firewall.service");
+
+/// Installs under `root` (`/` for the real thing). Existing rule and environment files are
+/// kept: they are the operator's. Returns what it did, a line each.
+pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let sbin = root.join("usr/local/sbin");
+    let units = root.join("etc/systemd/system");
+    let etc = root.join("etc/firewall");
+    for dir in [&sbin, &units, &etc] {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let target = sbin.join("firewall");
+    // Through a temporary name: replacing a running binary in place fails (ETXTBSY).
+    let staged = sbin.join(".firewall.new");
+    fs::copy(binary, &staged).with_context(|| format!("copying {}", binary.display()))?;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
+    fs::rename(&staged, &target)?;
+    done.push(format!("installed {}", target.display()));
+
+    let unit = units.join("firewall.service");
+    fs::write(&unit, UNIT)?;
+    fs::set_permissions(&unit, fs::Permissions::from_mode(0o644))?;
+    done.push(format!("installed {}", unit.display()));
+
+    let rule_file = etc.join("rules.toml");
+    if rule_file.exists() {
+        done.push(format!("kept {}", rule_file.display()));
+    } else {
+        fs::copy(rules, &rule_file)?;
+        fs::set_permissions(&rule_file, fs::Permissions::from_mode(0o644))?;
+        done.push(format!(
+            "installed {} (from {})",
+            rule_file.display(),
+            rules.display()
+        ));
+    }
+    let env_file = etc.join("firewall.env");
+    if env_file.exists() {
+        done.push(format!("kept {}", env_file.display()));
+    } else {
+        fs::write(
+            &env_file,
+            format!(
+                "# Arguments for `firewall run` (see `firewall run --help`): the interfaces to filter.\n\
+                 FIREWALL_ARGS=\"--iface {iface}\"\n"
+            ),
+        )?;
+        fs::set_permissions(&env_file, fs::Permissions::from_mode(0o644))?;
+        done.push(format!(
+            "installed {} (--iface {iface})",
+            env_file.display()
+        ));
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installs_and_keeps_the_operators_files() {
+        let root = std::env::temp_dir().join(format!("fw-install-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let binary = root.join("built");
+        fs::write(&binary, "binary").unwrap();
+        let rules = root.join("default.toml");
+        fs::write(&rules, "[[rules]]\naction = \"allow\"\n").unwrap();
+
+        let done = install_files(&root, &binary, &rules, "eth9").unwrap();
+        assert_eq!(done.len(), 4, "{done:?}");
+        let mode = |path: &str| fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("usr/local/sbin/firewall"), 0o755);
+        assert_eq!(mode("etc/firewall/rules.toml"), 0o644);
+        let unit = fs::read_to_string(root.join("etc/systemd/system/firewall.service")).unwrap();
+        assert!(unit.contains("Type=notify") && unit.contains("--persist"));
+        let env = fs::read_to_string(root.join("etc/firewall/firewall.env")).unwrap();
+        assert!(env.contains("--iface eth9"));
+
+        // A second install keeps the operator's edits.
+        fs::write(root.join("etc/firewall/rules.toml"), "# mine\n").unwrap();
+        let done = install_files(&root, &binary, &rules, "eth0").unwrap();
+        assert!(done.iter().any(|line| line.starts_with("kept")));
+        let kept = fs::read_to_string(root.join("etc/firewall/rules.toml")).unwrap();
+        assert_eq!(kept, "# mine\n");
+        assert!(fs::read_to_string(root.join("etc/firewall/firewall.env"))
+            .unwrap()
+            .contains("eth9"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
