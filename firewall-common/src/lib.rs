@@ -110,6 +110,8 @@ pub const CHECK_ESTABLISHED: u32 = 1;
 pub const CHECK_ESSENTIALS: u32 = 2;
 /// Some rule names interfaces: the ingress interface is a fifth classified field.
 pub const CHECK_IFACES: u32 = 4;
+/// Audit mode: everything is classified, counted and logged, nothing is dropped.
+pub const CHECK_AUDIT: u32 = 8;
 
 /// A flow the host started, keyed as its replies look from the host: `remote` is the peer.
 /// ICMP echo flows use `local_port` for the echo identifier and 0 for `remote_port`.

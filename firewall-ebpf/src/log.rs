@@ -40,13 +40,21 @@ fn take_token(config: &GenerationConfig) -> bool {
     true
 }
 
-/// Logs a dropped packet. `rule` is the 1-based rule number, 0 for the default policy;
-/// `dport` is 0 for packets without a port.
+/// Logs a dropped packet (in audit mode: one that would be dropped). `rule` is the 1-based
+/// rule number, 0 for the default policy; `dport` is 0 for packets without a port.
 #[inline(always)]
-pub fn log_drop(ctx: &XdpContext, config: &GenerationConfig, packet: &Packet, rule: u32) {
+pub fn log_drop(
+    ctx: &XdpContext,
+    config: &GenerationConfig,
+    packet: &Packet,
+    rule: u32,
+    audit: bool,
+) {
     if !take_token(config) {
         return;
     }
+    // The verdict word of the line: "drop", or "audit" for a drop audit mode let through.
+    let verdict: &str = if audit { "audit" } else { "drop" };
     let dport = match packet.dport {
         Some(port) => u32::from(port),
         None => 0,
@@ -57,14 +65,14 @@ pub fn log_drop(ctx: &XdpContext, config: &GenerationConfig, packet: &Packet, ru
         let dst = Ipv6Addr::from(words_to_bytes(&packet.dst));
         info!(
             ctx,
-            "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport
+            "{} rule={} proto={} {} -> {} dport={}", verdict, rule, proto, src, dst, dport
         );
     } else {
         let src = Ipv4Addr::from(packet.src[0].to_ne_bytes());
         let dst = Ipv4Addr::from(packet.dst[0].to_ne_bytes());
         info!(
             ctx,
-            "drop rule={} proto={} {} -> {} dport={}", rule, proto, src, dst, dport
+            "{} rule={} proto={} {} -> {} dport={}", verdict, rule, proto, src, dst, dport
         );
     }
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use firewall_common::{
-    ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW,
+    ACTION_DENY, CHECK_AUDIT, CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW,
     STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP,
 };
 
@@ -29,23 +29,23 @@ use crate::{
 pub fn firewall(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut packet = Packet::new();
-    match parse::parse(ctx.data(), ctx.data_end(), &mut packet) {
-        Parsed::Ip => {}
-        Parsed::NonIp => {
-            count(STAT_NON_IP, bytes);
-            return xdp_action::XDP_PASS;
-        }
-        Parsed::Malformed => {
-            count(STAT_MALFORMED, bytes);
-            return xdp_action::XDP_DROP;
-        }
+    let parsed = parse::parse(ctx.data(), ctx.data_end(), &mut packet);
+    if let Parsed::NonIp = parsed {
+        count(STAT_NON_IP, bytes);
+        return xdp_action::XDP_PASS;
     }
     // Read the generation once: every lookup below uses the same rule set.
-    let Some(&gen) = ACTIVE_GEN.get(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    let gen = gen & 1;
-    let Some(config) = GEN_CONFIG.get(gen) else {
+    let live = ACTIVE_GEN
+        .get(0)
+        .and_then(|&gen| Some((gen & 1, GEN_CONFIG.get(gen & 1)?)));
+    if let Parsed::Malformed = parsed {
+        count(STAT_MALFORMED, bytes);
+        return match live {
+            Some((_, config)) if config.checks & CHECK_AUDIT != 0 => xdp_action::XDP_PASS,
+            _ => xdp_action::XDP_DROP,
+        };
+    }
+    let Some((gen, config)) = live else {
         return xdp_action::XDP_PASS;
     };
     if config.checks & CHECK_ESSENTIALS != 0 && is_essential_icmpv6(&packet) {
@@ -68,11 +68,15 @@ pub fn firewall(ctx: XdpContext) -> u32 {
             None => (config.default_action, 0, STAT_DEFAULT_ALLOW),
         };
     count(slot, bytes);
-    if action == ACTION_DENY {
-        log::log_drop(&ctx, config, &packet, rule_number);
-        xdp_action::XDP_DROP
-    } else {
+    if action != ACTION_DENY {
+        return xdp_action::XDP_PASS;
+    }
+    let audit = config.checks & CHECK_AUDIT != 0;
+    log::log_drop(&ctx, config, &packet, rule_number, audit);
+    if audit {
         xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
     }
 }
 

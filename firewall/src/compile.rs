@@ -20,8 +20,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use firewall_common::{
-    RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, CHECK_ESSENTIALS, CHECK_ESTABLISHED,
-    CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, CHECK_AUDIT, CHECK_ESSENTIALS,
+    CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES,
+    V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -124,7 +125,8 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
                 CHECK_IFACES
             } else {
                 0
-            },
+            }
+            | if set.audit { CHECK_AUDIT } else { 0 },
         timeouts: set.timeouts,
         actions: set
             .rules

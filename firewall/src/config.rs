@@ -68,6 +68,8 @@ struct RawDefaults {
     policy: Option<Spanned<String>>,
     established: Option<bool>,
     essentials: Option<bool>,
+    /// "enforce" (default) or "audit".
+    mode: Option<Spanned<String>>,
 }
 
 /// Idle timeouts in seconds.
@@ -218,6 +220,7 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
         policy: None,
         established: None,
         essentials: None,
+        mode: None,
     });
     let default_policy = match defaults.policy {
         None => Action::Allow,
@@ -328,10 +331,24 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
         }
     };
     check_capacity(&rules, &rule_spans, max_entries as usize)?;
+    let audit = match &defaults.mode {
+        None => false,
+        Some(mode) => match mode.get_ref().as_str() {
+            "enforce" => false,
+            "audit" => true,
+            _ => {
+                return Err((
+                    mode.span(),
+                    "mode must be \"enforce\" or \"audit\"".to_string(),
+                ))
+            }
+        },
+    };
     Ok(RuleSet {
         default_policy,
         established: defaults.established.unwrap_or(true),
         essentials: defaults.essentials.unwrap_or(true),
+        audit,
         timeouts,
         rules,
         set_files: Vec::new(),
@@ -565,11 +582,16 @@ pub fn summary(set: &RuleSet) -> String {
     };
     let on_off = |on: bool| if on { "on" } else { "off" };
     let mut out = format!(
-        "{} rules, default policy {}, established {}, essentials {}\n",
+        "{} rules, default policy {}, established {}, essentials {}{}\n",
         set.rules.len(),
         policy(set.default_policy),
         on_off(set.established),
         on_off(set.essentials),
+        if set.audit {
+            ", audit mode (nothing is dropped)"
+        } else {
+            ""
+        },
     );
     for (index, rule) in set.rules.iter().enumerate() {
         let ports = match &rule.ports {
@@ -617,7 +639,7 @@ mod tests {
         let cases: &[(&str, usize, usize, &str)] = &[
             ("polcy = 1\n", 1, 1, "unknown key `polcy`"),
             ("[defaults]\npolicy = \"drop\"\n", 2, 10, "invalid policy \"drop\""),
-            ("[defaults]\nmode = \"x\"\n", 2, 1, "unknown key `mode`"),
+            ("[defaults]\nmood = \"x\"\n", 2, 1, "unknown key `mood`"),
             ("[[rules]]\naction = \"allow\"\nprot = \"tcp\"\n", 3, 1, "unknown key `prot`"),
             ("[[rules]]\nproto = \"tcp\"\n", 1, 1, "has no `action`"),
             ("[[rules]]\naction = \"permit\"\n", 2, 10, "invalid action \"permit\""),
@@ -644,6 +666,7 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\niface = []\n", 3, 9, "empty interface list"),
             ("[[rules]]\naction = \"allow\"\niface = [\"a very long name0\"]\n", 3, 10, "invalid interface name"),
             ("[defaults]\nestablished = \"yes\"\n", 2, 15, "invalid type"),
+            ("[defaults]\nmode = \"watch\"\n", 2, 8, "mode must be"),
             ("[state]\nudp_timeout = 0\n", 2, 15, "timeout must be 1"),
             ("[state]\ntcp = 5\n", 2, 1, "unknown key `tcp`"),
             ("[[rules]\naction = \"allow\"\n", 1, 8, "invalid table header"),

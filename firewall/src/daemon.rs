@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// On SIGTERM/SIGINT leave the programs attached with the rules in force.
     pub persist: bool,
+    /// Audit mode whatever the rule file says.
+    pub audit: bool,
 }
 
 /// Default path of the control socket.
@@ -50,8 +52,9 @@ pub struct Prepared {
 }
 
 /// Reads and compiles a rule file; nothing touches the kernel.
-pub fn prepare(path: &Path, insecure_files: bool) -> Result<Prepared> {
-    let set = load_rules(path)?;
+pub fn prepare(path: &Path, insecure_files: bool, audit: bool) -> Result<Prepared> {
+    let mut set = load_rules(path)?;
+    set.audit |= audit;
     let mut files = vec![path.to_path_buf()];
     files.extend(set.set_files.iter().cloned());
     if !insecure_files {
@@ -64,10 +67,15 @@ pub fn prepare(path: &Path, insecure_files: bool) -> Result<Prepared> {
     }
     let compiled = compile(&set).with_context(|| format!("{}", path.display()))?;
     info!(
-        "{}: {} rules, default {:?}",
+        "{}: {} rules, default {:?}{}",
         path.display(),
         set.rules.len(),
-        set.default_policy
+        set.default_policy,
+        if set.audit {
+            "; AUDIT MODE: packets the rules deny are logged and counted, not dropped"
+        } else {
+            ""
+        }
     );
     Ok(Prepared { compiled, files })
 }
@@ -98,12 +106,12 @@ pub fn check_permissions(path: &Path) -> Result<()> {
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
-    let prepared = prepare(&options.rules, options.insecure_files)?;
+    let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
     let (mut kernel, reused) = Kernel::load_pinned(pins.clone())?;
     if reused {
         info!(
-            "reusing the maps pinned in {}: the rules in force keep filtering until the new ones are applied",
+            "reusing the maps pinned in {}: the rules in force stay until the new ones are applied",
             options.pin_dir.display()
         );
     }
@@ -200,7 +208,7 @@ fn reload(
     let path = &options.rules;
     let started = Instant::now();
     notify::reloading();
-    let result = prepare(path, options.insecure_files).and_then(|prepared| {
+    let result = prepare(path, options.insecure_files, options.audit).and_then(|prepared| {
         let compiled = &prepared.compiled;
         let entries = compiled.src_v4.len()
             + compiled.src_v6.len()

@@ -117,6 +117,12 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
             verdict(set.default_policy)
         )?,
     }
+    if set.audit {
+        writeln!(
+            out,
+            "note: audit mode: the packet is counted and logged, never dropped"
+        )?;
+    }
     if set.established {
         writeln!(
             out,

@@ -46,6 +46,10 @@ enum Command {
         /// restarts and upgrades without a gap); `firewall detach` removes them.
         #[arg(long)]
         persist: bool,
+        /// Audit mode: classify, count and log as usual, drop nothing (overrides the rule
+        /// file's `[defaults] mode`).
+        #[arg(long)]
+        audit: bool,
     },
     /// Counters of the rules in force, per rule and per reason, from the pinned maps (with or
     /// without a running daemon).
@@ -163,6 +167,7 @@ fn main() -> ExitCode {
             insecure_files,
             pin_dir,
             persist,
+            audit,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -176,6 +181,7 @@ fn main() -> ExitCode {
                     insecure_files,
                     pin_dir,
                     persist,
+                    audit,
                 }))
             }),
     };

@@ -71,6 +71,8 @@ pub struct RuleSet {
     /// ICMPv6 that IPv6 needs (neighbour discovery, MLD, packet too big) passes before the
     /// rules.
     pub essentials: bool,
+    /// Audit mode: packets are classified, counted and logged as usual, but none is dropped.
+    pub audit: bool,
     pub timeouts: Timeouts,
     pub rules: Vec<Rule>,
     /// Set files the rules were read from (the daemon watches them).
@@ -84,6 +86,7 @@ impl RuleSet {
             default_policy,
             established: true,
             essentials: true,
+            audit: false,
             timeouts: Timeouts::default(),
             rules,
             set_files: Vec::new(),

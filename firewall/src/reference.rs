@@ -111,7 +111,7 @@ pub fn evaluate_on(
         verdict: Verdict::Pass,
         reason,
     };
-    match parse_frame(frame) {
+    let decision = match parse_frame(frame) {
         Parsed::Ip(packet) if rules.essentials && is_essential(&packet) => pass(Reason::Essential),
         Parsed::Ip(packet) if rules.established && is_established(rules, &packet, flows) => {
             pass(Reason::Established)
@@ -125,7 +125,12 @@ pub fn evaluate_on(
             reason: Reason::Malformed,
         },
         Parsed::Ip(packet) => classify_on(rules, &packet, iface),
+    };
+    if rules.audit {
+        // Judged and counted as ever, but passed.
+        return pass(decision.reason);
     }
+    decision
 }
 
 fn is_essential(packet: &PacketInfo) -> bool {

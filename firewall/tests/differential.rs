@@ -141,6 +141,7 @@ fn random_rule_set(rng: &mut StdRng, max_rules: usize) -> RuleSet {
     );
     set.established = rng.gen_bool(0.8);
     set.essentials = rng.gen_bool(0.8);
+    set.audit = rng.gen_bool(0.05);
     // Short timeouts, so that expired flows are a few minutes old.
     set.timeouts.tcp = rng.gen_range(10..100);
     set.timeouts.tcp_closing = rng.gen_range(5..10);

@@ -722,3 +722,31 @@ fn tells_systemd_when_the_rules_are_in_force() {
     assert_eq!(next(), "STOPPING=1");
     let _ = std::fs::remove_file(&socket_path);
 }
+
+#[test]
+fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let pins = common::BpfMount::new();
+    let file = RuleFile::new(
+        "audit.toml",
+        "[[rules]]\nname = \"no-web\"\naction = \"deny\"\nproto = \"tcp\"\nports = [8080]\n",
+    );
+    let web = SocketAddr::new(net.a4, 8080);
+    let daemon = Daemon::start_with(
+        &net.a,
+        &file.path,
+        &net.veth_a,
+        &pins.pin_dir(),
+        &["--audit"],
+    );
+    assert!(daemon.log().contains("AUDIT MODE"), "{}", daemon.log());
+    assert!(tcp_reaches(&net.b, web), "audit mode dropped a packet");
+    daemon.wait_for("audit rule=1 proto=6", 1);
+    drop(daemon);
+
+    // The same file enforced: dropped.
+    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    assert!(!tcp_reaches(&net.b, web), "the deny rule does not drop: {}", daemon.log());
+    daemon.wait_for("drop rule=1 proto=6", 1);
+}

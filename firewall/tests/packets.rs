@@ -455,6 +455,32 @@ fn counters_record_each_reason() {
 }
 
 #[test]
+fn audit_mode_counts_what_it_would_drop_and_drops_nothing() {
+    let mut set = rule_set();
+    set.audit = true;
+    let mut kernel = Kernel::load().expect("load the XDP program");
+    kernel.apply(&compile(&set).unwrap()).unwrap();
+    let denied = tcp4("192.0.2.9", 23).build();
+    let malformed = tcp4("10.1.2.3", 22).build()[..40].to_vec();
+    let before = kernel.counters().unwrap();
+    for frame in [&denied, &malformed] {
+        assert_eq!(verdict(&kernel, frame), XDP_PASS);
+        assert_eq!(evaluate(&set, frame).verdict, Verdict::Pass);
+    }
+    let after = kernel.counters().unwrap();
+    for slot in [STAT_DEFAULT_DENY, STAT_MALFORMED] {
+        let delta = after[slot as usize].packets - before[slot as usize].packets;
+        assert_eq!(delta, 1, "slot {slot}");
+    }
+    // Back to enforcing: the same frames are dropped.
+    set.audit = false;
+    kernel.apply(&compile(&set).unwrap()).unwrap();
+    for frame in [&denied, &malformed] {
+        assert_eq!(verdict(&kernel, frame), XDP_DROP);
+    }
+}
+
+#[test]
 fn reload_swaps_rules_and_keeps_counting_from_zero() {
     let mut kernel = kernel();
     let ssh = tcp4("10.1.2.3", 22).build();

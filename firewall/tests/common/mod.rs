@@ -283,7 +283,7 @@ impl Daemon {
             control,
             _pins: None,
         };
-        daemon.wait_for("filtering", 1);
+        daemon.wait_for("filtering; ", 1);
         daemon
     }
 
