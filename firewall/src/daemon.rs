@@ -116,7 +116,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         );
     }
     kernel.apply(&prepared.compiled)?;
-    let mut watcher = FileWatcher::new(&prepared.files)?;
+    let watcher = FileWatcher::new(&prepared.files)?;
     let control = ControlSocket::bind(&options.control)?;
     let mut logger = match EbpfLogger::init(kernel.ebpf_mut()) {
         // SAFETY: the logger owns its ring buffer fd for as long as it lives, and the AsyncFd
@@ -152,22 +152,33 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut debounce: Option<Pin<Box<Sleep>>> = None;
+    let mut state = State {
+        kernel,
+        options,
+        watcher,
+        in_force: prepared.compiled,
+        trial: None,
+    };
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                let _ = reload(&mut kernel, &options, &mut watcher);
+                let _ = state.reload();
             }
-            changed = watcher.changed() => {
+            changed = state.watcher.changed() => {
                 changed?;
                 debounce = Some(Box::pin(tokio::time::sleep(DEBOUNCE)));
             }
             () = async { debounce.as_mut().expect("guarded").await }, if debounce.is_some() => {
                 debounce = None;
                 info!("rule files changed");
-                let _ = reload(&mut kernel, &options, &mut watcher);
+                let _ = state.reload();
+            }
+            () = async { state.trial.as_mut().expect("guarded").deadline.as_mut().await },
+                if state.trial.is_some() => {
+                state.roll_back();
             }
             request = control.accept() => {
-                if let Err(error) = serve(request, &mut kernel, &options, &mut watcher).await {
+                if let Err(error) = serve(request, &mut state).await {
                     warn!("control request failed: {error:#}");
                 }
             }
@@ -180,6 +191,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
         }
     }
+    let State {
+        kernel, options, ..
+    } = state;
     notify::notify("STOPPING=1");
     if options.persist {
         info!(
@@ -198,43 +212,182 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns the
-/// line that was logged.
-fn reload(
-    kernel: &mut Kernel,
-    options: &RunOptions,
-    watcher: &mut FileWatcher,
-) -> Result<String, String> {
-    let path = &options.rules;
-    let started = Instant::now();
-    notify::reloading();
-    let result = prepare(path, options.insecure_files, options.audit).and_then(|prepared| {
-        let compiled = &prepared.compiled;
-        let entries = compiled.src_v4.len()
-            + compiled.src_v6.len()
-            + compiled.dst_v4.len()
-            + compiled.dst_v6.len();
-        let updates = kernel.apply(compiled)?;
-        // Set files may have come or gone.
-        *watcher = FileWatcher::new(&prepared.files)?;
-        Ok((updates, entries))
-    });
-    match result {
-        Ok((updates, entries)) => {
+/// What the daemon holds between events.
+struct State {
+    kernel: Kernel,
+    options: RunOptions,
+    watcher: FileWatcher,
+    /// The rules in force.
+    in_force: Compiled,
+    /// A file applied with `firewall apply --confirm`, awaiting confirmation.
+    trial: Option<Trial>,
+}
+
+/// Rules on trial: in force until confirmed, else rolled back at the deadline.
+struct Trial {
+    file: PathBuf,
+    deadline: Pin<Box<Sleep>>,
+    /// The rules in force before.
+    previous: Compiled,
+}
+
+impl State {
+    /// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns
+    /// the line that was logged.
+    fn reload(&mut self) -> Result<String, String> {
+        if let Some(trial) = &self.trial {
             let message = format!(
-                "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
-                path.display(),
-                started.elapsed()
+                "reload refused: {} is on trial until `firewall confirm` or its roll-back",
+                trial.file.display()
             );
-            info!("{message}");
-            notify::notify(&format!("READY=1\nSTATUS={message}"));
-            Ok(message)
+            warn!("{message}");
+            return Err(message);
         }
-        Err(error) => {
-            let message = format!("reload failed, previous rules stay in force: {error:#}");
-            error!("{message}");
-            notify::notify(&format!("READY=1\nSTATUS={message}"));
-            Err(message)
+        let path = self.options.rules.clone();
+        let started = Instant::now();
+        notify::reloading();
+        let result = self.apply_file(&path).and_then(|(prepared, updates)| {
+            // Set files may have come or gone.
+            self.watcher = FileWatcher::new(&prepared.files)?;
+            Ok((prepared, updates))
+        });
+        let outcome = match result {
+            Ok((prepared, updates)) => {
+                let compiled = &prepared.compiled;
+                let entries = compiled.src_v4.len()
+                    + compiled.src_v6.len()
+                    + compiled.dst_v4.len()
+                    + compiled.dst_v6.len();
+                let message = format!(
+                    "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
+                    path.display(),
+                    started.elapsed()
+                );
+                info!("{message}");
+                Ok(message)
+            }
+            Err(error) => {
+                let message = format!("reload failed, previous rules stay in force: {error:#}");
+                error!("{message}");
+                Err(message)
+            }
+        };
+        let status = match &outcome {
+            Ok(message) | Err(message) => message,
+        };
+        notify::notify(&format!("READY=1\nSTATUS={status}"));
+        outcome
+    }
+
+    /// Prepares `path` and puts it in force; returns it and the map updates it took.
+    fn apply_file(&mut self, path: &Path) -> Result<(Prepared, usize)> {
+        let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
+        let updates = self.kernel.apply(&prepared.compiled)?;
+        self.in_force = prepared.compiled.clone();
+        Ok((prepared, updates))
+    }
+
+    /// `firewall apply FILE [--confirm SECS]`: FILE in force now; with a confirmation time, on
+    /// trial (see [`Trial`]); without, it replaces the rule file at once.
+    fn apply_request(&mut self, file: &Path, confirm: Option<Duration>) -> Result<String> {
+        if let Some(trial) = &self.trial {
+            bail!(
+                "{} is on trial already: `firewall confirm` it or wait for its roll-back",
+                trial.file.display()
+            );
+        }
+        self.check_movable(file)?;
+        let previous = self.in_force.clone();
+        self.apply_file(file)?;
+        let message = match confirm {
+            None => {
+                self.adopt(file)?;
+                format!(
+                    "{} in force and copied to {}",
+                    file.display(),
+                    self.options.rules.display()
+                )
+            }
+            Some(wait) => {
+                self.trial = Some(Trial {
+                    file: file.to_path_buf(),
+                    deadline: Box::pin(tokio::time::sleep(wait)),
+                    previous,
+                });
+                format!(
+                    "{} in force; rolls back in {}s unless `firewall confirm` arrives",
+                    file.display(),
+                    wait.as_secs()
+                )
+            }
+        };
+        info!("{message}");
+        Ok(message)
+    }
+
+    /// A file applied by request becomes the rule file: copied over it, so that it stays in
+    /// force across reloads and restarts. Its set files must resolve the same from there.
+    fn check_movable(&self, file: &Path) -> Result<()> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let here = crate::config::load_rules(file)?.set_files;
+        let rule_dir = self.options.rules.parent().unwrap_or(Path::new("."));
+        let there = crate::config::parse_rules_in(&file.display().to_string(), &text, rule_dir)
+            .map(|set| set.set_files)
+            .ok();
+        if there.as_ref() != Some(&here) {
+            bail!(
+                "{} names set files relative to its own directory; put it in {} or use \
+                 absolute paths, as it will replace {}",
+                file.display(),
+                rule_dir.display(),
+                self.options.rules.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `file` over the rule file (through a temporary name: atomic).
+    fn adopt(&mut self, file: &Path) -> Result<()> {
+        let target = &self.options.rules;
+        let staged = target.with_extension("toml.new");
+        std::fs::copy(file, &staged)
+            .with_context(|| format!("copying {} to {}", file.display(), staged.display()))?;
+        std::fs::rename(&staged, target)
+            .with_context(|| format!("replacing {}", target.display()))?;
+        Ok(())
+    }
+
+    /// `firewall confirm`: the rules on trial stay, and become the rule file.
+    fn confirm(&mut self) -> Result<String> {
+        let Some(trial) = self.trial.take() else {
+            bail!("no rules are on trial");
+        };
+        self.adopt(&trial.file)?;
+        let message = format!(
+            "confirmed {}: copied to {}",
+            trial.file.display(),
+            self.options.rules.display()
+        );
+        info!("{message}");
+        Ok(message)
+    }
+
+    /// The deadline passed without a confirmation: the rules from before come back.
+    fn roll_back(&mut self) {
+        let trial = self.trial.take().expect("a trial to roll back");
+        match self.kernel.apply(&trial.previous) {
+            Ok(_) => {
+                self.in_force = trial.previous;
+                warn!(
+                    "{} was not confirmed in time: rolled back to the rules from before",
+                    trial.file.display()
+                );
+            }
+            Err(error) => error!(
+                "rolling back {} failed, it stays in force: {error:#}",
+                trial.file.display()
+            ),
         }
     }
 }
@@ -318,24 +471,28 @@ impl Drop for ControlSocket {
     }
 }
 
-/// One control request: `reload` -> `ok: ...` or `error: ...`.
-async fn serve(
-    request: std::io::Result<UnixStream>,
-    kernel: &mut Kernel,
-    options: &RunOptions,
-    watcher: &mut FileWatcher,
-) -> Result<()> {
+/// One control request, a line: `reload`, `apply SECONDS FILE` (0: no confirmation needed),
+/// `confirm`. The answer is a line, `ok: ...` or `error: ...`.
+async fn serve(request: std::io::Result<UnixStream>, state: &mut State) -> Result<()> {
     let stream = request?;
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut read = BufReader::new(read);
     tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await??;
-    let reply = match line.trim() {
-        "reload" => match reload(kernel, options, watcher) {
-            Ok(message) => format!("ok: {message}\n"),
-            Err(message) => format!("error: {message}\n"),
+    let mut words = line.trim().splitn(3, ' ');
+    let result = match (words.next(), words.next(), words.next()) {
+        (Some("reload"), None, None) => state.reload().map_err(anyhow::Error::msg),
+        (Some("apply"), Some(seconds), Some(file)) => match seconds.parse::<u64>() {
+            Ok(0) => state.apply_request(Path::new(file), None),
+            Ok(seconds) => state.apply_request(Path::new(file), Some(Duration::from_secs(seconds))),
+            Err(_) => Err(anyhow::anyhow!("bad confirmation time {seconds:?}")),
         },
-        other => format!("error: unknown request {other:?}\n"),
+        (Some("confirm"), None, None) => state.confirm(),
+        _ => Err(anyhow::anyhow!("unknown request {:?}", line.trim())),
+    };
+    let reply = match result {
+        Ok(message) => format!("ok: {message}\n"),
+        Err(error) => format!("error: {error:#}\n"),
     };
     write.write_all(reply.as_bytes()).await?;
     Ok(())
@@ -343,6 +500,11 @@ async fn serve(
 
 /// `firewall reload`: asks the running daemon to reload and returns its answer.
 pub fn request_reload(control: &Path) -> Result<String> {
+    request(control, "reload")
+}
+
+/// Sends one control request (see [`serve`]) and returns the daemon's answer.
+pub fn request(control: &Path, line: &str) -> Result<String> {
     use std::io::{BufRead as _, Write as _};
     let mut stream = std::os::unix::net::UnixStream::connect(control).with_context(|| {
         format!(
@@ -350,7 +512,7 @@ pub fn request_reload(control: &Path) -> Result<String> {
             control.display()
         )
     })?;
-    stream.write_all(b"reload\n")?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply)?;
     match reply.trim_end().strip_prefix("ok: ") {

@@ -75,6 +75,25 @@ enum Command {
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
     },
+    /// Put a rule file in force in the running daemon; with --confirm, roll back to the rules
+    /// from before unless `firewall confirm` arrives in time. Once in force for good, it is
+    /// copied over the daemon's rule file.
+    Apply {
+        /// Rule file (TOML).
+        file: PathBuf,
+        /// Time to confirm in: `90s`, `5m` or seconds.
+        #[arg(long, value_parser = parse_seconds)]
+        confirm: Option<u64>,
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Keep the rules put in force by `firewall apply --confirm`.
+    Confirm {
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
     /// Validate a rule file and summarise what would be loaded.
     Check {
         /// Rule file (TOML).
@@ -101,6 +120,26 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+}
+
+/// `90s`, `5m`, `1h` or plain seconds; at least one second.
+fn parse_seconds(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?}: use seconds, or a number with s, m or h")),
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n * scale),
+        _ => Err(format!(
+            "{text:?}: a positive number of seconds, minutes or hours"
+        )),
+    }
 }
 
 fn detach(pin_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
@@ -156,6 +195,20 @@ fn main() -> ExitCode {
                 Ok(())
             }),
         Command::Detach { iface, pin_dir } => detach(&pin_dir, iface.as_deref()),
+        Command::Apply {
+            file,
+            confirm,
+            control,
+        } => std::path::absolute(&file)
+            .map_err(anyhow::Error::from)
+            .and_then(|file| {
+                let seconds = confirm.unwrap_or(0);
+                daemon::request(&control, &format!("apply {seconds} {}", file.display()))
+            })
+            .map(|message| println!("{message}")),
+        Command::Confirm { control } => {
+            daemon::request(&control, "confirm").map(|message| println!("{message}"))
+        }
         Command::Reload { control } => {
             daemon::request_reload(&control).map(|message| println!("{message}"))
         }

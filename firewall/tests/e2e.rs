@@ -747,6 +747,62 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
 
     // The same file enforced: dropped.
     let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
-    assert!(!tcp_reaches(&net.b, web), "the deny rule does not drop: {}", daemon.log());
+    assert!(
+        !tcp_reaches(&net.b, web),
+        "the deny rule does not drop: {}",
+        daemon.log()
+    );
     daemon.wait_for("drop rule=1 proto=6", 1);
+}
+
+#[test]
+fn apply_with_confirm_rolls_back_unless_confirmed() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let allow = "[[rules]]\naction = \"allow\"\n";
+    let file = RuleFile::new("rules.toml", allow);
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let web = SocketAddr::new(net.a4, 8080);
+    assert!(tcp_reaches(&net.b, web));
+
+    let trial = file.path.with_file_name("trial.toml");
+    let deny = "[[rules]]\naction = \"deny\"\nproto = \"tcp\"\nports = [8080]\n";
+    common::write_file(&trial, deny);
+    let firewall = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+            .args(args)
+            .arg("--control")
+            .arg(&daemon.control)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let trial_arg = trial.to_str().unwrap();
+
+    // Not confirmed: rolled back after 2 s, the rule file untouched.
+    let (ok, text) = firewall(&["apply", trial_arg, "--confirm", "2s"]);
+    assert!(ok && text.contains("rolls back in 2s"), "{text}");
+    assert!(
+        !tcp_reaches(&net.b, web),
+        "the trial rules are not in force"
+    );
+    daemon.wait_for("rolled back", 1);
+    assert!(tcp_reaches(&net.b, web), "not rolled back");
+    assert_eq!(std::fs::read_to_string(&file.path).unwrap(), allow);
+
+    // Confirmed: they stay, and become the rule file.
+    let (ok, text) = firewall(&["apply", trial_arg, "--confirm", "2s"]);
+    assert!(ok, "{text}");
+    let (ok, text) = firewall(&["confirm"]);
+    assert!(ok && text.contains("confirmed"), "{text}");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(!tcp_reaches(&net.b, web), "confirmed rules rolled back");
+    assert_eq!(daemon.log().matches("rolled back").count(), 1);
+    assert_eq!(std::fs::read_to_string(&file.path).unwrap(), deny);
+
+    // Nothing on trial: nothing to confirm.
+    let (ok, text) = firewall(&["confirm"]);
+    assert!(!ok && text.contains("no rules are on trial"), "{text}");
 }
