@@ -4,6 +4,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod explain;
+pub mod exposure;
 pub mod kernel;
 pub mod lint;
 pub mod model;

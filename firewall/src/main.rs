@@ -99,6 +99,12 @@ enum Command {
         /// Rule file (TOML).
         file: PathBuf,
     },
+    /// The host's listening TCP and UDP sockets, and who the rules let reach each.
+    Exposure {
+        /// Rule file (TOML).
+        #[arg(long)]
+        rules: PathBuf,
+    },
     /// Which rule decides a packet, and why each rule before it does not match.
     Explain {
         /// Rule file (TOML).
@@ -209,6 +215,10 @@ fn main() -> ExitCode {
         Command::Confirm { control } => {
             daemon::request(&control, "confirm").map(|message| println!("{message}"))
         }
+        Command::Exposure { rules } => load_rules(&rules).map(|set| {
+            let listeners = firewall::sockets::listening();
+            print!("{}", firewall::exposure::report(&set, &listeners));
+        }),
         Command::Reload { control } => {
             daemon::request_reload(&control).map(|message| println!("{message}"))
         }

@@ -33,6 +33,115 @@ pub fn open_flows() -> Vec<FlowKey> {
     flows
 }
 
+/// A socket waiting for others: a listening TCP socket or an unconnected UDP one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub proto: u8,
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    pub inode: u64,
+    /// `name[pid]` of a process holding it, where readable.
+    pub process: Option<String>,
+}
+
+/// The listening sockets of this network namespace, IPv4 and IPv6, sorted.
+pub fn listening() -> Vec<Listener> {
+    let mut listeners = Vec::new();
+    for (file, proto) in [
+        ("/proc/net/tcp", IPPROTO_TCP),
+        ("/proc/net/tcp6", IPPROTO_TCP),
+        ("/proc/net/udp", IPPROTO_UDP),
+        ("/proc/net/udp6", IPPROTO_UDP),
+    ] {
+        let Ok(table) = fs::read_to_string(file) else {
+            continue;
+        };
+        listeners.extend(
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| parse_listener(line, proto)),
+        );
+    }
+    let owners = socket_owners();
+    for listener in &mut listeners {
+        listener.process = owners.get(&listener.inode).cloned();
+    }
+    listeners.sort_by_key(|l| (l.proto, l.port, l.addr));
+    listeners.dedup_by_key(|l| (l.proto, l.port, l.addr));
+    listeners
+}
+
+fn parse_listener(line: &str, proto: u8) -> Option<Listener> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (local, port) = endpoint(fields.get(1)?)?;
+    let (_, remote_port) = endpoint(fields.get(2)?)?;
+    let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
+    let waiting = match proto {
+        IPPROTO_TCP => state == TCP_LISTEN,
+        _ => remote_port == 0,
+    };
+    if !waiting {
+        return None;
+    }
+    let addr = match unmap_v4(local) {
+        Some(words) if fields[1].len() == 13 => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::from(words[0].to_ne_bytes()))
+        }
+        _ => {
+            let mut bytes = [0u8; 16];
+            for (chunk, word) in bytes.chunks_mut(4).zip(local) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(bytes))
+        }
+    };
+    Some(Listener {
+        proto,
+        addr,
+        port,
+        inode: fields.get(9)?.parse().ok()?,
+        process: None,
+    })
+}
+
+/// Socket inode -> `name[pid]`, from the fds of every process we can read.
+fn socket_owners() -> std::collections::HashMap<u64, String> {
+    let mut owners = std::collections::HashMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return owners;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let name = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|inode| inode.parse().ok())
+            {
+                owners
+                    .entry(inode)
+                    .or_insert_with(|| format!("{}[{pid}]", name.trim()));
+            }
+        }
+    }
+    owners
+}
+
 /// One socket line: `sl local rem st ...`, addresses as `HEX:PORT`.
 fn parse_line(line: &str, proto: u8) -> Option<FlowKey> {
     let mut fields = line.split_whitespace().skip(1);
@@ -108,6 +217,22 @@ mod tests {
         assert!(parse_line(listening, IPPROTO_TCP).is_none());
         let unconnected_udp = "  5: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2";
         assert!(parse_line(unconnected_udp, IPPROTO_UDP).is_none());
+    }
+
+    #[test]
+    fn listeners_with_their_addresses() {
+        let tcp = "   0: 0100007F:0277 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1";
+        let listener = parse_listener(tcp, IPPROTO_TCP).unwrap();
+        assert_eq!(listener.addr.to_string(), "127.0.0.1");
+        assert_eq!((listener.port, listener.inode), (631, 4242));
+        let connected = "   1: 0100000A:C001 0700000A:01BB 01 00000000:00000000 00:00000000 00000000     0        0 7 1";
+        assert!(parse_listener(connected, IPPROTO_TCP).is_none());
+        let udp6 = "  9: 00000000000000000000000000000000:14E9 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2";
+        let listener = parse_listener(udp6, IPPROTO_UDP).unwrap();
+        assert_eq!(
+            (listener.addr.to_string(), listener.port),
+            ("::".to_string(), 5353)
+        );
     }
 
     #[test]

@@ -806,3 +806,46 @@ fn apply_with_confirm_rolls_back_unless_confirmed() {
     let (ok, text) = firewall(&["confirm"]);
     assert!(!ok && text.contains("no rules are on trial"), "{text}");
 }
+
+#[test]
+fn exposure_lists_listening_sockets_and_who_reaches_them() {
+    let net = TestNet::new();
+    // TCP and UDP on both ports, on A's address.
+    serve(&net.a, vec![net.a4], vec![8080, 5353]);
+    let file = RuleFile::new(
+        "exposure.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[[rules]]\naction = \"allow\"\nproto = \"tcp\"\n\
+         ports = [8080]\nfrom = [\"10.0.0.0/8\"]\n\n[[rules]]\naction = \"allow\"\nports = [5353]\n",
+    );
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.a,
+            env!("CARGO_BIN_EXE_firewall"),
+            "exposure",
+            "--rules",
+        ])
+        .arg(&file.path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let line = |proto: &str, port: u16| {
+        let addr = format!("{}:{port}", net.a4);
+        report
+            .lines()
+            .find(|line| line.starts_with(proto) && line.contains(&addr))
+            .unwrap_or_else(|| panic!("no {proto} {addr} in\n{report}"))
+            .to_string()
+    };
+    let pid = format!("[{}]", std::process::id());
+    assert!(line("tcp", 8080).ends_with("only 10.0.0.0/8"), "{report}");
+    assert!(
+        line("tcp", 8080).contains(&pid),
+        "owner not shown:\n{report}"
+    );
+    assert!(line("udp", 8080).ends_with("nobody"), "{report}");
+    assert!(line("tcp", 5353).ends_with("everyone"), "{report}");
+    assert!(line("udp", 5353).ends_with("everyone"), "{report}");
+}
