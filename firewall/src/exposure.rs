@@ -30,6 +30,10 @@ pub enum Reach {
 /// An inclusive range of addresses of one family, as integers.
 type Range = (u128, u128);
 
+/// A rule as far as a socket's first packet goes: its action, and its source and destination
+/// ranges (`None`: any).
+type Judge = (Action, Option<Vec<Range>>, Option<Vec<Range>>);
+
 /// Who the rules let reach a socket of `proto` bound to `addr`:`port` over `addr`'s family.
 /// Rules naming interfaces are taken as on an interface no rule names.
 pub fn reach(set: &RuleSet, proto: u8, addr: IpAddr, port: u16) -> Reach {
@@ -40,7 +44,7 @@ pub fn reach(set: &RuleSet, proto: u8, addr: IpAddr, port: u16) -> Reach {
     let max = if v6 { u128::MAX } else { u128::from(u32::MAX) };
     // The rules that can match a first packet to this port, with their networks as sorted
     // ranges of this family (`None`: any address).
-    let rules: Vec<(Action, Option<Vec<Range>>, Option<Vec<Range>>)> = set
+    let rules: Vec<Judge> = set
         .rules
         .iter()
         .filter(|rule| rule.iface.is_none() && port_matches(rule, proto, port))
