@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 use crate::compile::{compile, Compiled};
 use crate::config::load_rules;
 use crate::kernel::{AttachMode, Kernel};
+use crate::metrics::{Reloads, SharedReloads};
 use crate::notify;
 use crate::pins::Pins;
 
@@ -37,6 +38,8 @@ pub struct RunOptions {
     pub persist: bool,
     /// Audit mode whatever the rule file says.
     pub audit: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Default path of the control socket.
@@ -115,7 +118,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
             options.pin_dir.display()
         );
     }
+    let started = Instant::now();
     kernel.apply(&prepared.compiled)?;
+    let reloads = SharedReloads::new(std::sync::Mutex::new(Reloads {
+        last_seconds: started.elapsed().as_secs_f64(),
+        last_succeeded: true,
+        rules: prepared.compiled.actions.len() as i64,
+        address_entries: address_entries(&prepared.compiled) as i64,
+        ..Reloads::default()
+    }));
+    if let Some(addr) = options.metrics {
+        crate::metrics::serve(addr, pins.clone(), reloads.clone())?;
+        info!("metrics on http://{addr}/metrics");
+    }
     let watcher = FileWatcher::new(&prepared.files)?;
     let control = ControlSocket::bind(&options.control)?;
     let mut logger = match EbpfLogger::init(kernel.ebpf_mut()) {
@@ -158,6 +173,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         watcher,
         in_force: prepared.compiled,
         trial: None,
+        reloads,
     };
     loop {
         tokio::select! {
@@ -212,6 +228,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Ok(())
 }
 
+/// Entries of the four address tables.
+fn address_entries(compiled: &Compiled) -> usize {
+    compiled.src_v4.len() + compiled.src_v6.len() + compiled.dst_v4.len() + compiled.dst_v6.len()
+}
+
 /// What the daemon holds between events.
 struct State {
     kernel: Kernel,
@@ -221,6 +242,8 @@ struct State {
     in_force: Compiled,
     /// A file applied with `firewall apply --confirm`, awaiting confirmation.
     trial: Option<Trial>,
+    /// For the metrics.
+    reloads: SharedReloads,
 }
 
 /// Rules on trial: in force until confirmed, else rolled back at the deadline.
@@ -251,13 +274,22 @@ impl State {
             self.watcher = FileWatcher::new(&prepared.files)?;
             Ok((prepared, updates))
         });
+        let elapsed = started.elapsed().as_secs_f64();
+        if let Ok(mut reloads) = self.reloads.lock() {
+            reloads.last_seconds = elapsed;
+            reloads.last_succeeded = result.is_ok();
+            match &result {
+                Ok((prepared, _)) => {
+                    reloads.succeeded += 1;
+                    reloads.rules = prepared.compiled.actions.len() as i64;
+                    reloads.address_entries = address_entries(&prepared.compiled) as i64;
+                }
+                Err(_) => reloads.failed += 1,
+            }
+        }
         let outcome = match result {
             Ok((prepared, updates)) => {
-                let compiled = &prepared.compiled;
-                let entries = compiled.src_v4.len()
-                    + compiled.src_v6.len()
-                    + compiled.dst_v4.len()
-                    + compiled.dst_v6.len();
+                let entries = address_entries(&prepared.compiled);
                 let message = format!(
                     "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
                     path.display(),

@@ -50,6 +50,9 @@ enum Command {
         /// file's `[defaults] mode`).
         #[arg(long)]
         audit: bool,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469); off by default.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Counters of the rules in force, per rule and per reason, from the pinned maps (with or
     /// without a running daemon).
@@ -231,6 +234,7 @@ fn main() -> ExitCode {
             pin_dir,
             persist,
             audit,
+            metrics,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -245,6 +249,7 @@ fn main() -> ExitCode {
                     pin_dir,
                     persist,
                     audit,
+                    metrics,
                 }))
             }),
     };

@@ -849,3 +849,63 @@ fn exposure_lists_listening_sockets_and_who_reaches_them() {
     assert!(line("tcp", 5353).ends_with("everyone"), "{report}");
     assert!(line("udp", 5353).ends_with("everyone"), "{report}");
 }
+
+#[test]
+fn metrics_for_prometheus() {
+    use std::io::{Read as _, Write as _};
+
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = RuleFile::new(
+        "metrics.toml",
+        "[[rules]]\nname = \"ssh\"\naction = \"allow\"\nproto = \"tcp\"\nports = [22]\n\n\
+         [[rules]]\nname = \"probe\"\naction = \"deny\"\nproto = \"udp\"\nports = [6001]\n",
+    );
+    let daemon = Daemon::start_with(
+        &net.a,
+        &file.path,
+        &net.veth_a,
+        &pins.pin_dir(),
+        &["--metrics", "127.0.0.1:9469"],
+    );
+    let (a4, b4) = (net.a4, net.b4);
+    TestNet::within(&net.b, move || {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(b4, 0)).unwrap();
+        for _ in 0..10 {
+            socket.send_to(b"probe", SocketAddr::new(a4, 6001)).unwrap();
+        }
+    });
+    let scrape = || {
+        TestNet::within(&net.a, || {
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9469").unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut page = String::new();
+            stream.read_to_string(&mut page).unwrap();
+            page
+        })
+    };
+    let page = scrape();
+    assert!(
+        page.starts_with("HTTP/1.0 200") || page.starts_with("HTTP/1.1 200"),
+        "{page}"
+    );
+    let has = |page: &str, line: &str| page.lines().any(|l| l == line);
+    assert!(
+        has(
+            &page,
+            "firewall_rule_packets_total{number=\"2\",name=\"probe\",action=\"deny\"} 10"
+        ),
+        "{page}"
+    );
+    assert!(has(&page, "firewall_rules 2"), "{page}");
+    assert!(has(&page, "firewall_last_reload_success 1"), "{page}");
+
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reloaded", 1);
+    let page = scrape();
+    assert!(
+        has(&page, "firewall_reloads_total{result=\"ok\"} 1"),
+        "{page}"
+    );
+    assert!(page.contains("firewall_decided_packets_total{reason=\"malformed\",verdict=\"drop\"}"));
+}

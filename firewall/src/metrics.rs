@@ -1,0 +1,178 @@
+//! Prometheus metrics on `firewall run --metrics ADDR`: the counters `firewall stats` shows,
+//! read from the pinned maps at each scrape, plus reloads and what is loaded.
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Result};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::pins::Pins;
+use crate::stats;
+
+/// What the daemon tells the metrics about its reloads.
+#[derive(Clone, Debug, Default)]
+pub struct Reloads {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Duration of the last reload (or of the first apply), in seconds.
+    pub last_seconds: f64,
+    pub last_succeeded: bool,
+    /// Of the rules in force.
+    pub rules: i64,
+    pub address_entries: i64,
+}
+
+pub type SharedReloads = Arc<Mutex<Reloads>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    number: u64,
+    name: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The metrics page.
+pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
+    let stats = stats::read(pins)?;
+    let mut registry = Registry::with_prefix("firewall");
+
+    let rule_packets = Family::<RuleLabels, Counter>::default();
+    let rule_bytes = Family::<RuleLabels, Counter>::default();
+    for rule in &stats.rules {
+        let labels = RuleLabels {
+            number: rule.number as u64,
+            name: rule.name.clone(),
+            action: rule.action.to_string(),
+        };
+        rule_packets.get_or_create(&labels).inc_by(rule.packets);
+        rule_bytes.get_or_create(&labels).inc_by(rule.bytes);
+    }
+    registry.register(
+        "rule_packets",
+        "Packets each rule decided, since the rules in force were applied",
+        rule_packets,
+    );
+    registry.register(
+        "rule_bytes",
+        "Bytes each rule decided, since the rules in force were applied",
+        rule_bytes,
+    );
+
+    let reason_packets = Family::<ReasonLabels, Counter>::default();
+    let reason_bytes = Family::<ReasonLabels, Counter>::default();
+    let policy = &stats.default_policy;
+    for (reason, verdict, count) in [
+        ("default_policy", "pass", policy.passed),
+        ("default_policy", "drop", policy.dropped),
+        ("malformed", "drop", stats.malformed),
+        ("non_ip", "pass", stats.non_ip),
+        ("established", "pass", stats.established),
+        ("essential", "pass", stats.essential),
+    ] {
+        let labels = ReasonLabels {
+            reason: reason.into(),
+            verdict: verdict.into(),
+        };
+        reason_packets.get_or_create(&labels).inc_by(count.packets);
+        reason_bytes.get_or_create(&labels).inc_by(count.bytes);
+    }
+    registry.register(
+        "decided_packets",
+        "Packets decided without a rule, by reason",
+        reason_packets,
+    );
+    registry.register(
+        "decided_bytes",
+        "Bytes decided without a rule, by reason",
+        reason_bytes,
+    );
+    let suppressed = Counter::<u64>::default();
+    suppressed.inc_by(stats.log_lines_suppressed);
+    registry.register(
+        "log_lines_suppressed",
+        "Log lines the kernel's rate limit suppressed",
+        suppressed,
+    );
+
+    let reload_count = Family::<ResultLabels, Counter>::default();
+    for (result, count) in [("ok", reloads.succeeded), ("error", reloads.failed)] {
+        let labels = ResultLabels {
+            result: result.into(),
+        };
+        reload_count.get_or_create(&labels).inc_by(count);
+    }
+    registry.register("reloads", "Reloads since the daemon started", reload_count);
+    let last_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    last_seconds.set(reloads.last_seconds);
+    registry.register(
+        "last_reload_seconds",
+        "Duration of the last reload (or the first apply)",
+        last_seconds,
+    );
+    let last_ok = Gauge::<i64>::default();
+    last_ok.set(i64::from(reloads.last_succeeded));
+    registry.register(
+        "last_reload_success",
+        "1 if the last reload put its rules in force",
+        last_ok,
+    );
+    let rules = Gauge::<i64>::default();
+    rules.set(reloads.rules);
+    registry.register("rules", "Rules in force", rules);
+    let entries = Gauge::<i64>::default();
+    entries.set(reloads.address_entries);
+    registry.register(
+        "address_entries",
+        "Address map entries of the rules in force",
+        entries,
+    );
+
+    let mut page = String::new();
+    encode(&mut page, &registry)?;
+    Ok(page)
+}
+
+/// Serves `GET /metrics` on `addr` from a thread of its own.
+pub fn serve(addr: SocketAddr, pins: Pins, reloads: SharedReloads) -> Result<()> {
+    let server =
+        tiny_http::Server::http(addr).map_err(|error| anyhow!("metrics on {addr}: {error}"))?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let response = if request.url() != "/metrics" {
+                tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+            } else {
+                let reloads = reloads.lock().map(|r| r.clone()).unwrap_or_default();
+                match render(&pins, &reloads) {
+                    Ok(page) => {
+                        let header = tiny_http::Header::from_bytes(
+                            "Content-Type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                        .expect("a valid header");
+                        tiny_http::Response::from_string(page).with_header(header)
+                    }
+                    Err(error) => tiny_http::Response::from_string(format!("{error:#}\n"))
+                        .with_status_code(500),
+                }
+            };
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
