@@ -664,6 +664,11 @@ fn stats_count_per_rule_from_the_pins() {
         assert_eq!(stats["rules"][0]["packets"], 0);
         assert_eq!(stats["default_policy"]["policy"], "allow");
     };
+    // The veth delivers asynchronously: wait for the last datagrams to be counted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !stats(true).contains("\"packets\": 50") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     check(&stats(true));
     let table = stats(false);
     assert!(table.contains("   2 probe"), "{table}");
@@ -884,19 +889,20 @@ fn metrics_for_prometheus() {
             page
         })
     };
-    let page = scrape();
+    let has = |page: &str, line: &str| page.lines().any(|l| l == line);
+    let probes = "firewall_rule_packets_total{number=\"2\",name=\"probe\",action=\"deny\"} 10";
+    // The veth delivers asynchronously: give the last datagrams a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut page = scrape();
+    while !has(&page, probes) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        page = scrape();
+    }
     assert!(
         page.starts_with("HTTP/1.0 200") || page.starts_with("HTTP/1.1 200"),
         "{page}"
     );
-    let has = |page: &str, line: &str| page.lines().any(|l| l == line);
-    assert!(
-        has(
-            &page,
-            "firewall_rule_packets_total{number=\"2\",name=\"probe\",action=\"deny\"} 10"
-        ),
-        "{page}"
-    );
+    assert!(has(&page, probes), "{page}");
     assert!(has(&page, "firewall_rules 2"), "{page}");
     assert!(has(&page, "firewall_last_reload_success 1"), "{page}");
 
