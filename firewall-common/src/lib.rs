@@ -21,6 +21,12 @@ pub const MAX_TRIE_ENTRIES: u32 = 1 << 21;
 /// Verdicts stored per rule and as default policy.
 pub const ACTION_ALLOW: u32 = 0;
 pub const ACTION_DENY: u32 = 1;
+/// The verdict bits of a rule's action word; the flags below ride along.
+pub const ACTION_MASK: u32 = 0xff;
+/// Log the rule's matches (rate-limited).
+pub const ACTION_LOG: u32 = 1 << 8;
+/// An allow rule with a per-source rate limit (see [`RateLimit`]).
+pub const ACTION_LIMITED: u32 = 1 << 9;
 
 /// Slots of the per-CPU [`Counter`] array: `gen * MAX_RULES + rule` for rule hits, then the
 /// counters below, which do not depend on the generation.
@@ -37,7 +43,9 @@ pub const STAT_LOG_SUPPRESSED: u32 = STAT_RULES + 4;
 pub const STAT_ESTABLISHED: u32 = STAT_RULES + 5;
 /// Essential ICMPv6 (neighbour discovery and friends) passed before the rules.
 pub const STAT_ESSENTIAL: u32 = STAT_RULES + 6;
-pub const STAT_SLOTS: u32 = STAT_RULES + 7;
+/// Packets an allow rule's per-source rate limit dropped.
+pub const STAT_RATE_LIMITED: u32 = STAT_RULES + 7;
+pub const STAT_SLOTS: u32 = STAT_RULES + 8;
 
 /// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
 #[repr(C)]
@@ -167,6 +175,36 @@ impl Default for RuleName {
     }
 }
 
+/// A rule's per-source rate: a token every `interval_ns`, at most `burst_ns / interval_ns`
+/// saved up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+}
+
+/// A source's bucket for one rule of one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateKey {
+    /// As in [`FlowKey`]: IPv4 in word 0.
+    pub addr: [u32; 4],
+    /// `gen * MAX_RULES + rule`.
+    pub rule: u32,
+    pub v6: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Sources tracked by rate limits at once (least recently seen go first).
+pub const MAX_RATE_SOURCES: u32 = 65536;
+
 /// Token bucket of the drop log, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -237,10 +275,14 @@ pub mod map_names {
     pub const IFACE_BITS: &str = "FW_IFACE_BITS";
     pub const OTHER_IFACES: &str = "FW_OTHER_IFACES";
     pub const RULE_NAMES: &str = "FW_RULE_NAMES";
+    pub const RULE_LIMITS: &str = "FW_RULE_LIMITS";
+    pub const RATE_BUCKETS: &str = "FW_RATE_BUCKETS";
 
     /// Every map above: what is pinned.
-    pub const PINNED: [&str; 19] = [
+    pub const PINNED: [&str; 21] = [
         RULE_NAMES,
+        RULE_LIMITS,
+        RATE_BUCKETS,
         ACTIVE_GENERATION,
         GEN_CONFIG,
         RULE_ACTIONS,
@@ -275,6 +317,9 @@ mod pod {
     unsafe impl aya::Pod for GenerationConfig {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for RuleName {}
+    unsafe impl aya::Pod for RateLimit {}
+    unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for RateBucket {}
     unsafe impl aya::Pod for LogBucket {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}

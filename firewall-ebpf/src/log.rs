@@ -8,6 +8,7 @@ use firewall_common::{GenerationConfig, STAT_LOG_SUPPRESSED};
 use crate::{
     maps::{count, LOG_BUCKET},
     parse::Packet,
+    Verdict,
 };
 
 /// Takes one token if the bucket has one; counts a suppressed line otherwise.
@@ -40,39 +41,46 @@ fn take_token(config: &GenerationConfig) -> bool {
     true
 }
 
-/// Logs a dropped packet (in audit mode: one that would be dropped). `rule` is the 1-based
-/// rule number, 0 for the default policy; `dport` is 0 for packets without a port.
+/// Logs a packet: `rule` is the 1-based rule number, 0 for the default policy; ports are 0
+/// for packets without them. The first word is the verdict: `pass`, `drop`, `limit` (over an
+/// allow rule's rate), or `audit` for a drop that audit mode let through.
 #[inline(always)]
-pub fn log_drop(
+pub fn log_packet(
     ctx: &XdpContext,
     config: &GenerationConfig,
     packet: &Packet,
     rule: u32,
+    verdict: Verdict,
     audit: bool,
 ) {
     if !take_token(config) {
         return;
     }
-    // The verdict word of the line: "drop", or "audit" for a drop audit mode let through.
-    let verdict: &str = if audit { "audit" } else { "drop" };
+    let verdict: &str = match verdict {
+        Verdict::Pass => "pass",
+        _ if audit => "audit",
+        Verdict::Drop => "drop",
+        Verdict::Limit => "limit",
+    };
     let dport = match packet.dport {
         Some(port) => u32::from(port),
         None => 0,
     };
+    let sport = u32::from(packet.sport);
     let proto = u32::from(packet.proto);
     if packet.v6 {
         let src = Ipv6Addr::from(words_to_bytes(&packet.src));
         let dst = Ipv6Addr::from(words_to_bytes(&packet.dst));
         info!(
             ctx,
-            "{} rule={} proto={} {} -> {} dport={}", verdict, rule, proto, src, dst, dport
+            "{} rule={} proto={} [{}]:{} -> [{}]:{}", verdict, rule, proto, src, sport, dst, dport
         );
     } else {
         let src = Ipv4Addr::from(packet.src[0].to_ne_bytes());
         let dst = Ipv4Addr::from(packet.dst[0].to_ne_bytes());
         info!(
             ctx,
-            "{} rule={} proto={} {} -> {} dport={}", verdict, rule, proto, src, dst, dport
+            "{} rule={} proto={} {}:{} -> {}:{}", verdict, rule, proto, src, sport, dst, dport
         );
     }
 }

@@ -8,6 +8,7 @@ mod classify;
 mod log;
 mod maps;
 mod parse;
+mod rate;
 mod state;
 
 use aya_ebpf::{
@@ -16,8 +17,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use firewall_common::{
-    ACTION_DENY, CHECK_AUDIT, CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP,
+    ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_ESSENTIALS,
+    CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_ESSENTIAL,
+    STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 
 use crate::{
@@ -64,20 +66,40 @@ pub fn firewall(ctx: XdpContext) -> u32 {
                 let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
                 (action, rule + 1, slot)
             }
-            None if config.default_action == ACTION_DENY => (ACTION_DENY, 0, STAT_DEFAULT_DENY),
+            // The default policy's drops are logged; its passes are not.
+            None if config.default_action == ACTION_DENY => {
+                (ACTION_DENY | ACTION_LOG, 0, STAT_DEFAULT_DENY)
+            }
             None => (config.default_action, 0, STAT_DEFAULT_ALLOW),
         };
     count(slot, bytes);
-    if action != ACTION_DENY {
-        return xdp_action::XDP_PASS;
-    }
     let audit = config.checks & CHECK_AUDIT != 0;
-    log::log_drop(&ctx, config, &packet, rule_number, audit);
-    if audit {
-        xdp_action::XDP_PASS
+    let mut verdict = if action & ACTION_MASK == ACTION_DENY {
+        Verdict::Drop
     } else {
-        xdp_action::XDP_DROP
+        Verdict::Pass
+    };
+    if action & ACTION_LIMITED != 0 && !rate::take(slot, &packet) {
+        count(STAT_RATE_LIMITED, bytes);
+        verdict = Verdict::Limit;
     }
+    if action & ACTION_LOG != 0 || verdict == Verdict::Limit {
+        log::log_packet(&ctx, config, &packet, rule_number, verdict, audit);
+    }
+    match verdict {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        _ if audit => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// What became of a classified packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Matched an allow rule, over its source's rate: dropped.
+    Limit,
 }
 
 /// ICMPv6 that IPv6 needs to work: packet too big (path MTU discovery), multicast listener

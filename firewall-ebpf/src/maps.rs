@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use firewall_common::{
-    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RuleBits, RuleName,
-    V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS,
-    MAX_IFACES, MAX_PORT_CLASSES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RateBucket, RateKey,
+    RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_EXACT_V4,
+    MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES,
+    MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -30,6 +31,16 @@ pub static RULE_ACTIONS: Array<u32> = Array::with_max_entries(GENERATIONS * MAX_
 /// `gen * MAX_RULES + rule` -> its name, for `firewall stats`; never read here.
 #[map(name = "FW_RULE_NAMES")]
 pub static RULE_NAMES: Array<RuleName> = Array::with_max_entries(GENERATIONS * MAX_RULES as u32, 0);
+
+/// `gen * MAX_RULES + rule` -> its per-source rate limit (zero: none).
+#[map(name = "FW_RULE_LIMITS")]
+pub static RULE_LIMITS: Array<RateLimit> =
+    Array::with_max_entries(GENERATIONS * MAX_RULES as u32, 0);
+
+/// Per (rule, source) token buckets of rate-limited rules.
+#[map(name = "FW_RATE_BUCKETS")]
+pub static RATE_BUCKETS: LruHashMap<RateKey, RateBucket> =
+    LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
 
 /// `gen * ADDRESS_FIELDS + TRIE_*` -> the `/0` bits of that trie, read instead of the trie
 /// when it holds nothing else.

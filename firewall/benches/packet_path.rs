@@ -43,6 +43,8 @@ fn rule_set(count: usize) -> RuleSet {
             to: None,
             ports: Some(vec![(1000 + i as u16)..=(1000 + i as u16)]),
             iface: None,
+            limit: None,
+            log: false,
         })
         .collect();
     rules.push(Rule {
@@ -56,6 +58,8 @@ fn rule_set(count: usize) -> RuleSet {
         to: None,
         ports: Some(vec![80..=80, 443..=443]),
         iface: None,
+        limit: None,
+        log: false,
     });
     RuleSet::new(Action::Deny, rules)
 }

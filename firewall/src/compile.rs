@@ -20,13 +20,13 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use firewall_common::{
-    RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, CHECK_AUDIT, CHECK_ESSENTIALS,
-    CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES,
-    V4_LEVELS, V6_LEVELS,
+    RateLimit, RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG,
+    CHECK_AUDIT, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES,
+    MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
+use crate::model::{Action, Limit, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Port values, 0..=65535.
 pub const PORTS: usize = 1 << 16;
@@ -40,8 +40,13 @@ pub struct Compiled {
     /// `CHECK_*` bits.
     pub checks: u32,
     pub timeouts: Timeouts,
-    /// Per rule: `ACTION_ALLOW` / `ACTION_DENY`.
+    /// Per rule: `ACTION_ALLOW` / `ACTION_DENY`, with `ACTION_LOG` and `ACTION_LIMITED`.
     pub actions: Vec<u32>,
+    /// Per rule: its per-source rate limit (zero: none).
+    pub limits: Vec<RateLimit>,
+    /// The kernel's log line budget: nanoseconds of credit per line, and at most saved up.
+    pub log_line_ns: u64,
+    pub log_burst_ns: u64,
     /// Per rule: its name, as `firewall stats` shows it.
     pub names: Vec<RuleName>,
     /// Indexed by IP protocol number.
@@ -131,8 +136,29 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         actions: set
             .rules
             .iter()
-            .map(|rule| action_code(rule.action))
+            .map(|rule| {
+                action_code(rule.action)
+                    | if rule.log { ACTION_LOG } else { 0 }
+                    | if rule.limit.is_some() {
+                        ACTION_LIMITED
+                    } else {
+                        0
+                    }
+            })
             .collect(),
+        limits: set
+            .rules
+            .iter()
+            .map(|rule| rule.limit.map_or(RateLimit::default(), rate_limit))
+            .collect(),
+        log_line_ns: match set.log_rate.lines_per_second {
+            0 => 0,
+            rate => NANOS_PER_SEC / u64::from(rate),
+        },
+        log_burst_ns: match set.log_rate.lines_per_second {
+            0 => 0,
+            rate => NANOS_PER_SEC / u64::from(rate) * u64::from(set.log_rate.burst.max(1)),
+        },
         names: set.rules.iter().map(|rule| rule_name(&rule.name)).collect(),
         proto_bits: proto_table(&set.rules),
         port_class,
@@ -144,6 +170,17 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         other_ifaces,
         ifaces,
     })
+}
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// A token every `per_secs / count` seconds, `burst` of them at most.
+fn rate_limit(limit: Limit) -> RateLimit {
+    let interval_ns = u64::from(limit.per_secs) * NANOS_PER_SEC / u64::from(limit.count);
+    RateLimit {
+        interval_ns,
+        burst_ns: interval_ns * u64::from(limit.burst),
+    }
 }
 
 /// `name` cut to fit (at a character boundary), NUL-padded.
@@ -462,6 +499,8 @@ mod tests {
             to: None,
             ports,
             iface: None,
+            limit: None,
+            log: false,
         }
     }
 

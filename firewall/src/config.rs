@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{Action, Proto, Rule, RuleSet, Timeouts};
+use crate::model::{Action, Limit, LogRate, Proto, Rule, RuleSet, Timeouts};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +42,18 @@ impl std::error::Error for ConfigError {}
 struct RawFile {
     defaults: Option<RawDefaults>,
     state: Option<RawState>,
+    log: Option<RawLog>,
     limits: Option<RawLimits>,
     sets: Option<BTreeMap<String, Spanned<RawSet>>>,
     rules: Option<Vec<Spanned<RawRule>>>,
+}
+
+/// The kernel's rate limit on log lines.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    lines_per_second: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
 }
 
 /// A named set of networks, used in `from`/`to` as `"@NAME"`.
@@ -92,6 +101,10 @@ struct RawRule {
     to: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     iface: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `"COUNT/s"`, `"COUNT/m"` or `"COUNT/h"`, per source address.
+    limit: Option<Spanned<String>>,
+    burst: Option<Spanned<i64>>,
+    log: Option<bool>,
 }
 
 /// Longest idle timeout accepted: 30 days.
@@ -304,7 +317,26 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
                 Some(port_list(ports)?)
             }
         };
+        let limit = match raw_rule.limit {
+            None => {
+                if let Some(burst) = &raw_rule.burst {
+                    return Err((burst.span(), "`burst` needs a `limit`".into()));
+                }
+                None
+            }
+            Some(limit) => {
+                if action != Action::Allow {
+                    return Err((
+                        limit.span(),
+                        "`limit` applies to allow rules (deny rules drop anyway)".into(),
+                    ));
+                }
+                Some(rate_limit(&limit, raw_rule.burst.as_ref())?)
+            }
+        };
         rules.push(Rule {
+            log: raw_rule.log.unwrap_or(action == Action::Deny),
+            limit,
             name,
             action,
             proto,
@@ -344,11 +376,26 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
             }
         },
     };
+    let mut log_rate = LogRate::default();
+    if let Some(log) = raw.log {
+        for (value, field) in [
+            (log.lines_per_second, &mut log_rate.lines_per_second),
+            (log.burst, &mut log_rate.burst),
+        ] {
+            if let Some(value) = value {
+                *field = match u32::try_from(*value.get_ref()) {
+                    Ok(n) if n <= 10_000 => n,
+                    _ => return Err((value.span(), "must be 0 to 10000 (0: no log lines)".into())),
+                };
+            }
+        }
+    }
     Ok(RuleSet {
         default_policy,
         established: defaults.established.unwrap_or(true),
         essentials: defaults.essentials.unwrap_or(true),
         audit,
+        log_rate,
         timeouts,
         rules,
         set_files: Vec::new(),
@@ -417,6 +464,42 @@ fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
             format!("invalid {key} {other:?}: expected \"allow\" or \"deny\""),
         )),
     }
+}
+
+/// `"20/s"`, `"6/m"`, `"100/h"`, with `burst` (default: the count).
+fn rate_limit(limit: &Spanned<String>, burst: Option<&Spanned<i64>>) -> Result<Limit, Located> {
+    let bad = || {
+        (
+            limit.span(),
+            format!(
+                "invalid limit {:?}: expected COUNT/s, COUNT/m or COUNT/h, COUNT 1 to 1000000",
+                limit.get_ref()
+            ),
+        )
+    };
+    let (count, unit) = limit.get_ref().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per_secs = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    if !(1..=1_000_000).contains(&count) {
+        return Err(bad());
+    }
+    let burst = match burst {
+        None => count,
+        Some(burst) => match u32::try_from(*burst.get_ref()) {
+            Ok(value) if (1..=1_000_000).contains(&value) => value,
+            _ => return Err((burst.span(), "burst must be 1 to 1000000".into())),
+        },
+    };
+    Ok(Limit {
+        count,
+        per_secs,
+        burst,
+    })
 }
 
 fn proto(value: &Spanned<String>) -> Result<Proto, Located> {
@@ -620,7 +703,19 @@ pub fn summary(set: &RuleSet) -> String {
             match &rule.iface {
                 Some(names) => format!(" on {}", names.join(",")),
                 None => String::new(),
-            }
+            } + &match &rule.limit {
+                Some(limit) => format!(
+                    " limit {}/{} burst {}",
+                    limit.count,
+                    match limit.per_secs {
+                        1 => "s",
+                        60 => "m",
+                        _ => "h",
+                    },
+                    limit.burst
+                ),
+                None => String::new(),
+            } + if rule.log { " log" } else { "" }
         );
     }
     out
@@ -667,6 +762,12 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\niface = [\"a very long name0\"]\n", 3, 10, "invalid interface name"),
             ("[defaults]\nestablished = \"yes\"\n", 2, 15, "invalid type"),
             ("[defaults]\nmode = \"watch\"\n", 2, 8, "mode must be"),
+            ("[[rules]]\naction = \"allow\"\nlimit = \"5/d\"\n", 3, 9, "invalid limit \"5/d\""),
+            ("[[rules]]\naction = \"allow\"\nlimit = \"0/s\"\n", 3, 9, "invalid limit"),
+            ("[[rules]]\naction = \"deny\"\nlimit = \"5/s\"\n", 3, 9, "applies to allow rules"),
+            ("[[rules]]\naction = \"allow\"\nburst = 5\n", 3, 9, "`burst` needs a `limit`"),
+            ("[[rules]]\naction = \"allow\"\nlimit = \"5/s\"\nburst = 0\n", 4, 9, "burst must be"),
+            ("[log]\nlines_per_second = -1\n", 2, 20, "must be 0 to 10000"),
             ("[state]\nudp_timeout = 0\n", 2, 15, "timeout must be 1"),
             ("[state]\ntcp = 5\n", 2, 1, "unknown key `tcp`"),
             ("[[rules]\naction = \"allow\"\n", 1, 8, "invalid table header"),

@@ -16,8 +16,8 @@ use aya::programs::{tc, SchedClassifier, TcAttachType, TestRun, TestRunOptions, 
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader, Pod};
 use firewall_common::{
-    exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RuleBits, RuleName,
-    V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK,
+    exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RateLimit, RuleBits,
+    RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK,
     GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6,
     TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
 };
@@ -31,10 +31,6 @@ use crate::pins::{LinkKind, Pins};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
-
-/// Drop log lines per second per CPU, and their burst.
-pub const LOG_PER_SEC: u32 = 5;
-pub const LOG_BURST: u32 = 10;
 
 /// How to attach: `Auto` tries native (driver) XDP and falls back to generic (skb) XDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -285,6 +281,7 @@ impl Kernel {
             gen,
             MAX_RULES as u32,
         )?;
+        zero_array::<RateLimit>(self.map_mut(map_names::RULE_LIMITS)?, gen, MAX_RULES as u32)?;
         zero_array::<RuleName>(self.map_mut(map_names::RULE_NAMES)?, gen, MAX_RULES as u32)?;
         zero_array::<RuleBits>(self.map_mut(map_names::PROTO_BITS)?, gen, PROTOS as u32)?;
         zero_array::<u32>(self.map_mut(map_names::PORT_CLASS)?, gen, PORTS as u32)?;
@@ -306,6 +303,12 @@ impl Kernel {
             gen * rules,
             &new.actions,
             old.map(|o| o.actions.as_slice()),
+        )?;
+        updates += write_array(
+            self.map_mut(map_names::RULE_LIMITS)?,
+            gen * rules,
+            &new.limits,
+            old.map(|o| o.limits.as_slice()),
         )?;
         updates += write_array(
             self.map_mut(map_names::RULE_NAMES)?,
@@ -389,8 +392,8 @@ impl Kernel {
             tcp_closing_timeout_ns: new.timeouts.tcp_closing * NANOS_PER_SEC,
             udp_timeout_ns: new.timeouts.udp * NANOS_PER_SEC,
             icmp_timeout_ns: new.timeouts.icmp * NANOS_PER_SEC,
-            log_line_ns: NANOS_PER_SEC / u64::from(LOG_PER_SEC),
-            log_burst_ns: NANOS_PER_SEC / u64::from(LOG_PER_SEC) * u64::from(LOG_BURST),
+            log_line_ns: new.log_line_ns,
+            log_burst_ns: new.log_burst_ns,
         };
         let mut configs: Array<&mut MapData, GenerationConfig> =
             Array::try_from(self.map_mut(map_names::GEN_CONFIG)?)?;

@@ -60,6 +60,35 @@ pub struct Rule {
     pub ports: Option<Vec<RangeInclusive<u16>>>,
     /// `None`: every interface the daemon manages. `Some`: packets arriving on one of these.
     pub iface: Option<Vec<String>>,
+    /// Allow rules only: per source address, matches beyond this rate are dropped.
+    pub limit: Option<Limit>,
+    /// Matches are logged (rate-limited): by default deny rules log, allow rules do not.
+    pub log: bool,
+}
+
+/// `limit = "COUNT/UNIT"` with `burst`: a token bucket per source address that refills
+/// `count` tokens every `per_secs` seconds and holds at most `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub count: u32,
+    pub per_secs: u32,
+    pub burst: u32,
+}
+
+/// `[log]`: the kernel's rate limit on log lines, per CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogRate {
+    pub lines_per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for LogRate {
+    fn default() -> Self {
+        LogRate {
+            lines_per_second: 5,
+            burst: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +103,7 @@ pub struct RuleSet {
     /// Audit mode: packets are classified, counted and logged as usual, but none is dropped.
     pub audit: bool,
     pub timeouts: Timeouts,
+    pub log_rate: LogRate,
     pub rules: Vec<Rule>,
     /// Set files the rules were read from (the daemon watches them).
     pub set_files: Vec<std::path::PathBuf>,
@@ -88,6 +118,7 @@ impl RuleSet {
             essentials: true,
             audit: false,
             timeouts: Timeouts::default(),
+            log_rate: LogRate::default(),
             rules,
             set_files: Vec::new(),
         }

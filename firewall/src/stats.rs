@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, RuleName, ACTION_ALLOW, MAX_RULES, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED, STAT_MALFORMED,
-    STAT_NON_IP, STAT_SLOTS,
+    map_names, Counter, GenerationConfig, RuleName, ACTION_ALLOW, ACTION_MASK, MAX_RULES,
+    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
+    STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED, STAT_SLOTS,
 };
 use serde::Serialize;
 
@@ -29,6 +29,8 @@ pub struct Stats {
     pub established: Count,
     /// Essential ICMPv6, passed before the rules.
     pub essential: Count,
+    /// Packets of allow rules over their per-source rate limit: dropped.
+    pub rate_limited: Count,
     /// Drop log lines the rate limit suppressed.
     pub log_lines_suppressed: u64,
 }
@@ -68,7 +70,7 @@ impl From<Counter> for Count {
 }
 
 fn action(code: u32) -> &'static str {
-    if code == ACTION_ALLOW {
+    if code & ACTION_MASK == ACTION_ALLOW {
         "allow"
     } else {
         "deny"
@@ -134,6 +136,7 @@ pub fn read(pins: &Pins) -> Result<Stats> {
         non_ip: counter(STAT_NON_IP)?.into(),
         established: counter(STAT_ESTABLISHED)?.into(),
         essential: counter(STAT_ESSENTIAL)?.into(),
+        rate_limited: counter(STAT_RATE_LIMITED)?.into(),
         log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets,
     })
 }
@@ -180,6 +183,7 @@ pub fn table(stats: &Stats) -> String {
         ("not IP (ARP, ...)", "pass", stats.non_ip),
         ("established (replies)", "pass", stats.established),
         ("essential ICMPv6", "pass", stats.essential),
+        ("over a rule's rate limit", "drop", stats.rate_limited),
     ];
     for (what, verdict, count) in counted {
         line(what, verdict, count.packets, count.bytes);

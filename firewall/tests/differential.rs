@@ -125,6 +125,11 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
             1 => vec!["nope0".to_string()],
             _ => vec!["nope0".to_string(), "lo".to_string()],
         }),
+        // Rate limits depend on time, which the reference does not model: the packet tests
+        // cover them.
+        limit: None,
+        // Logging does not change verdicts, but runs on the same path.
+        log: rng.gen_bool(0.3),
     }
 }
 

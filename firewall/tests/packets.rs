@@ -6,7 +6,7 @@ use firewall::kernel::Kernel;
 use firewall::model::RuleSet;
 use firewall::packet::*;
 use firewall::reference::{evaluate, Reason, Verdict};
-use firewall_common::{STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP};
+use firewall_common::{STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -478,6 +478,34 @@ fn audit_mode_counts_what_it_would_drop_and_drops_nothing() {
     for frame in [&denied, &malformed] {
         assert_eq!(verdict(&kernel, frame), XDP_DROP);
     }
+}
+
+#[test]
+fn rate_limits_count_per_source() {
+    let set = parse_rules(
+        "limit.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[[rules]]\nname = \"ssh\"\naction = \"allow\"\n\
+         proto = \"tcp\"\nports = [22]\nlimit = \"2/s\"\nburst = 3\n",
+    )
+    .unwrap();
+    let mut kernel = Kernel::load().expect("load the XDP program");
+    kernel.apply(&compile(&set).unwrap()).unwrap();
+    let syn = |src: &str| tcp4(src, 22).build();
+    let before = kernel.counters().unwrap()[STAT_RATE_LIMITED as usize].packets;
+    // A burst of three, then the source is over its rate.
+    for _ in 0..3 {
+        assert_eq!(verdict(&kernel, &syn("198.51.100.1")), XDP_PASS);
+    }
+    assert_eq!(verdict(&kernel, &syn("198.51.100.1")), XDP_DROP);
+    // Another source has a bucket of its own; IPv6 too.
+    assert_eq!(verdict(&kernel, &syn("198.51.100.2")), XDP_PASS);
+    assert_eq!(verdict(&kernel, &tcp6("2001:db8::1", 22).build()), XDP_PASS);
+    // 2/s: after 0.6 s one more token, not two.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(verdict(&kernel, &syn("198.51.100.1")), XDP_PASS);
+    assert_eq!(verdict(&kernel, &syn("198.51.100.1")), XDP_DROP);
+    let after = kernel.counters().unwrap()[STAT_RATE_LIMITED as usize].packets;
+    assert_eq!(after - before, 2);
 }
 
 #[test]
