@@ -133,7 +133,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let watcher = FileWatcher::new(&prepared.files)?;
     let control = ControlSocket::bind(&options.control)?;
-    let mut logger = match EbpfLogger::init(kernel.ebpf_mut()) {
+    let rule_names = RuleNames::default();
+    rule_names.set(&prepared.compiled);
+    let namer = RuleNamer {
+        names: rule_names.clone(),
+    };
+    let mut logger = match EbpfLogger::init_with_logger(kernel.ebpf_mut(), namer) {
         // SAFETY: the logger owns its ring buffer fd for as long as it lives, and the AsyncFd
         // owns the logger.
         Ok(logger) => Some(unsafe { AsyncFd::register(logger) }.map_err(|e| e.into_parts().1)?),
@@ -174,6 +179,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         in_force: prepared.compiled,
         trial: None,
         reloads,
+        rule_names,
     };
     loop {
         tokio::select! {
@@ -244,6 +250,8 @@ struct State {
     trial: Option<Trial>,
     /// For the metrics.
     reloads: SharedReloads,
+    /// For the kernel log.
+    rule_names: RuleNames,
 }
 
 /// Rules on trial: in force until confirmed, else rolled back at the deadline.
@@ -316,6 +324,7 @@ impl State {
         let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
         let updates = self.kernel.apply(&prepared.compiled)?;
         self.in_force = prepared.compiled.clone();
+        self.rule_names.set(&self.in_force);
         Ok((prepared, updates))
     }
 
@@ -411,6 +420,7 @@ impl State {
         match self.kernel.apply(&trial.previous) {
             Ok(_) => {
                 self.in_force = trial.previous;
+                self.rule_names.set(&self.in_force);
                 warn!(
                     "{} was not confirmed in time: rolled back to the rules from before",
                     trial.file.display()
@@ -553,7 +563,81 @@ pub fn request(control: &Path, line: &str) -> Result<String> {
     }
 }
 
-type KernelLog = EbpfLogger<&'static dyn log::Log>;
+type KernelLog = EbpfLogger<RuleNamer>;
+
+/// The names of the rules in force, shared with the kernel log's [`RuleNamer`].
+#[derive(Clone, Default)]
+struct RuleNames(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
+
+impl RuleNames {
+    fn set(&self, compiled: &Compiled) {
+        let names = compiled
+            .names
+            .iter()
+            .map(|name| {
+                let len = name
+                    .bytes
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(name.bytes.len());
+                String::from_utf8_lossy(&name.bytes[..len]).into_owned()
+            })
+            .collect();
+        if let Ok(mut current) = self.0.write() {
+            *current = names;
+        }
+    }
+
+    /// `rule=N` in a kernel log line, followed by the rule's name.
+    fn name_rule(&self, line: &str) -> String {
+        let Some(at) = line.find("rule=") else {
+            return line.to_string();
+        };
+        let digits_at = at + "rule=".len();
+        let digits = line[digits_at..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(&line[digits_at..], |end| &line[digits_at..digits_at + end]);
+        let name = match digits.parse::<usize>() {
+            Ok(0) => "default policy".to_string(),
+            Ok(number) => match self.0.read().ok().and_then(|n| n.get(number - 1).cloned()) {
+                Some(name) => name,
+                None => return line.to_string(),
+            },
+            Err(_) => return line.to_string(),
+        };
+        let end = digits_at + digits.len();
+        format!("{} ({name}){}", &line[..end], &line[end..])
+    }
+}
+
+/// Passes the kernel's log lines on to the process logger, with rule names.
+struct RuleNamer {
+    names: RuleNames,
+}
+
+impl log::Log for RuleNamer {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let line = self.names.name_rule(&record.args().to_string());
+        log::logger().log(
+            &log::Record::builder()
+                .args(format_args!("{line}"))
+                .level(record.level())
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
+}
 
 /// Waits until the kernel drop log has lines; never, when there is no log.
 async fn readable(
@@ -568,6 +652,26 @@ async fn readable(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_log_lines_get_rule_names() {
+        let names = RuleNames::default();
+        *names.0.write().unwrap() = vec!["ssh".into(), "no-web".into()];
+        let line = "drop rule=2 proto=6 10.0.0.1:40000 -> 10.0.0.2:80";
+        assert_eq!(
+            names.name_rule(line),
+            "drop rule=2 (no-web) proto=6 10.0.0.1:40000 -> 10.0.0.2:80"
+        );
+        assert_eq!(
+            names.name_rule("drop rule=0 proto=17"),
+            "drop rule=0 (default policy) proto=17"
+        );
+        // Unknown numbers (the rules changed meanwhile) stay as they are.
+        assert_eq!(
+            names.name_rule("drop rule=9 proto=6"),
+            "drop rule=9 proto=6"
+        );
+    }
 
     #[test]
     fn rule_files_others_can_write_are_refused() {

@@ -747,7 +747,7 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
     );
     assert!(daemon.log().contains("AUDIT MODE"), "{}", daemon.log());
     assert!(tcp_reaches(&net.b, web), "audit mode dropped a packet");
-    daemon.wait_for("audit rule=1 proto=6", 1);
+    daemon.wait_for("audit rule=1 (no-web) proto=6", 1);
     drop(daemon);
 
     // The same file enforced: dropped.
@@ -757,7 +757,7 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
         "the deny rule does not drop: {}",
         daemon.log()
     );
-    daemon.wait_for("drop rule=1 proto=6", 1);
+    daemon.wait_for("drop rule=1 (no-web) proto=6", 1);
 }
 
 #[test]
@@ -914,4 +914,27 @@ fn metrics_for_prometheus() {
         "{page}"
     );
     assert!(page.contains("firewall_decided_packets_total{reason=\"malformed\",verdict=\"drop\"}"));
+}
+
+#[test]
+fn logged_rules_and_rate_limits_on_real_connections() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080, 8081]);
+    let file = RuleFile::new(
+        "log.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[[rules]]\nname = \"web\"\naction = \"allow\"\n\
+         proto = \"tcp\"\nports = [8080]\nlog = true\n\n[[rules]]\nname = \"limited\"\n\
+         action = \"allow\"\nproto = \"tcp\"\nports = [8081]\nlimit = \"1/m\"\n",
+    );
+    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    assert!(tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080)));
+    daemon.wait_for(&format!("pass rule=1 (web) proto=6 {}:", net.b4), 1);
+    // One connection a minute from a source: the second is dropped and logged.
+    let limited = SocketAddr::new(net.a4, 8081);
+    assert!(
+        tcp_reaches(&net.b, limited),
+        "the first connection is within the rate"
+    );
+    assert!(!tcp_reaches(&net.b, limited), "the second is over it");
+    daemon.wait_for("limit rule=2 (limited) proto=6", 1);
 }
