@@ -21,6 +21,7 @@ use crate::compile::{compile, Compiled};
 use crate::config::load_rules;
 use crate::kernel::{AttachMode, Kernel};
 use crate::metrics::{Reloads, SharedReloads};
+use crate::model::RuleSet;
 use crate::notify;
 use crate::pins::Pins;
 
@@ -50,6 +51,7 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// A compiled rule file and the files it was read from.
 pub struct Prepared {
+    pub set: RuleSet,
     pub compiled: Compiled,
     pub files: Vec<PathBuf>,
 }
@@ -80,7 +82,11 @@ pub fn prepare(path: &Path, insecure_files: bool, audit: bool) -> Result<Prepare
             ""
         }
     );
-    Ok(Prepared { compiled, files })
+    Ok(Prepared {
+        set,
+        compiled,
+        files,
+    })
 }
 
 /// Refuses a file that someone other than root could change: whoever can edit the rules
@@ -177,6 +183,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options,
         watcher,
         in_force: prepared.compiled,
+        set_in_force: prepared.set,
         trial: None,
         reloads,
         rule_names,
@@ -244,8 +251,9 @@ struct State {
     kernel: Kernel,
     options: RunOptions,
     watcher: FileWatcher,
-    /// The rules in force.
+    /// The rules in force, compiled and as a rule set (for `explain`).
     in_force: Compiled,
+    set_in_force: RuleSet,
     /// A file applied with `firewall apply --confirm`, awaiting confirmation.
     trial: Option<Trial>,
     /// For the metrics.
@@ -260,6 +268,7 @@ struct Trial {
     deadline: Pin<Box<Sleep>>,
     /// The rules in force before.
     previous: Compiled,
+    previous_set: RuleSet,
 }
 
 impl State {
@@ -324,6 +333,7 @@ impl State {
         let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
         let updates = self.kernel.apply(&prepared.compiled)?;
         self.in_force = prepared.compiled.clone();
+        self.set_in_force = prepared.set.clone();
         self.rule_names.set(&self.in_force);
         Ok((prepared, updates))
     }
@@ -339,6 +349,7 @@ impl State {
         }
         self.check_movable(file)?;
         let previous = self.in_force.clone();
+        let previous_set = self.set_in_force.clone();
         self.apply_file(file)?;
         let message = match confirm {
             None => {
@@ -354,6 +365,7 @@ impl State {
                     file: file.to_path_buf(),
                     deadline: Box::pin(tokio::time::sleep(wait)),
                     previous,
+                    previous_set,
                 });
                 format!(
                     "{} in force; rolls back in {}s unless `firewall confirm` arrives",
@@ -420,6 +432,7 @@ impl State {
         match self.kernel.apply(&trial.previous) {
             Ok(_) => {
                 self.in_force = trial.previous;
+                self.set_in_force = trial.previous_set;
                 self.rule_names.set(&self.in_force);
                 warn!(
                     "{} was not confirmed in time: rolled back to the rules from before",
@@ -514,23 +527,32 @@ impl Drop for ControlSocket {
 }
 
 /// One control request, a line: `reload`, `apply SECONDS FILE` (0: no confirmation needed),
-/// `confirm`. The answer is a line, `ok: ...` or `error: ...`.
+/// `confirm`, `explain QUESTION` (see `Question::to_line`). The answer, `ok: ...` or
+/// `error: ...`, ends with the connection.
 async fn serve(request: std::io::Result<UnixStream>, state: &mut State) -> Result<()> {
     let stream = request?;
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut read = BufReader::new(read);
     tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await??;
-    let mut words = line.trim().splitn(3, ' ');
-    let result = match (words.next(), words.next(), words.next()) {
-        (Some("reload"), None, None) => state.reload().map_err(anyhow::Error::msg),
-        (Some("apply"), Some(seconds), Some(file)) => match seconds.parse::<u64>() {
-            Ok(0) => state.apply_request(Path::new(file), None),
-            Ok(seconds) => state.apply_request(Path::new(file), Some(Duration::from_secs(seconds))),
-            Err(_) => Err(anyhow::anyhow!("bad confirmation time {seconds:?}")),
+    let line = line.trim();
+    let (command, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let result = match command {
+        "reload" if rest.is_empty() => state.reload().map_err(anyhow::Error::msg),
+        "apply" => match rest.split_once(' ') {
+            Some((seconds, file)) => match seconds.parse::<u64>() {
+                Ok(0) => state.apply_request(Path::new(file), None),
+                Ok(seconds) => {
+                    state.apply_request(Path::new(file), Some(Duration::from_secs(seconds)))
+                }
+                Err(_) => Err(anyhow::anyhow!("bad confirmation time {seconds:?}")),
+            },
+            None => Err(anyhow::anyhow!("apply wants SECONDS FILE")),
         },
-        (Some("confirm"), None, None) => state.confirm(),
-        _ => Err(anyhow::anyhow!("unknown request {:?}", line.trim())),
+        "confirm" if rest.is_empty() => state.confirm(),
+        "explain" => crate::explain::Question::from_line(rest)
+            .and_then(|question| crate::explain::explain(&state.set_in_force, &question)),
+        _ => Err(anyhow::anyhow!("unknown request {line:?}")),
     };
     let reply = match result {
         Ok(message) => format!("ok: {message}\n"),
@@ -547,7 +569,7 @@ pub fn request_reload(control: &Path) -> Result<String> {
 
 /// Sends one control request (see [`serve`]) and returns the daemon's answer.
 pub fn request(control: &Path, line: &str) -> Result<String> {
-    use std::io::{BufRead as _, Write as _};
+    use std::io::Write as _;
     let mut stream = std::os::unix::net::UnixStream::connect(control).with_context(|| {
         format!(
             "no firewall daemon answers on {} (is it running?)",
@@ -556,7 +578,7 @@ pub fn request(control: &Path, line: &str) -> Result<String> {
     })?;
     stream.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
-    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    std::io::Read::read_to_string(&mut stream, &mut reply)?;
     match reply.trim_end().strip_prefix("ok: ") {
         Some(message) => Ok(message.to_string()),
         None => anyhow::bail!("{}", reply.trim_end().trim_start_matches("error: ")),

@@ -110,9 +110,12 @@ enum Command {
     },
     /// Which rule decides a packet, and why each rule before it does not match.
     Explain {
-        /// Rule file (TOML).
+        /// Rule file (TOML); without it, the rules in force in the running daemon.
         #[arg(long)]
-        rules: PathBuf,
+        rules: Option<PathBuf>,
+        /// The daemon's control socket, when there is no --rules.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
         /// tcp, udp, icmp, icmpv6 or an IP protocol number.
         #[arg(long)]
         proto: String,
@@ -177,12 +180,13 @@ fn main() -> ExitCode {
         }),
         Command::Explain {
             rules,
+            control,
             proto,
             from,
             to,
             port,
             iface,
-        } => load_rules(&rules).and_then(|set| {
+        } => {
             let question = Question {
                 proto,
                 from,
@@ -190,9 +194,13 @@ fn main() -> ExitCode {
                 port,
                 iface,
             };
-            print!("{}", explain(&set, &question)?);
-            Ok(())
-        }),
+            match rules {
+                Some(rules) => load_rules(&rules).and_then(|set| explain(&set, &question)),
+                None => daemon::request(&control, &format!("explain {}", question.to_line()))
+                    .map(|answer| answer + "\n"),
+            }
+            .map(|answer| print!("{answer}"))
+        }
         Command::Stats { pin_dir, json } => Pins::existing(&pin_dir)
             .and_then(|pins| firewall::stats::read(&pins))
             .and_then(|stats| {

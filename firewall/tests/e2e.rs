@@ -807,6 +807,17 @@ fn apply_with_confirm_rolls_back_unless_confirmed() {
     assert_eq!(daemon.log().matches("rolled back").count(), 1);
     assert_eq!(std::fs::read_to_string(&file.path).unwrap(), deny);
 
+    // `explain` without a rule file asks the daemon about the rules in force.
+    let from = net.b4.to_string();
+    let to = net.a4.to_string();
+    let (ok, text) = firewall(&[
+        "explain", "--proto", "tcp", "--from", &from, "--to", &to, "--port", "8080",
+    ]);
+    assert!(
+        ok && text.contains("verdict: drop (rule 1 \"rule 1\")"),
+        "{text}"
+    );
+
     // Nothing on trial: nothing to confirm.
     let (ok, text) = firewall(&["confirm"]);
     assert!(!ok && text.contains("no rules are on trial"), "{text}");
