@@ -86,6 +86,7 @@ impl<N> AddressTable<N> {
         self.trie.len() + self.exact.len()
     }
 
+    /// Never: `/0` is always there.
     pub fn is_empty(&self) -> bool {
         false
     }

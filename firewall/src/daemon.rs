@@ -140,7 +140,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let watcher = FileWatcher::new(&prepared.files)?;
     let control = ControlSocket::bind(&options.control)?;
     let rule_names = RuleNames::default();
-    rule_names.set(&prepared.compiled);
+    rule_names.set(&prepared.set);
     let namer = RuleNamer {
         names: rule_names.clone(),
     };
@@ -182,8 +182,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         kernel,
         options,
         watcher,
-        in_force: prepared.compiled,
-        set_in_force: prepared.set,
+        in_force: prepared.set,
         trial: None,
         reloads,
         rule_names,
@@ -251,9 +250,8 @@ struct State {
     kernel: Kernel,
     options: RunOptions,
     watcher: FileWatcher,
-    /// The rules in force, compiled and as a rule set (for `explain`).
-    in_force: Compiled,
-    set_in_force: RuleSet,
+    /// The rules in force (for `explain` and roll-backs; the kernel keeps what it compiled).
+    in_force: RuleSet,
     /// A file applied with `firewall apply --confirm`, awaiting confirmation.
     trial: Option<Trial>,
     /// For the metrics.
@@ -262,13 +260,22 @@ struct State {
     rule_names: RuleNames,
 }
 
+/// What putting a file in force did.
+struct Applied {
+    /// The rule file and its set files, to watch.
+    files: Vec<PathBuf>,
+    /// Address map entries of the new rules.
+    entries: usize,
+    /// Map entries written.
+    updates: usize,
+}
+
 /// Rules on trial: in force until confirmed, else rolled back at the deadline.
 struct Trial {
     file: PathBuf,
     deadline: Pin<Box<Sleep>>,
     /// The rules in force before.
-    previous: Compiled,
-    previous_set: RuleSet,
+    previous: RuleSet,
 }
 
 impl State {
@@ -286,27 +293,27 @@ impl State {
         let path = self.options.rules.clone();
         let started = Instant::now();
         notify::reloading();
-        let result = self.apply_file(&path).and_then(|(prepared, updates)| {
+        let result = self.apply_file(&path).and_then(|applied| {
             // Set files may have come or gone.
-            self.watcher = FileWatcher::new(&prepared.files)?;
-            Ok((prepared, updates))
+            self.watcher = FileWatcher::new(&applied.files)?;
+            Ok(applied)
         });
-        let elapsed = started.elapsed().as_secs_f64();
         if let Ok(mut reloads) = self.reloads.lock() {
-            reloads.last_seconds = elapsed;
+            reloads.last_seconds = started.elapsed().as_secs_f64();
             reloads.last_succeeded = result.is_ok();
             match &result {
-                Ok((prepared, _)) => {
+                Ok(applied) => {
                     reloads.succeeded += 1;
-                    reloads.rules = prepared.compiled.actions.len() as i64;
-                    reloads.address_entries = address_entries(&prepared.compiled) as i64;
+                    reloads.rules = self.in_force.rules.len() as i64;
+                    reloads.address_entries = applied.entries as i64;
                 }
                 Err(_) => reloads.failed += 1,
             }
         }
         let outcome = match result {
-            Ok((prepared, updates)) => {
-                let entries = address_entries(&prepared.compiled);
+            Ok(Applied {
+                entries, updates, ..
+            }) => {
                 let message = format!(
                     "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
                     path.display(),
@@ -328,14 +335,17 @@ impl State {
         outcome
     }
 
-    /// Prepares `path` and puts it in force; returns it and the map updates it took.
-    fn apply_file(&mut self, path: &Path) -> Result<(Prepared, usize)> {
+    /// Prepares `path` and puts it in force.
+    fn apply_file(&mut self, path: &Path) -> Result<Applied> {
         let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
         let updates = self.kernel.apply(&prepared.compiled)?;
-        self.in_force = prepared.compiled.clone();
-        self.set_in_force = prepared.set.clone();
-        self.rule_names.set(&self.in_force);
-        Ok((prepared, updates))
+        self.rule_names.set(&prepared.set);
+        self.in_force = prepared.set;
+        Ok(Applied {
+            files: prepared.files,
+            entries: address_entries(&prepared.compiled),
+            updates,
+        })
     }
 
     /// `firewall apply FILE [--confirm SECS]`: FILE in force now; with a confirmation time, on
@@ -349,7 +359,6 @@ impl State {
         }
         self.check_movable(file)?;
         let previous = self.in_force.clone();
-        let previous_set = self.set_in_force.clone();
         self.apply_file(file)?;
         let message = match confirm {
             None => {
@@ -365,7 +374,6 @@ impl State {
                     file: file.to_path_buf(),
                     deadline: Box::pin(tokio::time::sleep(wait)),
                     previous,
-                    previous_set,
                 });
                 format!(
                     "{} in force; rolls back in {}s unless `firewall confirm` arrives",
@@ -429,11 +437,11 @@ impl State {
     /// The deadline passed without a confirmation: the rules from before come back.
     fn roll_back(&mut self) {
         let trial = self.trial.take().expect("a trial to roll back");
-        match self.kernel.apply(&trial.previous) {
+        let applied = compile(&trial.previous).and_then(|compiled| self.kernel.apply(&compiled));
+        match applied {
             Ok(_) => {
+                self.rule_names.set(&trial.previous);
                 self.in_force = trial.previous;
-                self.set_in_force = trial.previous_set;
-                self.rule_names.set(&self.in_force);
                 warn!(
                     "{} was not confirmed in time: rolled back to the rules from before",
                     trial.file.display()
@@ -551,7 +559,7 @@ async fn serve(request: std::io::Result<UnixStream>, state: &mut State) -> Resul
         },
         "confirm" if rest.is_empty() => state.confirm(),
         "explain" => crate::explain::Question::from_line(rest)
-            .and_then(|question| crate::explain::explain(&state.set_in_force, &question)),
+            .and_then(|question| crate::explain::explain(&state.in_force, &question)),
         _ => Err(anyhow::anyhow!("unknown request {line:?}")),
     };
     let reply = match result {
@@ -592,19 +600,8 @@ type KernelLog = EbpfLogger<RuleNamer>;
 struct RuleNames(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
 
 impl RuleNames {
-    fn set(&self, compiled: &Compiled) {
-        let names = compiled
-            .names
-            .iter()
-            .map(|name| {
-                let len = name
-                    .bytes
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(name.bytes.len());
-                String::from_utf8_lossy(&name.bytes[..len]).into_owned()
-            })
-            .collect();
+    fn set(&self, set: &RuleSet) {
+        let names = set.rules.iter().map(|rule| rule.name.clone()).collect();
         if let Ok(mut current) = self.0.write() {
             *current = names;
         }

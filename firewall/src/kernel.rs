@@ -219,11 +219,6 @@ impl Kernel {
             .with_context(|| format!("attaching XDP to {iface}"))
     }
 
-    /// The pins this kernel uses, if any.
-    pub fn pins(&self) -> Option<&Pins> {
-        self.pins.as_ref()
-    }
-
     pub fn active_generation(&self) -> Result<u32> {
         let active: Array<&MapData, u32> =
             Array::try_from(self.map(map_names::ACTIVE_GENERATION)?)?;
