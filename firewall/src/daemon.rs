@@ -162,7 +162,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         info!("attached to {iface} ({how})");
     }
     // Maps of other builds: the links run our program now.
-    pins.remove_maps_except(Some(&pins.maps_dir(crate::kernel::object_id())))?;
+    pins.remove_builds_except(Some(&pins.build_dir(crate::kernel::object_id())))?;
     info!(
         "filtering; SIGHUP, `firewall reload --control {}` or editing {} reloads",
         options.control.display(),

@@ -66,10 +66,21 @@ impl Kernel {
     /// build pinned them before (a daemon that exited with `--persist` or died): then the
     /// rules in force and the tracked flows carry over. Returns whether maps were reused.
     pub fn load_pinned(pins: Pins) -> Result<(Self, bool)> {
-        let maps = pins.maps_dir(object_id());
-        let reused = maps.join(map_names::ACTIVE_GENERATION).exists();
-        std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
-        let mut kernel = Self::load_with(Some(&maps))?;
+        let build = pins.build_dir(object_id());
+        let reused = build.join(map_names::ACTIVE_GENERATION).exists();
+        std::fs::create_dir_all(&build).with_context(|| format!("creating {}", build.display()))?;
+        let mut kernel = Self::load_with(Some(&build))?;
+        for name in [XDP_PROGRAM, EGRESS_PROGRAM] {
+            let path = build.join(format!("prog-{name}"));
+            // The program of an earlier daemon of this build: ours replaces it.
+            let _ = std::fs::remove_file(&path);
+            kernel
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+        }
         if reused {
             // The live generation holds the old daemon's rules; neither is known to us.
             kernel.held = [Held::Unknown, Held::Unknown];
@@ -248,6 +259,10 @@ impl Kernel {
         active
             .set(0, gen, 0)
             .context("switching to the new rules")?;
+        // A packet that read the old generation number just before the switch may still be
+        // classified with it (its CPU may even be descheduled meanwhile): the next apply must
+        // not overwrite that generation until every such packet is through.
+        wait_for_packets_in_flight();
         self.held[gen as usize] = Held::Rules(Box::new(compiled.clone()));
         Ok(updates + 1)
     }
@@ -704,6 +719,23 @@ fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
         *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
     }
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
+}
+
+/// Waits for an RCU grace period: BPF programs run inside RCU read-side sections, so when it
+/// returns, every run that started before the call has ended. `membarrier(GLOBAL)` is
+/// `synchronize_rcu()` in the kernel; where it is unavailable (nohz_full), a pause far longer
+/// than any program run stands in.
+fn wait_for_packets_in_flight() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        log::debug!(
+            "membarrier: {}; pausing instead",
+            std::io::Error::last_os_error()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

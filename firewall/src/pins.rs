@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! DIR/                      mode 0700
-//!   maps-<object id>/FW_*   the maps, per build of the XDP object (a new build brings new maps)
+//!   build-<object id>/      per build of the XDP object (a new build brings new maps):
+//!     FW_*                  its maps
+//!     prog-<name>           its programs
 //!   xdp-<iface>             the XDP link of an interface
 //!   tc-<iface>              the tc egress link (TCX, Linux 6.6+)
 //! ```
@@ -81,17 +83,17 @@ impl Pins {
         &self.dir
     }
 
-    /// Where the maps of the XDP object with id `object` are pinned.
-    pub fn maps_dir(&self, object: u64) -> PathBuf {
-        self.dir.join(format!("maps-{object:016x}"))
+    /// Where the maps and programs of the XDP object with id `object` are pinned.
+    pub fn build_dir(&self, object: u64) -> PathBuf {
+        self.dir.join(format!("build-{object:016x}"))
     }
 
-    /// Every maps directory, newest build or not.
-    pub fn all_maps_dirs(&self) -> Result<Vec<PathBuf>> {
+    /// Every build's directory, newest or not.
+    pub fn all_build_dirs(&self) -> Result<Vec<PathBuf>> {
         Ok(self
             .entries()?
             .into_iter()
-            .filter(|path| file_name(path).starts_with("maps-"))
+            .filter(|path| file_name(path).starts_with("build-"))
             .collect())
     }
 
@@ -129,10 +131,10 @@ impl Pins {
         Ok(removed)
     }
 
-    /// Removes maps directories other than `keep` (those of earlier builds, which no link uses
-    /// once the links run the new program).
-    pub fn remove_maps_except(&self, keep: Option<&Path>) -> Result<()> {
-        for maps in self.all_maps_dirs()? {
+    /// Removes build directories other than `keep` (those of earlier builds, which no link
+    /// uses once the links run the new program).
+    pub fn remove_builds_except(&self, keep: Option<&Path>) -> Result<()> {
+        for maps in self.all_build_dirs()? {
             if Some(maps.as_path()) != keep {
                 remove_pinned_dir(&maps)?;
             }
@@ -140,12 +142,12 @@ impl Pins {
         Ok(())
     }
 
-    /// With no link left: removes the maps and the directory itself. Returns whether it did.
+    /// With no link left: removes the builds and the directory itself. Returns whether it did.
     pub fn remove_if_unused(&self) -> Result<bool> {
         if !self.links()?.is_empty() {
             return Ok(false);
         }
-        self.remove_maps_except(None)?;
+        self.remove_builds_except(None)?;
         std::fs::remove_dir(&self.dir)
             .with_context(|| format!("removing {}", self.dir.display()))?;
         Ok(true)

@@ -79,7 +79,7 @@ fn action(code: u32) -> &'static str {
 
 /// Reads the counters from the maps pinned under `pins`.
 pub fn read(pins: &Pins) -> Result<Stats> {
-    let dir = maps_dir(pins)?;
+    let dir = build_dir(pins)?;
     let open = |name: &str| -> Result<MapData> {
         let path = dir.join(name);
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
@@ -143,12 +143,12 @@ pub fn read(pins: &Pins) -> Result<Stats> {
 
 /// This build's maps; else the only maps there are (another build's: the counters' layout is
 /// the same across builds so far).
-fn maps_dir(pins: &Pins) -> Result<PathBuf> {
-    let own = pins.maps_dir(object_id());
+fn build_dir(pins: &Pins) -> Result<PathBuf> {
+    let own = pins.build_dir(object_id());
     if own.is_dir() {
         return Ok(own);
     }
-    match pins.all_maps_dirs()?.as_slice() {
+    match pins.all_build_dirs()?.as_slice() {
         [only] => Ok(only.clone()),
         [] => bail!("{}: no pinned maps", pins.dir().display()),
         _ => bail!(

@@ -110,6 +110,19 @@ impl TestNet {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
     }
+
+    /// Whether the XDP program goes within two seconds: the kernel frees a link whose last
+    /// reference was a pin in deferred work.
+    pub fn xdp_detached_soon(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.xdp_attached() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
 }
 
 impl Drop for TestNet {
@@ -364,12 +377,15 @@ impl RuleFile {
     }
 }
 
-/// Writes a file the daemon accepts as a rule or set file: not writable by group or others,
-/// whatever the umask.
+/// Writes a file the daemon accepts as a rule or set file (not writable by group or others,
+/// whatever the umask), atomically: a daemon reloading meanwhile reads the old or the new
+/// text, never half of it (half a rule file can be a valid rule file with other verdicts).
 pub fn write_file(path: &std::path::Path, text: &str) {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&staged, path).unwrap();
 }
 
 impl Drop for RuleFile {
