@@ -650,10 +650,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// A short description of what a rule set would load, for `firewall check`.
 pub fn summary(set: &RuleSet) -> String {
-    let policy = |action: Action| match action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-    };
+    let policy = Action::name;
     let nets = |nets: &Option<Vec<IpNet>>| match nets {
         None => "any".to_string(),
         Some(nets) if nets.len() <= 3 => nets
@@ -677,26 +674,13 @@ pub fn summary(set: &RuleSet) -> String {
         },
     );
     for (index, rule) in set.rules.iter().enumerate() {
-        let ports = match &rule.ports {
-            None => "any".to_string(),
-            Some(ranges) => ranges
-                .iter()
-                .map(|r| {
-                    if r.start() == r.end() {
-                        r.start().to_string()
-                    } else {
-                        format!("{}-{}", r.start(), r.end())
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-        };
+        let ports = rule.ports_text(",");
         out += &format!(
             "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{}\n",
             index + 1,
             rule.name,
             policy(rule.action),
-            format!("{:?}", rule.proto).to_lowercase(),
+            rule.proto.name(),
             nets(&rule.from),
             nets(&rule.to),
             ports,

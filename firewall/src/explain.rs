@@ -5,9 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Result};
 
-use crate::model::{
-    Action, Proto, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-};
+use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use crate::reference::{classify_on, PacketInfo, Reason};
 
 /// The packet an operator asks about.
@@ -198,31 +196,7 @@ fn describe(rule: &Rule) -> String {
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let proto = match rule.proto {
-        Proto::Any => "any",
-        Proto::Tcp => "tcp",
-        Proto::Udp => "udp",
-        Proto::Icmp => "icmp",
-        Proto::Icmpv6 => "icmpv6",
-    };
-    let ports = match &rule.ports {
-        None => "any".to_string(),
-        Some(ranges) => ranges
-            .iter()
-            .map(|range| {
-                if range.start() == range.end() {
-                    range.start().to_string()
-                } else {
-                    format!("{}-{}", range.start(), range.end())
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    let action = match rule.action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-    };
+    let (action, proto, ports) = (rule.action.name(), rule.proto.name(), rule.ports_text(", "));
     format!(
         "{action}: proto {proto}, from {}, to {}, ports {ports}",
         nets(&rule.from),

@@ -28,7 +28,28 @@ pub enum Proto {
     Icmpv6,
 }
 
+impl Action {
+    /// As written in rule files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
 impl Proto {
+    /// As written in rule files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Any => "any",
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+            Proto::Icmpv6 => "icmpv6",
+        }
+    }
+
     /// Whether this rule protocol matches IP protocol number `ip_proto`.
     pub fn matches(self, ip_proto: u8) -> bool {
         match self {
@@ -64,6 +85,26 @@ pub struct Rule {
     pub limit: Option<Limit>,
     /// Matches are logged (rate-limited): by default deny rules log, allow rules do not.
     pub log: bool,
+}
+
+impl Rule {
+    /// The rule's ports as written (`22`, `8000-8100`) joined by `separator`, or `any`.
+    pub fn ports_text(&self, separator: &str) -> String {
+        match &self.ports {
+            None => "any".to_string(),
+            Some(ranges) => ranges
+                .iter()
+                .map(|range| {
+                    if range.start() == range.end() {
+                        range.start().to_string()
+                    } else {
+                        format!("{}-{}", range.start(), range.end())
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(separator),
+        }
+    }
 }
 
 /// `limit = "COUNT/UNIT"` with `burst`: a token bucket per source address that refills

@@ -13,7 +13,12 @@ const IPPROTO_UDP: u8 = 17;
 
 /// Flow keys (as replies look) of the connected TCP and UDP sockets of this network namespace.
 pub fn open_flows() -> Vec<FlowKey> {
-    let mut flows = Vec::new();
+    socket_table(parse_line)
+}
+
+/// `parse` applied to every socket line of /proc/net/{tcp,tcp6,udp,udp6}, keeping the hits.
+fn socket_table<T>(parse: impl Fn(&str, u8) -> Option<T>) -> Vec<T> {
+    let mut found = Vec::new();
     for (file, proto) in [
         ("/proc/net/tcp", IPPROTO_TCP),
         ("/proc/net/tcp6", IPPROTO_TCP),
@@ -23,14 +28,9 @@ pub fn open_flows() -> Vec<FlowKey> {
         let Ok(table) = fs::read_to_string(file) else {
             continue;
         };
-        flows.extend(
-            table
-                .lines()
-                .skip(1)
-                .filter_map(|line| parse_line(line, proto)),
-        );
+        found.extend(table.lines().skip(1).filter_map(|line| parse(line, proto)));
     }
-    flows
+    found
 }
 
 /// A socket waiting for others: a listening TCP socket or an unconnected UDP one.
@@ -46,23 +46,7 @@ pub struct Listener {
 
 /// The listening sockets of this network namespace, IPv4 and IPv6, sorted.
 pub fn listening() -> Vec<Listener> {
-    let mut listeners = Vec::new();
-    for (file, proto) in [
-        ("/proc/net/tcp", IPPROTO_TCP),
-        ("/proc/net/tcp6", IPPROTO_TCP),
-        ("/proc/net/udp", IPPROTO_UDP),
-        ("/proc/net/udp6", IPPROTO_UDP),
-    ] {
-        let Ok(table) = fs::read_to_string(file) else {
-            continue;
-        };
-        listeners.extend(
-            table
-                .lines()
-                .skip(1)
-                .filter_map(|line| parse_listener(line, proto)),
-        );
-    }
+    let mut listeners = socket_table(parse_listener);
     let owners = socket_owners();
     for listener in &mut listeners {
         listener.process = owners.get(&listener.inode).cloned();
