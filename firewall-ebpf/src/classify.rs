@@ -80,8 +80,12 @@ fn address_v4(
     trie: &'static LpmTrie<V4KeyData, RuleBits>,
     addr: u32,
 ) -> Option<&'static RuleBits> {
-    let levels = config.exact_in_use >> (field * EXACT_BITS_PER_FIELD);
+    let levels = (config.exact_in_use >> (field * EXACT_BITS_PER_FIELD)) & 0xff;
     for (level, mask) in V4_LEVEL_MASKS.iter().enumerate() {
+        // No level left in use (often none at all: rules without addresses).
+        if levels >> level == 0 {
+            break;
+        }
         if levels & (1 << level) != 0 {
             let key = [exact_word(gen, field, level as u32).to_be(), addr & mask];
             if let Some(bits) = EXACT_V4.get_ptr(key) {
