@@ -205,6 +205,18 @@ pub struct RateBucket {
 /// Sources tracked by rate limits at once (least recently seen go first).
 pub const MAX_RATE_SOURCES: u32 = 65536;
 
+impl Counter {
+    /// The sum of per-CPU counters.
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Counter>) -> Counter {
+        per_cpu
+            .into_iter()
+            .fold(Counter::default(), |sum, c| Counter {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+            })
+    }
+}
+
 /// Token bucket of the drop log, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

@@ -338,6 +338,10 @@ impl State {
     /// Prepares `path` and puts it in force.
     fn apply_file(&mut self, path: &Path) -> Result<Applied> {
         let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
+        self.put_in_force(prepared)
+    }
+
+    fn put_in_force(&mut self, prepared: Prepared) -> Result<Applied> {
         let updates = self.kernel.apply(&prepared.compiled)?;
         self.rule_names.set(&prepared.set);
         self.in_force = prepared.set;
@@ -357,9 +361,10 @@ impl State {
                 trial.file.display()
             );
         }
-        self.check_movable(file)?;
+        let prepared = prepare(file, self.options.insecure_files, self.options.audit)?;
+        self.check_movable(file, &prepared.set.set_files)?;
         let previous = self.in_force.clone();
-        self.apply_file(file)?;
+        self.put_in_force(prepared)?;
         let message = match confirm {
             None => {
                 self.adopt(file)?;
@@ -387,16 +392,16 @@ impl State {
     }
 
     /// A file applied by request becomes the rule file: copied over it, so that it stays in
-    /// force across reloads and restarts. Its set files must resolve the same from there.
-    fn check_movable(&self, file: &Path) -> Result<()> {
+    /// force across reloads and restarts. Its set files (`here`, as read from its own
+    /// directory) must resolve the same from there.
+    fn check_movable(&self, file: &Path, here: &[PathBuf]) -> Result<()> {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let here = crate::config::load_rules(file)?.set_files;
         let rule_dir = self.options.rules.parent().unwrap_or(Path::new("."));
         let there = crate::config::parse_rules_in(&file.display().to_string(), &text, rule_dir)
             .map(|set| set.set_files)
             .ok();
-        if there.as_ref() != Some(&here) {
+        if there.as_deref() != Some(here) {
             bail!(
                 "{} names set files relative to its own directory; put it in {} or use \
                  absolute paths, as it will replace {}",

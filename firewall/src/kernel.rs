@@ -543,10 +543,7 @@ impl Kernel {
         (0..STAT_SLOTS)
             .map(|slot| {
                 let per_cpu = stats.get(&slot, 0)?;
-                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                }))
+                Ok(Counter::sum(per_cpu.iter()))
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
     map_names, Counter, GenerationConfig, RuleName, ACTION_ALLOW, ACTION_MASK, MAX_RULES,
     STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
-    STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED, STAT_SLOTS,
+    STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 use serde::Serialize;
 
@@ -95,14 +95,8 @@ pub fn read(pins: &Pins) -> Result<Stats> {
     let actions: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::RULE_ACTIONS)?))?;
     let counters: PerCpuArray<MapData, Counter> =
         PerCpuArray::try_from(Map::PerCpuArray(open(map_names::STATS)?))?;
-    let counter = |slot: u32| -> Result<Counter> {
-        debug_assert!(slot < STAT_SLOTS);
-        let per_cpu = counters.get(&slot, 0)?;
-        Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
-            packets: sum.packets + c.packets,
-            bytes: sum.bytes + c.bytes,
-        }))
-    };
+    let counter =
+        |slot: u32| -> Result<Counter> { Ok(Counter::sum(counters.get(&slot, 0)?.iter())) };
 
     let mut rules = Vec::new();
     for index in 0..MAX_RULES as u32 {

@@ -597,13 +597,7 @@ fn no_gap_through_restart(persist: bool) {
         // Still pinned after this one too; `firewall detach` removes it.
         assert!(second.terminate().success());
         assert!(net.xdp_attached());
-        let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
-            .arg("detach")
-            .arg("--pin-dir")
-            .arg(pins.pin_dir())
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
+        pins.detach();
     } else {
         assert!(second.terminate().success());
     }
@@ -679,13 +673,7 @@ fn stats_count_per_rule_from_the_pins() {
     // Without the daemon, from the pins alone.
     assert!(daemon.terminate().success());
     check(&stats(true));
-    let detach = Command::new(env!("CARGO_BIN_EXE_firewall"))
-        .arg("detach")
-        .arg("--pin-dir")
-        .arg(pins.pin_dir())
-        .status()
-        .unwrap();
-    assert!(detach.success());
+    pins.detach();
 }
 
 #[test]

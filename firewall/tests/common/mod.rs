@@ -227,6 +227,17 @@ impl BpfMount {
     pub fn pin_dir(&self) -> PathBuf {
         self.path.join("firewall")
     }
+
+    /// Runs `firewall detach` on the pins, which must succeed.
+    pub fn detach(&self) {
+        let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(self.pin_dir())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    }
 }
 
 impl Drop for BpfMount {
