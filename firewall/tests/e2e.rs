@@ -5,7 +5,7 @@ mod common;
 use std::net::SocketAddr;
 use std::process::Command;
 
-use common::{serve, tcp_reaches, udp_reaches, Daemon, RuleFile, TestNet};
+use common::{firewall_exe, serve, tcp_reaches, udp_reaches, Daemon, RuleFile, TestNet};
 
 /// Default deny; TCP 8080 from the peer's addresses and UDP 5353 from anyone; IPv6 neighbour
 /// discovery (ICMPv6) allowed so the IPv6 peer stays reachable.
@@ -114,7 +114,7 @@ fn filters_reloads_and_detaches() {
 #[test]
 fn check_reports_errors_with_positions() {
     let good = RuleFile::new("good.toml", "[[rules]]\naction = \"allow\"\nports = [22]\n");
-    let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+    let output = Command::new(firewall_exe())
         .arg("check")
         .arg(&good.path)
         .output()
@@ -126,7 +126,7 @@ fn check_reports_errors_with_positions() {
         "bad.toml",
         "[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.0/33\"]\n",
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+    let output = Command::new(firewall_exe())
         .arg("check")
         .arg(&bad.path)
         .output()
@@ -145,14 +145,7 @@ fn a_broken_file_at_start_attaches_nothing() {
     let net = TestNet::new();
     let file = RuleFile::new("broken.toml", "[defaults]\npolicy = \"maybe\"\n");
     let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.a,
-            env!("CARGO_BIN_EXE_firewall"),
-            "run",
-            "--rules",
-        ])
+        .args(["netns", "exec", &net.a, &firewall_exe(), "run", "--rules"])
         .arg(&file.path)
         .args(["--iface", &net.veth_a])
         .output()
@@ -419,7 +412,7 @@ fn reloads_on_file_changes_and_on_request() {
     assert!(tcp_reaches(&net.b, web), "rule file change not applied");
 
     let reload = |control: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_firewall"))
+        Command::new(firewall_exe())
             .args(["reload", "--control"])
             .arg(control)
             .output()
@@ -640,7 +633,7 @@ fn stats_count_per_rule_from_the_pins() {
         }
     });
     let stats = |json: bool| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_firewall"));
+        let mut command = Command::new(firewall_exe());
         command.arg("stats").arg("--pin-dir").arg(pins.pin_dir());
         if json {
             command.arg("--json");
@@ -764,7 +757,7 @@ fn apply_with_confirm_rolls_back_unless_confirmed() {
     let deny = "[[rules]]\naction = \"deny\"\nproto = \"tcp\"\nports = [8080]\n";
     common::write_file(&trial, deny);
     let firewall = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+        let output = Command::new(firewall_exe())
             .args(args)
             .arg("--control")
             .arg(&daemon.control)
@@ -828,7 +821,7 @@ fn exposure_lists_listening_sockets_and_who_reaches_them() {
             "netns",
             "exec",
             &net.a,
-            env!("CARGO_BIN_EXE_firewall"),
+            &firewall_exe(),
             "exposure",
             "--rules",
         ])

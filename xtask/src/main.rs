@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|bench|fuzz|install`.
+//! Developer tasks: `cargo xtask setup|build|run|test|bench|fuzz|install|vm`.
 //!
 //! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
 //! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
 //! (no system LLVM needed), and the Debian packages the tests use.
 mod install;
 mod setup;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -67,6 +68,43 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Boot a throwaway QEMU machine with a stock Debian kernel and run the firewall on its
+    /// NIC (guest ports 22, 23, 80, 443, 8080 answer on 127.0.0.1:10022 ... :18080), or with
+    /// `test` the packet and end-to-end tests in it.
+    Vm {
+        /// `test`: run the test suites (on 6.1 and 6.12 unless --kernel says otherwise).
+        #[arg(value_enum)]
+        mode: Option<VmMode>,
+        /// 6.1 (Debian 12), 6.12 (Debian 13), or a kernel image file; repeat for several.
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// lib/modules/RELEASE of a kernel image given by path, if it has modules.
+        #[arg(long)]
+        modules: Option<PathBuf>,
+        /// KVM or software emulation (auto: KVM only where it boots stock kernels).
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: vm::Accel,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// Guest CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Show the kernel's boot messages.
+        #[arg(long)]
+        verbose: bool,
+        /// Rule file from rules/ for the firewall.
+        #[arg(long, default_value = "default.toml")]
+        rules: String,
+        /// More arguments for `firewall run`, or for each test binary.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VmMode {
+    Test,
 }
 
 fn main() -> Result<()> {
@@ -166,6 +204,36 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Task::Vm {
+            mode,
+            kernel,
+            modules,
+            accel,
+            memory,
+            cpus,
+            verbose,
+            rules,
+            extra,
+        } => {
+            let options = vm::Options {
+                accel,
+                memory_mib: memory,
+                cpus,
+                verbose,
+            };
+            let testing = mode == Some(VmMode::Test);
+            let kernels = match (kernel.is_empty(), testing) {
+                (false, _) => kernel,
+                (true, true) => vm::DEBIAN_KERNELS.iter().map(|k| k.name.into()).collect(),
+                (true, false) => vec!["6.12".into()],
+            };
+            let plan = if testing {
+                vm::Plan::Tests { extra }
+            } else {
+                vm::Plan::Firewall { rules, extra }
+            };
+            run_vm(&env, &root, &kernels, modules, &options, &plan)
+        }
         Task::Bench => {
             require_root("cargo xtask bench")?;
             setup::ensure_packages(setup::BENCH_PACKAGES)?;
@@ -176,6 +244,44 @@ fn main() -> Result<()> {
             check(status, "cargo bench")
         }
     }
+}
+
+/// Boots each kernel in turn with `plan`; for tests, a summary of every kernel at the end.
+fn run_vm(
+    env: &setup::Env,
+    root: &std::path::Path,
+    kernels: &[String],
+    modules: Option<PathBuf>,
+    options: &vm::Options,
+    plan: &vm::Plan,
+) -> Result<()> {
+    setup::ensure_packages(setup::VM_PACKAGES)?;
+    setup::ensure_target(vm::GUEST_TARGET)?;
+    let testing = matches!(plan, vm::Plan::Tests { .. });
+    let binaries = vm::build_guest(env, root, testing)?;
+    let mut results = Vec::new();
+    for choice in kernels {
+        let kernel = vm::kernel(root, choice, modules.clone())?;
+        let initramfs = root.join("target/vm").join(format!(
+            "initramfs-{}.cpio",
+            choice.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "_")
+        ));
+        vm::write_initramfs(&initramfs, root, &kernel, &binaries, plan)?;
+        let outcome = vm::boot(&kernel, &initramfs, options, !testing)?;
+        results.push((kernel.label, outcome));
+    }
+    let mut failed = 0;
+    for (label, outcome) in &results {
+        println!(
+            "vm: {label}: {} in {:.0} s",
+            outcome.summary, outcome.seconds
+        );
+        failed += usize::from(!outcome.passed);
+    }
+    if testing && failed > 0 {
+        bail!("the tests failed on {failed} of {} kernels", results.len());
+    }
+    Ok(())
 }
 
 fn build(env: &setup::Env) -> Result<()> {

@@ -9,6 +9,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 /// What the benchmark adds: nftables, to compare set load times.
 pub const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables")];
+/// What `cargo xtask vm` adds: QEMU, dpkg-deb for the kernel packages, xz for their modules.
+pub const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("dpkg-deb", "dpkg"),
+    ("xz", "xz-utils"),
+];
 
 /// What later steps need: where bpf-linker lives.
 pub struct Env {
@@ -34,7 +40,7 @@ pub fn setup() -> Result<Env> {
     Ok(Env { bpf_linker_bin })
 }
 
-fn output(program: &str, args: &[&str]) -> Result<String> {
+pub fn output(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -47,6 +53,11 @@ fn output(program: &str, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command, showing its output only if it fails.
+pub fn run_quiet(program: &str, args: &[&str]) -> Result<()> {
+    output(program, args).map(drop)
 }
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
@@ -134,6 +145,15 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
 }
 
 /// rustc's shared LLVM, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
+/// The standard library for a rustup target (the VM's guest binaries are static musl ones).
+pub fn ensure_target(target: &str) -> Result<()> {
+    let installed = output("rustup", &["target", "list", "--installed"])?;
+    if !installed.lines().any(|line| line.trim() == target) {
+        run("rustup", &["target", "add", target])?;
+    }
+    Ok(())
+}
+
 fn find_libllvm(lib: &Path) -> Result<PathBuf> {
     for entry in std::fs::read_dir(lib)? {
         let path = entry?.path();

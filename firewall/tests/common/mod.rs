@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The firewall binary under test: the one cargo built, or `FIREWALL_EXE` where the tests run
+/// away from their build tree (in the VM of `cargo xtask vm test`).
+pub fn firewall_exe() -> String {
+    std::env::var("FIREWALL_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_firewall").into())
+}
+
 fn ip(args: &[&str]) {
     let output = Command::new("ip").args(args).output().expect("run ip");
     assert!(
@@ -214,12 +220,24 @@ impl BpfMount {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let path = std::env::temp_dir().join(format!("fwt-bpf-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&path)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount bpffs on {}", path.display());
+        let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: NUL-terminated strings; bpffs takes no mount data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount bpffs on {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
         BpfMount { path }
     }
 
@@ -230,7 +248,7 @@ impl BpfMount {
 
     /// Runs `firewall detach` on the pins, which must succeed.
     pub fn detach(&self) {
-        let output = Command::new(env!("CARGO_BIN_EXE_firewall"))
+        let output = Command::new(firewall_exe())
             .arg("detach")
             .arg("--pin-dir")
             .arg(self.pin_dir())
@@ -242,7 +260,10 @@ impl BpfMount {
 
 impl Drop for BpfMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        if let Ok(target) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a NUL-terminated path; a lazy unmount, as `umount -l`.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
         let _ = std::fs::remove_dir(&self.path);
     }
 }
@@ -279,14 +300,7 @@ impl Daemon {
         let log = std::env::temp_dir().join(format!("{ns}.log"));
         let control = std::env::temp_dir().join(format!("{ns}.sock"));
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                env!("CARGO_BIN_EXE_firewall"),
-                "run",
-                "--rules",
-            ])
+            .args(["netns", "exec", ns, &firewall_exe(), "run", "--rules"])
             .arg(rules)
             .args(["--iface", iface])
             .arg("--control")
