@@ -226,6 +226,37 @@ pub struct LogBucket {
     pub last_ns: u64,
 }
 
+/// One log line, as the XDP program hands it to the daemon through the
+/// [`map_names::LOG_EVENTS`] ring buffer; the daemon formats it (and names the rule). A fixed
+/// record written with one helper call: formatting in the kernel (aya-log) made the program
+/// too large for the 6.1 verifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogEvent {
+    /// Addresses in wire byte order; IPv4 uses word 0.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// 1-based rule number; 0 for the default policy.
+    pub rule: u32,
+    /// Ports, 0 for packets without them.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub v6: u8,
+    /// One of the `LOGGED_*` values.
+    pub outcome: u8,
+    pub _pad: u8,
+}
+
+/// [`LogEvent::outcome`]: passed, dropped, dropped over an allow rule's rate limit, or a drop
+/// that audit mode let through.
+pub const LOGGED_PASS: u8 = 0;
+pub const LOGGED_DROP: u8 = 1;
+pub const LOGGED_LIMIT: u8 = 2;
+pub const LOGGED_AUDIT: u8 = 3;
+/// Size of the log ring buffer: at the default 5 lines/s per CPU it never fills.
+pub const LOG_EVENTS_BYTES: u32 = 1 << 16;
+
 /// LPM key data of the IPv4 tries: the generation as a big-endian word, then the address as
 /// it appears on the wire. Whole words keep key building in the kernel free of byte copies.
 pub type V4KeyData = [u32; 2];
@@ -289,6 +320,8 @@ pub mod map_names {
     pub const RULE_NAMES: &str = "FW_RULE_NAMES";
     pub const RULE_LIMITS: &str = "FW_RULE_LIMITS";
     pub const RATE_BUCKETS: &str = "FW_RATE_BUCKETS";
+    /// Not pinned: each daemon reads the log lines of its own program.
+    pub const LOG_EVENTS: &str = "FW_LOG_EVENTS";
 
     /// Every map above: what is pinned.
     pub const PINNED: [&str; 21] = [

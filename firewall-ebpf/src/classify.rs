@@ -37,7 +37,7 @@ pub fn first_match(
         )
     };
     let proto = PROTO_BITS.get(gen * PROTOS + u32::from(packet.proto))?;
-    let class = match packet.dport {
+    let class = match packet.dport() {
         Some(port) => *PORT_CLASS.get(gen * PORTS + u32::from(port))?,
         None => 0,
     };

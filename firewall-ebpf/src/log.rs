@@ -1,12 +1,13 @@
-//! Drop logging with a per-CPU token bucket in the kernel, so a flood of dropped packets
-//! cannot turn into a flood of log lines.
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use aya_log_ebpf::info;
-use core::net::{Ipv4Addr, Ipv6Addr};
-use firewall_common::{GenerationConfig, STAT_LOG_SUPPRESSED};
+//! Packet logging: a fixed record per line into a ring buffer the daemon reads, behind a
+//! per-CPU token bucket, so a flood of dropped packets cannot turn into a flood of log lines.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use firewall_common::{
+    GenerationConfig, LogEvent, LOGGED_AUDIT, LOGGED_DROP, LOGGED_LIMIT, LOGGED_PASS,
+    STAT_LOG_SUPPRESSED,
+};
 
 use crate::{
-    maps::{count, LOG_BUCKET},
+    maps::{count, LOG_BUCKET, LOG_EVENTS},
     parse::Packet,
     Verdict,
 };
@@ -42,11 +43,11 @@ fn take_token(config: &GenerationConfig) -> bool {
 }
 
 /// Logs a packet: `rule` is the 1-based rule number, 0 for the default policy; ports are 0
-/// for packets without them. The first word is the verdict: `pass`, `drop`, `limit` (over an
-/// allow rule's rate), or `audit` for a drop that audit mode let through.
+/// for packets without them. The daemon formats the line; its first word is the verdict:
+/// `pass`, `drop`, `limit` (over an allow rule's rate), or `audit` for a drop that audit mode
+/// let through.
 #[inline(always)]
 pub fn log_packet(
-    ctx: &XdpContext,
     config: &GenerationConfig,
     packet: &Packet,
     rule: u32,
@@ -56,45 +57,29 @@ pub fn log_packet(
     if !take_token(config) {
         return;
     }
-    let verdict: &str = match verdict {
-        Verdict::Pass => "pass",
-        _ if audit => "audit",
-        Verdict::Drop => "drop",
-        Verdict::Limit => "limit",
+    let outcome = match verdict {
+        Verdict::Pass => LOGGED_PASS,
+        _ if audit => LOGGED_AUDIT,
+        Verdict::Drop => LOGGED_DROP,
+        Verdict::Limit => LOGGED_LIMIT,
     };
-    let dport = match packet.dport {
-        Some(port) => u32::from(port),
-        None => 0,
+    let event = LogEvent {
+        src: packet.src,
+        dst: packet.dst,
+        rule,
+        sport: if packet.dport().is_some() {
+            packet.sport
+        } else {
+            0
+        },
+        dport: packet.dport().unwrap_or(0),
+        proto: packet.proto,
+        v6: u8::from(packet.v6),
+        outcome,
+        _pad: 0,
     };
-    let sport = u32::from(packet.sport);
-    let proto = u32::from(packet.proto);
-    if packet.v6 {
-        let src = Ipv6Addr::from(words_to_bytes(&packet.src));
-        let dst = Ipv6Addr::from(words_to_bytes(&packet.dst));
-        info!(
-            ctx,
-            "{} rule={} proto={} [{}]:{} -> [{}]:{}", verdict, rule, proto, src, sport, dst, dport
-        );
-    } else {
-        let src = Ipv4Addr::from(packet.src[0].to_ne_bytes());
-        let dst = Ipv4Addr::from(packet.dst[0].to_ne_bytes());
-        info!(
-            ctx,
-            "{} rule={} proto={} {}:{} -> {}:{}", verdict, rule, proto, src, sport, dst, dport
-        );
+    // A full ring (no daemon reading) loses the line, which the suppressed count shows.
+    if LOG_EVENTS.output::<LogEvent>(&event, 0).is_err() {
+        count(STAT_LOG_SUPPRESSED, 0);
     }
-}
-
-/// Wire-order address words back to bytes (only on the rare logging path).
-#[inline(always)]
-fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    for (i, word) in words.iter().enumerate() {
-        let b = word.to_ne_bytes();
-        bytes[4 * i] = b[0];
-        bytes[4 * i + 1] = b[1];
-        bytes[4 * i + 2] = b[2];
-        bytes[4 * i + 3] = b[3];
-    }
-    bytes
 }

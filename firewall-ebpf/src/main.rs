@@ -84,7 +84,7 @@ pub fn firewall(ctx: XdpContext) -> u32 {
         verdict = Verdict::Limit;
     }
     if action & ACTION_LOG != 0 || verdict == Verdict::Limit {
-        log::log_packet(&ctx, config, &packet, rule_number, verdict, audit);
+        log::log_packet(config, &packet, rule_number, verdict, audit);
     }
     match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,
@@ -107,7 +107,7 @@ pub enum Verdict {
 /// solicitation and advertisement, redirect).
 #[inline(always)]
 fn is_essential_icmpv6(packet: &parse::Packet) -> bool {
-    match packet.icmp {
+    match packet.icmp() {
         Some(icmp) if packet.v6 => matches!(icmp.kind, 2 | 130..=137 | 143),
         _ => false,
     }

@@ -3,13 +3,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RateBucket, RateKey,
-    RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, MAX_EXACT_V4,
-    MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES,
-    MAX_TRIE_ENTRIES, STAT_SLOTS,
+    RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS,
+    LOG_EVENTS_BYTES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES,
+    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -95,6 +95,10 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STAT_SLOT
 /// The host's own flows, written by the tc egress program, read by the XDP program.
 #[map(name = "FW_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Log lines for the daemon ([`firewall_common::LogEvent`] records).
+#[map(name = "FW_LOG_EVENTS")]
+pub static LOG_EVENTS: RingBuf = RingBuf::with_byte_size(LOG_EVENTS_BYTES, 0);
 
 #[map(name = "FW_LOG_BUCKET")]
 pub static LOG_BUCKET: PerCpuArray<LogBucket> = PerCpuArray::with_max_entries(1, 0);

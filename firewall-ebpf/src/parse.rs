@@ -33,21 +33,28 @@ const MAX_OFFSET: usize = 4096;
 /// What the classifier needs of an IP packet. Addresses are kept as words in wire byte order
 /// (an IPv4 address is word 0): word copies compile to plain loads and stores, where byte
 /// arrays would call the slow byte-looping `memcpy`/`memset` of compiler-builtins.
+///
+/// Optional parts are a flag and a value, both always initialised, read through
+/// [`Packet::dport`], [`Packet::icmp`] and [`Packet::quoted`]: an `Option` field leaves its
+/// payload undefined when `None`, and LLVM may then load that payload from a stack slot
+/// nothing wrote, which kernels before 6.3 reject ("invalid read from stack").
 pub struct Packet {
     pub v6: bool,
     pub src: [u32; 4],
     pub dst: [u32; 4],
     pub proto: u8,
-    /// Destination port, or `None` for non-TCP/UDP and non-first fragments.
-    pub dport: Option<u16>,
-    /// Source port, valid when `dport` is.
+    /// Whether the TCP/UDP ports (and TCP flags) were read: not for other protocols and
+    /// non-first fragments.
+    has_ports: bool,
+    dst_port: u16,
+    /// Source port, valid when [`Packet::dport`] is.
     pub sport: u16,
-    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04), when `dport` is valid.
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04), when [`Packet::dport`] is valid.
     pub tcp_flags: u8,
-    /// ICMP/ICMPv6 header of an unfragmented packet or first fragment.
-    pub icmp: Option<Icmp>,
-    /// For ICMP errors: the flow of the packet they quote, keyed as its replies look.
-    pub quoted: Option<FlowKey>,
+    has_icmp: bool,
+    icmp: Icmp,
+    has_quoted: bool,
+    quoted: FlowKey,
 }
 
 #[derive(Clone, Copy)]
@@ -64,11 +71,52 @@ impl Packet {
             src: [0; 4],
             dst: [0; 4],
             proto: 0,
-            dport: None,
+            has_ports: false,
+            dst_port: 0,
             sport: 0,
             tcp_flags: 0,
-            icmp: None,
-            quoted: None,
+            has_icmp: false,
+            icmp: Icmp { kind: 0, id: 0 },
+            has_quoted: false,
+            quoted: FlowKey {
+                remote: [0; 4],
+                local: [0; 4],
+                remote_port: 0,
+                local_port: 0,
+                proto: 0,
+                v6: 0,
+                _pad: [0; 2],
+            },
+        }
+    }
+
+    /// Destination port, or `None` for non-TCP/UDP and non-first fragments.
+    #[inline(always)]
+    pub fn dport(&self) -> Option<u16> {
+        if self.has_ports {
+            Some(self.dst_port)
+        } else {
+            None
+        }
+    }
+
+    /// ICMP/ICMPv6 header of an unfragmented packet or first fragment, of the packet's family.
+    #[inline(always)]
+    pub fn icmp(&self) -> Option<Icmp> {
+        if self.has_icmp {
+            Some(self.icmp)
+        } else {
+            None
+        }
+    }
+
+    /// For ICMP errors: the flow of the packet they quote, keyed as its replies look.
+    #[inline(always)]
+    pub fn quoted(&self) -> Option<&FlowKey> {
+        if self.has_quoted {
+            Some(&self.quoted)
+        } else {
+            None
         }
     }
 }
@@ -271,13 +319,15 @@ fn transport(frame: &Frame, packet: &mut Packet, l4: usize, ip_end: usize) -> Op
     match packet.proto {
         IPPROTO_TCP => {
             let tcp = frame.bytes::<TCP_MIN_HLEN>(l4)?;
+            packet.has_ports = true;
             packet.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-            packet.dport = Some(u16::from_be_bytes([tcp[2], tcp[3]]));
+            packet.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
             packet.tcp_flags = tcp[13];
         }
         IPPROTO_UDP => {
+            packet.has_ports = true;
             packet.sport = u16::from_be_bytes([header[0], header[1]]);
-            packet.dport = Some(u16::from_be_bytes([header[2], header[3]]));
+            packet.dst_port = u16::from_be_bytes([header[2], header[3]]);
         }
         // ICMP fields count only in their own family (ICMPv6 inside IPv4 is just a protocol).
         proto if (proto == IPPROTO_ICMPV6) == packet.v6 => {
@@ -285,9 +335,12 @@ fn transport(frame: &Frame, packet: &mut Packet, l4: usize, ip_end: usize) -> Op
                 kind: header[0],
                 id: u16::from_be_bytes([header[4], header[5]]),
             };
-            packet.icmp = Some(icmp);
+            packet.has_icmp = true;
+            packet.icmp = icmp;
             if is_icmp_error(packet.v6, icmp.kind) {
-                packet.quoted = quoted_flow(frame, packet.v6, l4 + ICMP_HLEN, ip_end);
+                packet.has_quoted =
+                    quoted_flow(frame, packet.v6, l4 + ICMP_HLEN, ip_end, &mut packet.quoted)
+                        .is_some();
             }
         }
         _ => {}
@@ -315,13 +368,18 @@ pub fn echo_request(v6: bool) -> u8 {
     }
 }
 
-/// The flow an ICMP error quotes: the host's own packet (source = local), as the key its
-/// replies would have. `None` when the quote is shorter than an IP header plus 8 bytes, has
-/// IPv4 options, or is not TCP, UDP or an echo request. The quote is read as one block at a
-/// fixed layout, which keeps the verifier's bounds tracking simple.
+/// Writes to `key` the flow an ICMP error quotes: the host's own packet (source = local), as
+/// the key its replies would have. `None` when the quote is shorter than an IP header plus 8
+/// bytes, has IPv4 options, or is not TCP, UDP or an echo request. The quote is read as one
+/// block at a fixed layout, which keeps the verifier's bounds tracking simple.
 #[inline(always)]
-fn quoted_flow(frame: &Frame, v6: bool, inner: usize, ip_end: usize) -> Option<FlowKey> {
-    let mut key = FlowKey::default();
+fn quoted_flow(
+    frame: &Frame,
+    v6: bool,
+    inner: usize,
+    ip_end: usize,
+    key: &mut FlowKey,
+) -> Option<()> {
     let transport: [u8; 8];
     if v6 {
         if inner + IPV6_HLEN + 8 > ip_end {
@@ -365,5 +423,5 @@ fn quoted_flow(frame: &Frame, v6: bool, inner: usize, ip_end: usize) -> Option<F
         }
         _ => return None,
     }
-    Some(key)
+    Some(())
 }

@@ -33,12 +33,12 @@ fn key(packet: &Packet, remote: [u32; 4], local: [u32; 4]) -> FlowKey {
 #[inline(always)]
 pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
     let mut key = key(packet, packet.dst, packet.src);
-    if let Some(dport) = packet.dport {
+    if let Some(dport) = packet.dport() {
         key.remote_port = dport;
         key.local_port = packet.sport;
         return Some(key);
     }
-    let icmp = packet.icmp?;
+    let icmp = packet.icmp()?;
     if icmp.kind != crate::parse::echo_request(packet.v6) {
         return None;
     }
@@ -49,20 +49,20 @@ pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
 /// The flow an inbound packet would reply to.
 #[inline(always)]
 fn inbound_key(packet: &Packet) -> Option<FlowKey> {
-    if let Some(quoted) = packet.quoted {
-        return Some(quoted);
+    if let Some(quoted) = packet.quoted() {
+        return Some(*quoted);
     }
     // A TCP SYN without ACK opens a connection: it is never a reply, so skip the lookup.
     if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
     }
     let mut key = key(packet, packet.src, packet.dst);
-    if let Some(dport) = packet.dport {
+    if let Some(dport) = packet.dport() {
         key.remote_port = packet.sport;
         key.local_port = dport;
         return Some(key);
     }
-    let icmp = packet.icmp?;
+    let icmp = packet.icmp()?;
     let echo_reply = if packet.v6 {
         ICMPV6_ECHO_REPLY
     } else {
@@ -128,7 +128,7 @@ pub fn is_established(config: &GenerationConfig, packet: &Packet) -> bool {
     if now.saturating_sub(state.last_seen_ns) > timeout {
         return false;
     }
-    if packet.quoted.is_none()
+    if packet.quoted().is_none()
         && key.proto == IPPROTO_TCP
         && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
     {

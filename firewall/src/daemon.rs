@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use aya_log::EbpfLogger;
 use futures_util::StreamExt as _;
 use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask};
 use log::{error, info, warn};
@@ -20,6 +19,7 @@ use tokio::time::Sleep;
 use crate::compile::{compile, Compiled};
 use crate::config::load_rules;
 use crate::kernel::{AttachMode, Kernel};
+use crate::kernel_log::{KernelLog, RuleNames};
 use crate::metrics::{Reloads, SharedReloads};
 use crate::model::RuleSet;
 use crate::notify;
@@ -141,15 +141,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let control = ControlSocket::bind(&options.control)?;
     let rule_names = RuleNames::default();
     rule_names.set(&prepared.set);
-    let namer = RuleNamer {
-        names: rule_names.clone(),
-    };
-    let mut logger = match EbpfLogger::init_with_logger(kernel.ebpf_mut(), namer) {
-        // SAFETY: the logger owns its ring buffer fd for as long as it lives, and the AsyncFd
-        // owns the logger.
-        Ok(logger) => Some(unsafe { AsyncFd::register(logger) }.map_err(|e| e.into_parts().1)?),
+    let mut logger = match KernelLog::open(&mut kernel, rule_names.clone()) {
+        // SAFETY: the log owns its ring buffer fd for as long as it lives, and the AsyncFd
+        // owns the log.
+        Ok(log) => Some(unsafe { AsyncFd::register(log) }.map_err(|e| e.into_parts().1)?),
         Err(error) => {
-            warn!("kernel drop log unavailable: {error}");
+            warn!("kernel packet log unavailable: {error:#}");
             None
         }
     };
@@ -214,7 +211,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = terminate.recv() => break,
             guard = readable(&mut logger) => {
                 let mut guard = guard?;
-                guard.get_inner_mut().flush();
+                guard.get_inner_mut().drain();
                 guard.clear_ready();
             }
         }
@@ -598,72 +595,7 @@ pub fn request(control: &Path, line: &str) -> Result<String> {
     }
 }
 
-type KernelLog = EbpfLogger<RuleNamer>;
-
-/// The names of the rules in force, shared with the kernel log's [`RuleNamer`].
-#[derive(Clone, Default)]
-struct RuleNames(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
-
-impl RuleNames {
-    fn set(&self, set: &RuleSet) {
-        let names = set.rules.iter().map(|rule| rule.name.clone()).collect();
-        if let Ok(mut current) = self.0.write() {
-            *current = names;
-        }
-    }
-
-    /// `rule=N` in a kernel log line, followed by the rule's name.
-    fn name_rule(&self, line: &str) -> String {
-        let Some(at) = line.find("rule=") else {
-            return line.to_string();
-        };
-        let digits_at = at + "rule=".len();
-        let digits = line[digits_at..]
-            .find(|c: char| !c.is_ascii_digit())
-            .map_or(&line[digits_at..], |end| &line[digits_at..digits_at + end]);
-        let name = match digits.parse::<usize>() {
-            Ok(0) => "default policy".to_string(),
-            Ok(number) => match self.0.read().ok().and_then(|n| n.get(number - 1).cloned()) {
-                Some(name) => name,
-                None => return line.to_string(),
-            },
-            Err(_) => return line.to_string(),
-        };
-        let end = digits_at + digits.len();
-        format!("{} ({name}){}", &line[..end], &line[end..])
-    }
-}
-
-/// Passes the kernel's log lines on to the process logger, with rule names.
-struct RuleNamer {
-    names: RuleNames,
-}
-
-impl log::Log for RuleNamer {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        log::logger().enabled(metadata)
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let line = self.names.name_rule(&record.args().to_string());
-        log::logger().log(
-            &log::Record::builder()
-                .args(format_args!("{line}"))
-                .level(record.level())
-                .target(record.target())
-                .module_path(record.module_path())
-                .file(record.file())
-                .line(record.line())
-                .build(),
-        );
-    }
-
-    fn flush(&self) {
-        log::logger().flush();
-    }
-}
-
-/// Waits until the kernel drop log has lines; never, when there is no log.
+/// Waits until the kernel packet log has lines; never, when there is no log.
 async fn readable(
     logger: &mut Option<AsyncFd<KernelLog>>,
 ) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, KernelLog>> {
@@ -676,26 +608,6 @@ async fn readable(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kernel_log_lines_get_rule_names() {
-        let names = RuleNames::default();
-        *names.0.write().unwrap() = vec!["ssh".into(), "no-web".into()];
-        let line = "drop rule=2 proto=6 10.0.0.1:40000 -> 10.0.0.2:80";
-        assert_eq!(
-            names.name_rule(line),
-            "drop rule=2 (no-web) proto=6 10.0.0.1:40000 -> 10.0.0.2:80"
-        );
-        assert_eq!(
-            names.name_rule("drop rule=0 proto=17"),
-            "drop rule=0 (default policy) proto=17"
-        );
-        // Unknown numbers (the rules changed meanwhile) stay as they are.
-        assert_eq!(
-            names.name_rule("drop rule=9 proto=6"),
-            "drop rule=9 proto=6"
-        );
-    }
 
     #[test]
     fn rule_files_others_can_write_are_refused() {

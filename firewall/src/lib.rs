@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod explain;
 pub mod exposure;
 pub mod kernel;
+pub mod kernel_log;
 pub mod lint;
 pub mod metrics;
 pub mod model;

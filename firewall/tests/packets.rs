@@ -542,20 +542,28 @@ mod state {
 
     fn deny_all(extra: &str) -> Kernel {
         let mut kernel = Kernel::load().unwrap();
-        let text = format!("[defaults]\npolicy = \"deny\"\n{extra}\n[state]\nicmp_timeout = 30\ntcp_timeout = 100\n");
+        let text = format!(
+            "[defaults]\npolicy = \"deny\"\n{extra}\n[state]\nicmp_timeout = 3\ntcp_timeout = 6\n"
+        );
         kernel
             .apply(&compile(&parse_rules("t.toml", &text).unwrap()).unwrap())
             .unwrap();
         kernel
     }
 
-    /// The flow the host starts by sending `frame`, last seen `age_secs` ago.
+    /// The flow the host starts by sending `frame`, last seen `age_secs` ago. Flows cannot
+    /// be older than the machine (its monotonic clock), so on a machine that has just booted
+    /// (a test VM) this first waits for the clock to pass the age.
     fn track(kernel: &mut Kernel, frame: &[u8], age_secs: u64) -> FlowKey {
+        let age_ns = age_secs * 1_000_000_000;
+        while monotonic_now_ns() <= age_ns {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let Parsed::Ip(packet) = parse_frame(frame) else {
             panic!("not IP")
         };
         let key = outbound_flow(&packet).expect("a trackable packet");
-        let last_seen_ns = monotonic_now_ns().saturating_sub(age_secs * 1_000_000_000);
+        let last_seen_ns = monotonic_now_ns() - age_ns;
         kernel
             .set_flows(&[(
                 key,
@@ -609,9 +617,9 @@ mod state {
         let mut syn = reply.clone();
         syn[14 + 20 + 13] = TCP_SYN;
         assert_eq!(verdict(&kernel, &syn), XDP_DROP, "a SYN never replies");
-        track(&mut kernel, &out, 50);
+        track(&mut kernel, &out, 3);
         assert_eq!(verdict(&kernel, &reply), XDP_PASS, "within tcp_timeout");
-        track(&mut kernel, &out, 200);
+        track(&mut kernel, &out, 12);
         assert_eq!(verdict(&kernel, &reply), XDP_DROP, "expired");
     }
 
@@ -624,7 +632,7 @@ mod state {
         assert_eq!(verdict(&kernel, &echo_reply), XDP_DROP);
         track(&mut kernel, &ping, 0);
         assert_eq!(verdict(&kernel, &echo_reply), XDP_PASS);
-        track(&mut kernel, &ping, 60);
+        track(&mut kernel, &ping, 8);
         assert_eq!(verdict(&kernel, &echo_reply), XDP_DROP, "past icmp_timeout");
 
         let udp = Frame::v4(HOST, PEER, L4::Udp { dport: 53 }).build();
