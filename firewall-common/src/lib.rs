@@ -37,7 +37,7 @@ pub const STAT_DEFAULT_DENY: u32 = STAT_RULES + 1;
 pub const STAT_MALFORMED: u32 = STAT_RULES + 2;
 /// Non-IP frames (ARP and others), always passed.
 pub const STAT_NON_IP: u32 = STAT_RULES + 3;
-/// Drop log lines suppressed by the kernel-side rate limit.
+/// Log lines suppressed by the kernel-side rate limit, or lost to a full log ring buffer.
 pub const STAT_LOG_SUPPRESSED: u32 = STAT_RULES + 4;
 /// Replies to tracked flows, and ICMP errors quoting them, passed before the rules.
 pub const STAT_ESTABLISHED: u32 = STAT_RULES + 5;

@@ -177,8 +177,10 @@ impl Kernel {
             }
             Err(_) => {
                 // Netlink tc filters (before Linux 6.6) have no link to pin: the filter stays
-                // until the daemon detaches it.
+                // until the daemon detaches it, and one a killed daemon left behind stays for
+                // good. Replace those (ours by name) rather than stack another.
                 log::warn!("{iface}: tc egress is not pinned (no TCX before Linux 6.6)");
+                let _ = tc::qdisc_detach_program(iface, TcAttachType::Egress, EGRESS_PROGRAM);
                 egress.attach(iface, TcAttachType::Egress)?;
                 Ok("attached")
             }

@@ -107,7 +107,7 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
     suppressed.inc_by(stats.log_lines_suppressed);
     registry.register(
         "log_lines_suppressed",
-        "Log lines the kernel's rate limit suppressed",
+        "Log lines suppressed by the kernel's rate limit or lost to a full log buffer",
         suppressed,
     );
 

@@ -31,7 +31,7 @@ pub struct Stats {
     pub essential: Count,
     /// Packets of allow rules over their per-source rate limit: dropped.
     pub rate_limited: Count,
-    /// Drop log lines the rate limit suppressed.
+    /// Log lines suppressed by the rate limit or lost to a full log buffer (no daemon reading).
     pub log_lines_suppressed: u64,
 }
 
@@ -184,7 +184,7 @@ pub fn table(stats: &Stats) -> String {
     }
     let _ = writeln!(
         out,
-        "drop log lines suppressed by the rate limit: {}",
+        "log lines suppressed (rate limit, or no daemon reading): {}",
         stats.log_lines_suppressed
     );
     out

@@ -304,6 +304,7 @@ fn connections_open_before_start_keep_working() {
 #[test]
 fn reloads_never_mix_rule_sets() {
     use std::net::UdpSocket;
+    use std::os::fd::AsRawFd as _;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
@@ -330,6 +331,20 @@ fn reloads_never_mix_rule_sets() {
             socket
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
+            // Room for every datagram until the drain at the end: on kernels where veth's
+            // XDP path gives each small datagram a whole page, the default buffer holds ~50.
+            let bytes: libc::c_int = 16 << 20;
+            // SAFETY: setsockopt on an open socket with an int option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_RCVBUFFORCE");
         }
         (probe, control)
     });

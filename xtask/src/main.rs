@@ -37,9 +37,13 @@ enum Task {
         #[arg(last = true)]
         extra: Vec<String>,
     },
-    /// Set up and run every test (unit, kernel packet tests, differential, end to end).
+    /// Set up and run every test (unit, kernel packet tests, differential, end to end), then
+    /// the packet and end-to-end suites in VMs on Debian's 6.1 and 6.12 kernels.
     Test {
-        /// Arguments passed to `cargo test` after `--`.
+        /// Skip the VM runs (this machine's kernel only).
+        #[arg(long)]
+        no_vm: bool,
+        /// Arguments passed to `cargo test` after `--` (and to the test binaries in the VMs).
         #[arg(last = true)]
         extra: Vec<String>,
     },
@@ -85,10 +89,10 @@ enum Task {
         #[arg(long, value_enum, default_value = "auto")]
         accel: vm::Accel,
         /// Guest memory in MiB.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = vm::MEMORY_MIB)]
         memory: u32,
         /// Guest CPUs.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = vm::CPUS)]
         cpus: u32,
         /// Show the kernel's boot messages.
         #[arg(long)]
@@ -139,7 +143,7 @@ fn main() -> Result<()> {
                 .status()?;
             check(status, "firewall run")
         }
-        Task::Test { extra } => {
+        Task::Test { no_vm, extra } => {
             require_root("cargo xtask test (the tests load XDP programs and create namespaces)")?;
             let status = env
                 .cargo()
@@ -152,9 +156,27 @@ fn main() -> Result<()> {
                     "firewall-ebpf",
                 ])
                 .arg("--")
-                .args(extra)
+                .args(&extra)
                 .status()?;
-            check(status, "cargo test")
+            check(status, "cargo test")?;
+            if no_vm {
+                return Ok(());
+            }
+            let kernels: Vec<String> = vm::DEBIAN_KERNELS.iter().map(|k| k.name.into()).collect();
+            let options = vm::Options {
+                accel: vm::Accel::Auto,
+                memory_mib: vm::MEMORY_MIB,
+                cpus: vm::CPUS,
+                verbose: false,
+            };
+            run_vm(
+                &env,
+                &root,
+                &kernels,
+                None,
+                &options,
+                &vm::Plan::Tests { extra },
+            )
         }
         Task::Fuzz { packets, seed } => {
             require_root("cargo xtask fuzz")?;

@@ -76,6 +76,10 @@ pub enum Plan {
     Tests { extra: Vec<String> },
 }
 
+/// Guest memory and CPUs unless told otherwise: the tests' namespaces and maps fit in 2 GiB.
+pub const MEMORY_MIB: u32 = 2048;
+pub const CPUS: u32 = 2;
+
 pub struct Options {
     pub accel: Accel,
     pub memory_mib: u32,
@@ -492,8 +496,9 @@ pub fn write_initramfs(
             // The tests run `ip` (namespaces, veth): the host's, with its libraries.
             add_with_libraries(&mut cpio, Path::new("/usr/sbin/ip"))?;
             env += "FIREWALL_EXE=/bin/firewall\nRUST_BACKTRACE=1\n";
-            // Under emulation a million frames take minutes; the host runs the full count.
-            env += "FW_PACKETS=50000\n";
+            // Under emulation a million frames and 400 rule sets take minutes; the host runs
+            // the full count.
+            env += "FW_PACKETS=50000\nFW_RULE_SETS=100\n";
             let mut commands = String::new();
             for (suite, binary) in &binaries.tests {
                 cpio.file(&format!("tests/{suite}"), &std::fs::read(binary)?, 0o755);
@@ -596,9 +601,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.bytes.len() % 4 != 0 {
-            self.bytes.push(0);
-        }
+        self.bytes.resize(self.bytes.len().next_multiple_of(4), 0);
     }
 
     fn finish(mut self) -> Vec<u8> {
@@ -811,4 +814,110 @@ fn forward_console(mut from: impl std::io::Read, events: mpsc::Sender<Console>) 
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metapackage_names_the_kernel_package() {
+        let stanza = "Package: linux-image-amd64\nVersion: 6.1.176-1\n\
+                      Depends: linux-image-6.1.0-50-amd64 (= 6.1.176-1)\nSHA256: ab\n";
+        assert_eq!(
+            first_dependency(stanza).as_deref(),
+            Some("linux-image-6.1.0-50-amd64")
+        );
+        assert_eq!(field(stanza, "SHA256").as_deref(), Some("ab"));
+        assert_eq!(field(stanza, "Size"), None);
+    }
+
+    /// Module files with only a .modinfo-like `depends=` string: loaded dependencies first,
+    /// each once; built-in (absent) dependencies skipped; `-` and `_` alike.
+    #[test]
+    fn modules_load_after_their_dependencies() {
+        let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let module = |path: &str, depends: &str| {
+            let path = dir.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let body = format!("\x7fELF junk\0license=GPL\0depends={depends}\0vermagic=6.1\0");
+            std::fs::write(path, body).unwrap();
+        };
+        module(
+            "kernel/drivers/net/virtio_net.ko",
+            "net_failover,virtio,virtio_ring",
+        );
+        module("kernel/drivers/net/net_failover.ko", "failover");
+        module("kernel/net/core/failover.ko", "");
+        module(
+            "kernel/drivers/virtio/virtio_pci.ko",
+            "virtio_pci-modern-dev,virtio,virtio_ring",
+        );
+        module("kernel/drivers/virtio/virtio_pci_modern_dev.ko", "");
+        module("kernel/drivers/net/veth.ko", "");
+        module("kernel/drivers/net/dummy.ko", "");
+        // virtio and virtio_ring are built in: no files. sch_ingress and cls_bpf too.
+        let order: Vec<String> = modules_to_load(&dir)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            order,
+            [
+                "virtio_pci_modern_dev",
+                "virtio_pci",
+                "failover",
+                "net_failover",
+                "virtio_net",
+                "veth"
+            ]
+        );
+    }
+
+    /// The archive as the kernel reads it: newc headers, names and data padded to 4 bytes.
+    #[test]
+    fn cpio_entries_are_newc() {
+        let mut cpio = Cpio::default();
+        cpio.dir("vm");
+        cpio.dir("vm");
+        cpio.file("vm/env", b"A=1\n", 0o644);
+        cpio.char_device("dev/console", 5, 1);
+        let bytes = cpio.finish();
+        let mut entries = Vec::new();
+        let mut at = 0;
+        loop {
+            let header = std::str::from_utf8(&bytes[at..at + 110]).unwrap();
+            assert_eq!(&header[..6], "070701");
+            let field = |i: usize| u32::from_str_radix(&header[6 + 8 * i..14 + 8 * i], 16).unwrap();
+            let (mode, size, rdev_major, rdev_minor, name_len) =
+                (field(1), field(6), field(9), field(10), field(11) as usize);
+            let name_at = at + 110;
+            let name = std::str::from_utf8(&bytes[name_at..name_at + name_len - 1]).unwrap();
+            assert_eq!(bytes[name_at + name_len - 1], 0);
+            let data_at = (name_at + name_len).next_multiple_of(4);
+            let data = &bytes[data_at..data_at + size as usize];
+            entries.push((
+                name.to_string(),
+                mode,
+                data.to_vec(),
+                (rdev_major, rdev_minor),
+            ));
+            at = (data_at + size as usize).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                break;
+            }
+        }
+        assert_eq!(at, bytes.len());
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(names, ["vm", "vm/env", "dev/console", "TRAILER!!!"]);
+        assert_eq!(entries[0].1, 0o040_755);
+        assert_eq!(
+            (entries[1].1, entries[1].2.as_slice()),
+            (0o100_644, &b"A=1\n"[..])
+        );
+        assert_eq!((entries[2].1, entries[2].3), (0o020_600, (5, 1)));
+    }
 }
