@@ -433,6 +433,8 @@ pub fn build_guest(env: &setup::Env, root: &Path, with_tests: bool) -> Result<Gu
 }
 
 /// Writes the initramfs for `plan` on `kernel` to `path`.
+///
+/// The guest's commands are lines split at spaces, so no argument may contain one.
 pub fn write_initramfs(
     path: &Path,
     root: &Path,
@@ -440,6 +442,12 @@ pub fn write_initramfs(
     binaries: &GuestBinaries,
     plan: &Plan,
 ) -> Result<()> {
+    let extra = match plan {
+        Plan::Firewall { extra, .. } | Plan::Tests { extra } => extra,
+    };
+    if let Some(arg) = extra.iter().find(|arg| arg.contains(char::is_whitespace)) {
+        bail!("{arg:?}: arguments for the guest cannot contain spaces");
+    }
     let mut cpio = Cpio::default();
     for dir in [
         "dev", "proc", "sys", "run", "tmp", "vm", "bin", "rules", "tests",
@@ -483,6 +491,9 @@ pub fn write_initramfs(
     let mut env = String::from("PATH=/usr/sbin:/usr/bin:/sbin:/bin\nHOME=/tmp\n");
     let commands = match plan {
         Plan::Firewall { rules, extra } => {
+            if !root.join("rules").join(rules).is_file() {
+                bail!("--rules {rules}: no such file in rules/");
+            }
             let ports: Vec<String> = DEMO_PORTS.iter().map(u16::to_string).collect();
             cpio.file("vm/listen", ports.join("\n").as_bytes(), 0o644);
             env += "RUST_LOG=info\n";
@@ -638,24 +649,21 @@ pub fn boot(
         Accel::Auto => Accel::Tcg,
         chosen => chosen,
     };
-    let outcome = boot_with(kernel, initramfs, options, interactive, accel)?;
-    match outcome {
+    match boot_with(kernel, initramfs, options, interactive, accel)? {
         BootOutcome::Done(outcome) => Ok(outcome),
-        BootOutcome::NeverBooted if accel == Accel::Kvm && options.accel == Accel::Auto => {
+        BootOutcome::NeverBooted(why) if accel == Accel::Kvm && options.accel == Accel::Auto => {
             eprintln!(
-                "vm: the guest did not boot under KVM within {} s; trying software emulation \
-                 (TCG). Pass --accel tcg to skip KVM on this host.",
-                BOOT_WATCHDOG_KVM.as_secs()
+                "vm: under KVM {why}; trying software emulation (TCG). Pass --accel tcg to \
+                 skip KVM on this host."
             );
             match boot_with(kernel, initramfs, options, interactive, Accel::Tcg)? {
                 BootOutcome::Done(outcome) => Ok(outcome),
-                BootOutcome::NeverBooted => bail!("the guest did not boot under TCG either"),
+                BootOutcome::NeverBooted(why) => bail!("under TCG too, {why}"),
             }
         }
-        BootOutcome::NeverBooted => bail!(
-            "the guest did not boot within the watchdog's time ({accel:?}); \
-             try --accel tcg or --verbose"
-        ),
+        BootOutcome::NeverBooted(why) => {
+            bail!("under {accel:?}, {why}; try another --accel, or --verbose")
+        }
     }
 }
 
@@ -666,7 +674,8 @@ const RUN_LIMIT: Duration = Duration::from_secs(45 * 60);
 
 enum BootOutcome {
     Done(Outcome),
-    NeverBooted,
+    /// Why the guest's init never started.
+    NeverBooted(String),
 }
 
 fn boot_with(
@@ -731,19 +740,29 @@ fn boot_with(
     let mut booted = false;
     let mut result = None;
     loop {
-        let limit = if booted { RUN_LIMIT } else { watchdog };
-        let left = limit.saturating_sub(started.elapsed());
-        match events.recv_timeout(left) {
+        // Until the console closes (QEMU exited), within the boot watchdog's time and, for
+        // tests, the run limit; an interactive session runs as long as its user wants.
+        let event = if interactive && booted {
+            events
+                .recv()
+                .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        } else {
+            let limit = if booted { RUN_LIMIT } else { watchdog };
+            events.recv_timeout(limit.saturating_sub(started.elapsed()))
+        };
+        match event {
             Ok(Console::Booted) => booted = true,
             Ok(Console::Result(line)) => result = Some(line),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) if interactive && booted => continue,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = qemu.kill();
                 let _ = qemu.wait();
                 let _ = reader.join();
                 if !booted {
-                    return Ok(BootOutcome::NeverBooted);
+                    return Ok(BootOutcome::NeverBooted(format!(
+                        "the guest's init did not start within {} s",
+                        watchdog.as_secs()
+                    )));
                 }
                 bail!(
                     "the guest ran longer than {} minutes; stopped",
@@ -757,9 +776,14 @@ fn boot_with(
     let seconds = started.elapsed().as_secs_f64();
     let Some(line) = result else {
         if !booted {
-            return Ok(BootOutcome::NeverBooted);
+            return Ok(BootOutcome::NeverBooted(format!(
+                "QEMU stopped ({status}) before the guest's init started"
+            )));
         }
-        bail!("the guest stopped without a result ({status}); run with --verbose for the kernel's messages");
+        bail!(
+            "the guest stopped without a result ({status}); run with --verbose for the \
+             kernel's messages"
+        );
     };
     let summary = line.trim_start_matches(RESULT).trim().to_string();
     Ok(BootOutcome::Done(Outcome {

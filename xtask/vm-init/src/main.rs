@@ -96,8 +96,10 @@ fn greet_on(port: u16) -> Result<(), String> {
     let listener = std::net::TcpListener::bind(("::", port))
         .map_err(|e| format!("listen on port {port}: {e}"))?;
     std::thread::spawn(move || {
+        let greeting = format!("hello from the guest's port {port}\n");
         for mut stream in listener.incoming().flatten() {
-            let _ = writeln!(stream, "hello from the guest's port {port}");
+            // One write: a client that reads once gets the whole line.
+            let _ = stream.write_all(greeting.as_bytes());
         }
     });
     Ok(())
