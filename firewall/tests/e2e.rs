@@ -947,3 +947,56 @@ fn logged_rules_and_rate_limits_on_real_connections() {
     assert!(!tcp_reaches(&net.b, limited), "the second is over it");
     daemon.wait_for("limit rule=2 (limited) proto=6", 1);
 }
+
+/// On a real NIC driver: the firewall attaches natively (driver-mode XDP) to the VM's virtio
+/// NIC, the host's reply to the guest's own connection passes as established, and with
+/// `established = false` the same reply is dropped. Run by `cargo xtask vm test`, which gives
+/// the guest a NIC (`FW_VM_NIC`) and listens on the host side of QEMU's user-mode network
+/// (`FW_VM_HOST`, an address:port that greets).
+#[test]
+#[ignore = "needs the VM's NIC: run by `cargo xtask vm test`"]
+fn native_xdp_on_the_vms_nic() {
+    use std::io::Read as _;
+    use std::time::Duration;
+
+    let nic = std::env::var("FW_VM_NIC").expect("FW_VM_NIC");
+    let host: SocketAddr = std::env::var("FW_VM_HOST")
+        .expect("FW_VM_HOST")
+        .parse()
+        .unwrap();
+    let greeted = || {
+        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&host, Duration::from_secs(3))
+        else {
+            return false;
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut greeting = [0u8; 5];
+        stream.read_exact(&mut greeting).is_ok() && &greeting == b"hello"
+    };
+    assert!(greeted(), "the host's listener at {host} does not answer");
+    let stateful = "[defaults]\npolicy = \"deny\"\n";
+    let file = RuleFile::new("nic.toml", stateful);
+    let pins = common::BpfMount::new();
+    let daemon = Daemon::start_with(
+        "",
+        &file.path,
+        &nic,
+        &pins.pin_dir(),
+        &["--xdp-mode", "native"],
+    );
+    assert!(
+        daemon.log().contains("XDP ingress: native"),
+        "{}",
+        daemon.log()
+    );
+    assert!(greeted(), "the reply to the guest's connection was dropped");
+    file.write(&format!("{stateful}established = false\n"));
+    daemon.reload();
+    assert!(!greeted(), "a reply passed without connection state");
+    file.write(stateful);
+    daemon.reload();
+    assert!(greeted(), "replies did not pass again");
+    assert!(daemon.terminate().success());
+}

@@ -281,6 +281,12 @@ fn run_vm(
     setup::ensure_target(vm::GUEST_TARGET)?;
     let testing = matches!(plan, vm::Plan::Tests { .. });
     let binaries = vm::build_guest(env, root, testing)?;
+    // What the tests on the guest's NIC connect to, through QEMU's user-mode network.
+    let host_port = if testing {
+        Some(vm::greet_on_host()?)
+    } else {
+        None
+    };
     let mut results = Vec::new();
     for choice in kernels {
         let kernel = vm::kernel(root, choice, modules.clone())?;
@@ -288,7 +294,7 @@ fn run_vm(
             "initramfs-{}.cpio",
             choice.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "_")
         ));
-        vm::write_initramfs(&initramfs, root, &kernel, &binaries, plan)?;
+        vm::write_initramfs(&initramfs, root, &kernel, &binaries, plan, host_port)?;
         let outcome = vm::boot(&kernel, &initramfs, options, !testing)?;
         results.push((kernel.label, outcome));
     }

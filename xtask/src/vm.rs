@@ -43,8 +43,10 @@ pub const DEBIAN_KERNELS: &[DebianKernel] = &[
 /// Their dependencies are found from the modules themselves.
 const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_net", "veth", "sch_ingress", "cls_bpf"];
 
-/// The guest's address on QEMU's user-mode network, whose host side is 10.0.2.2.
+/// The guest's address on QEMU's user-mode network, and the host as the guest sees it
+/// (QEMU forwards connections to it to the host's loopback).
 const GUEST_ADDRESS: &str = "10.0.2.15/24";
+const HOST_ADDRESS: &str = "10.0.2.2";
 
 /// Guest ports that answer TCP connections with a greeting in `cargo xtask vm`, each
 /// forwarded from 127.0.0.1:(10000 + port) on the host: what `rules/default.toml` allows
@@ -441,6 +443,7 @@ pub fn write_initramfs(
     kernel: &Kernel,
     binaries: &GuestBinaries,
     plan: &Plan,
+    host_port: Option<u16>,
 ) -> Result<()> {
     let extra = match plan {
         Plan::Firewall { extra, .. } | Plan::Tests { extra } => extra,
@@ -506,14 +509,18 @@ pub fn write_initramfs(
         Plan::Tests { extra } => {
             // The tests run `ip` (namespaces, veth): the host's, with its libraries.
             add_with_libraries(&mut cpio, Path::new("/usr/sbin/ip"))?;
-            env += "FIREWALL_EXE=/bin/firewall\nRUST_BACKTRACE=1\n";
+            env += "FIREWALL_EXE=/bin/firewall\nRUST_BACKTRACE=1\nFW_VM_NIC=eth0\n";
+            if let Some(port) = host_port {
+                env += &format!("FW_VM_HOST={HOST_ADDRESS}:{port}\n");
+            }
             // Under emulation a million frames and 400 rule sets take minutes; the host runs
             // the full count.
             env += "FW_PACKETS=50000\nFW_RULE_SETS=100\n";
             let mut commands = String::new();
             for (suite, binary) in &binaries.tests {
                 cpio.file(&format!("tests/{suite}"), &std::fs::read(binary)?, 0o755);
-                commands += &format!("/tests/{suite} {}\n", extra.join(" "));
+                // The ignored tests are the ones that need this VM (its NIC).
+                commands += &format!("/tests/{suite} --include-ignored {}\n", extra.join(" "));
             }
             commands
         }
@@ -619,6 +626,19 @@ impl Cpio {
         self.entry("TRAILER!!!", 0, 0, b"");
         self.bytes
     }
+}
+
+/// Listens on a free port of the host's loopback, for as long as this process lives, and
+/// greets every connection with `hello from the host`; returns the port.
+pub fn greet_on_host() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"hello from the host\n");
+        }
+    });
+    Ok(port)
 }
 
 /// Whether this host's KVM boots stock kernels: a real kvm_intel/kvm_amd, not a nested kind

@@ -288,7 +288,8 @@ impl Daemon {
         Daemon::start_full(ns, rules, iface, pin_dir, extra, &[])
     }
 
-    /// As [`Daemon::start_with`], with environment variables.
+    /// As [`Daemon::start_with`], with environment variables; `ns` "" is the test's own
+    /// namespace.
     pub fn start_full(
         ns: &str,
         rules: &Path,
@@ -297,10 +298,23 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
-        let log = std::env::temp_dir().join(format!("{ns}.log"));
-        let control = std::env::temp_dir().join(format!("{ns}.sock"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, &firewall_exe(), "run", "--rules"])
+        // The empty name is this (the test's own) namespace.
+        let label = if ns.is_empty() {
+            format!("fwt-root-{}", std::process::id())
+        } else {
+            ns.to_string()
+        };
+        let log = std::env::temp_dir().join(format!("{label}.log"));
+        let control = std::env::temp_dir().join(format!("{label}.sock"));
+        let mut command = if ns.is_empty() {
+            Command::new(firewall_exe())
+        } else {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, &firewall_exe()]);
+            command
+        };
+        let child = command
+            .args(["run", "--rules"])
             .arg(rules)
             .args(["--iface", iface])
             .arg("--control")
@@ -340,6 +354,16 @@ impl Daemon {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `firewall reload --control`: returns once the file as it is now is in force.
+    pub fn reload(&self) {
+        let output = Command::new(firewall_exe())
+            .args(["reload", "--control"])
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "reload: {output:?}");
     }
 
     pub fn signal(&self, signal: libc::c_int) {
