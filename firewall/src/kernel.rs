@@ -13,7 +13,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::xdp::XdpLink;
 use aya::programs::{tc, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode};
-use aya::util::nr_cpus;
+use aya::util::{nr_cpus, KernelVersion};
 use aya::{Ebpf, EbpfLoader, Pod};
 use firewall_common::{
     exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RateLimit, RuleBits,
@@ -54,6 +54,22 @@ pub fn object_id() -> u64 {
     OBJECT.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The oldest kernel the firewall is tested on (Debian 12's 6.1). Older ones lack what it
+/// uses (5.10 has no `bpf_ktime_get_coarse_ns`, for one) and reject its programs.
+pub const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);
+
+/// What to say when the kernel rejects a program: on a kernel older than [`MINIMUM_KERNEL`],
+/// that is the likely reason, before the verifier's log.
+fn rejected(program: &str) -> String {
+    match KernelVersion::current() {
+        Ok(version) if version < MINIMUM_KERNEL => format!(
+            "the kernel rejected the {program}: Linux {version} is older than 6.1, the oldest \
+             kernel this firewall supports"
+        ),
+        _ => format!("the kernel rejected the {program}"),
+    }
 }
 
 impl Kernel {
@@ -105,16 +121,14 @@ impl Kernel {
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("XDP program `{XDP_PROGRAM}` missing from the object"))?
             .try_into()?;
-        program
-            .load()
-            .context("the kernel rejected the XDP program")?;
+        program.load().with_context(|| rejected("XDP program"))?;
         let egress: &mut SchedClassifier = ebpf
             .program_mut(EGRESS_PROGRAM)
             .ok_or_else(|| anyhow!("tc program `{EGRESS_PROGRAM}` missing from the object"))?
             .try_into()?;
         egress
             .load()
-            .context("the kernel rejected the tc egress program")?;
+            .with_context(|| rejected("tc egress program"))?;
         Ok(Kernel {
             ebpf,
             held: [Held::Zeroed, Held::Zeroed],
