@@ -148,12 +148,25 @@ fn random_rule_set(rng: &mut StdRng, max_rules: usize) -> RuleSet {
     set.established = rng.gen_bool(0.8);
     set.essentials = rng.gen_bool(0.8);
     set.audit = rng.gen_bool(0.05);
-    // Short timeouts, so that expired flows are a few minutes old.
-    set.timeouts.tcp = rng.gen_range(10..100);
+    // Short timeouts, so that expired flows (twice the longest timeout old) are at most a few
+    // minutes old.
+    let longest = longest_timeout();
+    set.timeouts.tcp = rng.gen_range(10..longest);
     set.timeouts.tcp_closing = rng.gen_range(5..10);
-    set.timeouts.udp = rng.gen_range(10..100);
-    set.timeouts.icmp = rng.gen_range(10..100);
+    set.timeouts.udp = rng.gen_range(10..longest);
+    set.timeouts.icmp = rng.gen_range(10..longest);
     set
+}
+
+/// The longest flow timeout (exclusive) for random rule sets: 100 s, or less on a machine up
+/// for less than 201 s (a test VM), where a flow twice as old cannot exist, after waiting for
+/// it to be up for a minute. Replays (`FW_SEED`) are exact between machines up long enough.
+fn longest_timeout() -> u64 {
+    const SECOND: u64 = 1_000_000_000;
+    while monotonic_now_ns() < 60 * SECOND {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    (monotonic_now_ns() / SECOND / 2).min(100)
 }
 
 /// ICMP errors (v4: unreachable, time exceeded, parameter problem; v6: 1-4) quoting a packet,
@@ -395,7 +408,7 @@ fn random_flows(rng: &mut StdRng, frames: &[Vec<u8>], set: &RuleSet) -> FlowTabl
                 2 * longest * 1_000_000_000
             };
             let flags = if rng.gen_bool(0.3) { FLOW_CLOSING } else { 0 };
-            let last_seen_ns = now_ns.saturating_sub(age);
+            let last_seen_ns = now_ns - age;
             table.flows.insert(
                 key,
                 FlowState {
