@@ -54,7 +54,9 @@ pub fn firewall(ctx: XdpContext) -> u32 {
         count(STAT_ESSENTIAL, bytes);
         return xdp_action::XDP_PASS;
     }
-    if config.checks & CHECK_ESTABLISHED != 0 && state::is_established(config, &packet) {
+    if config.checks & CHECK_ESTABLISHED != 0
+        && state::is_established(config, &packet, ctx.data(), ctx.data_end())
+    {
         count(STAT_ESTABLISHED, bytes);
         return xdp_action::XDP_PASS;
     }

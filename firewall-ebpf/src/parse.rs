@@ -35,9 +35,11 @@ const MAX_OFFSET: usize = 4096;
 /// arrays would call the slow byte-looping `memcpy`/`memset` of compiler-builtins.
 ///
 /// Optional parts are a flag and a value, both always initialised, read through
-/// [`Packet::dport`], [`Packet::icmp`] and [`Packet::quoted`]: an `Option` field leaves its
-/// payload undefined when `None`, and LLVM may then load that payload from a stack slot
-/// nothing wrote, which kernels before 6.3 reject ("invalid read from stack").
+/// [`Packet::dport`] and [`Packet::icmp`]: an `Option` field leaves its payload undefined
+/// when `None`, and LLVM may then load that payload from a stack slot nothing wrote, which
+/// kernels before 6.3 reject ("invalid read from stack"). The flow an ICMP error quotes is
+/// read only when needed ([`quoted_flow`]): kept here, its twelve fields would stay live
+/// through the whole program, costing registers and ~80 ns a packet.
 pub struct Packet {
     pub v6: bool,
     pub src: [u32; 4],
@@ -53,8 +55,10 @@ pub struct Packet {
     pub tcp_flags: u8,
     has_icmp: bool,
     icmp: Icmp,
-    has_quoted: bool,
-    quoted: FlowKey,
+    /// For ICMP errors: where the quoted packet starts (0: not an ICMP error) and where the
+    /// error's IP packet ends.
+    quote_at: usize,
+    quote_end: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -77,16 +81,8 @@ impl Packet {
             tcp_flags: 0,
             has_icmp: false,
             icmp: Icmp { kind: 0, id: 0 },
-            has_quoted: false,
-            quoted: FlowKey {
-                remote: [0; 4],
-                local: [0; 4],
-                remote_port: 0,
-                local_port: 0,
-                proto: 0,
-                v6: 0,
-                _pad: [0; 2],
-            },
+            quote_at: 0,
+            quote_end: 0,
         }
     }
 
@@ -110,14 +106,10 @@ impl Packet {
         }
     }
 
-    /// For ICMP errors: the flow of the packet they quote, keyed as its replies look.
+    /// Whether this is an ICMP error (of the packet's family) with a quote to read.
     #[inline(always)]
-    pub fn quoted(&self) -> Option<&FlowKey> {
-        if self.has_quoted {
-            Some(&self.quoted)
-        } else {
-            None
-        }
+    pub fn is_icmp_error(&self) -> bool {
+        self.quote_at != 0
     }
 }
 
@@ -338,9 +330,8 @@ fn transport(frame: &Frame, packet: &mut Packet, l4: usize, ip_end: usize) -> Op
             packet.has_icmp = true;
             packet.icmp = icmp;
             if is_icmp_error(packet.v6, icmp.kind) {
-                packet.has_quoted =
-                    quoted_flow(frame, packet.v6, l4 + ICMP_HLEN, ip_end, &mut packet.quoted)
-                        .is_some();
+                packet.quote_at = l4 + ICMP_HLEN;
+                packet.quote_end = ip_end;
             }
         }
         _ => {}
@@ -368,18 +359,19 @@ pub fn echo_request(v6: bool) -> u8 {
     }
 }
 
-/// Writes to `key` the flow an ICMP error quotes: the host's own packet (source = local), as
-/// the key its replies would have. `None` when the quote is shorter than an IP header plus 8
-/// bytes, has IPv4 options, or is not TCP, UDP or an echo request. The quote is read as one
-/// block at a fixed layout, which keeps the verifier's bounds tracking simple.
+/// The flow an ICMP error quotes, read from the frame between `start` and `end` (the packet
+/// pointers `packet` was parsed from): the host's own packet (source = local), as the key its
+/// replies would have. `None` for other packets, and when the quote is shorter than an IP
+/// header plus 8 bytes, has IPv4 options, or is not TCP, UDP or an echo request. The quote is
+/// read as one block at a fixed layout, which keeps the verifier's bounds tracking simple.
 #[inline(always)]
-fn quoted_flow(
-    frame: &Frame,
-    v6: bool,
-    inner: usize,
-    ip_end: usize,
-    key: &mut FlowKey,
-) -> Option<()> {
+pub fn quoted_flow(start: usize, end: usize, packet: &Packet) -> Option<FlowKey> {
+    if !packet.is_icmp_error() {
+        return None;
+    }
+    let frame = Frame { start, end };
+    let (v6, inner, ip_end) = (packet.v6, packet.quote_at, packet.quote_end);
+    let mut key = FlowKey::default();
     let transport: [u8; 8];
     if v6 {
         if inner + IPV6_HLEN + 8 > ip_end {
@@ -423,5 +415,5 @@ fn quoted_flow(
         }
         _ => return None,
     }
-    Some(())
+    Some(key)
 }

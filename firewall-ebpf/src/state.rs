@@ -46,11 +46,12 @@ pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
     Some(key)
 }
 
-/// The flow an inbound packet would reply to.
+/// The flow an inbound packet would reply to (for an ICMP error, the flow it quotes from the
+/// frame between `start` and `end`).
 #[inline(always)]
-fn inbound_key(packet: &Packet) -> Option<FlowKey> {
-    if let Some(quoted) = packet.quoted() {
-        return Some(*quoted);
+fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
+    if packet.is_icmp_error() {
+        return crate::parse::quoted_flow(start, end, packet);
     }
     // A TCP SYN without ACK opens a connection: it is never a reply, so skip the lookup.
     if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -107,10 +108,16 @@ pub fn record_outbound(packet: &Packet) {
     let _ = FLOWS.insert(key, state, 0);
 }
 
-/// Whether an inbound packet replies to (or is an ICMP error about) a live tracked flow.
+/// Whether an inbound packet replies to (or is an ICMP error about) a live tracked flow;
+/// `start` and `end` are the packet pointers it was parsed from.
 #[inline(always)]
-pub fn is_established(config: &GenerationConfig, packet: &Packet) -> bool {
-    let Some(key) = inbound_key(packet) else {
+pub fn is_established(
+    config: &GenerationConfig,
+    packet: &Packet,
+    start: usize,
+    end: usize,
+) -> bool {
+    let Some(key) = inbound_key(packet, start, end) else {
         return false;
     };
     let Some(state) = FLOWS.get_ptr_mut(key) else {
@@ -128,7 +135,8 @@ pub fn is_established(config: &GenerationConfig, packet: &Packet) -> bool {
     if now.saturating_sub(state.last_seen_ns) > timeout {
         return false;
     }
-    if packet.quoted().is_none()
+    // The peer's FIN or RST (not a TCP packet quoted in an ICMP error) starts the closing.
+    if packet.proto == IPPROTO_TCP
         && key.proto == IPPROTO_TCP
         && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
     {
