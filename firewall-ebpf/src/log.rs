@@ -67,11 +67,8 @@ pub fn log_packet(
         src: packet.src,
         dst: packet.dst,
         rule,
-        sport: if packet.dport().is_some() {
-            packet.sport
-        } else {
-            0
-        },
+        // Both 0 for packets without ports (`Packet::new` zeroes the source port).
+        sport: packet.sport,
         dport: packet.dport().unwrap_or(0),
         proto: packet.proto,
         v6: u8::from(packet.v6),

@@ -211,8 +211,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = terminate.recv() => break,
             guard = readable(&mut logger) => {
                 let mut guard = guard?;
-                guard.get_inner_mut().drain();
+                // Readiness first: a line written after the drain wakes us again.
                 guard.clear_ready();
+                guard.get_inner_mut().drain();
             }
         }
     }
