@@ -592,6 +592,9 @@ fn no_gap_through_restart(persist: bool) {
     assert!(net.xdp_attached(), "the program went with the daemon");
     let second = start();
     second.wait_for("XDP ingress: taken over", 1);
+    // Before TCX (6.6) tc egress is a netlink filter, which outlives a killed daemon: the new
+    // daemon replaces it instead of adding a second.
+    assert!(net.egress_filters() <= 1, "egress filters stacked up");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (sent, probes, controls) = traffic.finish();
     eprintln!("restart (persist {persist}): sent {sent} of each, {probes} probes and {controls} controls arrived");
@@ -610,6 +613,7 @@ fn no_gap_through_restart(persist: bool) {
         assert!(second.terminate().success());
     }
     assert!(net.xdp_detached_soon(), "still attached after detaching");
+    assert_eq!(net.egress_filters(), 0, "an egress filter left behind");
     assert!(!pins.pin_dir().exists(), "pins left behind");
 }
 

@@ -508,8 +508,10 @@ pub fn write_initramfs(
             )
         }
         Plan::Tests { extra } => {
-            // The tests run `ip` (namespaces, veth): the host's, with its libraries.
-            add_with_libraries(&mut cpio, Path::new("/usr/sbin/ip"))?;
+            // The tests run `ip` (namespaces, veth) and `tc`: the host's, with their libraries.
+            for program in ["/usr/sbin/ip", "/usr/sbin/tc"] {
+                add_with_libraries(&mut cpio, Path::new(program))?;
+            }
             env += "FIREWALL_EXE=/bin/firewall\nRUST_BACKTRACE=1\nFW_VM_NIC=eth0\n";
             if let Some(port) = host_port {
                 env += &format!("FW_VM_HOST={HOST_ADDRESS}:{port}\n");
@@ -557,7 +559,10 @@ fn add_with_libraries(cpio: &mut Cpio, program: &Path) -> Result<()> {
             cpio.dir(&parent);
         }
         // Through symlinks: the guest gets the library itself under the name asked for.
-        cpio.file(&guest, &std::fs::read(&file)?, 0o755);
+        // Programs share libraries: each goes in once.
+        if cpio.paths.insert(guest.clone()) {
+            cpio.file(&guest, &std::fs::read(&file)?, 0o755);
+        }
     }
     Ok(())
 }
@@ -567,12 +572,13 @@ fn add_with_libraries(cpio: &mut Cpio, program: &Path) -> Result<()> {
 struct Cpio {
     bytes: Vec<u8>,
     inode: u32,
-    dirs: BTreeSet<String>,
+    /// Directories (each written once) and host files copied in.
+    paths: BTreeSet<String>,
 }
 
 impl Cpio {
     fn dir(&mut self, path: &str) {
-        if self.dirs.insert(path.to_string()) {
+        if self.paths.insert(path.to_string()) {
             self.entry(path, 0o040_755, 0, b"");
         }
     }

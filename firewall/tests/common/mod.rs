@@ -117,6 +117,30 @@ impl TestNet {
         String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
     }
 
+    /// tc filters of the firewall's egress program on the firewalled veth: netlink filters,
+    /// which kernels before 6.6 (no TCX) use; TCX links are not listed.
+    pub fn egress_filters(&self) -> usize {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.a,
+                "tc",
+                "filter",
+                "show",
+                "dev",
+                &self.veth_a,
+            ])
+            .arg("egress")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tc filter show: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.contains("track_egress"))
+            .count()
+    }
+
     /// Whether the XDP program goes within two seconds: the kernel frees a link whose last
     /// reference was a pin in deferred work.
     pub fn xdp_detached_soon(&self) -> bool {
