@@ -226,6 +226,32 @@ pub struct LogBucket {
     pub last_ns: u64,
 }
 
+/// An address as the maps and records hold it: words in wire byte order, IPv4 in word 0.
+pub fn address_words(addr: core::net::IpAddr) -> [u32; 4] {
+    let mut words = [0u32; 4];
+    match addr {
+        core::net::IpAddr::V4(v4) => words[0] = u32::from_ne_bytes(v4.octets()),
+        core::net::IpAddr::V6(v6) => {
+            for (word, chunk) in words.iter_mut().zip(v6.octets().chunks_exact(4)) {
+                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+        }
+    }
+    words
+}
+
+/// The address in `words` (see [`address_words`]): IPv6 if `v6`, else IPv4 from word 0.
+pub fn words_address(words: &[u32; 4], v6: bool) -> core::net::IpAddr {
+    if !v6 {
+        return core::net::Ipv4Addr::from(words[0].to_ne_bytes()).into();
+    }
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    core::net::Ipv6Addr::from(bytes).into()
+}
+
 /// One log line, as the XDP program hands it to the daemon through the
 /// [`map_names::LOG_EVENTS`] ring buffer; the daemon formats it (and names the rule). A fixed
 /// record written with one helper call: formatting in the kernel (aya-log) made the program

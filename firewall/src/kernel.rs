@@ -725,12 +725,7 @@ fn v4_key(gen: u32, net: &Ipv4Net) -> Key<V4KeyData> {
 
 fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
     let mut data = [gen.to_be(), 0, 0, 0, 0];
-    for (word, chunk) in data[1..]
-        .iter_mut()
-        .zip(net.addr().octets().chunks_exact(4))
-    {
-        *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
-    }
+    data[1..].copy_from_slice(&firewall_common::address_words(net.addr().into()));
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
 }
 

@@ -1,13 +1,15 @@
 //! The kernel's log lines: the XDP program writes a fixed [`LogEvent`] record per logged
 //! packet into a ring buffer; the daemon turns each into a line for its logger, with the
 //! rule's name.
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{anyhow, Result};
 use aya::maps::{MapData, RingBuf};
-use firewall_common::{map_names, LogEvent, LOGGED_AUDIT, LOGGED_DROP, LOGGED_LIMIT, LOGGED_PASS};
+use firewall_common::{
+    map_names, words_address, LogEvent, LOGGED_AUDIT, LOGGED_DROP, LOGGED_LIMIT, LOGGED_PASS,
+};
 use log::info;
 
 use crate::kernel::Kernel;
@@ -88,30 +90,15 @@ pub fn log_line(event: &LogEvent, names: &RuleNames) -> String {
         Some(name) => format!("rule={} ({name})", event.rule),
         None => format!("rule={}", event.rule),
     };
-    let (src, dst) = if event.v6 != 0 {
-        (
-            format!("[{}]", Ipv6Addr::from(words_to_bytes(&event.src))),
-            format!("[{}]", Ipv6Addr::from(words_to_bytes(&event.dst))),
-        )
-    } else {
-        (
-            Ipv4Addr::from(event.src[0].to_ne_bytes()).to_string(),
-            Ipv4Addr::from(event.dst[0].to_ne_bytes()).to_string(),
-        )
-    };
+    let v6 = event.v6 != 0;
+    let endpoint =
+        |words: &[u32; 4], port: u16| SocketAddr::new(words_address(words, v6), port).to_string();
     format!(
-        "{outcome} {rule} proto={} {src}:{} -> {dst}:{}",
-        event.proto, event.sport, event.dport
+        "{outcome} {rule} proto={} {} -> {}",
+        event.proto,
+        endpoint(&event.src, event.sport),
+        endpoint(&event.dst, event.dport)
     )
-}
-
-/// Wire-order address words back to bytes.
-fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    bytes
 }
 
 #[cfg(test)]
@@ -124,17 +111,16 @@ mod tests {
         names
     }
 
-    fn v4(address: &str) -> [u32; 4] {
-        let ip: Ipv4Addr = address.parse().unwrap();
-        [u32::from_ne_bytes(ip.octets()), 0, 0, 0]
+    fn words(address: &str) -> [u32; 4] {
+        firewall_common::address_words(address.parse().unwrap())
     }
 
     #[test]
     fn lines_name_their_rules() {
         let names = names(&["ssh", "no-web"]);
         let mut event = LogEvent {
-            src: v4("10.0.0.1"),
-            dst: v4("10.0.0.2"),
+            src: words("10.0.0.1"),
+            dst: words("10.0.0.2"),
             rule: 2,
             sport: 40000,
             dport: 80,
@@ -163,17 +149,9 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_are_bracketed() {
-        let to_words = |address: &str| {
-            let bytes = address.parse::<Ipv6Addr>().unwrap().octets();
-            let mut words = [0u32; 4];
-            for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
-                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
-            }
-            words
-        };
         let event = LogEvent {
-            src: to_words("2001:db8::7"),
-            dst: to_words("fd00::1"),
+            src: words("2001:db8::7"),
+            dst: words("fd00::1"),
             rule: 1,
             sport: 5353,
             dport: 53,

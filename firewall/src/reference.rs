@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use std::collections::HashMap;
 
-use firewall_common::{FlowKey, FlowState, FLOW_CLOSING};
+use firewall_common::{address_words, FlowKey, FlowState, FLOW_CLOSING};
 
 use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -139,19 +139,6 @@ fn is_essential(packet: &PacketInfo) -> bool {
         && matches!(packet.icmp, Some((2 | 130..=137 | 143, _)))
 }
 
-fn addr_words(addr: IpAddr) -> [u32; 4] {
-    let mut words = [0u32; 4];
-    match addr {
-        IpAddr::V4(v4) => words[0] = u32::from_ne_bytes(v4.octets()),
-        IpAddr::V6(v6) => {
-            for (word, chunk) in words.iter_mut().zip(v6.octets().chunks(4)) {
-                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
-            }
-        }
-    }
-    words
-}
-
 /// The key of the flow a packet from `remote` to `local` belongs to.
 fn flow_key(
     proto: u8,
@@ -161,8 +148,8 @@ fn flow_key(
     local_port: u16,
 ) -> FlowKey {
     FlowKey {
-        remote: addr_words(remote),
-        local: addr_words(local),
+        remote: address_words(remote),
+        local: address_words(local),
         remote_port,
         local_port,
         proto,

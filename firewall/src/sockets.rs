@@ -69,16 +69,8 @@ fn parse_listener(line: &str, proto: u8) -> Option<Listener> {
         return None;
     }
     let addr = match unmap_v4(local) {
-        Some(words) if fields[1].len() == 13 => {
-            std::net::IpAddr::V4(std::net::Ipv4Addr::from(words[0].to_ne_bytes()))
-        }
-        _ => {
-            let mut bytes = [0u8; 16];
-            for (chunk, word) in bytes.chunks_mut(4).zip(local) {
-                chunk.copy_from_slice(&word.to_ne_bytes());
-            }
-            std::net::IpAddr::V6(std::net::Ipv6Addr::from(bytes))
-        }
+        Some(words) if fields[1].len() == 13 => firewall_common::words_address(&words, false),
+        _ => firewall_common::words_address(&local, true),
     };
     Some(Listener {
         proto,

@@ -960,25 +960,12 @@ fn logged_rules_and_rate_limits_on_real_connections() {
 #[test]
 #[ignore = "needs the VM's NIC: run by `cargo xtask vm test`"]
 fn native_xdp_on_the_vms_nic() {
-    use std::io::Read as _;
-    use std::time::Duration;
-
     let nic = std::env::var("FW_VM_NIC").expect("FW_VM_NIC");
     let host: SocketAddr = std::env::var("FW_VM_HOST")
         .expect("FW_VM_HOST")
         .parse()
         .unwrap();
-    let greeted = || {
-        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&host, Duration::from_secs(3))
-        else {
-            return false;
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let mut greeting = [0u8; 5];
-        stream.read_exact(&mut greeting).is_ok() && &greeting == b"hello"
-    };
+    let greeted = || tcp_reaches("", host);
     assert!(greeted(), "the host's listener at {host} does not answer");
     let stateful = "[defaults]\npolicy = \"deny\"\n";
     let file = RuleFile::new("nic.toml", stateful);

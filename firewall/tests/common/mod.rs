@@ -94,14 +94,17 @@ impl TestNet {
         net
     }
 
-    /// Runs `f` on a thread that lives in namespace `ns`; sockets it opens stay there.
+    /// Runs `f` on a thread that lives in namespace `ns` ("": the test's own); sockets it
+    /// opens stay there.
     pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{ns}");
+        let path = (!ns.is_empty()).then(|| format!("/var/run/netns/{ns}"));
         thread::spawn(move || {
-            let file = File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}");
+            if let Some(path) = path {
+                let file = File::open(&path).expect("open netns");
+                // SAFETY: setns on a valid namespace fd affects only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}");
+            }
             f()
         })
         .join()
