@@ -162,19 +162,12 @@ fn main() -> Result<()> {
             if no_vm {
                 return Ok(());
             }
-            let kernels: Vec<String> = vm::DEBIAN_KERNELS.iter().map(|k| k.name.into()).collect();
-            let options = vm::Options {
-                accel: vm::Accel::Auto,
-                memory_mib: vm::MEMORY_MIB,
-                cpus: vm::CPUS,
-                verbose: false,
-            };
             run_vm(
                 &env,
                 &root,
-                &kernels,
+                &vm::debian_kernel_names(),
                 None,
-                &options,
+                &vm::Options::default(),
                 &vm::Plan::Tests { extra },
             )
         }
@@ -246,8 +239,8 @@ fn main() -> Result<()> {
             let testing = mode == Some(VmMode::Test);
             let kernels = match (kernel.is_empty(), testing) {
                 (false, _) => kernel,
-                (true, true) => vm::DEBIAN_KERNELS.iter().map(|k| k.name.into()).collect(),
-                (true, false) => vec!["6.12".into()],
+                (true, true) => vm::debian_kernel_names(),
+                (true, false) => vec![vm::DEFAULT_KERNEL.into()],
             };
             let plan = if testing {
                 vm::Plan::Tests { extra }

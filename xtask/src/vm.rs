@@ -38,6 +38,13 @@ pub const DEBIAN_KERNELS: &[DebianKernel] = &[
     },
 ];
 
+/// What `cargo xtask vm` boots unless told otherwise: the newer of the two.
+pub const DEFAULT_KERNEL: &str = "6.12";
+
+pub fn debian_kernel_names() -> Vec<String> {
+    DEBIAN_KERNELS.iter().map(|k| k.name.into()).collect()
+}
+
 /// Modules the guest needs, if the kernel has them as modules: the virtio NIC, veth for the
 /// tests' namespaces, clsact + cls_bpf for tc egress on kernels without TCX (before 6.6).
 /// Their dependencies are found from the modules themselves.
@@ -88,6 +95,17 @@ pub struct Options {
     pub cpus: u32,
     /// Print the kernel's boot messages too.
     pub verbose: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            accel: Accel::Auto,
+            memory_mib: MEMORY_MIB,
+            cpus: CPUS,
+            verbose: false,
+        }
+    }
 }
 
 /// `--kernel 6.1|6.12|PATH` to a bootable kernel; `modules` for a kernel of one's own.
