@@ -470,6 +470,11 @@ pub fn write_initramfs(
     if let Some(arg) = extra.iter().find(|arg| arg.contains(char::is_whitespace)) {
         bail!("{arg:?}: arguments for the guest cannot contain spaces");
     }
+    if let Plan::Firewall { rules, .. } = plan {
+        if !root.join("rules").join(rules).is_file() {
+            bail!("--rules {rules}: no such file in rules/");
+        }
+    }
     let mut cpio = Cpio::default();
     for dir in [
         "dev", "proc", "sys", "run", "tmp", "vm", "bin", "rules", "tests",
@@ -513,9 +518,6 @@ pub fn write_initramfs(
     let mut env = String::from("PATH=/usr/sbin:/usr/bin:/sbin:/bin\nHOME=/tmp\n");
     let commands = match plan {
         Plan::Firewall { rules, extra } => {
-            if !root.join("rules").join(rules).is_file() {
-                bail!("--rules {rules}: no such file in rules/");
-            }
             let ports: Vec<String> = DEMO_PORTS.iter().map(u16::to_string).collect();
             cpio.file("vm/listen", ports.join("\n").as_bytes(), 0o644);
             env += "RUST_LOG=info\n";
