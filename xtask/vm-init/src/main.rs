@@ -63,17 +63,17 @@ fn boot() -> Result<(), String> {
             .ok_or_else(|| format!("/vm/net: expected `IFACE ADDRESS/PREFIX`, got {line:?}"))?;
         set_up(iface, Some(address))?;
     }
+    for line in plan_lines("env") {
+        if let Some((key, value)) = line.split_once('=') {
+            // Before the listeners start: no other thread runs yet.
+            std::env::set_var(key, value);
+        }
+    }
     for line in plan_lines("listen") {
         let port: u16 = line
             .parse()
             .map_err(|_| format!("/vm/listen: bad port {line:?}"))?;
         greet_on(port)?;
-    }
-    for line in plan_lines("env") {
-        if let Some((key, value)) = line.split_once('=') {
-            // SAFETY: no other thread runs yet.
-            std::env::set_var(key, value);
-        }
     }
     Ok(())
 }
