@@ -106,9 +106,10 @@ impl Packet {
         }
     }
 
-    /// Whether this is an ICMP error (of the packet's family) with a quote to read.
+    /// Whether this is an ICMP error (of the packet's family) with a quote for
+    /// [`quoted_flow`] to read.
     #[inline(always)]
-    pub fn is_icmp_error(&self) -> bool {
+    pub fn has_quote(&self) -> bool {
         self.quote_at != 0
     }
 }
@@ -359,16 +360,13 @@ pub fn echo_request(v6: bool) -> u8 {
     }
 }
 
-/// The flow an ICMP error quotes, read from the frame between `start` and `end` (the packet
-/// pointers `packet` was parsed from): the host's own packet (source = local), as the key its
-/// replies would have. `None` for other packets, and when the quote is shorter than an IP
+/// The flow an ICMP error quotes ([`Packet::has_quote`]), read from the frame between `start`
+/// and `end` (the packet pointers `packet` was parsed from): the host's own packet (source =
+/// local), as the key its replies would have. `None` when the quote is shorter than an IP
 /// header plus 8 bytes, has IPv4 options, or is not TCP, UDP or an echo request. The quote is
 /// read as one block at a fixed layout, which keeps the verifier's bounds tracking simple.
 #[inline(always)]
 pub fn quoted_flow(start: usize, end: usize, packet: &Packet) -> Option<FlowKey> {
-    if !packet.is_icmp_error() {
-        return None;
-    }
     let frame = Frame { start, end };
     let (v6, inner, ip_end) = (packet.v6, packet.quote_at, packet.quote_end);
     let mut key = FlowKey::default();

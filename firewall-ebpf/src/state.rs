@@ -50,7 +50,7 @@ pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
 /// frame between `start` and `end`).
 #[inline(always)]
 fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
-    if packet.is_icmp_error() {
+    if packet.has_quote() {
         return crate::parse::quoted_flow(start, end, packet);
     }
     // A TCP SYN without ACK opens a connection: it is never a reply, so skip the lookup.

@@ -55,11 +55,6 @@ pub fn output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs a command, showing its output only if it fails.
-pub fn run_quiet(program: &str, args: &[&str]) -> Result<()> {
-    output(program, args).map(drop)
-}
-
 fn run(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("setup: {program} {}", args.join(" "));
     let status = Command::new(program).args(args).status()?;

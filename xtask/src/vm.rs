@@ -159,7 +159,7 @@ fn debian_kernel(root: &Path, debian: &DebianKernel) -> Result<Kernel> {
             .ok_or_else(|| anyhow!("apt-get download left no .deb"))?;
         let _ = std::fs::remove_dir_all(&tree);
         std::fs::create_dir_all(&tree)?;
-        setup::run_quiet("dpkg-deb", &["-x", path_str(&deb)?, path_str(&tree)?])?;
+        setup::output("dpkg-deb", &["-x", path_str(&deb)?, path_str(&tree)?])?;
         std::fs::remove_dir_all(&download)?;
         std::fs::write(&complete, format!("{package} {version}\n"))?;
     }
