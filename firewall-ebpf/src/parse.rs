@@ -176,12 +176,30 @@ fn word(bytes: &[u8]) -> u32 {
 }
 
 /// Parses the frame between `start` and `end` (packet pointers of an XDP or tc context).
+/// `L3`: the frame starts at the IP header (tun, WireGuard, PPP, IP tunnels), whose version
+/// nibble tells IPv4 from IPv6; otherwise at an Ethernet header.
 #[inline(always)]
-pub fn parse(start: usize, end: usize, packet: &mut Packet) -> Parsed {
+pub fn parse<const L3: bool>(start: usize, end: usize, packet: &mut Packet) -> Parsed {
     let frame = Frame { start, end };
-    match parse_frame(&frame, packet) {
+    let parsed = if L3 {
+        parse_ip(&frame, packet)
+    } else {
+        parse_frame(&frame, packet)
+    };
+    match parsed {
         Some(parsed) => parsed,
         None => Parsed::Malformed,
+    }
+}
+
+/// A frame that starts at the IP header. `None` means malformed: too short for a version
+/// nibble, or neither version 4 nor 6.
+#[inline(always)]
+fn parse_ip(frame: &Frame, packet: &mut Packet) -> Option<Parsed> {
+    match frame.bytes::<1>(0)?[0] >> 4 {
+        4 => parse_ipv4(frame, 0, packet).map(|()| Parsed::Ip),
+        6 => parse_ipv6(frame, 0, packet).map(|()| Parsed::Ip),
+        _ => None,
     }
 }
 

@@ -7,6 +7,7 @@ pub mod explain;
 pub mod exposure;
 pub mod kernel;
 pub mod kernel_log;
+pub mod link;
 pub mod lint;
 pub mod metrics;
 pub mod model;
