@@ -192,11 +192,13 @@ pub fn parse<const L3: bool>(start: usize, end: usize, packet: &mut Packet) -> P
     }
 }
 
-/// A frame that starts at the IP header. `None` means malformed: too short for a version
-/// nibble, or neither version 4 nor 6.
+/// A frame that starts at the IP header. `None` means malformed: too short for an IP header,
+/// or neither version 4 nor 6.
 #[inline(always)]
 fn parse_ip(frame: &Frame, packet: &mut Packet) -> Option<Parsed> {
-    match frame.bytes::<1>(0)?[0] >> 4 {
+    // Two bytes, not one: a one-byte bounds check compiles to a comparison the verifier
+    // cannot use. Any frame that short is malformed anyway.
+    match frame.bytes::<2>(0)?[0] >> 4 {
         4 => parse_ipv4(frame, 0, packet).map(|()| Parsed::Ip),
         6 => parse_ipv6(frame, 0, packet).map(|()| Parsed::Ip),
         _ => None,
@@ -294,7 +296,9 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
         if offset + len > ip_end {
             return None;
         }
-        packet.proto = frame.bytes::<2>(offset)?[0];
+        // Checked again (LLVM would merge this read's check into the one above, which the
+        // verifier cannot follow once the offset is recomputed).
+        packet.proto = frame.bytes_checked::<2>(offset)?[0];
         offset += len;
     }
     match packet.proto {

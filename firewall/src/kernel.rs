@@ -595,12 +595,14 @@ impl Kernel {
         repeat: u32,
     ) -> Result<(u32, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
-        let result = self.program(layer.xdp_program())?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })?;
+        let result = self
+            .program(layer.xdp_program())?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })?;
         Ok((result.return_value, result.duration))
     }
 
