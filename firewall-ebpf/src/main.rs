@@ -34,7 +34,7 @@ pub fn firewall(ctx: XdpContext) -> u32 {
 }
 
 /// The XDP program of interfaces whose frames start at the IP header (tun, WireGuard, PPP,
-/// IP-in-IP and GRE tunnels).
+/// raw IP, ipip).
 #[xdp]
 pub fn firewall_l3(ctx: XdpContext) -> u32 {
     judge::<true>(ctx)

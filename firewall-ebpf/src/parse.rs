@@ -176,7 +176,7 @@ fn word(bytes: &[u8]) -> u32 {
 }
 
 /// Parses the frame between `start` and `end` (packet pointers of an XDP or tc context).
-/// `L3`: the frame starts at the IP header (tun, WireGuard, PPP, IP tunnels), whose version
+/// `L3`: the frame starts at the IP header (tun, WireGuard, PPP, ipip), whose version
 /// nibble tells IPv4 from IPv6; otherwise at an Ethernet header.
 #[inline(always)]
 pub fn parse<const L3: bool>(start: usize, end: usize, packet: &mut Packet) -> Parsed {

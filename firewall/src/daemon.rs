@@ -117,6 +117,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
+    // An interface of a link type the programs cannot parse stops the start before anything
+    // is attached anywhere.
+    for iface in &options.ifaces {
+        crate::link::link_layer(iface)?;
+    }
     let (mut kernel, reused) = Kernel::load_pinned(pins.clone())?;
     if reused {
         info!(

@@ -182,8 +182,8 @@ impl Frame {
         frame
     }
 
-    /// The packet as an interface without a link header carries it (tun, WireGuard, PPP, IP
-    /// tunnels): from the IP header on. VLAN tags are left out.
+    /// The packet as an interface without a link header carries it (tun, WireGuard, PPP,
+    /// ipip): from the IP header on. VLAN tags are left out.
     pub fn build_ip(&self) -> Vec<u8> {
         let mut frame = self.build();
         frame.drain(..14 + 4 * self.vlan_tags.len());

@@ -4,7 +4,7 @@
 //! Frames are drawn to hit the parser's edges: VLAN stacks (up to three tags), IPv4 options,
 //! fragments, IPv6 extension-header chains (up to nine), truncations and corrupted bytes, with
 //! addresses and ports from small pools so that rules and packets overlap. A quarter of the
-//! frames start at the IP header (as on tun, WireGuard, PPP and IP tunnels) and go through the
+//! frames start at the IP header (as on tun, WireGuard, PPP and ipip) and go through the
 //! L3 program. Set `FW_SEED` to
 //! replay a run, `FW_PACKETS` to change its length and `FW_RULE_SETS` the number of small rule
 //! sets it is spread over.

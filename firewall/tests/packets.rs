@@ -782,7 +782,7 @@ fn an_interrupted_write_leaves_nothing_behind() {
     assert_eq!(verdict(&kernel, &tcp4("192.0.2.9", 22).build()), XDP_DROP);
 }
 
-/// Frames of interfaces without a link header (tun, WireGuard, PPP, IP tunnels) through the
+/// Frames of interfaces without a link header (tun, WireGuard, PPP, ipip) through the
 /// L3 program: the same rules, the version nibble instead of an EtherType.
 mod l3 {
     use super::*;
