@@ -36,6 +36,8 @@ pub struct TestNet {
     pub a: String,
     pub b: String,
     pub veth_a: String,
+    /// The peer's end, in `b`.
+    pub veth_b: String,
     pub a4: IpAddr,
     pub b4: IpAddr,
     pub a6: IpAddr,
@@ -51,12 +53,13 @@ impl TestNet {
             a: format!("fwt-{id}-a"),
             b: format!("fwt-{id}-b"),
             veth_a: format!("fwa{id}"),
+            veth_b: format!("fwb{id}"),
             a4: format!("10.213.{subnet}.1").parse().unwrap(),
             b4: format!("10.213.{subnet}.2").parse().unwrap(),
             a6: format!("fd00:213:{subnet:x}::1").parse().unwrap(),
             b6: format!("fd00:213:{subnet:x}::2").parse().unwrap(),
         };
-        let veth_b = format!("fwb{id}");
+        let veth_b = net.veth_b.clone();
         ip(&["netns", "add", &net.a]);
         ip(&["netns", "add", &net.b]);
         ip(&[
