@@ -28,7 +28,7 @@ pub fn record_request(packet: &Packet, ifindex: u32) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = DHCP_REQUESTS.insert(&ifindex, &now, 0);
+    let _ = DHCP_REQUESTS.insert(ifindex, now, 0);
 }
 
 /// Whether an inbound packet is a DHCP reply on an interface where the host asked recently.
@@ -39,7 +39,7 @@ pub fn is_expected_reply(packet: &Packet, ifindex: u32) -> bool {
         return false;
     }
     // SAFETY: a value of the map, read once.
-    let Some(&sent) = (unsafe { DHCP_REQUESTS.get(&ifindex) }) else {
+    let Some(&sent) = (unsafe { DHCP_REQUESTS.get(ifindex) }) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };

@@ -1195,7 +1195,7 @@ mod dhcp {
         }
         let lo = loopback_index();
         // Requests as (ifindex, age in seconds).
-        let cases: [(&str, &str, Vec<(u32, u64)>, u32); 7] = [
+        let cases = [
             ("fresh", "", vec![(lo, 5)], XDP_PASS),
             ("55 s old", "", vec![(lo, 55)], XDP_PASS),
             ("65 s old", "", vec![(lo, 65)], XDP_DROP),
