@@ -504,8 +504,9 @@ impl TunPeer {
             let mut ifreq = [0u8; 40];
             ifreq[..owned.len()].copy_from_slice(owned.as_bytes());
             ifreq[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
-            // SAFETY: a valid fd and a buffer the size of struct ifreq.
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) };
+            // SAFETY: a valid fd and a buffer the size of struct ifreq. (The request's type
+            // differs between glibc and musl, the C library of the VM's guest binaries.)
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) };
             assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
             file
         });
