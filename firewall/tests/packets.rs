@@ -1190,7 +1190,7 @@ mod dhcp {
     fn stale_foreign_or_switched_off_replies_are_judged_by_the_rules() {
         use firewall::reference::{evaluate_on, FlowTable};
         // A machine up for less than the ages below (a test VM) waits.
-        while monotonic_now_ns() < 200 * SECOND {
+        while monotonic_now_ns() < 70 * SECOND {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
         let lo = loopback_index();
