@@ -2,9 +2,11 @@
 pub mod batch;
 pub mod compile;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod explain;
 pub mod exposure;
+pub mod files;
 pub mod kernel;
 pub mod kernel_log;
 pub mod lint;

@@ -83,6 +83,32 @@ impl Pins {
         &self.dir
     }
 
+    /// Takes the pin directory for this daemon's life: one daemon per pin directory, as two
+    /// would overwrite each other's rules and links. The lock goes with the process, however
+    /// it ends.
+    pub fn lock(&self) -> Result<PinLock> {
+        use std::os::fd::AsRawFd as _;
+        let dir = std::fs::File::open(&self.dir)
+            .with_context(|| format!("opening {}", self.dir.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(error).with_context(|| format!("locking {}", self.dir.display()));
+            }
+            let holder = match lock_holder(&dir) {
+                Some(pid) => format!("pid {pid}"),
+                None => "another process".to_string(),
+            };
+            bail!(
+                "another firewall daemon ({holder}) runs on {}; stop it first, or give this \
+                 one its own --pin-dir",
+                self.dir.display()
+            );
+        }
+        Ok(PinLock { _dir: dir })
+    }
+
     /// Where the maps and programs of the XDP object with id `object` are pinned.
     pub fn build_dir(&self, object: u64) -> PathBuf {
         self.dir.join(format!("build-{object:016x}"))
@@ -163,6 +189,29 @@ impl Pins {
         entries.sort();
         Ok(entries)
     }
+}
+
+/// Held while a daemon runs on a pin directory (see [`Pins::lock`]).
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// The pid holding a `flock` on `file`, from /proc/locks (`1: FLOCK ADVISORY WRITE PID
+/// MAJ:MIN:INODE 0 EOF`, device numbers in hex).
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == wanted => pid.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 fn file_name(path: &Path) -> String {
