@@ -20,11 +20,13 @@ use crate::compile::{compile, Compiled};
 use crate::config::{load_rules_trusting, parse_rules_with};
 use crate::control::{self, Request};
 use crate::files::Trust;
+use crate::ifaces::{self, Held, IfaceSpec, LinkEvents};
 use crate::kernel::{AttachMode, Kernel};
 use crate::kernel_log::{KernelLog, RuleNames};
 use crate::metrics::{Reloads, SharedReloads};
 use crate::model::RuleSet;
 use crate::notify;
+use crate::pins::LinkKind;
 use crate::pins::Pins;
 
 pub struct RunOptions {
@@ -120,6 +122,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
     let _lock = pins.lock()?;
+    adopt_stored_links(&pins);
+    for pin in pins.remove_dead_links()? {
+        info!("removed the pinned link {pin}: its interface is gone or was created anew");
+    }
     let (mut kernel, reused) = Kernel::load_pinned(pins.clone())?;
     if reused {
         info!(
@@ -157,9 +163,27 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let existing = crate::sockets::open_flows();
     kernel.add_flows(&existing)?;
     info!("tracking {} existing connections", existing.len());
-    for iface in &options.ifaces {
-        let how = kernel.attach(iface, options.mode)?;
-        info!("attached to {iface} ({how})");
+    // Listening before looking: no interface can appear unseen in between.
+    let mut link_events = LinkEvents::open().context("listening for link events")?;
+    let mut held = Held::new(options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect());
+    let changes = held.reconcile(
+        &ifaces::present()?,
+        &mut Dataplane {
+            kernel: &mut kernel,
+            pins: &pins,
+            mode: options.mode,
+        },
+    );
+    if !changes.refused.is_empty() {
+        let refused: Vec<String> = changes
+            .refused
+            .iter()
+            .map(|(_, error)| error.clone())
+            .collect();
+        bail!("{}", refused.join("; "));
+    }
+    for name in held.missing() {
+        warn!("{name} is not there (yet): it is filtered as soon as it appears");
     }
     // Maps of other builds: the links run our program now.
     pins.remove_builds_except(Some(&pins.build_dir(crate::kernel::object_id())))?;
@@ -169,10 +193,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options.rules.display()
     );
     // The rules are in force on every interface.
-    notify::notify(&format!(
-        "READY=1\nSTATUS=filtering {}",
-        options.ifaces.join(", ")
-    ));
+    notify::notify(&format!("READY=1\nSTATUS={}", filtering_status(&held)));
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -180,6 +201,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut debounce: Option<Pin<Box<Sleep>>> = None;
     let mut state = State {
         kernel,
+        pins: pins.clone(),
+        held,
         options,
         watcher,
         in_force: prepared.set,
@@ -210,6 +233,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     warn!("control request failed: {error:#}");
                 }
             }
+            changed = link_events.changed() => {
+                changed.context("reading link events")?;
+                state.follow_links();
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             guard = readable(&mut logger) => {
@@ -221,24 +248,104 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
     let State {
-        kernel, options, ..
+        kernel,
+        options,
+        held,
+        ..
     } = state;
+    let names = held.names();
     notify::notify("STOPPING=1");
     if options.persist {
         info!(
             "exiting; still filtering {} with the rules in force (--persist; `firewall detach` removes it)",
-            options.ifaces.join(", ")
+            names.join(", ")
         );
         drop(kernel);
         return Ok(());
     }
-    info!("detaching from {}", options.ifaces.join(", "));
-    for iface in &options.ifaces {
+    // Under systemd the store keeps the links over a restart (the next daemon takes them
+    // over) and closes them on stop; without it, unpinning detaches.
+    info!("detaching from {}", names.join(", "));
+    for iface in &names {
         pins.remove_links(Some(iface))?;
     }
     drop(kernel);
     pins.remove_if_unused()?;
     Ok(())
+}
+
+/// Links left in systemd's file descriptor store by the daemon before this one (stopped by
+/// `systemctl restart`, or crashed): pinned again, so that they are taken over like pins.
+fn adopt_stored_links(pins: &Pins) {
+    use std::os::fd::AsFd as _;
+    for (name, fd) in notify::received() {
+        let is_link = name.starts_with("xdp-") || name.starts_with("tc-");
+        let path = pins.dir().join(&name);
+        if !is_link || name.contains('/') || path.exists() {
+            continue;
+        }
+        match crate::pins::pin_fd(fd.as_fd(), &path) {
+            Ok(()) => info!("took over the link {name} from systemd's file descriptor store"),
+            Err(error) => warn!("pinning the stored link {name}: {error}"),
+        }
+    }
+}
+
+/// The interfaces filtered and those waited for, for systemd's status line.
+fn filtering_status(held: &Held) -> String {
+    let mut status = format!("filtering {}", held.names().join(", "));
+    let missing = held.missing();
+    if !missing.is_empty() {
+        status += &format!("; waiting for {}", missing.join(", "));
+    }
+    status
+}
+
+/// The kernel side of holding interfaces (see [`ifaces::Held`]): attaches and pins, and
+/// hands the links to systemd's file descriptor store.
+struct Dataplane<'a> {
+    kernel: &'a mut Kernel,
+    pins: &'a Pins,
+    mode: AttachMode,
+}
+
+impl Dataplane<'_> {
+    fn store_links(&self, iface: &str) {
+        use std::os::fd::AsFd as _;
+        for kind in [LinkKind::Xdp, LinkKind::Tc] {
+            let path = self.pins.link_path(kind, iface);
+            if let Ok(fd) = crate::pins::open_pinned(&path) {
+                notify::store(&crate::pins::file_name(&path), fd.as_fd());
+            }
+        }
+    }
+
+    fn unstore_links(&self, iface: &str) {
+        for kind in [LinkKind::Xdp, LinkKind::Tc] {
+            notify::unstore(&crate::pins::file_name(&self.pins.link_path(kind, iface)));
+        }
+    }
+}
+
+impl ifaces::Attacher for Dataplane<'_> {
+    fn attach(&mut self, iface: &str) -> Result<String> {
+        let how = self.kernel.attach(iface, self.mode)?;
+        self.store_links(iface);
+        Ok(how)
+    }
+
+    fn release(&mut self, iface: &str) -> Result<()> {
+        self.unstore_links(iface);
+        self.pins.remove_links(Some(iface))?;
+        Ok(())
+    }
+
+    fn renamed(&mut self, iface: &str, to: &str) -> Result<()> {
+        self.unstore_links(iface);
+        self.pins.rename_links(iface, to)?;
+        self.store_links(to);
+        Ok(())
+    }
 }
 
 /// Entries of the four address tables.
@@ -249,6 +356,9 @@ fn address_entries(compiled: &Compiled) -> usize {
 /// What the daemon holds between events.
 struct State {
     kernel: Kernel,
+    pins: Pins,
+    /// The interfaces filtered.
+    held: Held,
     options: RunOptions,
     watcher: FileWatcher,
     /// The rules in force (for `explain` and roll-backs; the kernel keeps what it compiled).
@@ -283,6 +393,36 @@ struct Trial {
 }
 
 impl State {
+    /// Link events: holds the interfaces as they are now. Rules that name interfaces are
+    /// written again, as an interface created anew has another index.
+    fn follow_links(&mut self) {
+        let present = match ifaces::present() {
+            Ok(present) => present,
+            Err(error) => {
+                error!("listing interfaces: {error}");
+                return;
+            }
+        };
+        let changes = self.held.reconcile(
+            &present,
+            &mut Dataplane {
+                kernel: &mut self.kernel,
+                pins: &self.pins,
+                mode: self.options.mode,
+            },
+        );
+        if !changes.any() {
+            return;
+        }
+        if self.in_force.rules.iter().any(|rule| rule.iface.is_some()) {
+            let applied = compile(&self.in_force).and_then(|compiled| self.kernel.apply(&compiled));
+            if let Err(error) = applied {
+                error!("writing the interface rules again: {error:#}");
+            }
+        }
+        notify::notify(&format!("STATUS={}", filtering_status(&self.held)));
+    }
+
     /// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns
     /// the line that was logged.
     fn reload(&mut self) -> Result<String, String> {

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod explain;
 pub mod exposure;
 pub mod files;
+pub mod ifaces;
 pub mod kernel;
 pub mod kernel_log;
 pub mod lint;

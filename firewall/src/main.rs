@@ -28,7 +28,8 @@ enum Command {
         /// Rule file (TOML).
         #[arg(long)]
         rules: PathBuf,
-        /// Interface to filter; repeat for several.
+        /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
+        /// `all` (every interface but lo, also those that appear later); repeat for several.
         #[arg(long = "iface", required = true)]
         ifaces: Vec<String>,
         /// XDP attach mode: auto tries native, then skb (generic).
