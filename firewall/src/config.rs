@@ -840,6 +840,31 @@ mod tests {
     }
 
     #[test]
+    fn set_files_that_are_not_regular_files_are_errors_not_hangs() {
+        let rules =
+            "[sets.s]\nfiles = [\"fifo\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@s\"]\n";
+        let dir = std::env::temp_dir().join(format!("fw-config-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let error = parse_rules_in("r.toml", rules, &dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((error.line, error.col), (2, 10));
+        assert!(
+            error.message.ends_with("fifo: a FIFO, not a regular file"),
+            "{error}"
+        );
+        // A device: /dev/zero would never end.
+        let rules = rules.replace("fifo", "/dev/zero");
+        let error = parse_rules_in("r.toml", &rules, Path::new("/")).unwrap_err();
+        assert!(
+            error.message.ends_with("a device, not a regular file"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn sets_from_inline_lists_and_files_are_merged() {
         let set = with_files(
             &[
