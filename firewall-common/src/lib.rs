@@ -375,10 +375,21 @@ pub mod map_names {
     ];
 }
 
-/// Name of the XDP program in the object file.
+/// Name of the XDP program in the object file (for Ethernet interfaces).
 pub const XDP_PROGRAM: &str = "firewall";
-/// Name of the tc egress program that records the host's flows.
+/// Name of the tc egress program that records the host's flows (Ethernet interfaces).
 pub const EGRESS_PROGRAM: &str = "track_egress";
+/// The same two programs for interfaces whose frames start at the IP header (tun, WireGuard,
+/// PPP, raw IP, ipip): they share all code with the Ethernet ones but read no link header.
+pub const XDP_PROGRAM_L3: &str = "firewall_l3";
+pub const EGRESS_PROGRAM_L3: &str = "track_egress_l3";
+/// Every program of the object file.
+pub const PROGRAMS: [&str; 4] = [
+    XDP_PROGRAM,
+    XDP_PROGRAM_L3,
+    EGRESS_PROGRAM,
+    EGRESS_PROGRAM_L3,
+];
 
 #[cfg(feature = "user")]
 mod pod {

@@ -27,11 +27,25 @@ use crate::{
     parse::{Packet, Parsed},
 };
 
+/// The XDP program of Ethernet interfaces.
 #[xdp]
 pub fn firewall(ctx: XdpContext) -> u32 {
+    judge::<false>(ctx)
+}
+
+/// The XDP program of interfaces whose frames start at the IP header (tun, WireGuard, PPP,
+/// raw IP, ipip).
+#[xdp]
+pub fn firewall_l3(ctx: XdpContext) -> u32 {
+    judge::<true>(ctx)
+}
+
+/// Parses, classifies, counts; `L3` as in [`parse::parse`].
+#[inline(always)]
+fn judge<const L3: bool>(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut packet = Packet::new();
-    let parsed = parse::parse(ctx.data(), ctx.data_end(), &mut packet);
+    let parsed = parse::parse::<L3>(ctx.data(), ctx.data_end(), &mut packet);
     if let Parsed::NonIp = parsed {
         count(STAT_NON_IP, bytes);
         return xdp_action::XDP_PASS;
@@ -118,8 +132,19 @@ fn is_essential_icmpv6(packet: &parse::Packet) -> bool {
 /// tc egress: records the host's outbound flows so that their replies pass. Never drops.
 #[classifier]
 pub fn track_egress(ctx: TcContext) -> i32 {
+    track::<false>(ctx)
+}
+
+/// [`track_egress`] for interfaces whose frames start at the IP header.
+#[classifier]
+pub fn track_egress_l3(ctx: TcContext) -> i32 {
+    track::<true>(ctx)
+}
+
+#[inline(always)]
+fn track<const L3: bool>(ctx: TcContext) -> i32 {
     let mut packet = Packet::new();
-    if let Parsed::Ip = parse::parse(ctx.data(), ctx.data_end(), &mut packet) {
+    if let Parsed::Ip = parse::parse::<L3>(ctx.data(), ctx.data_end(), &mut packet) {
         state::record_outbound(&packet);
     }
     TC_ACT_OK

@@ -176,12 +176,32 @@ fn word(bytes: &[u8]) -> u32 {
 }
 
 /// Parses the frame between `start` and `end` (packet pointers of an XDP or tc context).
+/// `L3`: the frame starts at the IP header (tun, WireGuard, PPP, ipip), whose version
+/// nibble tells IPv4 from IPv6; otherwise at an Ethernet header.
 #[inline(always)]
-pub fn parse(start: usize, end: usize, packet: &mut Packet) -> Parsed {
+pub fn parse<const L3: bool>(start: usize, end: usize, packet: &mut Packet) -> Parsed {
     let frame = Frame { start, end };
-    match parse_frame(&frame, packet) {
+    let parsed = if L3 {
+        parse_ip(&frame, packet)
+    } else {
+        parse_frame(&frame, packet)
+    };
+    match parsed {
         Some(parsed) => parsed,
         None => Parsed::Malformed,
+    }
+}
+
+/// A frame that starts at the IP header. `None` means malformed: too short for an IP header,
+/// or neither version 4 nor 6.
+#[inline(always)]
+fn parse_ip(frame: &Frame, packet: &mut Packet) -> Option<Parsed> {
+    // Two bytes, not one: a one-byte bounds check compiles to a comparison the verifier
+    // cannot use. Any frame that short is malformed anyway.
+    match frame.bytes::<2>(0)?[0] >> 4 {
+        4 => parse_ipv4(frame, 0, packet).map(|()| Parsed::Ip),
+        6 => parse_ipv6(frame, 0, packet).map(|()| Parsed::Ip),
+        _ => None,
     }
 }
 
@@ -276,7 +296,9 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
         if offset + len > ip_end {
             return None;
         }
-        packet.proto = frame.bytes::<2>(offset)?[0];
+        // Checked again (LLVM would merge this read's check into the one above, which the
+        // verifier cannot follow once the offset is recomputed).
+        packet.proto = frame.bytes_checked::<2>(offset)?[0];
         offset += len;
     }
     match packet.proto {

@@ -122,6 +122,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
     let _lock = pins.lock()?;
+    // An interface named and present whose link type the programs cannot parse stops the
+    // start before anything is attached anywhere.
+    for iface in &options.ifaces {
+        if let IfaceSpec::Name(name) = IfaceSpec::parse(iface) {
+            if ifaces::ifindex(&name).is_some() {
+                crate::link::link_layer(&name)?;
+            }
+        }
+    }
     adopt_stored_links(&pins);
     for pin in pins.remove_dead_links()? {
         info!("removed the pinned link {pin}: its interface is gone or was created anew");

@@ -17,15 +17,16 @@ use aya::util::{nr_cpus, KernelVersion};
 use aya::{Ebpf, EbpfLoader, Pod};
 use firewall_common::{
     exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RateLimit, RuleBits,
-    RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK,
-    GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6,
-    TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM,
+    RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EGRESS_PROGRAM_L3,
+    EXACT_BITS_PER_FIELD, GEN_MASK, GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, PROGRAMS,
+    STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM, XDP_PROGRAM_L3,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::batch;
 use crate::compile::{AddressTable, Compiled, Prefix, PORTS, PROTOS};
 use crate::ifaces::ifindex;
+use crate::link::{self, LinkLayer};
 use crate::pins::{LinkKind, Pins};
 
 /// The XDP object built from firewall-ebpf by build.rs.
@@ -90,7 +91,7 @@ impl Kernel {
         let reused = build.join(map_names::ACTIVE_GENERATION).exists();
         std::fs::create_dir_all(&build).with_context(|| format!("creating {}", build.display()))?;
         let mut kernel = Self::load_with(Some(&build))?;
-        for name in [XDP_PROGRAM, EGRESS_PROGRAM] {
+        for name in PROGRAMS {
             let path = build.join(format!("prog-{name}"));
             // The program of an earlier daemon of this build: ours replaces it.
             let _ = std::fs::remove_file(&path);
@@ -121,18 +122,24 @@ impl Kernel {
             }
         }
         let mut ebpf = loader.load(OBJECT).context("loading the XDP object")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("XDP program `{XDP_PROGRAM}` missing from the object"))?
-            .try_into()?;
-        program.load().with_context(|| rejected("XDP program"))?;
-        let egress: &mut SchedClassifier = ebpf
-            .program_mut(EGRESS_PROGRAM)
-            .ok_or_else(|| anyhow!("tc program `{EGRESS_PROGRAM}` missing from the object"))?
-            .try_into()?;
-        egress
-            .load()
-            .with_context(|| rejected("tc egress program"))?;
+        for name in [XDP_PROGRAM, XDP_PROGRAM_L3] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("XDP program `{name}` missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| rejected(&format!("XDP program {name}")))?;
+        }
+        for name in [EGRESS_PROGRAM, EGRESS_PROGRAM_L3] {
+            let egress: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("tc program `{name}` missing from the object"))?
+                .try_into()?;
+            egress
+                .load()
+                .with_context(|| rejected(&format!("tc egress program {name}")))?;
+        }
         Ok(Kernel {
             ebpf,
             held: [Held::Zeroed, Held::Zeroed],
@@ -145,11 +152,11 @@ impl Kernel {
         &mut self.ebpf
     }
 
-    fn program(&self) -> Result<&Xdp> {
+    fn program(&self, name: &str) -> Result<&Xdp> {
         Ok(self
             .ebpf
-            .program(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("XDP program missing"))?
+            .program(name)
+            .ok_or_else(|| anyhow!("XDP program {name} missing"))?
             .try_into()?)
     }
 
@@ -157,18 +164,26 @@ impl Kernel {
     /// recorded before the XDP program starts to judge their replies; then XDP. With pins,
     /// links pinned by an earlier daemon are taken over (the program they run is swapped for
     /// ours atomically), and new links are pinned. Returns what was done, for the log.
+    /// The programs are those of the interface's link layer ([`link::link_layer`]);
+    /// interfaces of other link types are refused.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<String> {
+        let layer = link::link_layer(iface)?;
         let tc = self.attach_egress(iface)?;
         let xdp = self.attach_xdp(iface, mode)?;
-        Ok(format!("XDP ingress: {xdp}; tc egress: {tc}"))
+        let layer = match layer {
+            LinkLayer::Ethernet => "",
+            LinkLayer::Ip => " (frames start at the IP header)",
+        };
+        Ok(format!("XDP ingress: {xdp}; tc egress: {tc}{layer}"))
     }
 
     fn attach_egress(&mut self, iface: &str) -> Result<&'static str> {
+        let name = link::link_layer(iface)?.egress_program();
         let pin = self.pins.as_ref().map(|p| p.link_path(LinkKind::Tc, iface));
         let egress: &mut SchedClassifier = self
             .ebpf
-            .program_mut(EGRESS_PROGRAM)
-            .ok_or_else(|| anyhow!("tc program missing"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("tc program {name} missing"))?
             .try_into()?;
         if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
             let link = FdLink::from(PinnedLink::from_pin(pin)?);
@@ -201,7 +216,7 @@ impl Kernel {
                 // until the daemon detaches it, and one a killed daemon left behind stays for
                 // good. Replace those (ours by name) rather than stack another.
                 log::warn!("{iface}: tc egress is not pinned (no TCX before Linux 6.6)");
-                let _ = tc::qdisc_detach_program(iface, TcAttachType::Egress, EGRESS_PROGRAM);
+                let _ = tc::qdisc_detach_program(iface, TcAttachType::Egress, name);
                 egress.attach(iface, TcAttachType::Egress)?;
                 Ok("attached")
             }
@@ -209,14 +224,15 @@ impl Kernel {
     }
 
     fn attach_xdp(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        let name = link::link_layer(iface)?.xdp_program();
         let pin = self
             .pins
             .as_ref()
             .map(|p| p.link_path(LinkKind::Xdp, iface));
         let program: &mut Xdp = self
             .ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("XDP program missing"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("XDP program {name} missing"))?
             .try_into()?;
         if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
             let link = FdLink::from(PinnedLink::from_pin(pin)?);
@@ -581,13 +597,26 @@ impl Kernel {
     /// Runs `frame` through the program `repeat` times with BPF_PROG_TEST_RUN; returns the
     /// XDP action and the kernel's average time per run.
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        self.test_run_on(LinkLayer::Ethernet, frame, repeat)
+    }
+
+    /// [`Kernel::test_run`] with the XDP program of link layer `layer` (for
+    /// [`LinkLayer::Ip`], `frame` starts at the IP header).
+    pub fn test_run_on(
+        &self,
+        layer: LinkLayer,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
-        let result = self.program()?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })?;
+        let result = self
+            .program(layer.xdp_program())?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })?;
         Ok((result.return_value, result.duration))
     }
 

@@ -10,6 +10,7 @@ pub mod files;
 pub mod ifaces;
 pub mod kernel;
 pub mod kernel_log;
+pub mod link;
 pub mod lint;
 pub mod metrics;
 pub mod model;

@@ -1,5 +1,6 @@
 //! Builds Ethernet frames for tests and benchmarks: IPv4 (with options and fragments), IPv6
-//! (with extension-header chains), TCP, UDP, ICMP, ICMPv6, VLAN tags, ARP.
+//! (with extension-header chains), TCP, UDP, ICMP, ICMPv6, VLAN tags, ARP; and the same
+//! packets without a link header ([`Frame::build_ip`]).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const TPID_8021Q: u16 = 0x8100;
@@ -181,6 +182,14 @@ impl Frame {
         frame
     }
 
+    /// The packet as an interface without a link header carries it (tun, WireGuard, PPP,
+    /// ipip): from the IP header on. VLAN tags are left out.
+    pub fn build_ip(&self) -> Vec<u8> {
+        let mut frame = self.build();
+        frame.drain(..14 + 4 * self.vlan_tags.len());
+        frame
+    }
+
     fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr, upper: &[u8]) -> Vec<u8> {
         let header_len = 20 + self.ipv4_options;
         let total_len = (header_len + upper.len()) as u16;
@@ -339,6 +348,23 @@ mod tests {
             .fragment(3, true)
             .build();
         assert_eq!((info(&later).proto, info(&later).dport), (6, None));
+    }
+
+    #[test]
+    fn ip_frames_start_at_the_ip_header() {
+        use crate::link::LinkLayer;
+        use crate::reference::parse_frame_on;
+        let frame = Frame::v4("10.0.0.1", "10.0.0.2", L4::Udp { dport: 53 }).vlan(TPID_8021Q, 3);
+        let ip = frame.build_ip();
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(ip.len() + 18, frame.build().len());
+        match parse_frame_on(LinkLayer::Ip, &ip) {
+            Parsed::Ip(info) => assert_eq!(info.dport, Some(53)),
+            other => panic!("{other:?}"),
+        }
+        let v6 = Frame::v6("::1", "::2", L4::Icmpv6).build_ip();
+        assert_eq!(v6[0] >> 4, 6);
+        assert!(matches!(parse_frame_on(LinkLayer::Ip, &v6), Parsed::Ip(_)));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use firewall_common::{address_words, FlowKey, FlowState, FLOW_CLOSING};
 
+use crate::link::LinkLayer;
 use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,11 +108,23 @@ pub fn evaluate_on(
     iface: Option<&str>,
     flows: &FlowTable,
 ) -> Decision {
+    evaluate_layer(rules, LinkLayer::Ethernet, frame, iface, flows)
+}
+
+/// [`evaluate_on`] for a frame of link layer `layer` (for [`LinkLayer::Ip`], starting at the
+/// IP header).
+pub fn evaluate_layer(
+    rules: &RuleSet,
+    layer: LinkLayer,
+    frame: &[u8],
+    iface: Option<&str>,
+    flows: &FlowTable,
+) -> Decision {
     let pass = |reason| Decision {
         verdict: Verdict::Pass,
         reason,
     };
-    let decision = match parse_frame(frame) {
+    let decision = match parse_frame_on(layer, frame) {
         Parsed::Ip(packet) if rules.essentials && is_essential(&packet) => pass(Reason::Essential),
         Parsed::Ip(packet) if rules.established && is_established(rules, &packet, flows) => {
             pass(Reason::Established)
@@ -267,6 +280,22 @@ fn be16(frame: &[u8], at: usize) -> Option<u16> {
 
 pub fn parse_frame(frame: &[u8]) -> Parsed {
     parse(frame).unwrap_or(Parsed::Malformed)
+}
+
+/// [`parse_frame`] for a frame of link layer `layer`. A frame that starts at the IP header is
+/// IPv4 or IPv6 by its version nibble; any other version (or an empty frame) is malformed.
+pub fn parse_frame_on(layer: LinkLayer, frame: &[u8]) -> Parsed {
+    match layer {
+        LinkLayer::Ethernet => parse_frame(frame),
+        LinkLayer::Ip => {
+            let parsed = match frame.first().map(|byte| byte >> 4) {
+                Some(4) => ipv4(frame, 0),
+                Some(6) => ipv6(frame, 0),
+                _ => None,
+            };
+            parsed.map_or(Parsed::Malformed, Parsed::Ip)
+        }
+    }
 }
 
 /// `None` means malformed.

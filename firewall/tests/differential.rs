@@ -3,7 +3,9 @@
 //!
 //! Frames are drawn to hit the parser's edges: VLAN stacks (up to three tags), IPv4 options,
 //! fragments, IPv6 extension-header chains (up to nine), truncations and corrupted bytes, with
-//! addresses and ports from small pools so that rules and packets overlap. Set `FW_SEED` to
+//! addresses and ports from small pools so that rules and packets overlap. A quarter of the
+//! frames start at the IP header (as on tun, WireGuard, PPP and ipip) and go through the
+//! L3 program. Set `FW_SEED` to
 //! replay a run, `FW_PACKETS` to change its length and `FW_RULE_SETS` the number of small rule
 //! sets it is spread over.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -12,9 +14,10 @@ use std::ops::RangeInclusive;
 use firewall::compile::{compile_with_budget, EXACT_BUDGET};
 use firewall::kernel::monotonic_now_ns;
 use firewall::kernel::Kernel;
+use firewall::link::LinkLayer;
 use firewall::model::{Action, Proto, Rule, RuleSet};
 use firewall::reference::{
-    evaluate_on, inbound_flow, parse_frame, FlowTable, Parsed, Reason, Verdict,
+    evaluate_layer, inbound_flow, parse_frame_on, FlowTable, Parsed, Reason, Verdict,
 };
 use firewall_common::{FlowState, FLOW_CLOSING};
 use ipnet::IpNet;
@@ -335,6 +338,30 @@ fn ipv6_packet(rng: &mut StdRng) -> Vec<u8> {
     ip
 }
 
+/// A random frame of a random link layer: a quarter start at the IP header (with a random
+/// version nibble now and then).
+fn random_layered_frame(rng: &mut StdRng) -> (LinkLayer, Vec<u8>) {
+    if !rng.gen_bool(0.25) {
+        return (LinkLayer::Ethernet, random_frame(rng));
+    }
+    let mut packet = if rng.gen_bool(0.5) {
+        ipv4_packet(rng)
+    } else {
+        ipv6_packet(rng)
+    };
+    match rng.gen_range(0..20) {
+        0..=2 => packet.truncate(rng.gen_range(0..=packet.len())),
+        3 | 4 => {
+            let at = rng.gen_range(0..packet.len());
+            packet[at] = rng.gen();
+        }
+        5 if !packet.is_empty() => packet[0] = rng.gen::<u8>() & 0xf0 | packet[0] & 0x0f,
+        6 => packet.extend((0..rng.gen_range(1..20)).map(|_| 0u8)),
+        _ => {}
+    }
+    (LinkLayer::Ip, packet)
+}
+
 fn random_frame(rng: &mut StdRng) -> Vec<u8> {
     let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
     let tags = match rng.gen_range(0..10) {
@@ -383,7 +410,7 @@ fn reason_index(reason: Reason) -> usize {
 
 /// Tracked flows for about a third of `frames` (the flows they would reply to), fresh or
 /// long expired, open or closing; timestamps are far from the timeouts' edges.
-fn random_flows(rng: &mut StdRng, frames: &[Vec<u8>], set: &RuleSet) -> FlowTable {
+fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet) -> FlowTable {
     let now_ns = monotonic_now_ns();
     let mut table = FlowTable {
         flows: Default::default(),
@@ -394,8 +421,8 @@ fn random_flows(rng: &mut StdRng, frames: &[Vec<u8>], set: &RuleSet) -> FlowTabl
         .tcp
         .max(set.timeouts.udp)
         .max(set.timeouts.icmp);
-    for frame in frames {
-        let Parsed::Ip(packet) = parse_frame(frame) else {
+    for (layer, frame) in frames {
+        let Parsed::Ip(packet) = parse_frame_on(*layer, frame) else {
             continue;
         };
         let Some(key) = inbound_flow(&packet) else {
@@ -453,14 +480,14 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         kernel
             .apply(&compile_with_budget(&set, budget).expect("compile"))
             .expect("apply");
-        let frames: Vec<Vec<u8>> = (0..packets_per_set)
-            .map(|_| random_frame(&mut rng))
+        let frames: Vec<(LinkLayer, Vec<u8>)> = (0..packets_per_set)
+            .map(|_| random_layered_frame(&mut rng))
             .collect();
         let flows = random_flows(&mut rng, &frames, &set);
         let table: Vec<_> = flows.flows.iter().map(|(k, v)| (*k, *v)).collect();
         kernel.set_flows(&table).expect("set flows");
-        for frame in frames {
-            let expected = evaluate_on(&set, &frame, Some("lo"), &flows);
+        for (layer, frame) in frames {
+            let expected = evaluate_layer(&set, layer, &frame, Some("lo"), &flows);
             if frame.len() < ETH_HLEN {
                 // The kernel hands XDP no frame shorter than an Ethernet header, and
                 // BPF_PROG_TEST_RUN refuses one.
@@ -472,11 +499,11 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
                 Verdict::Pass => XDP_PASS,
                 Verdict::Drop => XDP_DROP,
             };
-            let (got, _) = kernel.test_run(&frame, 1).expect("test run");
+            let (got, _) = kernel.test_run_on(layer, &frame, 1).expect("test run");
             if got != want {
                 panic!(
                     "kernel and reference disagree (seed {seed}, rule set {set_index}):\n\
-                     frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}\nflows {:?}",
+                     {layer:?} frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}\nflows {:?}",
                     hex(&frame),
                     expected,
                     set,

@@ -1300,3 +1300,75 @@ fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
     assert!(!pins.pin_dir().exists(), "pins left behind");
     let _ = std::fs::remove_file(&socket_path);
 }
+
+/// On a `tun` device, whose frames start at the IP header: under a default-deny file that
+/// allows only SSH, a SYN to a listening denied port gets no SYN-ACK, a SYN to SSH does (IPv4
+/// and IPv6). The test holds the device's other end and plays the peer.
+#[test]
+fn tun_devices_are_filtered_at_the_ip_header() {
+    let net = TestNet::new();
+    let host4: std::net::IpAddr = net
+        .a4
+        .to_string()
+        .replace(".213.", ".214.")
+        .parse()
+        .unwrap();
+    let peer4: std::net::IpAddr = net
+        .b4
+        .to_string()
+        .replace(".213.", ".214.")
+        .parse()
+        .unwrap();
+    let host6: std::net::IpAddr = net
+        .a6
+        .to_string()
+        .replace(":213:", ":214:")
+        .parse()
+        .unwrap();
+    let peer6: std::net::IpAddr = net
+        .b6
+        .to_string()
+        .replace(":213:", ":214:")
+        .parse()
+        .unwrap();
+    let tun = common::TunPeer::new(&net.a, "fwtun0", host4, host6);
+    serve(&net.a, vec![host4, host6], vec![22, 8080]);
+    let answers = |peer: std::net::IpAddr, host: std::net::IpAddr, port: u16, sport: u16| {
+        tun.send(&common::tcp_syn(peer, host, sport, port));
+        let wait = std::time::Duration::from_millis(700);
+        tun.receive(wait, |packet| common::is_syn_ack(packet, port, sport))
+            .is_some()
+    };
+    // Without the firewall both ports answer: the peer works.
+    assert!(
+        answers(peer4, host4, 8080, 40001),
+        "no SYN-ACK without the firewall"
+    );
+    assert!(
+        answers(peer6, host6, 8080, 40002),
+        "no IPv6 SYN-ACK without the firewall"
+    );
+    let file = RuleFile::new(
+        "ssh-only.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[[rules]]\nname = \"ssh\"\naction = \"allow\"\n\
+         proto = \"tcp\"\nports = [22]\n",
+    );
+    let daemon = Daemon::start(&net.a, &file.path, &tun.name);
+    for (peer, host, family) in [(peer4, host4, "IPv4"), (peer6, host6, "IPv6")] {
+        assert!(
+            !answers(peer, host, 8080, 40011),
+            "{family}: a SYN to the denied port 8080 was answered; log:\n{}",
+            daemon.log()
+        );
+        assert!(
+            answers(peer, host, 22, 40012),
+            "{family}: a SYN to the allowed port 22 got no answer"
+        );
+    }
+    assert!(
+        daemon.log().contains("frames start at the IP header"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.terminate().success());
+}

@@ -781,3 +781,285 @@ fn an_interrupted_write_leaves_nothing_behind() {
     );
     assert_eq!(verdict(&kernel, &tcp4("192.0.2.9", 22).build()), XDP_DROP);
 }
+
+/// Frames of interfaces without a link header (tun, WireGuard, PPP, ipip) through the
+/// L3 program: the same rules, the version nibble instead of an EtherType.
+mod l3 {
+    use super::*;
+    use firewall::kernel::monotonic_now_ns;
+    use firewall::link::LinkLayer;
+    use firewall::reference::{evaluate_layer, outbound_flow, parse_frame_on, FlowTable, Parsed};
+    use firewall_common::{FlowState, STAT_ESTABLISHED};
+
+    fn verdict_l3(kernel: &Kernel, frame: &[u8]) -> u32 {
+        kernel
+            .test_run_on(LinkLayer::Ip, frame, 1)
+            .expect("test run")
+            .0
+    }
+
+    fn want(set: &RuleSet, frame: &[u8], flows: &FlowTable) -> (u32, Reason) {
+        let decision = evaluate_layer(set, LinkLayer::Ip, frame, None, flows);
+        let action = match decision.verdict {
+            Verdict::Pass => XDP_PASS,
+            Verdict::Drop => XDP_DROP,
+        };
+        (action, decision.reason)
+    }
+
+    /// Like [`check`], through the L3 program; the reference evaluator must agree.
+    fn check_l3(rows: &[(&str, Vec<u8>, u32)]) {
+        let kernel = kernel();
+        let set = rule_set();
+        for (name, frame, expected) in rows {
+            let got = verdict_l3(&kernel, frame);
+            assert_eq!(got, *expected, "{name}: kernel gave XDP action {got}");
+            let (reference, _) = want(&set, frame, &FlowTable::default());
+            assert_eq!(reference, *expected, "{name}: the reference disagrees");
+        }
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_by_protocol() {
+        check_l3(&[
+            (
+                "tcp4 ssh from lan",
+                tcp4("10.1.2.3", 22).build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "tcp4 ssh from outside",
+                tcp4("192.0.2.9", 22).build_ip(),
+                XDP_DROP,
+            ),
+            (
+                "tcp4 denied port",
+                tcp4("10.1.2.3", 23).build_ip(),
+                XDP_DROP,
+            ),
+            ("tcp4 web", tcp4("192.0.2.9", 8080).build_ip(), XDP_PASS),
+            (
+                "udp4 web",
+                Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "udp4 denied",
+                Frame::v4("10.1.1.1", "10.0.0.1", L4::Udp { dport: 22 }).build_ip(),
+                XDP_DROP,
+            ),
+            (
+                "icmp4",
+                Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp).build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "tcp6 ssh from lan",
+                tcp6("2001:db8::7", 22).build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "tcp6 ssh from outside",
+                tcp6("2001:db9::7", 22).build_ip(),
+                XDP_DROP,
+            ),
+            (
+                "udp6 web",
+                Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 8050 }).build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "udp6 denied",
+                Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 53 }).build_ip(),
+                XDP_DROP,
+            ),
+            (
+                "icmpv6",
+                Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "tcp6 behind extension headers",
+                tcp6("2001:db8::1", 22)
+                    .ext_header(EXT_HOP_BY_HOP, 8)
+                    .ext_header(EXT_AUTH, 12)
+                    .build_ip(),
+                XDP_PASS,
+            ),
+            (
+                "ipv4 options",
+                tcp4("192.0.2.9", 22).ipv4_options(12).build_ip(),
+                XDP_DROP,
+            ),
+        ]);
+    }
+
+    #[test]
+    fn the_version_nibble_decides_and_anything_else_is_malformed() {
+        let kernel = kernel();
+        let before = kernel.counters().unwrap()[STAT_MALFORMED as usize].packets;
+        let good = tcp4("10.1.2.3", 22).build_ip();
+        let mut rows = Vec::new();
+        for version in [0u8, 1, 5, 7, 15] {
+            let mut frame = good.clone();
+            frame[0] = version << 4 | 5;
+            rows.push((format!("version {version}"), frame));
+        }
+        // An IPv6 header under a version-4 nibble, and the other way round.
+        let mut v6_as_v4 = tcp6("2001:db8::1", 22).build_ip();
+        v6_as_v4[0] = 0x45;
+        rows.push(("v6 header, version 4".into(), v6_as_v4));
+        let mut v4_as_v6 = good.clone();
+        v4_as_v6[0] = 0x65;
+        rows.push(("v4 header, version 6".into(), v4_as_v6));
+        // What the Ethernet program would have read as a header: an ARP frame is no IP.
+        rows.push(("arp bytes".into(), arp_request()));
+        // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, so a frame too
+        // short for a version nibble is the reference's alone.)
+        assert_eq!(
+            want(&rule_set(), &[], &FlowTable::default()),
+            (XDP_DROP, Reason::Malformed)
+        );
+        let set = rule_set();
+        for (name, frame) in &rows {
+            assert_eq!(verdict_l3(&kernel, frame), XDP_DROP, "{name}");
+            assert_eq!(
+                want(&set, frame, &FlowTable::default()),
+                (XDP_DROP, Reason::Malformed),
+                "{name}"
+            );
+        }
+        let after = kernel.counters().unwrap()[STAT_MALFORMED as usize].packets;
+        assert_eq!(after - before, rows.len() as u64, "counted as malformed");
+        // The Ethernet program reads the same bytes differently: an L3 SYN to a denied port
+        // is not IP to it (the IP header's bytes 12-13 are no EtherType) and passes.
+        let syn = tcp4("192.0.2.9", 23).build_ip();
+        assert_eq!(verdict(&kernel, &syn), XDP_PASS);
+        assert_eq!(verdict_l3(&kernel, &syn), XDP_DROP);
+    }
+
+    /// Every prefix of valid packets: cut headers are malformed, cut payload is not.
+    #[test]
+    fn every_truncation_is_handled() {
+        let kernel = kernel();
+        let set = rule_set();
+        let frames = [
+            tcp4("10.1.2.3", 22).ipv4_options(8).payload(4).build_ip(),
+            tcp6("2001:db8::1", 22)
+                .ext_header(EXT_HOP_BY_HOP, 8)
+                .ext_header(EXT_AUTH, 12)
+                .payload(4)
+                .build_ip(),
+            Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build_ip(),
+            Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build_ip(),
+        ];
+        let mut malformed = 0;
+        // BPF_PROG_TEST_RUN for XDP takes at least 14 bytes.
+        for frame in &frames {
+            for len in 14..=frame.len() {
+                let cut = &frame[..len];
+                let (expected, reason) = want(&set, cut, &FlowTable::default());
+                assert_eq!(
+                    verdict_l3(&kernel, cut),
+                    expected,
+                    "cut to {len} of {}",
+                    frame.len()
+                );
+                if reason == Reason::Malformed {
+                    malformed += 1;
+                    assert!(len < frame.len());
+                }
+            }
+            assert_ne!(
+                want(&set, frame, &FlowTable::default()).1,
+                Reason::Malformed
+            );
+        }
+        assert!(
+            malformed > 100,
+            "truncations counted as malformed: {malformed}"
+        );
+    }
+
+    #[test]
+    fn bad_lengths_are_malformed() {
+        let good = tcp4("10.1.2.3", 22).build_ip();
+        let mut long_total = good.clone();
+        long_total[2..4].copy_from_slice(&2000u16.to_be_bytes());
+        let mut short_ihl = good.clone();
+        short_ihl[0] = 0x44;
+        let mut tcp_cut_by_total = good.clone();
+        tcp_cut_by_total[2..4].copy_from_slice(&30u16.to_be_bytes());
+        let mut payload_too_long = tcp6("2001:db8::1", 22).build_ip();
+        payload_too_long[4..6].copy_from_slice(&500u16.to_be_bytes());
+        let mut padded = good.clone();
+        padded.extend([0; 12]);
+        check_l3(&[
+            ("total length beyond frame", long_total, XDP_DROP),
+            ("IHL below 5", short_ihl, XDP_DROP),
+            ("TCP header beyond total length", tcp_cut_by_total, XDP_DROP),
+            ("IPv6 payload beyond frame", payload_too_long, XDP_DROP),
+            ("trailing bytes after the packet", padded, XDP_PASS),
+        ]);
+    }
+
+    /// Replies to the host's flows and ICMP errors quoting them pass before the rules, as on
+    /// Ethernet.
+    #[test]
+    fn connection_state() {
+        let mut kernel = Kernel::load().unwrap();
+        let text = "[defaults]\npolicy = \"deny\"\n[state]\nudp_timeout = 5\n";
+        let set = parse_rules("t.toml", text).unwrap();
+        kernel.apply(&compile(&set).unwrap()).unwrap();
+        let (host, peer) = ("10.0.0.1", "198.51.100.7");
+        let out = Frame::v4(host, peer, L4::Udp { dport: 53 }).build_ip();
+        let mut reply = Frame::v4(peer, host, L4::Udp { dport: SOURCE_PORT }).build_ip();
+        reply[20..22].copy_from_slice(&53u16.to_be_bytes());
+        let mut unreachable = Frame::v4(peer, host, L4::Icmp)
+            .payload(out.len())
+            .build_ip();
+        unreachable[20] = 3;
+        unreachable[28..].copy_from_slice(&out);
+        let out6 = Frame::v6("fd00::1", "2001:db8::7", L4::Tcp { dport: 443 }).build_ip();
+        let mut reply6 = Frame::v6("2001:db8::7", "fd00::1", L4::Tcp { dport: SOURCE_PORT })
+            .tcp_flags(TCP_ACK)
+            .build_ip();
+        reply6[40..42].copy_from_slice(&443u16.to_be_bytes());
+        let replies = [&reply, &unreachable, &reply6];
+        for frame in replies {
+            assert_eq!(verdict_l3(&kernel, frame), XDP_DROP, "no flow yet");
+        }
+        let now = monotonic_now_ns();
+        let mut table = FlowTable {
+            now_ns: now,
+            ..Default::default()
+        };
+        for frame in [&out, &out6] {
+            let Parsed::Ip(packet) = parse_frame_on(LinkLayer::Ip, frame) else {
+                panic!("not IP")
+            };
+            let state = FlowState {
+                last_seen_ns: now,
+                flags: 0,
+                _pad: 0,
+            };
+            table.flows.insert(outbound_flow(&packet).unwrap(), state);
+        }
+        let flows: Vec<_> = table.flows.iter().map(|(k, v)| (*k, *v)).collect();
+        kernel.set_flows(&flows).unwrap();
+        let before = kernel.counters().unwrap()[STAT_ESTABLISHED as usize].packets;
+        for frame in replies {
+            assert_eq!(
+                verdict_l3(&kernel, frame),
+                XDP_PASS,
+                "reply to a tracked flow"
+            );
+            assert_eq!(want(&set, frame, &table), (XDP_PASS, Reason::Established));
+        }
+        let after = kernel.counters().unwrap()[STAT_ESTABLISHED as usize].packets;
+        assert_eq!(after - before, 3);
+        let mut syn6 = reply6.clone();
+        syn6[40 + 13] = TCP_SYN;
+        assert_eq!(verdict_l3(&kernel, &syn6), XDP_DROP, "a SYN never replies");
+    }
+}

@@ -46,9 +46,17 @@ pub fn debian_kernel_names() -> Vec<String> {
 }
 
 /// Modules the guest needs, if the kernel has them as modules: the virtio NIC, veth for the
-/// tests' namespaces, clsact + cls_bpf for tc egress on kernels without TCX (before 6.6).
+/// tests' namespaces, clsact + cls_bpf for tc egress on kernels without TCX (before 6.6), tun
+/// for the test of interfaces without a link header.
 /// Their dependencies are found from the modules themselves.
-const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_net", "veth", "sch_ingress", "cls_bpf"];
+const WANTED_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "tun",
+];
 
 /// The guest's address on QEMU's user-mode network, and the host as the guest sees it
 /// (QEMU forwards connections to it to the host's loopback).

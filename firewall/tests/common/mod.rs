@@ -588,3 +588,142 @@ impl TestNet {
         String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
     }
 }
+
+/// A `tun` device in namespace `ns` with the host's addresses, and its other end held by the
+/// test, which acts as the peer: it writes IP packets into the host and reads what the host
+/// sends back. The device goes with the namespace (and with the fd, once closed).
+pub struct TunPeer {
+    pub name: String,
+    file: File,
+}
+
+impl TunPeer {
+    /// `tun` device `name` in `ns` with `host4`/24 and `host6`/64, up.
+    pub fn new(ns: &str, name: &str, host4: IpAddr, host6: IpAddr) -> TunPeer {
+        ip(&["-n", ns, "tuntap", "add", "mode", "tun", "dev", name]);
+        ip(&["-n", ns, "addr", "add", &format!("{host4}/24"), "dev", name]);
+        let host6 = format!("{host6}/64");
+        ip(&["-n", ns, "addr", "add", &host6, "dev", name, "nodad"]);
+        ip(&["-n", ns, "link", "set", name, "up"]);
+        let owned = name.to_string();
+        // TUNSETIFF finds the device by name in the calling thread's namespace.
+        let file = TestNet::within(ns, move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("open /dev/net/tun");
+            const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+            const IFF_TUN: libc::c_short = 0x0001;
+            const IFF_NO_PI: libc::c_short = 0x1000;
+            // struct ifreq: the name, then the flags (the rest of the union unused).
+            let mut ifreq = [0u8; 40];
+            ifreq[..owned.len()].copy_from_slice(owned.as_bytes());
+            ifreq[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+            // SAFETY: a valid fd and a buffer the size of struct ifreq.
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) };
+            assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            file
+        });
+        TunPeer {
+            name: name.to_string(),
+            file,
+        }
+    }
+
+    /// Hands `packet` (an IP packet) to the host as if it arrived on the device.
+    pub fn send(&self, packet: &[u8]) {
+        let written = (&self.file).write(packet).expect("write to the tun device");
+        assert_eq!(written, packet.len());
+    }
+
+    /// The first packet the host sends within `wait` that `want` accepts.
+    pub fn receive(&self, wait: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let mut poll = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis() as libc::c_int + 1) };
+            if ready <= 0 {
+                continue;
+            }
+            let n = (&self.file)
+                .read(&mut buf)
+                .expect("read from the tun device");
+            if want(&buf[..n]) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+}
+
+/// A TCP SYN from `src`:`sport` to `dst`:`dport` as an IP packet, checksums filled in.
+pub fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // sequence
+    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    let mut packet = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 6, 0, 20]);
+            let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let checksum = checksum(&ip);
+            ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+            ip
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+            let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            ip
+        }
+        _ => panic!("one address family per packet"),
+    };
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    packet.extend(tcp);
+    packet
+}
+
+/// Whether `packet` (an IP packet) is a TCP SYN-ACK from port `sport` to port `dport`.
+pub fn is_syn_ack(packet: &[u8], sport: u16, dport: u16) -> bool {
+    let l4 = match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 && packet[9] == 6 => usize::from(packet[0] & 0xf) * 4,
+        Some(6) if packet.len() >= 40 && packet[6] == 6 => 40,
+        _ => return false,
+    };
+    let Some(tcp) = packet.get(l4..l4 + 20) else {
+        return false;
+    };
+    u16::from_be_bytes([tcp[0], tcp[1]]) == sport
+        && u16::from_be_bytes([tcp[2], tcp[3]]) == dport
+        && tcp[13] & 0x12 == 0x12
+}
+
+/// The Internet checksum of `bytes`.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
