@@ -6,12 +6,12 @@ use std::net::IpAddr;
 use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 
-use anyhow::Context as _;
 use firewall_common::MAX_RULES;
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::files::{self, Trust, MAX_RULE_FILE_BYTES, MAX_SET_FILE_BYTES};
 use crate::model::{Action, Limit, LogRate, Proto, Rule, RuleSet, Timeouts};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
@@ -120,8 +120,18 @@ pub fn parse_rules(file: &str, text: &str) -> Result<RuleSet, ConfigError> {
     parse_rules_in(file, text, Path::new("."))
 }
 
-/// Like [`parse_rules`], with set files relative to `dir`.
+/// Like [`parse_rules`], with set files relative to `dir`, read whoever wrote them.
 pub fn parse_rules_in(file: &str, text: &str, dir: &Path) -> Result<RuleSet, ConfigError> {
+    parse_rules_with(file, text, dir, Trust::Anyone)
+}
+
+/// Like [`parse_rules_in`], with set files read only if `trust` accepts them.
+pub fn parse_rules_with(
+    file: &str,
+    text: &str,
+    dir: &Path,
+    trust: Trust,
+) -> Result<RuleSet, ConfigError> {
     let located = |(span, message): Located| {
         let (line, col) = line_col(text, span.start);
         ConfigError {
@@ -139,6 +149,7 @@ pub fn parse_rules_in(file: &str, text: &str, dir: &Path) -> Result<RuleSet, Con
     let sets = resolve_sets(
         raw.sets.take().unwrap_or_default(),
         dir,
+        trust,
         &located,
         &mut set_files,
     )?;
@@ -156,6 +167,7 @@ pub const DEFAULT_MAX_ENTRIES: i64 = 1_000_000;
 fn resolve_sets(
     raw: BTreeMap<String, Spanned<RawSet>>,
     dir: &Path,
+    trust: Trust,
     located: &dyn Fn(Located) -> ConfigError,
     set_files: &mut Vec<std::path::PathBuf>,
 ) -> Result<HashMap<String, Vec<IpNet>>, ConfigError> {
@@ -182,7 +194,7 @@ fn resolve_sets(
         if let Some(files) = set.files {
             for file in files.get_ref() {
                 let path = dir.join(file.get_ref());
-                let text = std::fs::read_to_string(&path).map_err(|error| {
+                let text = files::read(&path, MAX_SET_FILE_BYTES, trust).map_err(|error| {
                     located((
                         file.span(),
                         format!("cannot read set file {}: {error}", path.display()),
@@ -200,6 +212,10 @@ fn resolve_sets(
     Ok(sets)
 }
 
+/// Most entries read from one set file (before merging; `[limits] max_entries` caps what is
+/// left after).
+pub const MAX_SET_FILE_ENTRIES: usize = 4 * DEFAULT_MAX_ENTRIES as usize;
+
 /// One address or CIDR per line (FireHOL .netset and plain lists); `#` starts a comment.
 pub fn parse_set_file(file: &str, text: &str) -> Result<Vec<IpNet>, ConfigError> {
     let mut nets = Vec::new();
@@ -207,6 +223,14 @@ pub fn parse_set_file(file: &str, text: &str) -> Result<Vec<IpNet>, ConfigError>
         let entry = line.split('#').next().unwrap_or("").trim();
         if entry.is_empty() {
             continue;
+        }
+        if nets.len() == MAX_SET_FILE_ENTRIES {
+            return Err(ConfigError {
+                file: file.to_string(),
+                line: index + 1,
+                col: 0,
+                message: format!("more than {MAX_SET_FILE_ENTRIES} entries in one set file"),
+            });
         }
         let net = network(&Spanned::new(0..0, entry.to_string())).map_err(|(_, message)| {
             ConfigError {
@@ -221,12 +245,19 @@ pub fn parse_set_file(file: &str, text: &str) -> Result<Vec<IpNet>, ConfigError>
     Ok(nets)
 }
 
-/// Reads and parses a rule file.
+/// Reads and parses a rule file, whoever wrote it and its set files.
 pub fn load_rules(path: &Path) -> anyhow::Result<RuleSet> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading rule file {}", path.display()))?;
+    load_rules_trusting(path, Trust::Anyone).map(|(set, _)| set)
+}
+
+/// Reads and parses a rule file and its set files if `trust` accepts them; also returns the
+/// rule file's text as read.
+pub fn load_rules_trusting(path: &Path, trust: Trust) -> anyhow::Result<(RuleSet, String)> {
+    let text = files::read(path, MAX_RULE_FILE_BYTES, trust)
+        .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    Ok(parse_rules_in(&path.display().to_string(), &text, dir)?)
+    let set = parse_rules_with(&path.display().to_string(), &text, dir, trust)?;
+    Ok((set, text))
 }
 
 fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet, Located> {
@@ -812,6 +843,31 @@ mod tests {
             .iter()
             .map(|n| n.to_string())
             .collect()
+    }
+
+    #[test]
+    fn set_files_that_are_not_regular_files_are_errors_not_hangs() {
+        let rules =
+            "[sets.s]\nfiles = [\"fifo\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@s\"]\n";
+        let dir = std::env::temp_dir().join(format!("fw-config-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let error = parse_rules_in("r.toml", rules, &dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((error.line, error.col), (2, 10));
+        assert!(
+            error.message.ends_with("fifo: a FIFO, not a regular file"),
+            "{error}"
+        );
+        // A device: /dev/zero would never end.
+        let rules = rules.replace("fifo", "/dev/zero");
+        let error = parse_rules_in("r.toml", &rules, Path::new("/")).unwrap_err();
+        assert!(
+            error.message.ends_with("a device, not a regular file"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `firewall run`: the pipeline parse -> compile -> apply, then attach and serve signals.
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -17,12 +17,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Sleep;
 
 use crate::compile::{compile, Compiled};
-use crate::config::load_rules;
+use crate::config::{load_rules_trusting, parse_rules_with};
+use crate::control::{self, Request};
+use crate::files::Trust;
+use crate::ifaces::{self, Held, IfaceSpec, LinkEvents};
 use crate::kernel::{AttachMode, Kernel};
 use crate::kernel_log::{KernelLog, RuleNames};
 use crate::metrics::{Reloads, SharedReloads};
 use crate::model::RuleSet;
 use crate::notify;
+use crate::pins::LinkKind;
 use crate::pins::Pins;
 
 pub struct RunOptions {
@@ -44,29 +48,52 @@ pub struct RunOptions {
 }
 
 /// Default path of the control socket.
-pub const DEFAULT_CONTROL: &str = "/run/firewall.sock";
+pub const DEFAULT_CONTROL: &str = control::DEFAULT_SOCKET;
 
 /// Wait after a file change before reloading, so that a burst of writes reloads once.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// A compiled rule file and the files it was read from.
+/// A compiled rule file, its text as read and the files it was read from.
 pub struct Prepared {
     pub set: RuleSet,
     pub compiled: Compiled,
+    pub text: String,
     pub files: Vec<PathBuf>,
+}
+
+/// Who may have written the rule files `run` reads.
+fn trust(insecure_files: bool) -> Trust {
+    if insecure_files {
+        Trust::Anyone
+    } else {
+        Trust::RootOnly
+    }
 }
 
 /// Reads and compiles a rule file; nothing touches the kernel.
 pub fn prepare(path: &Path, insecure_files: bool, audit: bool) -> Result<Prepared> {
-    let mut set = load_rules(path)?;
+    let (set, text) = load_rules_trusting(path, trust(insecure_files))?;
+    finish_preparing(path, set, text, audit)
+}
+
+/// [`prepare`] for a rule file's text that arrived over the control socket, to become the
+/// rule file at `path`: its set files are read from there.
+fn prepare_text(
+    name: &str,
+    text: String,
+    path: &Path,
+    insecure_files: bool,
+    audit: bool,
+) -> Result<Prepared> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let set = parse_rules_with(name, &text, dir, trust(insecure_files))?;
+    finish_preparing(Path::new(name), set, text, audit)
+}
+
+fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) -> Result<Prepared> {
     set.audit |= audit;
     let mut files = vec![path.to_path_buf()];
     files.extend(set.set_files.iter().cloned());
-    if !insecure_files {
-        for file in &files {
-            check_permissions(file)?;
-        }
-    }
     for warning in crate::lint::warnings(&set) {
         warn!("{}: {warning}", path.display());
     }
@@ -85,42 +112,28 @@ pub fn prepare(path: &Path, insecure_files: bool, audit: bool) -> Result<Prepare
     Ok(Prepared {
         set,
         compiled,
+        text,
         files,
     })
-}
-
-/// Refuses a file that someone other than root could change: whoever can edit the rules
-/// decides what the firewall lets through.
-pub fn check_permissions(path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-    if meta.uid() != 0 {
-        bail!(
-            "{}: owned by uid {}, not root; whoever can edit it controls the firewall \
-             (chown root, or run with --insecure-files)",
-            path.display(),
-            meta.uid()
-        );
-    }
-    if meta.mode() & 0o022 != 0 {
-        bail!(
-            "{}: writable by group or others (mode {:o}); whoever can edit it controls the \
-             firewall (chmod go-w, or run with --insecure-files)",
-            path.display(),
-            meta.mode() & 0o7777
-        );
-    }
-    Ok(())
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
-    // An interface of a link type the programs cannot parse stops the start before anything
-    // is attached anywhere.
+    let _lock = pins.lock()?;
+    // An interface named and present whose link type the programs cannot parse stops the
+    // start before anything is attached anywhere.
     for iface in &options.ifaces {
-        crate::link::link_layer(iface)?;
+        if let IfaceSpec::Name(name) = IfaceSpec::parse(iface) {
+            if ifaces::ifindex(&name).is_some() {
+                crate::link::link_layer(&name)?;
+            }
+        }
+    }
+    adopt_stored_links(&pins);
+    for pin in pins.remove_dead_links()? {
+        info!("removed the pinned link {pin}: its interface is gone or was created anew");
     }
     let (mut kernel, reused) = Kernel::load_pinned(pins.clone())?;
     if reused {
@@ -159,9 +172,27 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let existing = crate::sockets::open_flows();
     kernel.add_flows(&existing)?;
     info!("tracking {} existing connections", existing.len());
-    for iface in &options.ifaces {
-        let how = kernel.attach(iface, options.mode)?;
-        info!("attached to {iface} ({how})");
+    // Listening before looking: no interface can appear unseen in between.
+    let mut link_events = LinkEvents::open().context("listening for link events")?;
+    let mut held = Held::new(options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect());
+    let changes = held.reconcile(
+        &ifaces::present()?,
+        &mut Dataplane {
+            kernel: &mut kernel,
+            pins: &pins,
+            mode: options.mode,
+        },
+    );
+    if !changes.refused.is_empty() {
+        let refused: Vec<String> = changes
+            .refused
+            .iter()
+            .map(|(_, error)| error.clone())
+            .collect();
+        bail!("{}", refused.join("; "));
+    }
+    for name in held.missing() {
+        warn!("{name} is not there (yet): it is filtered as soon as it appears");
     }
     // Maps of other builds: the links run our program now.
     pins.remove_builds_except(Some(&pins.build_dir(crate::kernel::object_id())))?;
@@ -171,10 +202,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options.rules.display()
     );
     // The rules are in force on every interface.
-    notify::notify(&format!(
-        "READY=1\nSTATUS=filtering {}",
-        options.ifaces.join(", ")
-    ));
+    notify::notify(&format!("READY=1\nSTATUS={}", filtering_status(&held)));
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -182,6 +210,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut debounce: Option<Pin<Box<Sleep>>> = None;
     let mut state = State {
         kernel,
+        pins: pins.clone(),
+        held,
         options,
         watcher,
         in_force: prepared.set,
@@ -212,6 +242,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     warn!("control request failed: {error:#}");
                 }
             }
+            changed = link_events.changed() => {
+                changed.context("reading link events")?;
+                state.follow_links();
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             guard = readable(&mut logger) => {
@@ -223,24 +257,104 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
     let State {
-        kernel, options, ..
+        kernel,
+        options,
+        held,
+        ..
     } = state;
+    let names = held.names();
     notify::notify("STOPPING=1");
     if options.persist {
         info!(
             "exiting; still filtering {} with the rules in force (--persist; `firewall detach` removes it)",
-            options.ifaces.join(", ")
+            names.join(", ")
         );
         drop(kernel);
         return Ok(());
     }
-    info!("detaching from {}", options.ifaces.join(", "));
-    for iface in &options.ifaces {
+    // Under systemd the store keeps the links over a restart (the next daemon takes them
+    // over) and closes them on stop; without it, unpinning detaches.
+    info!("detaching from {}", names.join(", "));
+    for iface in &names {
         pins.remove_links(Some(iface))?;
     }
     drop(kernel);
     pins.remove_if_unused()?;
     Ok(())
+}
+
+/// Links left in systemd's file descriptor store by the daemon before this one (stopped by
+/// `systemctl restart`, or crashed): pinned again, so that they are taken over like pins.
+fn adopt_stored_links(pins: &Pins) {
+    use std::os::fd::AsFd as _;
+    for (name, fd) in notify::received() {
+        let is_link = name.starts_with("xdp-") || name.starts_with("tc-");
+        let path = pins.dir().join(&name);
+        if !is_link || name.contains('/') || path.exists() {
+            continue;
+        }
+        match crate::pins::pin_fd(fd.as_fd(), &path) {
+            Ok(()) => info!("took over the link {name} from systemd's file descriptor store"),
+            Err(error) => warn!("pinning the stored link {name}: {error}"),
+        }
+    }
+}
+
+/// The interfaces filtered and those waited for, for systemd's status line.
+fn filtering_status(held: &Held) -> String {
+    let mut status = format!("filtering {}", held.names().join(", "));
+    let missing = held.missing();
+    if !missing.is_empty() {
+        status += &format!("; waiting for {}", missing.join(", "));
+    }
+    status
+}
+
+/// The kernel side of holding interfaces (see [`ifaces::Held`]): attaches and pins, and
+/// hands the links to systemd's file descriptor store.
+struct Dataplane<'a> {
+    kernel: &'a mut Kernel,
+    pins: &'a Pins,
+    mode: AttachMode,
+}
+
+impl Dataplane<'_> {
+    fn store_links(&self, iface: &str) {
+        use std::os::fd::AsFd as _;
+        for kind in [LinkKind::Xdp, LinkKind::Tc] {
+            let path = self.pins.link_path(kind, iface);
+            if let Ok(fd) = crate::pins::open_pinned(&path) {
+                notify::store(&crate::pins::file_name(&path), fd.as_fd());
+            }
+        }
+    }
+
+    fn unstore_links(&self, iface: &str) {
+        for kind in [LinkKind::Xdp, LinkKind::Tc] {
+            notify::unstore(&crate::pins::file_name(&self.pins.link_path(kind, iface)));
+        }
+    }
+}
+
+impl ifaces::Attacher for Dataplane<'_> {
+    fn attach(&mut self, iface: &str) -> Result<String> {
+        let how = self.kernel.attach(iface, self.mode)?;
+        self.store_links(iface);
+        Ok(how)
+    }
+
+    fn release(&mut self, iface: &str) -> Result<()> {
+        self.unstore_links(iface);
+        self.pins.remove_links(Some(iface))?;
+        Ok(())
+    }
+
+    fn renamed(&mut self, iface: &str, to: &str) -> Result<()> {
+        self.unstore_links(iface);
+        self.pins.rename_links(iface, to)?;
+        self.store_links(to);
+        Ok(())
+    }
 }
 
 /// Entries of the four address tables.
@@ -251,6 +365,9 @@ fn address_entries(compiled: &Compiled) -> usize {
 /// What the daemon holds between events.
 struct State {
     kernel: Kernel,
+    pins: Pins,
+    /// The interfaces filtered.
+    held: Held,
     options: RunOptions,
     watcher: FileWatcher,
     /// The rules in force (for `explain` and roll-backs; the kernel keeps what it compiled).
@@ -275,20 +392,53 @@ struct Applied {
 
 /// Rules on trial: in force until confirmed, else rolled back at the deadline.
 struct Trial {
-    file: PathBuf,
+    /// Where the caller read it.
+    file: String,
+    /// Its text as validated and put in force: what `confirm` writes to the rule file.
+    text: String,
     deadline: Pin<Box<Sleep>>,
     /// The rules in force before.
     previous: RuleSet,
 }
 
 impl State {
+    /// Link events: holds the interfaces as they are now. Rules that name interfaces are
+    /// written again, as an interface created anew has another index.
+    fn follow_links(&mut self) {
+        let present = match ifaces::present() {
+            Ok(present) => present,
+            Err(error) => {
+                error!("listing interfaces: {error}");
+                return;
+            }
+        };
+        let changes = self.held.reconcile(
+            &present,
+            &mut Dataplane {
+                kernel: &mut self.kernel,
+                pins: &self.pins,
+                mode: self.options.mode,
+            },
+        );
+        if !changes.any() {
+            return;
+        }
+        if self.in_force.rules.iter().any(|rule| rule.iface.is_some()) {
+            let applied = compile(&self.in_force).and_then(|compiled| self.kernel.apply(&compiled));
+            if let Err(error) = applied {
+                error!("writing the interface rules again: {error:#}");
+            }
+        }
+        notify::notify(&format!("STATUS={}", filtering_status(&self.held)));
+    }
+
     /// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns
     /// the line that was logged.
     fn reload(&mut self) -> Result<String, String> {
         if let Some(trial) = &self.trial {
             let message = format!(
                 "reload refused: {} is on trial until `firewall confirm` or its roll-back",
-                trial.file.display()
+                trial.file
             );
             warn!("{message}");
             return Err(message);
@@ -355,37 +505,49 @@ impl State {
         })
     }
 
-    /// `firewall apply FILE [--confirm SECS]`: FILE in force now; with a confirmation time, on
-    /// trial (see [`Trial`]); without, it replaces the rule file at once.
-    fn apply_request(&mut self, file: &Path, confirm: Option<Duration>) -> Result<String> {
+    /// `firewall apply FILE [--confirm SECS]`: the file's text in force now; with a
+    /// confirmation time, on trial (see [`Trial`]); without, it replaces the rule file at once.
+    fn apply_request(
+        &mut self,
+        name: &str,
+        text: String,
+        set_files: &[PathBuf],
+        confirm: Option<Duration>,
+    ) -> Result<String> {
         if let Some(trial) = &self.trial {
             bail!(
                 "{} is on trial already: `firewall confirm` it or wait for its roll-back",
-                trial.file.display()
+                trial.file
             );
         }
-        let prepared = prepare(file, self.options.insecure_files, self.options.audit)?;
-        self.check_movable(file, &prepared.set.set_files)?;
+        let prepared = prepare_text(
+            name,
+            text,
+            &self.options.rules,
+            self.options.insecure_files,
+            self.options.audit,
+        )?;
+        self.check_movable(name, set_files, &prepared.set.set_files)?;
         let previous = self.in_force.clone();
+        let text = prepared.text.clone();
         self.put_in_force(prepared)?;
         let message = match confirm {
             None => {
-                self.adopt(file)?;
+                self.adopt(&text)?;
                 format!(
-                    "{} in force and copied to {}",
-                    file.display(),
+                    "{name} in force and copied to {}",
                     self.options.rules.display()
                 )
             }
             Some(wait) => {
                 self.trial = Some(Trial {
-                    file: file.to_path_buf(),
+                    file: name.to_string(),
+                    text,
                     deadline: Box::pin(tokio::time::sleep(wait)),
                     previous,
                 });
                 format!(
-                    "{} in force; rolls back in {}s unless `firewall confirm` arrives",
-                    file.display(),
+                    "{name} in force; rolls back in {}s unless `firewall confirm` arrives",
                     wait.as_secs()
                 )
             }
@@ -394,37 +556,30 @@ impl State {
         Ok(message)
     }
 
-    /// A file applied by request becomes the rule file: copied over it, so that it stays in
-    /// force across reloads and restarts. Its set files (`here`, as read from its own
-    /// directory) must resolve the same from there.
-    fn check_movable(&self, file: &Path, here: &[PathBuf]) -> Result<()> {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let rule_dir = self.options.rules.parent().unwrap_or(Path::new("."));
-        let there = crate::config::parse_rules_in(&file.display().to_string(), &text, rule_dir)
-            .map(|set| set.set_files)
-            .ok();
-        if there.as_deref() != Some(here) {
+    /// A file applied by request becomes the rule file, so that it stays in force across
+    /// reloads and restarts: its set files as read from its own directory (`theirs`) must
+    /// resolve the same from the rule file's (`ours`).
+    fn check_movable(&self, name: &str, theirs: &[PathBuf], ours: &[PathBuf]) -> Result<()> {
+        if theirs != ours {
             bail!(
-                "{} names set files relative to its own directory; put it in {} or use \
+                "{name} names set files relative to its own directory; put it in {} or use \
                  absolute paths, as it will replace {}",
-                file.display(),
-                rule_dir.display(),
+                self.options
+                    .rules
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .display(),
                 self.options.rules.display()
             );
         }
         Ok(())
     }
 
-    /// Copies `file` over the rule file (through a temporary name: atomic).
-    fn adopt(&mut self, file: &Path) -> Result<()> {
+    /// Replaces the rule file with `text` (atomically: see [`crate::files::replace`]).
+    fn adopt(&mut self, text: &str) -> Result<()> {
         let target = &self.options.rules;
-        let staged = target.with_extension("toml.new");
-        std::fs::copy(file, &staged)
-            .with_context(|| format!("copying {} to {}", file.display(), staged.display()))?;
-        std::fs::rename(&staged, target)
-            .with_context(|| format!("replacing {}", target.display()))?;
-        Ok(())
+        crate::files::replace(target, text)
+            .with_context(|| format!("replacing {}", target.display()))
     }
 
     /// `firewall confirm`: the rules on trial stay, and become the rule file.
@@ -432,10 +587,10 @@ impl State {
         let Some(trial) = self.trial.take() else {
             bail!("no rules are on trial");
         };
-        self.adopt(&trial.file)?;
+        self.adopt(&trial.text)?;
         let message = format!(
             "confirmed {}: copied to {}",
-            trial.file.display(),
+            trial.file,
             self.options.rules.display()
         );
         info!("{message}");
@@ -452,12 +607,12 @@ impl State {
                 self.in_force = trial.previous;
                 warn!(
                     "{} was not confirmed in time: rolled back to the rules from before",
-                    trial.file.display()
+                    trial.file
                 );
             }
             Err(error) => error!(
                 "rolling back {} failed, it stays in force: {error:#}",
-                trial.file.display()
+                trial.file
             ),
         }
     }
@@ -520,6 +675,13 @@ struct ControlSocket {
 
 impl ControlSocket {
     fn bind(path: &Path) -> Result<ControlSocket> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.exists()) {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
         // A socket left by a daemon that died: nobody listens on it any more.
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)
@@ -542,62 +704,45 @@ impl Drop for ControlSocket {
     }
 }
 
-/// One control request, a line: `reload`, `apply SECONDS FILE` (0: no confirmation needed),
-/// `confirm`, `explain QUESTION` (see `Question::to_line`). The answer, `ok: ...` or
-/// `error: ...`, ends with the connection.
+/// One control request (see [`crate::control`]): its answer ends the connection.
 async fn serve(request: std::io::Result<UnixStream>, state: &mut State) -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
     let stream = request?;
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut read = BufReader::new(read);
+    let mut read = BufReader::new(read.take(control::MAX_REQUEST_BYTES));
     tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await??;
-    let line = line.trim();
-    let (command, rest) = line.split_once(' ').unwrap_or((line, ""));
-    let result = match command {
-        "reload" if rest.is_empty() => state.reload().map_err(anyhow::Error::msg),
-        "apply" => match rest.split_once(' ') {
-            Some((seconds, file)) => match seconds.parse::<u64>() {
-                Ok(0) => state.apply_request(Path::new(file), None),
-                Ok(seconds) => {
-                    state.apply_request(Path::new(file), Some(Duration::from_secs(seconds)))
-                }
-                Err(_) => Err(anyhow::anyhow!("bad confirmation time {seconds:?}")),
-            },
-            None => Err(anyhow::anyhow!("apply wants SECONDS FILE")),
-        },
-        "confirm" if rest.is_empty() => state.confirm(),
-        "explain" => crate::explain::Question::from_line(rest)
-            .and_then(|question| crate::explain::explain(&state.in_force, &question)),
-        _ => Err(anyhow::anyhow!("unknown request {line:?}")),
+    let outcome = match control::decode_request(line.trim_end()) {
+        Ok(request) => handle(request, state),
+        Err(message) => Err(message),
     };
-    let reply = match result {
-        Ok(message) => format!("ok: {message}\n"),
-        Err(error) => format!("error: {error:#}\n"),
-    };
-    write.write_all(reply.as_bytes()).await?;
+    write
+        .write_all(control::encode_response(&outcome).as_bytes())
+        .await?;
     Ok(())
 }
 
-/// `firewall reload`: asks the running daemon to reload and returns its answer.
-pub fn request_reload(control: &Path) -> Result<String> {
-    request(control, "reload")
-}
-
-/// Sends one control request (see [`serve`]) and returns the daemon's answer.
-pub fn request(control: &Path, line: &str) -> Result<String> {
-    use std::io::Write as _;
-    let mut stream = std::os::unix::net::UnixStream::connect(control).with_context(|| {
-        format!(
-            "no firewall daemon answers on {} (is it running?)",
-            control.display()
-        )
-    })?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut reply)?;
-    match reply.trim_end().strip_prefix("ok: ") {
-        Some(message) => Ok(message.to_string()),
-        None => anyhow::bail!("{}", reply.trim_end().trim_start_matches("error: ")),
+fn handle(request: Request, state: &mut State) -> Result<String, String> {
+    let message = |error: anyhow::Error| format!("{error:#}");
+    match request {
+        Request::Reload => state.reload(),
+        Request::Apply {
+            name,
+            text,
+            set_files,
+            confirm_seconds,
+        } => state
+            .apply_request(
+                &name,
+                text,
+                &set_files,
+                confirm_seconds.map(Duration::from_secs),
+            )
+            .map_err(message),
+        Request::Confirm => state.confirm().map_err(message),
+        Request::Explain { question } => {
+            crate::explain::explain(&state.in_force, &question).map_err(message)
+        }
     }
 }
 
@@ -608,31 +753,5 @@ async fn readable(
     match logger {
         Some(fd) => fd.readable_mut().await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rule_files_others_can_write_are_refused() {
-        let path = std::env::temp_dir().join(format!("fw-perm-{}.toml", std::process::id()));
-        std::fs::write(&path, "").unwrap();
-        let chmod = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
-        chmod(0o644).unwrap();
-        let owner_is_root = unsafe { libc::geteuid() } == 0;
-        assert_eq!(check_permissions(&path).is_ok(), owner_is_root);
-        for mode in [0o664, 0o646, 0o666] {
-            chmod(mode).unwrap();
-            let error = check_permissions(&path).unwrap_err().to_string();
-            assert!(
-                error.contains("not root") || error.contains("writable by group or others"),
-                "{error}"
-            );
-        }
-        chmod(0o600).unwrap();
-        assert_eq!(check_permissions(&path).is_ok(), owner_is_root);
-        std::fs::remove_file(&path).unwrap();
     }
 }

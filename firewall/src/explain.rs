@@ -9,7 +9,7 @@ use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_
 use crate::reference::{classify_on, PacketInfo, Reason};
 
 /// The packet an operator asks about.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Question {
     /// `tcp`, `udp`, `icmp`, `icmpv6` or an IP protocol number.
     pub proto: String,
@@ -22,31 +22,6 @@ pub struct Question {
 }
 
 impl Question {
-    /// The question as one line of the daemon's control protocol: `PROTO FROM TO PORT IFACE`,
-    /// `-` for an absent port or interface.
-    pub fn to_line(&self) -> String {
-        let port = self.port.map_or("-".to_string(), |port| port.to_string());
-        let iface = self.iface.as_deref().unwrap_or("-");
-        format!("{} {} {} {port} {iface}", self.proto, self.from, self.to)
-    }
-
-    pub fn from_line(line: &str) -> Result<Question> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [proto, from, to, port, iface] = words[..] else {
-            bail!("explain wants PROTO FROM TO PORT IFACE, got {line:?}");
-        };
-        Ok(Question {
-            proto: proto.to_string(),
-            from: from.parse()?,
-            to: to.parse()?,
-            port: match port {
-                "-" => None,
-                port => Some(port.parse()?),
-            },
-            iface: (iface != "-").then(|| iface.to_string()),
-        })
-    }
-
     fn packet(&self) -> Result<PacketInfo> {
         if self.from.is_ipv4() != self.to.is_ipv4() {
             bail!("--from and --to must both be IPv4 or both IPv6");
@@ -269,20 +244,6 @@ from = ["198.51.100.0/24"]
             out.contains("verdict: drop (no rule matches: default policy)"),
             "{out}"
         );
-    }
-
-    #[test]
-    fn questions_travel_as_one_line() {
-        let question = Question {
-            proto: "tcp".into(),
-            from: "2001:db8::1".parse().unwrap(),
-            to: "2001:db8::2".parse().unwrap(),
-            port: Some(22),
-            iface: None,
-        };
-        let back = Question::from_line(&question.to_line()).unwrap();
-        assert_eq!(back.to_line(), "tcp 2001:db8::1 2001:db8::2 22 -");
-        assert!(Question::from_line("tcp 1.2.3.4").is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::batch;
 use crate::compile::{AddressTable, Compiled, Prefix, PORTS, PROTOS};
+use crate::ifaces::ifindex;
 use crate::link::{self, LinkLayer};
 use crate::pins::{LinkKind, Pins};
 
@@ -47,6 +48,9 @@ pub struct Kernel {
     held: [Held; 2],
     /// Where maps and links are pinned, if they are.
     pins: Option<Pins>,
+    /// The interface map of each generation as written, by ifindex: rules name interfaces,
+    /// the kernel knows indices, and an interface created anew gets another index.
+    ifaces_written: [StdHashMap<u32, RuleBits>; 2],
 }
 
 /// Identifies this build's XDP object (FNV-1a of its bytes): pinned maps are reused only by
@@ -140,6 +144,7 @@ impl Kernel {
             ebpf,
             held: [Held::Zeroed, Held::Zeroed],
             pins: None,
+            ifaces_written: Default::default(),
         })
     }
 
@@ -182,9 +187,11 @@ impl Kernel {
             .try_into()?;
         if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
             let link = FdLink::from(PinnedLink::from_pin(pin)?);
-            egress
+            let id = egress
                 .attach_to_link(SchedClassifierLink::try_from(link)?)
                 .with_context(|| format!("taking over the tc link of {iface}"))?;
+            // The pin holds the link: releasing the interface is unpinning it.
+            drop(egress.take_link(id)?);
             return Ok("taken over from the pinned link");
         }
         if let Err(error) = tc::qdisc_add_clsact(iface) {
@@ -229,9 +236,11 @@ impl Kernel {
             .try_into()?;
         if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
             let link = FdLink::from(PinnedLink::from_pin(pin)?);
-            program
+            let id = program
                 .attach_to_link(XdpLink::try_from(link)?)
                 .with_context(|| format!("taking over the XDP link of {iface}"))?;
+            // The pin holds the link: releasing the interface is unpinning it.
+            drop(program.take_link(id)?);
             return Ok("taken over from the pinned link");
         }
         let attempts: &[(XdpMode, &'static str)] = match mode {
@@ -508,7 +517,11 @@ impl Kernel {
                 .collect()
         };
         let new_map = resolve(&new.ifaces);
-        let old_map = old.map(|o| resolve(&o.ifaces)).unwrap_or_default();
+        // What the generation holds: nothing when it is fresh or was just cleared.
+        let old_map = match old {
+            Some(_) => std::mem::take(&mut self.ifaces_written[gen as usize]),
+            None => StdHashMap::new(),
+        };
         let mut updates = 0;
         let mut map: HashMap<&mut MapData, [u32; 2], RuleBits> =
             HashMap::try_from(self.map_mut(map_names::IFACE_BITS)?)?;
@@ -522,6 +535,7 @@ impl Kernel {
                 updates += 1;
             }
         }
+        self.ifaces_written[gen as usize] = new_map;
         let mut other: Array<&mut MapData, RuleBits> =
             Array::try_from(self.map_mut(map_names::OTHER_IFACES)?)?;
         other.set(gen, new.other_ifaces, 0)?;
@@ -825,14 +839,6 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         log::debug!("could not raise RLIMIT_MEMLOCK");
     }
-}
-
-/// The index of interface `name` in this network namespace.
-fn ifindex(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

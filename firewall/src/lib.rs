@@ -2,9 +2,12 @@
 pub mod batch;
 pub mod compile;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod explain;
 pub mod exposure;
+pub mod files;
+pub mod ifaces;
 pub mod kernel;
 pub mod kernel_log;
 pub mod link;

@@ -3,9 +3,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use firewall::config::{load_rules, summary};
+use firewall::config::{load_rules, load_rules_trusting, summary};
+use firewall::control::{self, Request};
 use firewall::daemon::{self, RunOptions};
 use firewall::explain::{explain, Question};
+use firewall::files::Trust;
 use firewall::kernel::AttachMode;
 use firewall::pins::{Pins, DEFAULT_PIN_DIR};
 
@@ -26,7 +28,8 @@ enum Command {
         /// Rule file (TOML).
         #[arg(long)]
         rules: PathBuf,
-        /// Interface to filter; repeat for several.
+        /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
+        /// `all` (every interface but lo, also those that appear later); repeat for several.
         #[arg(long = "iface", required = true)]
         ifaces: Vec<String>,
         /// XDP attach mode: auto tries native, then skb (generic).
@@ -168,6 +171,22 @@ fn detach(pin_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `firewall apply`: checks the file here (its set files resolved from its own directory),
+/// then sends its text: the daemon may not see this file system (a private /tmp).
+fn apply(file: &Path, confirm: Option<u64>, socket: &Path) -> anyhow::Result<String> {
+    let file = std::path::absolute(file)?;
+    let (set, text) = load_rules_trusting(&file, Trust::Anyone)?;
+    control::send(
+        socket,
+        Request::Apply {
+            name: file.display().to_string(),
+            text,
+            set_files: set.set_files,
+            confirm_seconds: confirm,
+        },
+    )
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -196,7 +215,7 @@ fn main() -> ExitCode {
             };
             match rules {
                 Some(rules) => load_rules(&rules).and_then(|set| explain(&set, &question)),
-                None => daemon::request(&control, &format!("explain {}", question.to_line()))
+                None => control::send(&control, Request::Explain { question })
                     .map(|answer| answer + "\n"),
             }
             .map(|answer| print!("{answer}"))
@@ -216,22 +235,16 @@ fn main() -> ExitCode {
             file,
             confirm,
             control,
-        } => std::path::absolute(&file)
-            .map_err(anyhow::Error::from)
-            .and_then(|file| {
-                let seconds = confirm.unwrap_or(0);
-                daemon::request(&control, &format!("apply {seconds} {}", file.display()))
-            })
-            .map(|message| println!("{message}")),
+        } => apply(&file, confirm, &control).map(|message| println!("{message}")),
         Command::Confirm { control } => {
-            daemon::request(&control, "confirm").map(|message| println!("{message}"))
+            control::send(&control, Request::Confirm).map(|message| println!("{message}"))
         }
         Command::Exposure { rules } => load_rules(&rules).map(|set| {
             let listeners = firewall::sockets::listening();
             print!("{}", firewall::exposure::report(&set, &listeners));
         }),
         Command::Reload { control } => {
-            daemon::request_reload(&control).map(|message| println!("{message}"))
+            control::send(&control, Request::Reload).map(|message| println!("{message}"))
         }
         Command::Run {
             rules,

@@ -13,6 +13,7 @@
 //! dies; a new daemon swaps its own program into the same links, so there is no moment without
 //! a program.
 use std::ffi::CString;
+use std::os::fd::AsFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,32 @@ impl Pins {
         &self.dir
     }
 
+    /// Takes the pin directory for this daemon's life: one daemon per pin directory, as two
+    /// would overwrite each other's rules and links. The lock goes with the process, however
+    /// it ends.
+    pub fn lock(&self) -> Result<PinLock> {
+        use std::os::fd::AsRawFd as _;
+        let dir = std::fs::File::open(&self.dir)
+            .with_context(|| format!("opening {}", self.dir.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(error).with_context(|| format!("locking {}", self.dir.display()));
+            }
+            let holder = match lock_holder(&dir) {
+                Some(pid) => format!("pid {pid}"),
+                None => "another process".to_string(),
+            };
+            bail!(
+                "another firewall daemon ({holder}) runs on {}; stop it first, or give this \
+                 one its own --pin-dir",
+                self.dir.display()
+            );
+        }
+        Ok(PinLock { _dir: dir })
+    }
+
     /// Where the maps and programs of the XDP object with id `object` are pinned.
     pub fn build_dir(&self, object: u64) -> PathBuf {
         self.dir.join(format!("build-{object:016x}"))
@@ -131,6 +158,41 @@ impl Pins {
         Ok(removed)
     }
 
+    /// Renames the pins of `from`'s links to `to`'s (the interface was renamed).
+    pub fn rename_links(&self, from: &str, to: &str) -> Result<()> {
+        for kind in [LinkKind::Xdp, LinkKind::Tc] {
+            let old = self.link_path(kind, from);
+            if old.exists() {
+                let new = self.link_path(kind, to);
+                std::fs::rename(&old, &new)
+                    .with_context(|| format!("renaming {} to {}", old.display(), new.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unpins links that no longer filter the interface they are named after: it was
+    /// deleted (the kernel detached the link) or deleted and created anew (another ifindex).
+    /// Returns their pin names.
+    pub fn remove_dead_links(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for (_, iface, path) in self.links()? {
+            let attached = open_pinned(&path).and_then(|fd| link_ifindex(fd.as_fd()));
+            let alive = match (attached, crate::ifaces::ifindex(&iface)) {
+                (Ok(attached), Some(current)) => attached == current,
+                // Not a link we can read: leave it to `detach`.
+                (Err(_), _) => true,
+                (Ok(_), None) => false,
+            };
+            if !alive {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("unpinning {}", path.display()))?;
+                removed.push(file_name(&path));
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes build directories other than `keep` (those of earlier builds, which no link
     /// uses once the links run the new program).
     pub fn remove_builds_except(&self, keep: Option<&Path>) -> Result<()> {
@@ -165,7 +227,30 @@ impl Pins {
     }
 }
 
-fn file_name(path: &Path) -> String {
+/// Held while a daemon runs on a pin directory (see [`Pins::lock`]).
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// The pid holding a `flock` on `file`, from /proc/locks (`1: FLOCK ADVISORY WRITE PID
+/// MAJ:MIN:INODE 0 EOF`, device numbers in hex).
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == wanted => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+pub fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -209,4 +294,89 @@ fn mount_bpffs(path: &Path) -> Result<()> {
     }
     log::info!("mounted bpffs on {}", path.display());
     Ok(())
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The `obj` member of `union bpf_attr` (BPF_OBJ_PIN, BPF_OBJ_GET).
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// The `info` member of `union bpf_attr` (BPF_OBJ_GET_INFO_BY_FD).
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn bpf(command: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` points to a `union bpf_attr` member of `size` bytes that outlives the call.
+    let result = unsafe { libc::syscall(libc::SYS_bpf, command, attr, size) };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(result)
+}
+
+/// Opens the object pinned at `path` (a link, here).
+pub fn open_pinned(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    let fd = bpf(
+        BPF_OBJ_GET,
+        (&attr as *const ObjAttr).cast(),
+        size_of::<ObjAttr>(),
+    )?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object open on `fd` at `path`.
+pub fn pin_fd(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(
+        BPF_OBJ_PIN,
+        (&attr as *const ObjAttr).cast(),
+        size_of::<ObjAttr>(),
+    )
+    .map(|_| ())
+}
+
+/// The interface an XDP or TCX link is attached to; 0 once its interface is gone (the kernel
+/// detaches the link, which lives on, defunct, as long as something holds it).
+pub fn link_ifindex(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // struct bpf_link_info: type, id, prog_id, then a union that starts at offset 16 (it has
+    // 64-bit members) whose xdp and tcx members both begin with the ifindex.
+    let mut info = [0u32; 16];
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&attr as *const InfoAttr).cast(),
+        size_of::<InfoAttr>(),
+    )?;
+    Ok(info[4])
 }

@@ -698,10 +698,14 @@ fn tells_systemd_when_the_rules_are_in_force() {
     systemd
         .set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
-    let next = || {
+    // Notifications, but the links handed to the file descriptor store.
+    let next = || loop {
         let mut buf = [0u8; 512];
         let len = systemd.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..len]).into_owned()
+        let message = String::from_utf8_lossy(&buf[..len]).into_owned();
+        if !message.starts_with("FDSTORE=1") {
+            return message;
+        }
     };
     let file = RuleFile::new("notify.toml", "[[rules]]\naction = \"allow\"\n");
     let daemon = Daemon::start_full(
@@ -990,6 +994,311 @@ fn native_xdp_on_the_vms_nic() {
     daemon.reload();
     assert!(greeted(), "replies did not pass again");
     assert!(daemon.terminate().success());
+}
+
+/// Default allow; TCP 8081 denied. The firewalled namespace serves 8080 and 8081.
+fn deny_8081(net: &TestNet) -> RuleFile {
+    serve(&net.a, vec![net.a4], vec![8080, 8081]);
+    RuleFile::new(
+        "links.toml",
+        "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"no-8081\"\naction = \"deny\"\n\
+         proto = \"tcp\"\nports = [8081]\n",
+    )
+}
+
+/// Whether the denied port is blocked and the allowed one reachable.
+fn filtered(net: &TestNet) -> bool {
+    !tcp_reaches(&net.b, SocketAddr::new(net.a4, 8081))
+        && tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080))
+}
+
+/// Waits up to a second for XDP on `dev`; returns how long it took.
+fn attached_within_a_second(net: &TestNet, dev: &str) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !net.xdp_on(dev) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{dev} not filtered again within a second"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+/// An interface named but absent at start is waited for; one deleted and created anew (another
+/// ifindex) is attached again within a second; a restart after it was re-created while no
+/// daemon ran replaces the dead pinned link.
+#[test]
+fn interfaces_that_come_and_go_stay_filtered() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = deny_8081(&net);
+    ip_a(&net, &["link", "del", &net.veth_a]);
+    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    assert!(
+        daemon.log().contains("is not there (yet)"),
+        "{}",
+        daemon.log()
+    );
+    net.recreate_link();
+    let took = attached_within_a_second(&net, &net.veth_a);
+    eprintln!("an interface that appeared after start: filtered after {took:?}");
+    assert!(filtered(&net), "not filtered after it appeared");
+
+    // Deleted and created anew under traffic: before, a denied port connected 2 s later.
+    let traffic = Traffic::start(&net);
+    net.recreate_link();
+    let took = attached_within_a_second(&net, &net.veth_a);
+    eprintln!("an interface created anew: filtered again after {took:?}");
+    daemon.wait_for(&format!("attached to {}", net.veth_a), 2);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (sent, _, controls) = traffic.finish();
+    assert!(controls > 0, "no traffic flowed: {controls} of {sent}");
+    assert!(
+        filtered(&net),
+        "not filtered after the interface was created anew"
+    );
+
+    // Re-created while no daemon runs: the pinned link is dead; the next daemon replaces it.
+    daemon.kill();
+    net.recreate_link();
+    assert!(!net.xdp_attached());
+    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    assert!(
+        daemon.log().contains("removed the pinned link xdp-"),
+        "{}",
+        daemon.log()
+    );
+    assert!(net.xdp_attached() && filtered(&net));
+    assert!(daemon.terminate().success());
+    assert!(net.xdp_detached_soon());
+    assert!(!pins.pin_dir().exists(), "pins left behind");
+}
+
+/// Patterns hold every matching interface, follow a rename that still matches and release
+/// one renamed away; a restart after the rename finds the renamed pins.
+#[test]
+fn patterns_follow_renames() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = deny_8081(&net);
+    let pattern = format!("{}*", net.veth_a);
+    let daemon = Daemon::start_with(&net.a, &file.path, &pattern, &pins.pin_dir(), &[]);
+    assert!(net.xdp_attached() && filtered(&net));
+    let renamed = format!("{}r", net.veth_a);
+    net.rename_link(&net.veth_a, &renamed);
+    daemon.wait_for("still filtering it", 1);
+    assert!(net.xdp_on(&renamed) && filtered(&net));
+    assert!(pins.pin_dir().join(format!("xdp-{renamed}")).exists());
+
+    // A restart finds the link under its new name and takes it over.
+    daemon.kill();
+    let daemon = Daemon::start_with(&net.a, &file.path, &pattern, &pins.pin_dir(), &[]);
+    daemon.wait_for("taken over", 1);
+    assert!(filtered(&net));
+
+    // Renamed to a name the pattern does not match: released, with a log line.
+    let away = format!("x{}", &net.veth_a[3..]);
+    net.rename_link(&renamed, &away);
+    daemon.wait_for("which no --iface matches: released", 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while net.xdp_on(&away) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still attached to {away}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(daemon.terminate().success());
+}
+
+/// `all`: every interface but lo, and ones that appear later.
+#[test]
+fn all_takes_interfaces_that_appear_later() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = deny_8081(&net);
+    ip_a(&net, &["link", "del", &net.veth_a]);
+    let daemon = Daemon::start_with(&net.a, &file.path, "all", &pins.pin_dir(), &[]);
+    net.recreate_link();
+    attached_within_a_second(&net, &net.veth_a);
+    assert!(filtered(&net));
+    assert!(!daemon.log().contains("attached to lo"), "{}", daemon.log());
+    assert!(daemon.terminate().success());
+    assert!(net.xdp_detached_soon());
+}
+
+fn ip_a(net: &TestNet, args: &[&str]) {
+    let status = Command::new("ip")
+        .args(["-n", &net.a])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A second daemon on the same pin directory would overwrite the first one's rules and links.
+#[test]
+fn one_daemon_per_pin_directory() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = deny_8081(&net);
+    let first = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    let second = Command::new("ip")
+        .args(["netns", "exec", &net.a, &firewall_exe(), "run", "--rules"])
+        .arg(&file.path)
+        .args(["--iface", &net.veth_a, "--control", "/tmp/fwt-second.sock"])
+        .arg("--pin-dir")
+        .arg(pins.pin_dir())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let error = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        error.contains(&format!(
+            "another firewall daemon (pid {}) runs on",
+            first.pid()
+        )),
+        "{error}"
+    );
+    // The first one filters on, untouched.
+    assert!(filtered(&net));
+    assert!(first.terminate().success());
+}
+
+/// Receives one notification and the descriptors that came with it.
+fn receive_notification(
+    socket: &std::os::unix::net::UnixDatagram,
+) -> (String, Vec<std::os::fd::OwnedFd>) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let mut data = [0u8; 512];
+    let mut control = [0u8; 256];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr pointing at our buffers; recvmsg fills them.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = control.len();
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
+    assert!(
+        n >= 0,
+        "no notification: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages the kernel wrote.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*header).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                let data = libc::CMSG_DATA(header).cast::<i32>();
+                for i in 0..count {
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+                        data.add(i),
+                    )));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    (
+        String::from_utf8_lossy(&data[..n as usize]).into_owned(),
+        fds,
+    )
+}
+
+/// What systemd does with `FileDescriptorStoreMax=`: the daemon hands it its links; on
+/// `systemctl restart` the old daemon (without --persist) exits, unpinning them, while the
+/// store keeps them attached, and the next daemon takes them over from the store; on stop the
+/// store closes them and filtering ends.
+#[test]
+fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let socket_path = std::env::temp_dir().join(format!("fwt-fdstore-{}", std::process::id()));
+    let _ = std::fs::remove_file(&socket_path);
+    let systemd = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    // The store, as systemd keeps it: one descriptor per name.
+    let mut store: std::collections::BTreeMap<String, std::os::fd::OwnedFd> = Default::default();
+    let until_ready = |store: &mut std::collections::BTreeMap<_, _>| loop {
+        let (message, mut fds) = receive_notification(&systemd);
+        if let Some(name) = message
+            .strip_prefix("FDSTORE=1\nFDNAME=")
+            .filter(|_| fds.len() == 1)
+        {
+            store.insert(name.to_string(), fds.remove(0));
+        }
+        if message.starts_with("READY=1") {
+            return;
+        }
+    };
+    let file = RuleFile::new(
+        "fdstore.toml",
+        &format!(
+            "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
+             proto = \"udp\"\nports = [{}]\n",
+            Traffic::PROBE
+        ),
+    );
+    let env = [("NOTIFY_SOCKET", socket_path.as_path())];
+    let first = Daemon::start_full(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[], &env);
+    until_ready(&mut store);
+    let xdp = format!("xdp-{}", net.veth_a);
+    assert!(store.contains_key(&xdp), "stored: {:?}", store.keys());
+
+    let traffic = Traffic::start(&net);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // `systemctl restart`: SIGTERM without --persist unpins, the store holds on.
+    assert!(first.terminate().success());
+    assert!(!pins.pin_dir().join(&xdp).exists(), "still pinned");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(net.xdp_attached(), "filtering ended with the daemon");
+    let handed: Vec<(String, std::os::fd::OwnedFd)> = std::mem::take(&mut store)
+        .into_iter()
+        .map(|(name, fd)| (name, fd.try_clone().unwrap()))
+        .collect();
+    let kept: Vec<std::os::fd::OwnedFd> = handed
+        .iter()
+        .map(|(_, fd)| fd.try_clone().unwrap())
+        .collect();
+    let second = Daemon::start_inheriting(
+        &net.a,
+        &file.path,
+        &net.veth_a,
+        &pins.pin_dir(),
+        &[],
+        &env,
+        handed,
+    );
+    second.wait_for("from systemd's file descriptor store", 1);
+    second.wait_for("XDP ingress: taken over", 1);
+    // The new daemon hands the links over again.
+    until_ready(&mut store);
+    assert!(store.contains_key(&xdp), "stored: {:?}", store.keys());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (sent, probes, controls) = traffic.finish();
+    eprintln!("restart through the fd store: sent {sent} of each, {probes} probes and {controls} controls arrived");
+    assert_eq!(probes, 0, "probes slipped through the restart");
+    assert!(
+        controls > sent * 9 / 10,
+        "allowed traffic did not flow: {controls} of {sent}"
+    );
+
+    // `systemctl stop`: the daemon unpins, systemd closes the store: no filtering left.
+    assert!(second.terminate().success());
+    drop(kept);
+    drop(store);
+    assert!(net.xdp_detached_soon(), "still filtering after stop");
+    assert!(!pins.pin_dir().exists(), "pins left behind");
+    let _ = std::fs::remove_file(&socket_path);
 }
 
 /// On a `tun` device, whose frames start at the IP header: under a default-deny file that

@@ -66,6 +66,40 @@ pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> R
 mod tests {
     use super::*;
 
+    /// systemd's own checks of the installed unit, offline: it parses, and its sandboxing
+    /// keeps `systemd-analyze security`'s exposure score at 3 or below ("OK"; 2.1 now).
+    fn verify_unit(root: &Path) {
+        let present = std::process::Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !present {
+            eprintln!("systemd-analyze not installed: unit not verified");
+            return;
+        }
+        let root_arg = format!("--root={}", root.display());
+        let unit = root.join("etc/systemd/system/firewall.service");
+        let verify = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no", &root_arg])
+            .arg(&unit)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success() && verify.stderr.is_empty(),
+            "systemd-analyze verify: {verify:?}"
+        );
+        let security = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=30", &root_arg])
+            .arg("firewall.service")
+            .output()
+            .unwrap();
+        assert!(
+            security.status.success(),
+            "exposure above 3.0: {}",
+            String::from_utf8_lossy(&security.stdout)
+        );
+    }
+
     #[test]
     fn installs_and_keeps_the_operators_files() {
         let root = std::env::temp_dir().join(format!("fw-install-{}", std::process::id()));
@@ -82,9 +116,12 @@ mod tests {
         assert_eq!(mode("usr/local/sbin/firewall"), 0o755);
         assert_eq!(mode("etc/firewall/rules.toml"), 0o644);
         let unit = fs::read_to_string(root.join("etc/systemd/system/firewall.service")).unwrap();
-        assert!(unit.contains("Type=notify") && unit.contains("--persist"));
+        assert!(unit.contains("Type=notify") && unit.contains("FileDescriptorStoreMax="));
+        let exec_start = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+        assert!(!exec_start.contains("--persist"), "stop must end filtering");
         let env = fs::read_to_string(root.join("etc/firewall/firewall.env")).unwrap();
         assert!(env.contains("--iface eth9"));
+        verify_unit(&root);
 
         // A second install keeps the operator's edits.
         fs::write(root.join("etc/firewall/rules.toml"), "# mine\n").unwrap();

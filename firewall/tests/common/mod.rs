@@ -328,6 +328,22 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
+        Daemon::start_inheriting(ns, rules, iface, pin_dir, extra, env, Vec::new())
+    }
+
+    /// [`Daemon::start_full`], passing `fds` as systemd passes its file descriptor store to
+    /// a service it starts: as descriptors 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and
+    /// `LISTEN_PID`.
+    pub fn start_inheriting(
+        ns: &str,
+        rules: &Path,
+        iface: &str,
+        pin_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+        fds: Vec<(String, std::os::fd::OwnedFd)>,
+    ) -> Daemon {
+        use std::os::unix::process::CommandExt as _;
         // The empty name is this (the test's own) namespace.
         let label = if ns.is_empty() {
             format!("fwt-root-{}", std::process::id())
@@ -336,7 +352,38 @@ impl Daemon {
         };
         let log = std::env::temp_dir().join(format!("{label}.log"));
         let control = std::env::temp_dir().join(format!("{label}.sock"));
-        let mut command = if ns.is_empty() {
+        let mut command = if !fds.is_empty() {
+            // The shell learns its pid, and execs (keeping it) into ip, which execs the daemon.
+            let mut command = Command::new("sh");
+            command.args(["-c", "export LISTEN_PID=$$; exec \"$0\" \"$@\""]);
+            if ns.is_empty() {
+                command.arg(firewall_exe());
+            } else {
+                command.args(["ip", "netns", "exec", ns, &firewall_exe()]);
+            }
+            let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
+            command
+                .env("LISTEN_FDS", fds.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+            let raw: Vec<i32> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+            // SAFETY: between fork and exec only dup/dup2/fcntl on descriptors we own.
+            unsafe {
+                command.pre_exec(move || {
+                    // Out of the way first, so that no dup2 below overwrites a source.
+                    let moved: Vec<i32> = raw
+                        .iter()
+                        .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100))
+                        .collect();
+                    for (i, &fd) in moved.iter().enumerate() {
+                        if libc::dup2(fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            command
+        } else if ns.is_empty() {
             Command::new(firewall_exe())
         } else {
             let mut command = Command::new("ip");
@@ -359,6 +406,7 @@ impl Daemon {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("start the daemon");
+        drop(fds);
         let daemon = Daemon {
             child: Some(child),
             log,
@@ -367,6 +415,11 @@ impl Daemon {
         };
         daemon.wait_for("filtering; ", 1);
         daemon
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     pub fn log(&self) -> String {
@@ -470,6 +523,72 @@ pub fn write_file(path: &std::path::Path, text: &str) {
 impl Drop for RuleFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(self.path.parent().unwrap());
+    }
+}
+
+impl TestNet {
+    /// The peer's end of the veth pair.
+    pub fn veth_b(&self) -> String {
+        self.veth_a.replacen("fwa", "fwb", 1)
+    }
+
+    /// Deletes the veth pair and creates it anew with the same names and addresses, as a VPN,
+    /// VLAN or bond restart, a driver reload or a replugged USB NIC does: the firewalled end
+    /// gets another ifindex.
+    pub fn recreate_link(&self) {
+        // Gone already, perhaps.
+        let _ = Command::new("ip")
+            .args(["-n", &self.a, "link", "del", &self.veth_a])
+            .stderr(Stdio::null())
+            .status();
+        let veth_b = self.veth_b();
+        ip(&[
+            "-n",
+            &self.a,
+            "link",
+            "add",
+            &self.veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth_b,
+            "netns",
+            &self.b,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&self.a, &self.veth_a, self.a4, self.a6),
+            (&self.b, &veth_b, self.b4, self.b6),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+    }
+
+    /// Renames the firewalled end (it must be down to be renamed) and brings it up again.
+    pub fn rename_link(&self, from: &str, to: &str) {
+        ip(&["-n", &self.a, "link", "set", from, "down"]);
+        ip(&["-n", &self.a, "link", "set", from, "name", to]);
+        ip(&["-n", &self.a, "link", "set", to, "up"]);
+    }
+
+    /// Whether `ip link` shows an XDP program on `dev` in the firewalled namespace.
+    pub fn xdp_on(&self, dev: &str) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.a, "-d", "link", "show", dev])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
     }
 }
 
