@@ -45,7 +45,9 @@ pub const STAT_ESTABLISHED: u32 = STAT_RULES + 5;
 pub const STAT_ESSENTIAL: u32 = STAT_RULES + 6;
 /// Packets an allow rule's per-source rate limit dropped.
 pub const STAT_RATE_LIMITED: u32 = STAT_RULES + 7;
-pub const STAT_SLOTS: u32 = STAT_RULES + 8;
+/// DHCP replies passed before the rules (the host asked on that interface just before).
+pub const STAT_DHCP: u32 = STAT_RULES + 8;
+pub const STAT_SLOTS: u32 = STAT_RULES + 9;
 
 /// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
 #[repr(C)]
@@ -120,6 +122,18 @@ pub const CHECK_ESSENTIALS: u32 = 2;
 pub const CHECK_IFACES: u32 = 4;
 /// Audit mode: everything is classified, counted and logged, nothing is dropped.
 pub const CHECK_AUDIT: u32 = 8;
+/// DHCP replies (DHCPv4 server port 67 to client port 68, DHCPv6 547 to 546) pass before
+/// the rules on an interface where the host sent a DHCP request in the last
+/// [`DHCP_WINDOW_NS`].
+pub const CHECK_DHCP: u32 = 16;
+
+/// How long after the host's last DHCP request on an interface replies pass there.
+pub const DHCP_WINDOW_NS: u64 = 60_000_000_000;
+/// Interfaces whose last DHCP request is remembered (least recently used go first).
+pub const MAX_DHCP_IFACES: u32 = 1024;
+/// UDP ports of DHCP: (client, server) for DHCPv4 and DHCPv6.
+pub const DHCP4_PORTS: (u16, u16) = (68, 67);
+pub const DHCP6_PORTS: (u16, u16) = (546, 547);
 
 /// A flow the host started, keyed as its replies look from the host: `remote` is the peer.
 /// ICMP echo flows use `local_port` for the echo identifier and 0 for `remote_port`.
@@ -346,11 +360,13 @@ pub mod map_names {
     pub const RULE_NAMES: &str = "FW_RULE_NAMES";
     pub const RULE_LIMITS: &str = "FW_RULE_LIMITS";
     pub const RATE_BUCKETS: &str = "FW_RATE_BUCKETS";
+    /// Ingress ifindex -> when the host last sent a DHCP request there.
+    pub const DHCP_REQUESTS: &str = "FW_DHCP_REQUESTS";
     /// Not pinned: each daemon reads the log lines of its own program.
     pub const LOG_EVENTS: &str = "FW_LOG_EVENTS";
 
     /// Every map above: what is pinned.
-    pub const PINNED: [&str; 21] = [
+    pub const PINNED: [&str; 22] = [
         RULE_NAMES,
         RULE_LIMITS,
         RATE_BUCKETS,
@@ -372,6 +388,7 @@ pub mod map_names {
         FLOWS,
         IFACE_BITS,
         OTHER_IFACES,
+        DHCP_REQUESTS,
     ];
 }
 

@@ -5,6 +5,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod classify;
+mod dhcp;
 mod log;
 mod maps;
 mod parse;
@@ -17,9 +18,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use firewall_common::{
-    ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_ESSENTIALS,
-    CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_ESSENTIAL,
-    STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
+    ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_DHCP,
+    CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
+    STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 
 use crate::{
@@ -66,6 +67,12 @@ fn judge<const L3: bool>(ctx: XdpContext) -> u32 {
     };
     if config.checks & CHECK_ESSENTIALS != 0 && is_essential_icmpv6(&packet) {
         count(STAT_ESSENTIAL, bytes);
+        return xdp_action::XDP_PASS;
+    }
+    if config.checks & CHECK_DHCP != 0
+        && dhcp::is_expected_reply(&packet, ctx.ingress_ifindex() as u32)
+    {
+        count(STAT_DHCP, bytes);
         return xdp_action::XDP_PASS;
     }
     if config.checks & CHECK_ESTABLISHED != 0
@@ -129,7 +136,8 @@ fn is_essential_icmpv6(packet: &parse::Packet) -> bool {
     }
 }
 
-/// tc egress: records the host's outbound flows so that their replies pass. Never drops.
+/// tc egress: records the host's outbound flows so that their replies pass, and its DHCP
+/// requests. Never drops.
 #[classifier]
 pub fn track_egress(ctx: TcContext) -> i32 {
     track::<false>(ctx)
@@ -146,6 +154,8 @@ fn track<const L3: bool>(ctx: TcContext) -> i32 {
     let mut packet = Packet::new();
     if let Parsed::Ip = parse::parse::<L3>(ctx.data(), ctx.data_end(), &mut packet) {
         state::record_outbound(&packet);
+        // SAFETY: the context's own skb.
+        dhcp::record_request(&packet, unsafe { (*ctx.skb.skb).ifindex });
     }
     TC_ACT_OK
 }

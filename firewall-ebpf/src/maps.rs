@@ -8,8 +8,8 @@ use aya_ebpf::{
 use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RateBucket, RateKey,
     RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS,
-    LOG_EVENTS_BYTES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES,
-    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    LOG_EVENTS_BYTES, MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
+    MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -95,6 +95,11 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STAT_SLOT
 /// The host's own flows, written by the tc egress program, read by the XDP program.
 #[map(name = "FW_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Ifindex -> `bpf_ktime_get_ns` of the host's last DHCP request sent there, written by the
+/// tc egress program, read by the XDP program.
+#[map(name = "FW_DHCP_REQUESTS")]
+pub static DHCP_REQUESTS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_DHCP_IFACES, 0);
 
 /// Log lines for the daemon ([`firewall_common::LogEvent`] records).
 #[map(name = "FW_LOG_EVENTS")]

@@ -21,8 +21,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Result};
 use firewall_common::{
     RateLimit, RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG,
-    CHECK_AUDIT, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES,
-    MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4,
+    MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -127,6 +127,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         } else {
             0
         } | if set.essentials { CHECK_ESSENTIALS } else { 0 }
+            | if set.dhcp { CHECK_DHCP } else { 0 }
             | if set.rules.iter().any(|rule| rule.iface.is_some()) {
                 CHECK_IFACES
             } else {

@@ -77,6 +77,7 @@ struct RawDefaults {
     policy: Option<Spanned<String>>,
     established: Option<bool>,
     essentials: Option<bool>,
+    dhcp: Option<bool>,
     /// "enforce" (default) or "audit".
     mode: Option<Spanned<String>>,
 }
@@ -264,6 +265,7 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
         policy: None,
         established: None,
         essentials: None,
+        dhcp: None,
         mode: None,
     });
     let default_policy = match defaults.policy {
@@ -425,6 +427,7 @@ fn validate(raw: RawFile, sets: &HashMap<String, Vec<IpNet>>) -> Result<RuleSet,
         default_policy,
         established: defaults.established.unwrap_or(true),
         essentials: defaults.essentials.unwrap_or(true),
+        dhcp: defaults.dhcp.unwrap_or(true),
         audit,
         log_rate,
         timeouts,
@@ -693,11 +696,12 @@ pub fn summary(set: &RuleSet) -> String {
     };
     let on_off = |on: bool| if on { "on" } else { "off" };
     let mut out = format!(
-        "{} rules, default policy {}, established {}, essentials {}{}\n",
+        "{} rules, default policy {}, established {}, essentials {}, dhcp {}{}\n",
         set.rules.len(),
         policy(set.default_policy),
         on_off(set.established),
         on_off(set.essentials),
+        on_off(set.dhcp),
         if set.audit {
             ", audit mode (nothing is dropped)"
         } else {
@@ -776,6 +780,8 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\niface = []\n", 3, 9, "empty interface list"),
             ("[[rules]]\naction = \"allow\"\niface = [\"a very long name0\"]\n", 3, 10, "invalid interface name"),
             ("[defaults]\nestablished = \"yes\"\n", 2, 15, "invalid type"),
+            ("[defaults]\ndhcp = \"on\"\n", 2, 8, "invalid type"),
+            ("[defaults]\ndhcp = 1\n", 2, 8, "invalid type"),
             ("[defaults]\nmode = \"watch\"\n", 2, 8, "mode must be"),
             ("[[rules]]\naction = \"allow\"\nlimit = \"5/d\"\n", 3, 9, "invalid limit \"5/d\""),
             ("[[rules]]\naction = \"allow\"\nlimit = \"0/s\"\n", 3, 9, "invalid limit"),

@@ -582,6 +582,46 @@ impl Kernel {
         Ok(())
     }
 
+    /// Replaces the record of the host's last DHCP request per interface: `(ifindex,
+    /// CLOCK_MONOTONIC ns)` (tests use this to put the kernel in a known state).
+    pub fn set_dhcp_requests(&mut self, table: &[(u32, u64)]) -> Result<()> {
+        let mut requests: HashMap<&mut MapData, u32, u64> =
+            HashMap::try_from(self.map_mut(map_names::DHCP_REQUESTS)?)?;
+        let stale: Vec<u32> = requests.keys().collect::<Result<_, _>>()?;
+        for key in stale {
+            requests.remove(&key)?;
+        }
+        for (ifindex, sent_ns) in table {
+            requests.insert(ifindex, sent_ns, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The record of the host's last DHCP request per interface, as `(ifindex, ns)`.
+    pub fn dhcp_requests(&self) -> Result<Vec<(u32, u64)>> {
+        let requests: HashMap<&MapData, u32, u64> =
+            HashMap::try_from(self.map(map_names::DHCP_REQUESTS)?)?;
+        Ok(requests.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Runs `frame` (an Ethernet frame) through the tc egress program, as the host sending
+    /// it on the test run's device (the namespace's loopback); returns the tc action.
+    pub fn test_run_egress(&self, frame: &[u8]) -> Result<u32> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(EGRESS_PROGRAM)
+            .ok_or_else(|| anyhow!("tc program {EGRESS_PROGRAM} missing"))?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        Ok(result.return_value)
+    }
+
     /// Counters summed over CPUs, indexed by `firewall_common::STAT_*` slot.
     pub fn counters(&self) -> Result<Vec<Counter>> {
         let stats: PerCpuArray<&MapData, Counter> =

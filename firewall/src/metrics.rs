@@ -84,6 +84,7 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
         ("non_ip", "pass", stats.non_ip),
         ("established", "pass", stats.established),
         ("essential", "pass", stats.essential),
+        ("dhcp", "pass", stats.dhcp),
         ("rate_limit", "drop", stats.rate_limited),
     ] {
         let labels = ReasonLabels {

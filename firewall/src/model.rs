@@ -141,6 +141,9 @@ pub struct RuleSet {
     /// ICMPv6 that IPv6 needs (neighbour discovery, MLD, packet too big) passes before the
     /// rules.
     pub essentials: bool,
+    /// DHCP replies pass before the rules on an interface where the host sent a DHCP request
+    /// in the last minute.
+    pub dhcp: bool,
     /// Audit mode: packets are classified, counted and logged as usual, but none is dropped.
     pub audit: bool,
     pub timeouts: Timeouts,
@@ -157,6 +160,7 @@ impl RuleSet {
             default_policy,
             established: true,
             essentials: true,
+            dhcp: true,
             audit: false,
             timeouts: Timeouts::default(),
             log_rate: LogRate::default(),

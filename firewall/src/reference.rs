@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use std::collections::HashMap;
 
-use firewall_common::{address_words, FlowKey, FlowState, FLOW_CLOSING};
+use firewall_common::{
+    address_words, FlowKey, FlowState, DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS, FLOW_CLOSING,
+};
 
 use crate::link::LinkLayer;
 use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
@@ -26,6 +28,9 @@ pub enum Reason {
     Essential,
     /// A reply to a tracked flow, or an ICMP error quoting one, passed before the rules.
     Established,
+    /// A DHCP reply on an interface where the host had just sent a DHCP request, passed
+    /// before the rules.
+    Dhcp,
     /// Rule index (0-based) that matched first.
     Rule(usize),
     /// No rule matched.
@@ -57,10 +62,13 @@ pub struct PacketInfo {
     pub quoted: Option<FlowKey>,
 }
 
-/// The host's tracked flows at one moment, as the kernel's flow map holds them.
+/// The host's tracked flows at one moment, as the kernel's flow map holds them, and when
+/// it last sent a DHCP request on each interface.
 #[derive(Clone, Debug, Default)]
 pub struct FlowTable {
     pub flows: HashMap<FlowKey, FlowState>,
+    /// Interface name -> CLOCK_MONOTONIC nanoseconds of the host's last DHCP request there.
+    pub dhcp_requests: HashMap<String, u64>,
     /// CLOCK_MONOTONIC now, in nanoseconds.
     pub now_ns: u64,
 }
@@ -126,6 +134,9 @@ pub fn evaluate_layer(
     };
     let decision = match parse_frame_on(layer, frame) {
         Parsed::Ip(packet) if rules.essentials && is_essential(&packet) => pass(Reason::Essential),
+        Parsed::Ip(packet) if rules.dhcp && is_expected_dhcp_reply(&packet, iface, flows) => {
+            pass(Reason::Dhcp)
+        }
         Parsed::Ip(packet) if rules.established && is_established(rules, &packet, flows) => {
             pass(Reason::Established)
         }
@@ -150,6 +161,22 @@ fn is_essential(packet: &PacketInfo) -> bool {
     packet.src.is_ipv6()
         && packet.proto == IPPROTO_ICMPV6
         && matches!(packet.icmp, Some((2 | 130..=137 | 143, _)))
+}
+
+/// A DHCP reply (UDP from the server port to the client port of the packet's family)
+/// arriving on an interface where the host sent a DHCP request less than a minute ago.
+fn is_expected_dhcp_reply(packet: &PacketInfo, iface: Option<&str>, flows: &FlowTable) -> bool {
+    let (client, server) = if packet.src.is_ipv6() {
+        DHCP6_PORTS
+    } else {
+        DHCP4_PORTS
+    };
+    let is_reply =
+        packet.proto == IPPROTO_UDP && packet.sport == Some(server) && packet.dport == Some(client);
+    let asked = iface
+        .and_then(|name| flows.dhcp_requests.get(name))
+        .is_some_and(|&sent| flows.now_ns.saturating_sub(sent) < DHCP_WINDOW_NS);
+    is_reply && asked
 }
 
 /// The key of the flow a packet from `remote` to `local` belongs to.

@@ -7,8 +7,8 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
     map_names, Counter, GenerationConfig, RuleName, ACTION_ALLOW, ACTION_MASK, MAX_RULES,
-    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
-    STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
+    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED,
+    STAT_LOG_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 use serde::Serialize;
 
@@ -29,6 +29,8 @@ pub struct Stats {
     pub established: Count,
     /// Essential ICMPv6, passed before the rules.
     pub essential: Count,
+    /// DHCP replies on an interface where the host had just asked, passed before the rules.
+    pub dhcp: Count,
     /// Packets of allow rules over their per-source rate limit: dropped.
     pub rate_limited: Count,
     /// Log lines suppressed by the rate limit or lost to a full log buffer (no daemon reading).
@@ -130,6 +132,7 @@ pub fn read(pins: &Pins) -> Result<Stats> {
         non_ip: counter(STAT_NON_IP)?.into(),
         established: counter(STAT_ESTABLISHED)?.into(),
         essential: counter(STAT_ESSENTIAL)?.into(),
+        dhcp: counter(STAT_DHCP)?.into(),
         rate_limited: counter(STAT_RATE_LIMITED)?.into(),
         log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets,
     })
@@ -177,6 +180,7 @@ pub fn table(stats: &Stats) -> String {
         ("not IP (ARP, ...)", "pass", stats.non_ip),
         ("established (replies)", "pass", stats.established),
         ("essential ICMPv6", "pass", stats.essential),
+        ("DHCP replies (host asked)", "pass", stats.dhcp),
         ("over a rule's rate limit", "drop", stats.rate_limited),
     ];
     for (what, verdict, count) in counted {

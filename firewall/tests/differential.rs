@@ -45,7 +45,9 @@ const V6_POOL: &[[u16; 8]] = &[
     [0, 0, 0, 0, 0, 0, 0, 1],
     [0xffff; 8],
 ];
-const PORT_POOL: &[u16] = &[1, 22, 53, 80, 443, 999, 1000, 2000, 2001, 8080, 65535];
+const PORT_POOL: &[u16] = &[
+    1, 22, 53, 67, 68, 80, 443, 546, 547, 999, 1000, 2000, 2001, 8080, 65535,
+];
 
 fn pool_addr(rng: &mut StdRng, v6: bool) -> IpAddr {
     if v6 {
@@ -150,6 +152,7 @@ fn random_rule_set(rng: &mut StdRng, max_rules: usize) -> RuleSet {
     );
     set.established = rng.gen_bool(0.8);
     set.essentials = rng.gen_bool(0.8);
+    set.dhcp = rng.gen_bool(0.8);
     set.audit = rng.gen_bool(0.05);
     // Short timeouts, so that expired flows (twice the longest timeout old) are at most a few
     // minutes old.
@@ -214,6 +217,13 @@ fn l4_bytes(rng: &mut StdRng, proto: u8) -> Vec<u8> {
             l4.extend_from_slice(&[0; 8]);
             let flags = [0x02, 0x12, 0x10, 0x11, 0x04, 0x18][rng.gen_range(0..6)];
             l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        }
+        // DHCP replies and requests of either family (in a packet of either family).
+        17 if rng.gen_bool(0.15) => {
+            let (sport, dport) = [(67, 68), (547, 546), (68, 67), (546, 547)][rng.gen_range(0..4)];
+            push16(&mut l4, sport);
+            push16(&mut l4, dport);
+            l4.extend_from_slice(&[0, 8, 0, 0]);
         }
         17 => {
             push16(&mut l4, random_port(rng));
@@ -405,7 +415,49 @@ fn reason_index(reason: Reason) -> usize {
         Reason::Established => 3,
         Reason::Rule(_) => 4,
         Reason::Default => 5,
+        Reason::Dhcp => 6,
     }
+}
+
+/// The interface the test runs see packets arrive on (BPF_PROG_TEST_RUN: the namespace's
+/// loopback), and an ifindex no interface has.
+const TEST_RUN_IFACE: &str = "lo";
+const OTHER_IFACE: &str = "not-the-test-run-interface";
+const OTHER_IFINDEX: u32 = 0x7fff_fff0;
+
+/// The host's last DHCP request: none, on the test runs' interface (fresh or expired), or on
+/// another interface; ages far from the one-minute window's edge.
+fn random_dhcp_requests(rng: &mut StdRng, table: &mut FlowTable) {
+    const SECOND: u64 = 1_000_000_000;
+    let now = table.now_ns;
+    let (iface, age) = match rng.gen_range(0..20) {
+        0..=6 => return,
+        7..=13 => (TEST_RUN_IFACE, rng.gen_range(0..50) * SECOND),
+        14..=16 => (TEST_RUN_IFACE, rng.gen_range(70..3600) * SECOND),
+        _ => (OTHER_IFACE, rng.gen_range(0..50) * SECOND),
+    };
+    // Expired ages need a machine up for longer (a test VM may have just booted).
+    if age < now {
+        table.dhcp_requests.insert(iface.to_string(), now - age);
+    }
+}
+
+/// The DHCP request table as the kernel's map holds it.
+fn dhcp_map(table: &FlowTable) -> Vec<(u32, u64)> {
+    table
+        .dhcp_requests
+        .iter()
+        .map(|(name, &sent)| {
+            let index = if name == TEST_RUN_IFACE {
+                let name = std::ffi::CString::new(name.as_str()).unwrap();
+                // SAFETY: a NUL-terminated string.
+                unsafe { libc::if_nametoindex(name.as_ptr()) }
+            } else {
+                OTHER_IFINDEX
+            };
+            (index, sent)
+        })
+        .collect()
 }
 
 /// Tracked flows for about a third of `frames` (the flows they would reply to), fresh or
@@ -413,8 +465,8 @@ fn reason_index(reason: Reason) -> usize {
 fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet) -> FlowTable {
     let now_ns = monotonic_now_ns();
     let mut table = FlowTable {
-        flows: Default::default(),
         now_ns,
+        ..Default::default()
     };
     let longest = set
         .timeouts
@@ -468,7 +520,7 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut kernel = Kernel::load().expect("load the XDP program");
     let mut verdicts = [0usize; 2];
-    let mut reasons = [0usize; 6];
+    let mut reasons = [0usize; 7];
     for set_index in 0..rule_sets {
         let set = random_rule_set(&mut rng, max_rules);
         // Mostly the real host-map budget; sometimes a small one, so that some prefixes are
@@ -483,11 +535,15 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         let frames: Vec<(LinkLayer, Vec<u8>)> = (0..packets_per_set)
             .map(|_| random_layered_frame(&mut rng))
             .collect();
-        let flows = random_flows(&mut rng, &frames, &set);
+        let mut flows = random_flows(&mut rng, &frames, &set);
+        random_dhcp_requests(&mut rng, &mut flows);
         let table: Vec<_> = flows.flows.iter().map(|(k, v)| (*k, *v)).collect();
         kernel.set_flows(&table).expect("set flows");
+        kernel
+            .set_dhcp_requests(&dhcp_map(&flows))
+            .expect("set DHCP requests");
         for (layer, frame) in frames {
-            let expected = evaluate_layer(&set, layer, &frame, Some("lo"), &flows);
+            let expected = evaluate_layer(&set, layer, &frame, Some(TEST_RUN_IFACE), &flows);
             if frame.len() < ETH_HLEN {
                 // The kernel hands XDP no frame shorter than an Ethernet header, and
                 // BPF_PROG_TEST_RUN refuses one.
@@ -503,11 +559,11 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
             if got != want {
                 panic!(
                     "kernel and reference disagree (seed {seed}, rule set {set_index}):\n\
-                     {layer:?} frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}\nflows {:?}",
+                     {layer:?} frame {}\nreference {:?}, kernel XDP action {got}\nrules {:#?}\nflows and DHCP requests {:?}",
                     hex(&frame),
                     expected,
                     set,
-                    flows.flows
+                    flows
                 );
             }
             verdicts[usize::from(want == XDP_PASS)] += 1;
@@ -520,7 +576,7 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         verdicts[0],
         verdicts[1]
     );
-    eprintln!("differential: by reason [non-IP, malformed, essential, established, rule, default] = {reasons:?}");
+    eprintln!("differential: by reason [non-IP, malformed, essential, established, rule, default, DHCP] = {reasons:?}");
     // Guard against a generator that leaves a path unexercised.
     assert!(verdicts[0] > rule_sets && verdicts[1] > rule_sets);
     // Large random rule sets nearly always contain a catch-all rule, so the default policy is

@@ -1063,3 +1063,198 @@ mod l3 {
         assert_eq!(verdict_l3(&kernel, &syn6), XDP_DROP, "a SYN never replies");
     }
 }
+
+/// DHCP replies pass before the rules on an interface where the host sent a DHCP request in
+/// the last minute. The test runs of both programs see the namespace's loopback as their
+/// interface.
+mod dhcp {
+    use super::*;
+    use firewall::kernel::monotonic_now_ns;
+    use firewall_common::{STAT_DHCP, STAT_SLOTS};
+
+    const TC_ACT_OK: u32 = 0;
+    const SECOND: u64 = 1_000_000_000;
+
+    fn deny_all(extra: &str) -> Kernel {
+        let mut kernel = Kernel::load().unwrap();
+        let text = format!("[defaults]\npolicy = \"deny\"\n{extra}\n");
+        kernel
+            .apply(&compile(&parse_rules("t.toml", &text).unwrap()).unwrap())
+            .unwrap();
+        kernel
+    }
+
+    /// A UDP frame from `src`:`sport` to `dst`:`dport`.
+    fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+        let v6 = src.contains(':');
+        let frame = if v6 {
+            Frame::v6(src, dst, L4::Udp { dport })
+        } else {
+            Frame::v4(src, dst, L4::Udp { dport })
+        };
+        let mut frame = frame.payload(32).build();
+        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+        frame[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
+        frame
+    }
+
+    fn discover() -> Vec<u8> {
+        udp("0.0.0.0", "255.255.255.255", 68, 67)
+    }
+    fn offer() -> Vec<u8> {
+        udp("10.0.0.254", "10.0.0.77", 67, 68)
+    }
+    fn solicit() -> Vec<u8> {
+        udp("fe80::1", "ff02::1:2", 546, 547)
+    }
+    fn advertise() -> Vec<u8> {
+        udp("fe80::2", "fe80::1", 547, 546)
+    }
+
+    fn loopback_index() -> u32 {
+        // SAFETY: a NUL-terminated string.
+        unsafe { libc::if_nametoindex(c"lo".as_ptr()) }
+    }
+
+    /// The egress program records a request sent on the test run's interface, and then the
+    /// replies pass, counted as DHCP; replies of the other family need their own request.
+    #[test]
+    fn replies_pass_after_the_hosts_request() {
+        let mut kernel = deny_all("");
+        kernel.set_dhcp_requests(&[]).unwrap();
+        assert_eq!(verdict(&kernel, &offer()), XDP_DROP, "no request yet");
+        assert_eq!(verdict(&kernel, &advertise()), XDP_DROP, "no request yet");
+        let before = monotonic_now_ns();
+        assert_eq!(kernel.test_run_egress(&discover()).unwrap(), TC_ACT_OK);
+        let recorded = kernel.dhcp_requests().unwrap();
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+        assert_eq!(recorded[0].0, loopback_index());
+        assert!(recorded[0].1 >= before && recorded[0].1 <= monotonic_now_ns());
+        let counted = |kernel: &Kernel| kernel.counters().unwrap()[STAT_DHCP as usize].packets;
+        let dhcp_before = counted(&kernel);
+        assert_eq!(verdict(&kernel, &offer()), XDP_PASS, "DHCPv4 offer");
+        let broadcast_offer = udp("10.0.0.254", "255.255.255.255", 67, 68);
+        assert_eq!(
+            verdict(&kernel, &broadcast_offer),
+            XDP_PASS,
+            "broadcast offer"
+        );
+        assert_eq!(counted(&kernel) - dhcp_before, 2);
+        // One interface table for both families: a DHCPv4 request opens DHCPv6 replies too,
+        // but only replies: other UDP, other ports, TCP stay judged by the rules.
+        let not_replies = [
+            (
+                "server port to another port",
+                udp("10.0.0.254", "10.0.0.77", 67, 69),
+            ),
+            (
+                "another port to the client port",
+                udp("10.0.0.254", "10.0.0.77", 1067, 68),
+            ),
+            (
+                "a request inbound",
+                udp("10.0.0.254", "255.255.255.255", 68, 67),
+            ),
+            ("v6 ports in IPv4", udp("10.0.0.254", "10.0.0.77", 547, 546)),
+            ("v4 ports in IPv6", udp("fe80::2", "fe80::1", 67, 68)),
+            (
+                "TCP to the client port",
+                Frame::v4("10.0.0.254", "10.0.0.77", L4::Tcp { dport: 68 }).build(),
+            ),
+        ];
+        for (name, frame) in &not_replies {
+            assert_eq!(verdict(&kernel, frame), XDP_DROP, "{name}");
+        }
+
+        kernel.set_dhcp_requests(&[]).unwrap();
+        assert_eq!(kernel.test_run_egress(&solicit()).unwrap(), TC_ACT_OK);
+        assert_eq!(kernel.dhcp_requests().unwrap().len(), 1);
+        assert_eq!(verdict(&kernel, &advertise()), XDP_PASS, "DHCPv6 advertise");
+        // Outbound traffic that is no request records nothing.
+        kernel.set_dhcp_requests(&[]).unwrap();
+        for frame in [
+            udp("10.0.0.77", "10.0.0.254", 68, 68),
+            udp("10.0.0.77", "10.0.0.254", 1068, 67),
+            udp("fe80::1", "ff02::1:2", 547, 546),
+            offer(),
+        ] {
+            assert_eq!(kernel.test_run_egress(&frame).unwrap(), TC_ACT_OK);
+        }
+        assert_eq!(kernel.dhcp_requests().unwrap(), vec![]);
+        assert_eq!(STAT_DHCP + 1, STAT_SLOTS);
+    }
+
+    /// Without a recent request on the interface, or with the switch off, replies are judged
+    /// by the rules (and the reference evaluator agrees).
+    #[test]
+    fn stale_foreign_or_switched_off_replies_are_judged_by_the_rules() {
+        use firewall::reference::{evaluate_on, FlowTable};
+        // A machine up for less than the ages below (a test VM) waits.
+        while monotonic_now_ns() < 70 * SECOND {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let lo = loopback_index();
+        // Requests as (ifindex, age in seconds).
+        let cases = [
+            ("fresh", "", vec![(lo, 5)], XDP_PASS),
+            ("55 s old", "", vec![(lo, 55)], XDP_PASS),
+            ("65 s old", "", vec![(lo, 65)], XDP_DROP),
+            ("other interface", "", vec![(lo + 4242, 0)], XDP_DROP),
+            ("none", "", vec![], XDP_DROP),
+            ("switched off", "dhcp = false", vec![(lo, 0)], XDP_DROP),
+            (
+                "switched off, a rule allows it",
+                "dhcp = false\n[[rules]]\naction = \"allow\"\nproto = \"udp\"\nports = [68, 546]",
+                vec![(lo, 0)],
+                XDP_PASS,
+            ),
+        ];
+        for (name, extra, ages, want) in cases {
+            let mut kernel = deny_all(extra);
+            let now = monotonic_now_ns();
+            let requests: Vec<(u32, u64)> = ages
+                .iter()
+                .map(|&(index, age)| (index, now - age * SECOND))
+                .collect();
+            kernel.set_dhcp_requests(&requests).unwrap();
+            let text = format!("[defaults]\npolicy = \"deny\"\n{extra}\n");
+            let set = parse_rules("t.toml", &text).unwrap();
+            let table = FlowTable {
+                now_ns: now,
+                dhcp_requests: requests
+                    .iter()
+                    .map(|&(index, sent)| {
+                        let name = if index == lo { "lo" } else { "elsewhere" };
+                        (name.to_string(), sent)
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            for frame in [offer(), advertise()] {
+                assert_eq!(verdict(&kernel, &frame), want, "{name}");
+                let reference = match evaluate_on(&set, &frame, Some("lo"), &table).verdict {
+                    Verdict::Pass => XDP_PASS,
+                    Verdict::Drop => XDP_DROP,
+                };
+                assert_eq!(reference, want, "{name}: the reference disagrees");
+            }
+        }
+    }
+
+    /// Through the L3 program too (PPP and tun links get their addresses by DHCP less often,
+    /// but the check is the same code).
+    #[test]
+    fn replies_on_l3_links() {
+        use firewall::link::LinkLayer;
+        let mut kernel = deny_all("");
+        kernel
+            .set_dhcp_requests(&[(loopback_index(), monotonic_now_ns())])
+            .unwrap();
+        let offer = offer()[14..].to_vec();
+        let run = |frame: &[u8]| kernel.test_run_on(LinkLayer::Ip, frame, 1).unwrap().0;
+        assert_eq!(run(&offer), XDP_PASS);
+        kernel.set_dhcp_requests(&[]).unwrap();
+        let run = |frame: &[u8]| kernel.test_run_on(LinkLayer::Ip, frame, 1).unwrap().0;
+        assert_eq!(run(&offer), XDP_DROP);
+    }
+}

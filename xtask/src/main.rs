@@ -145,6 +145,7 @@ fn main() -> Result<()> {
         }
         Task::Test { no_vm, extra } => {
             require_root("cargo xtask test (the tests load XDP programs and create namespaces)")?;
+            setup::ensure_packages(setup::TEST_PACKAGES)?;
             let status = env
                 .cargo()
                 // The eBPF crate is built by firewall's build script for the BPF target.

@@ -36,6 +36,8 @@ pub struct TestNet {
     pub a: String,
     pub b: String,
     pub veth_a: String,
+    /// The peer's end, in `b`.
+    pub veth_b: String,
     pub a4: IpAddr,
     pub b4: IpAddr,
     pub a6: IpAddr,
@@ -51,12 +53,13 @@ impl TestNet {
             a: format!("fwt-{id}-a"),
             b: format!("fwt-{id}-b"),
             veth_a: format!("fwa{id}"),
+            veth_b: format!("fwb{id}"),
             a4: format!("10.213.{subnet}.1").parse().unwrap(),
             b4: format!("10.213.{subnet}.2").parse().unwrap(),
             a6: format!("fd00:213:{subnet:x}::1").parse().unwrap(),
             b6: format!("fd00:213:{subnet:x}::2").parse().unwrap(),
         };
-        let veth_b = format!("fwb{id}");
+        let veth_b = net.veth_b.clone();
         ip(&["netns", "add", &net.a]);
         ip(&["netns", "add", &net.b]);
         ip(&[
@@ -620,8 +623,9 @@ impl TunPeer {
             let mut ifreq = [0u8; 40];
             ifreq[..owned.len()].copy_from_slice(owned.as_bytes());
             ifreq[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
-            // SAFETY: a valid fd and a buffer the size of struct ifreq.
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) };
+            // SAFETY: a valid fd and a buffer the size of struct ifreq. (The request's type
+            // differs between glibc and musl, the C library of the VM's guest binaries.)
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) };
             assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
             file
         });
