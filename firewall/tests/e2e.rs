@@ -1144,14 +1144,26 @@ fn one_daemon_per_pin_directory() {
     let pins = common::BpfMount::new();
     let file = deny_8081(&net);
     let first = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
-    let second = Command::new("ip")
+    let mut second = Command::new("ip")
         .args(["netns", "exec", &net.a, &firewall_exe(), "run", "--rules"])
         .arg(&file.path)
         .args(["--iface", &net.veth_a, "--control", "/tmp/fwt-second.sock"])
         .arg("--pin-dir")
         .arg(pins.pin_dir())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second daemon runs on the same pins");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = second.wait_with_output().unwrap();
     assert!(!second.status.success());
     let error = String::from_utf8_lossy(&second.stderr);
     assert!(
