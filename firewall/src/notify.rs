@@ -102,13 +102,14 @@ fn send_with_fd(socket: &UnixDatagram, data: &[u8], fd: BorrowedFd<'_>) -> std::
     message.msg_iov = &mut iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = space;
+    // (`as _`: socklen_t in musl, size_t in glibc.)
+    message.msg_controllen = space as _;
     // SAFETY: the control buffer has room for one header with one descriptor.
     unsafe {
         let header = libc::CMSG_FIRSTHDR(&message);
         (*header).cmsg_level = libc::SOL_SOCKET;
         (*header).cmsg_type = libc::SCM_RIGHTS;
-        (*header).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as usize;
+        (*header).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<i32>(), raw);
     }
     // SAFETY: sendmsg with the message built above.
