@@ -1194,7 +1194,8 @@ fn receive_notification(
     message.msg_iov = &mut iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = control.len();
+    // (`as _`: socklen_t in musl, size_t in glibc.)
+    message.msg_controllen = control.len() as _;
     let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
     assert!(
         n >= 0,
@@ -1207,7 +1208,8 @@ fn receive_notification(
         let mut header = libc::CMSG_FIRSTHDR(&message);
         while !header.is_null() {
             if (*header).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*header).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                let len: usize = (*header).cmsg_len as _;
+                let count = (len - libc::CMSG_LEN(0) as usize) / 4;
                 let data = libc::CMSG_DATA(header).cast::<i32>();
                 for i in 0..count {
                     fds.push(std::os::fd::OwnedFd::from_raw_fd(std::ptr::read_unaligned(
