@@ -210,6 +210,7 @@ impl Apt {
             "APT::Architecture=amd64".into(),
             "Acquire::Languages=none".into(),
             "APT::Sandbox::User=root".into(),
+            setup::APT_LOCK_WAIT[1].into(),
         ]
         .into_iter()
         .flat_map(|option| ["-o".to_string(), option])
