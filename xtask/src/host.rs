@@ -505,7 +505,14 @@ impl Guest {
 
     /// `command` in the guest over SSH: its stdout, or an error with its stderr.
     fn ssh(&self, command: &str) -> Result<String> {
-        let output = Command::new("ssh")
+        self.ssh_within(command, SSH_LIMIT)
+    }
+
+    /// The same, given up after `limit`: QEMU's forwarder accepts the connection even while
+    /// the guest is down, and ssh would wait for its banner for ever.
+    fn ssh_within(&self, command: &str, limit: Duration) -> Result<String> {
+        let output = Command::new("timeout")
+            .args(["-k", "5", &limit.as_secs().to_string(), "ssh"])
             .args(&self.ssh)
             .arg(command)
             .stdin(Stdio::null())
@@ -526,7 +533,10 @@ impl Guest {
     fn wait_for_ssh(&self, previous: Option<&str>, limit: Duration) -> Result<String> {
         let started = Instant::now();
         loop {
-            if let Ok(id) = self.ssh("cat /proc/sys/kernel/random/boot_id") {
+            if let Ok(id) = self.ssh_within(
+                "cat /proc/sys/kernel/random/boot_id",
+                Duration::from_secs(20),
+            ) {
                 let id = id.trim().to_string();
                 if previous != Some(id.as_str()) {
                     return Ok(id);
@@ -567,7 +577,12 @@ impl Guest {
         while started.elapsed() < Duration::from_secs(60) {
             let text = self.console.lock().unwrap()[start..].to_string();
             if let Some(end) = text.find(&done) {
-                return Some(text[..end].to_string());
+                // What follows the echo of the command line (which has `$((6*7))`, not 42).
+                let output = text[..end]
+                    .find("$((6*7))")
+                    .and_then(|at| text[at..end].find('\n').map(|nl| at + nl + 1))
+                    .map_or(&text[..end], |from| &text[from..end]);
+                return Some(output.to_string());
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -610,6 +625,9 @@ fn probe(port: u16, request: &[u8], timeout: Duration) -> Option<String> {
         _ => None,
     }
 }
+
+/// The longest an SSH command may take (a restart under emulation takes ~10 s).
+const SSH_LIMIT: Duration = Duration::from_secs(120);
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -697,7 +715,7 @@ fn checks(guest: &mut Guest, ports: &Ports, started: Instant) -> Result<Report> 
             "none within 300 s".into()
         }
     );
-    let ssh = guest.wait_for_ssh(None, Duration::from_secs(if booted { 120 } else { 10 }));
+    let ssh = guest.wait_for_ssh(None, Duration::from_secs(if booted { 90 } else { 10 }));
     println!(
         "host: boot to SSH: {}",
         match &ssh {
@@ -1015,7 +1033,7 @@ fn check_reboot(guest: &Guest, ports: &Ports, boot_id: &str) -> Result<String> {
     let (_, state) = main_pid(guest)?;
     let started = state == "active" && xdp_on_nic(guest)? && !denied_answers(ports);
     // The connection drops as the guest goes down: ssh's status says nothing.
-    let _ = guest.ssh("systemctl reboot");
+    let _ = guest.ssh_within("systemctl reboot", Duration::from_secs(30));
     let timer = Instant::now();
     guest.wait_for_ssh(Some(boot_id), Duration::from_secs(300))?;
     let reboot_seconds = timer.elapsed().as_secs_f64();
