@@ -179,6 +179,18 @@ pub fn run(
             ports.http,
             ports.denied
         );
+        // Say when SSH answers, amid the console's messages.
+        let ssh_port = ports.ssh;
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(600) {
+                if probe(ssh_port, b"", PROBE_TIMEOUT).is_some_and(|l| l.starts_with("SSH-")) {
+                    eprintln!("\r\nhost: SSH answers on 127.0.0.1:{ssh_port}\r");
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(3));
+            }
+        });
         let status = guest.qemu.wait()?;
         crate::check(status, "qemu")?;
         return Ok(Report {
@@ -459,10 +471,14 @@ impl Guest {
                 .stdout(Stdio::piped());
         }
         println!(
-            "host: booting Debian {SUITE} ({accel:?}, {} MiB, {} CPUs), console in {}",
+            "host: booting Debian {SUITE} ({accel:?}, {} MiB, {} CPUs), console {}",
             options.memory_mib,
             options.cpus,
-            run_dir.join("console.log").display()
+            if interactive {
+                "here".to_string()
+            } else {
+                format!("in {}", run_dir.join("console.log").display())
+            }
         );
         let mut qemu = command
             .spawn()
