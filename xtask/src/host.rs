@@ -611,6 +611,13 @@ impl Guest {
     }
 }
 
+impl Drop for Guest {
+    /// No QEMU outlives the run, whatever ended it.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 fn copy_console(mut from: impl std::io::Read, mut log: std::fs::File, console: Arc<Mutex<String>>) {
     let mut buf = [0u8; 4096];
     loop {
