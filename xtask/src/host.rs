@@ -598,7 +598,7 @@ impl Guest {
                     .find("$((6*7))")
                     .and_then(|at| text[at..end].find('\n').map(|nl| at + nl + 1))
                     .map_or(&text[..end], |from| &text[from..end]);
-                return Some(output.to_string());
+                return Some(without_escapes(output));
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -616,6 +616,27 @@ impl Drop for Guest {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Text without the terminal's escape sequences (`ESC [ ... letter`), such as bash's
+/// bracketed-paste switches.
+fn without_escapes(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 fn copy_console(mut from: impl std::io::Read, mut log: std::fs::File, console: Arc<Mutex<String>>) {
@@ -1082,4 +1103,31 @@ fn check_reboot(guest: &Guest, ports: &Ports, boot_id: &str) -> Result<String> {
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_escapes_are_removed() {
+        assert_eq!(
+            without_escapes("\x1b[?2004l2: ens3: up\n\x1b[0;32m OK \x1b[0m done"),
+            "2: ens3: up\n OK  done"
+        );
+    }
+
+    /// The recipe names everything that goes into the cached tree, so that a change rebuilds it.
+    #[test]
+    fn the_recipe_names_packages_files_and_commands() {
+        let recipe = recipe();
+        for needle in [
+            "openssh-server",
+            "bookworm",
+            "greet.socket",
+            "passwd -d root",
+        ] {
+            assert!(recipe.contains(needle), "{needle} not in {recipe}");
+        }
+    }
 }
