@@ -3,6 +3,7 @@
 //! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
 //! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
 //! (no system LLVM needed), and the Debian packages the tests use.
+mod host;
 mod install;
 mod setup;
 mod vm;
@@ -74,9 +75,13 @@ enum Task {
     },
     /// Boot a throwaway QEMU machine with a stock Debian kernel and run the firewall on its
     /// NIC (guest ports 22, 23, 80, 443, 8080 answer on 127.0.0.1:10022 ... :18080), or with
-    /// `test` the packet and end-to-end tests in it.
+    /// `test` the packet and end-to-end tests in it; `host` and `host-test` boot a real
+    /// Debian 12 with the firewall installed as a systemd service.
     Vm {
-        /// `test`: run the test suites (on 6.1 and 6.12 unless --kernel says otherwise).
+        /// `test`: run the test suites (on 6.1 and 6.12 unless --kernel says otherwise);
+        /// `host`: a Debian 12 host with the firewall installed as a service, for SSH;
+        /// `host-test`: the checks of that service (set FW_HOST_ALLOW_DHCP=1 to add a rule
+        /// allowing DHCP replies to the installed rules, a temporary aid).
         #[arg(value_enum)]
         mode: Option<VmMode>,
         /// 6.1 (Debian 12), 6.12 (Debian 13), or a kernel image file; repeat for several.
@@ -109,6 +114,10 @@ enum Task {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum VmMode {
     Test,
+    /// A Debian 12 host with systemd and the firewall installed as a service; SSH into it.
+    Host,
+    /// The scripted checks of the installed service on that host.
+    HostTest,
 }
 
 fn main() -> Result<()> {
@@ -163,14 +172,28 @@ fn main() -> Result<()> {
             if no_vm {
                 return Ok(());
             }
-            run_vm(
+            let timer = std::time::Instant::now();
+            let suites = run_vm(
                 &env,
                 &root,
                 &vm::debian_kernel_names(),
                 None,
                 &vm::Options::default(),
                 &vm::Plan::Tests { extra },
-            )
+            );
+            let suites_seconds = timer.elapsed().as_secs_f64();
+            // The installed service on a real host, after the suites whatever their result.
+            let host = host_test(&env, &root, &host_options(vm::Accel::Auto, "default.toml"));
+            println!(
+                "test: VM suites {} in {suites_seconds:.0} s, host checks {}",
+                if suites.is_ok() { "passed" } else { "FAILED" },
+                match &host {
+                    Ok(seconds) => format!("passed in {seconds:.0} s"),
+                    Err(_) => "FAILED".into(),
+                }
+            );
+            suites?;
+            host.map(|_| ())
         }
         Task::Fuzz { packets, seed } => {
             require_root("cargo xtask fuzz")?;
@@ -237,6 +260,21 @@ fn main() -> Result<()> {
                 cpus,
                 verbose,
             };
+            if matches!(mode, Some(VmMode::Host | VmMode::HostTest)) {
+                if !kernel.is_empty() || modules.is_some() || !extra.is_empty() {
+                    bail!("vm host boots Debian 12's own kernel and runs the installed unit: no --kernel, --modules or extra arguments");
+                }
+                let options = host::HostOptions {
+                    memory_mib: memory,
+                    cpus,
+                    ..host_options(accel, &rules)
+                };
+                if mode == Some(VmMode::Host) {
+                    host::run(&env, &root, &options, true)?;
+                    return Ok(());
+                }
+                return host_test(&env, &root, &options).map(|_| ());
+            }
             let testing = mode == Some(VmMode::Test);
             let kernels = match (kernel.is_empty(), testing) {
                 (false, _) => kernel,
@@ -260,6 +298,28 @@ fn main() -> Result<()> {
             check(status, "cargo bench")
         }
     }
+}
+
+fn host_options(accel: vm::Accel, rules: &str) -> host::HostOptions {
+    host::HostOptions {
+        accel,
+        memory_mib: vm::MEMORY_MIB,
+        cpus: vm::CPUS,
+        rules: rules.to_string(),
+    }
+}
+
+/// `vm host-test`: fails if a check failed; the run's seconds.
+fn host_test(env: &setup::Env, root: &std::path::Path, options: &host::HostOptions) -> Result<f64> {
+    let report = host::run(env, root, options, false)?;
+    if report.failed > 0 {
+        bail!(
+            "{} of {} host checks failed",
+            report.failed,
+            report.failed + report.passed
+        );
+    }
+    Ok(report.seconds)
 }
 
 /// Boots each kernel in turn with `plan`; for tests, a summary of every kernel at the end.

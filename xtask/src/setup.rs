@@ -20,6 +20,10 @@ pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
 ];
 
+/// For every apt-get call: wait up to 10 minutes for another apt or dpkg (an unattended
+/// upgrade, a second `cargo xtask`) to release dpkg's lock instead of failing at once.
+pub const APT_LOCK_WAIT: [&str; 2] = ["-o", "DPkg::Lock::Timeout=600"];
+
 /// What later steps need: where bpf-linker lives.
 pub struct Env {
     bpf_linker_bin: PathBuf,
@@ -173,10 +177,42 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    run("apt-get", &["update", "-q"])?;
+    apt_get(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
-    run("apt-get", &args)
+    apt_get(&args)
+}
+
+/// `apt-get ARGS`, waiting for another apt or dpkg (an unattended upgrade, a second `cargo
+/// xtask`) to finish: dpkg's lock through [`APT_LOCK_WAIT`], the index lock of `update`
+/// (which that option does not cover) by trying again, for up to 10 minutes.
+pub fn apt_get(args: &[&str]) -> Result<()> {
+    let mut full = APT_LOCK_WAIT.to_vec();
+    full.extend(args);
+    eprintln!("setup: apt-get {}", full.join(" "));
+    let started = std::time::Instant::now();
+    loop {
+        let output = Command::new("apt-get")
+            .args(&full)
+            .stdout(std::process::Stdio::inherit())
+            .output()
+            .context("running apt-get")?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let locked = stderr.contains("Could not get lock");
+        if locked && started.elapsed() < std::time::Duration::from_secs(600) {
+            eprintln!("setup: apt-get is waiting for another apt to finish");
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            continue;
+        }
+        bail!(
+            "apt-get {} failed ({}): {stderr}",
+            full.join(" "),
+            output.status
+        );
+    }
 }
 
 fn which(command: &str) -> Option<PathBuf> {

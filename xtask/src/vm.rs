@@ -218,6 +218,7 @@ impl Apt {
             "APT::Architecture=amd64".into(),
             "Acquire::Languages=none".into(),
             "APT::Sandbox::User=root".into(),
+            setup::APT_LOCK_WAIT[1].into(),
         ]
         .into_iter()
         .flat_map(|option| ["-o".to_string(), option])
@@ -678,7 +679,7 @@ pub fn greet_on_host() -> Result<u16> {
 
 /// Whether this host's KVM boots stock kernels: a real kvm_intel/kvm_amd, not a nested kind
 /// (such as kvm_pvm) on which they hang.
-fn kvm_works() -> bool {
+pub(crate) fn kvm_works() -> bool {
     Path::new("/dev/kvm").exists()
         && (Path::new("/sys/module/kvm_intel").exists()
             || Path::new("/sys/module/kvm_amd").exists())
