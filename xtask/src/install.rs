@@ -67,7 +67,7 @@ mod tests {
     use super::*;
 
     /// systemd's own checks of the installed unit, offline: it parses, and its sandboxing
-    /// keeps `systemd-analyze security`'s exposure score at 3 or below ("OK"; 2.1 now).
+    /// keeps `systemd-analyze security`'s exposure score at 3 or below ("OK"; 2.3 now).
     fn verify_unit(root: &Path) {
         let present = std::process::Command::new("systemd-analyze")
             .arg("--version")

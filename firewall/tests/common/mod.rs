@@ -343,7 +343,6 @@ impl Daemon {
         env: &[(&str, &Path)],
         fds: Vec<(String, std::os::fd::OwnedFd)>,
     ) -> Daemon {
-        use std::os::unix::process::CommandExt as _;
         // The empty name is this (the test's own) namespace.
         let label = if ns.is_empty() {
             format!("fwt-root-{}", std::process::id())
@@ -352,45 +351,14 @@ impl Daemon {
         };
         let log = std::env::temp_dir().join(format!("{label}.log"));
         let control = std::env::temp_dir().join(format!("{label}.sock"));
-        let mut command = if !fds.is_empty() {
-            // The shell learns its pid, and execs (keeping it) into ip, which execs the daemon.
-            let mut command = Command::new("sh");
-            command.args(["-c", "export LISTEN_PID=$$; exec \"$0\" \"$@\""]);
-            if ns.is_empty() {
-                command.arg(firewall_exe());
-            } else {
-                command.args(["ip", "netns", "exec", ns, &firewall_exe()]);
-            }
-            let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
-            command
-                .env("LISTEN_FDS", fds.len().to_string())
-                .env("LISTEN_FDNAMES", names.join(":"));
-            let raw: Vec<i32> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-            // SAFETY: between fork and exec only dup/dup2/fcntl on descriptors we own.
-            unsafe {
-                command.pre_exec(move || {
-                    // Out of the way first, so that no dup2 below overwrites a source.
-                    let moved: Vec<i32> = raw
-                        .iter()
-                        .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100))
-                        .collect();
-                    for (i, &fd) in moved.iter().enumerate() {
-                        if libc::dup2(fd, 3 + i as i32) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-            command
-        } else if ns.is_empty() {
+        let mut command = if ns.is_empty() {
             Command::new(firewall_exe())
         } else {
             let mut command = Command::new("ip");
             command.args(["netns", "exec", ns, &firewall_exe()]);
             command
         };
-        let child = command
+        command
             .args(["run", "--rules"])
             .arg(rules)
             .args(["--iface", iface])
@@ -399,13 +367,23 @@ impl Daemon {
             .arg("--pin-dir")
             .arg(pin_dir)
             .args(extra)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start the daemon");
+            .stderr(File::create(&log).unwrap());
+        let mut vars: Vec<(String, String)> = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.display().to_string()))
+            .collect();
+        vars.push(("RUST_LOG".into(), "info".into()));
+        if fds.is_empty() {
+            command.envs(vars);
+        } else {
+            let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
+            vars.push(("LISTEN_FDS".into(), fds.len().to_string()));
+            vars.push(("LISTEN_FDNAMES".into(), names.join(":")));
+            pass_descriptors(&mut command, &fds, vars);
+        }
+        let child = command.spawn().expect("start the daemon");
         drop(fds);
         let daemon = Daemon {
             child: Some(child),
@@ -474,6 +452,44 @@ impl Daemon {
             assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
             thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Sets up `command` to receive `fds` as descriptors 3.. and `vars` plus `LISTEN_PID` (its own
+/// pid, known only after the fork: `ip netns exec` execs, keeping it) in its environment,
+/// which is therefore set in the child rather than through `Command::env`.
+fn pass_descriptors(
+    command: &mut Command,
+    fds: &[(String, std::os::fd::OwnedFd)],
+    vars: Vec<(String, String)>,
+) {
+    use std::ffi::CString;
+    use std::os::unix::process::CommandExt as _;
+    let raw: Vec<i32> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let vars: Vec<(CString, CString)> = vars
+        .into_iter()
+        .map(|(name, value)| (CString::new(name).unwrap(), CString::new(value).unwrap()))
+        .collect();
+    // SAFETY: between fork and exec: fcntl, dup2 and setenv on what this closure owns.
+    unsafe {
+        command.pre_exec(move || {
+            // Out of the way first, so that no dup2 below overwrites a source.
+            let moved: Vec<i32> = raw
+                .iter()
+                .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100))
+                .collect();
+            for (i, &fd) in moved.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (name, value) in &vars {
+                libc::setenv(name.as_ptr(), value.as_ptr(), 1);
+            }
+            let pid = CString::new(libc::getpid().to_string()).unwrap();
+            libc::setenv(c"LISTEN_PID".as_ptr(), pid.as_ptr(), 1);
+            Ok(())
+        });
     }
 }
 
