@@ -1091,11 +1091,20 @@ fn check_stop(guest: &Guest, ports: &Ports) -> Result<String> {
         std::thread::sleep(Duration::from_millis(300));
         xdp = xdp_on_nic(guest)?;
     }
-    let denied = denied_answers(ports);
+    // The guest may first have to serve a backlog: QEMU's forwarder keeps retrying the
+    // connections of earlier probes that the firewall dropped, and they all arrive now, each
+    // starting a greeting service (slow under emulation).
+    let stopped = Instant::now();
+    let mut denied = denied_answers(ports);
+    while !denied && stopped.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(500));
+        denied = denied_answers(ports);
+    }
     let detail = format!(
-        "after stop: XDP {} {NIC}, port 8080 {}",
+        "after stop: XDP {} {NIC}, port 8080 {} (after {:.1} s)",
         if xdp { "still on" } else { "gone from" },
-        answered(denied)
+        answered(denied),
+        stopped.elapsed().as_secs_f64()
     );
     if !xdp && denied {
         Ok(detail)
