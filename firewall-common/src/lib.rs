@@ -400,13 +400,6 @@ pub const EGRESS_PROGRAM: &str = "track_egress";
 /// PPP, raw IP, ipip): they share all code with the Ethernet ones but read no link header.
 pub const XDP_PROGRAM_L3: &str = "firewall_l3";
 pub const EGRESS_PROGRAM_L3: &str = "track_egress_l3";
-/// Every program of the object file.
-pub const PROGRAMS: [&str; 4] = [
-    XDP_PROGRAM,
-    XDP_PROGRAM_L3,
-    EGRESS_PROGRAM,
-    EGRESS_PROGRAM_L3,
-];
 
 #[cfg(feature = "user")]
 mod pod {

@@ -17,9 +17,9 @@ use aya::util::{nr_cpus, KernelVersion};
 use aya::{Ebpf, EbpfLoader, Pod};
 use firewall_common::{
     exact_word, map_names, Counter, FlowKey, FlowState, GenerationConfig, RateLimit, RuleBits,
-    RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EGRESS_PROGRAM_L3,
-    EXACT_BITS_PER_FIELD, GEN_MASK, GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, PROGRAMS,
-    STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, XDP_PROGRAM, XDP_PROGRAM_L3,
+    RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, EGRESS_PROGRAM, EXACT_BITS_PER_FIELD, GEN_MASK,
+    GEN_PREFIX_BITS, MAX_PORT_CLASSES, MAX_RULES, STAT_SLOTS, TRIE_DST_V4, TRIE_DST_V6,
+    TRIE_SRC_V4, TRIE_SRC_V6,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -48,6 +48,10 @@ pub struct Kernel {
     held: [Held; 2],
     /// Where maps and links are pinned, if they are.
     pins: Option<Pins>,
+    /// This build's directory under the pins, for its maps and programs.
+    build: Option<std::path::PathBuf>,
+    /// The link layers whose programs are loaded.
+    loaded: Vec<LinkLayer>,
     /// The interface map of each generation as written, by ifindex: rules name interfaces,
     /// the kernel knows indices, and an interface created anew gets another index.
     ifaces_written: [StdHashMap<u32, RuleBits>; 2],
@@ -78,38 +82,51 @@ fn rejected(program: &str) -> String {
 }
 
 impl Kernel {
-    /// Loads the XDP program and creates its maps; nothing is attached yet, nothing pinned.
+    /// Loads the programs of both link layers and creates their maps; nothing is attached
+    /// yet, nothing pinned.
     pub fn load() -> Result<Self> {
-        Self::load_with(None)
+        let mut kernel = Self::load_with(None)?;
+        kernel.load_layer(LinkLayer::Ip)?;
+        Ok(kernel)
     }
 
     /// As [`Kernel::load`], with the maps pinned under `pins`, or reused from there when this
     /// build pinned them before (a daemon that exited with `--persist` or died): then the
     /// rules in force and the tracked flows carry over. Returns whether maps were reused.
+    /// The programs of interfaces that start at the IP header are loaded when the first such
+    /// interface is attached: most hosts have none, and every program loaded costs the
+    /// verifier's time at start.
     pub fn load_pinned(pins: Pins) -> Result<(Self, bool)> {
         let build = pins.build_dir(object_id());
         let reused = build.join(map_names::ACTIVE_GENERATION).exists();
         std::fs::create_dir_all(&build).with_context(|| format!("creating {}", build.display()))?;
         let mut kernel = Self::load_with(Some(&build))?;
-        for name in PROGRAMS {
-            let path = build.join(format!("prog-{name}"));
-            // The program of an earlier daemon of this build: ours replaces it.
-            let _ = std::fs::remove_file(&path);
-            kernel
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .pin(&path)
-                .with_context(|| format!("pinning {}", path.display()))?;
-        }
+        kernel.pin_programs(LinkLayer::Ethernet, &build)?;
         if reused {
             // The live generation holds the old daemon's rules; neither is known to us.
             kernel.held = [Held::Unknown, Held::Unknown];
         }
         kernel.pins = Some(pins);
+        kernel.build = Some(build);
         Ok((kernel, reused))
     }
 
+    /// Pins the programs of `layer` in `build`, replacing those of an earlier daemon of this
+    /// build.
+    fn pin_programs(&mut self, layer: LinkLayer, build: &Path) -> Result<()> {
+        for name in [layer.xdp_program(), layer.egress_program()] {
+            let path = build.join(format!("prog-{name}"));
+            let _ = std::fs::remove_file(&path);
+            self.ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the maps and loads the Ethernet programs.
     fn load_with(maps_dir: Option<&Path>) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!("this binary was built without its XDP object (AYA_BUILD_SKIP was set)");
@@ -121,31 +138,47 @@ impl Kernel {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(OBJECT).context("loading the XDP object")?;
-        for name in [XDP_PROGRAM, XDP_PROGRAM_L3] {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("XDP program `{name}` missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| rejected(&format!("XDP program {name}")))?;
-        }
-        for name in [EGRESS_PROGRAM, EGRESS_PROGRAM_L3] {
-            let egress: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("tc program `{name}` missing from the object"))?
-                .try_into()?;
-            egress
-                .load()
-                .with_context(|| rejected(&format!("tc egress program {name}")))?;
-        }
-        Ok(Kernel {
+        let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
+        let mut kernel = Kernel {
             ebpf,
             held: [Held::Zeroed, Held::Zeroed],
             pins: None,
+            build: None,
             ifaces_written: Default::default(),
-        })
+            loaded: Vec::new(),
+        };
+        kernel.load_layer(LinkLayer::Ethernet)?;
+        Ok(kernel)
+    }
+
+    /// Loads (and pins, with pins) the programs of `layer`, once.
+    fn load_layer(&mut self, layer: LinkLayer) -> Result<()> {
+        if self.loaded.contains(&layer) {
+            return Ok(());
+        }
+        let name = layer.xdp_program();
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("XDP program `{name}` missing from the object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| rejected(&format!("XDP program {name}")))?;
+        let name = layer.egress_program();
+        let egress: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("tc program `{name}` missing from the object"))?
+            .try_into()?;
+        egress
+            .load()
+            .with_context(|| rejected(&format!("tc egress program {name}")))?;
+        if let Some(build) = self.build.clone() {
+            self.pin_programs(layer, &build)?;
+        }
+        self.loaded.push(layer);
+        Ok(())
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -168,6 +201,7 @@ impl Kernel {
     /// interfaces of other link types are refused.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<String> {
         let layer = link::link_layer(iface)?;
+        self.load_layer(layer)?;
         let tc = self.attach_egress(iface)?;
         let xdp = self.attach_xdp(iface, mode)?;
         let layer = match layer {
