@@ -264,7 +264,8 @@ pub fn arp_request() -> Vec<u8> {
     frame
 }
 
-fn internet_checksum(bytes: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `bytes`.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))

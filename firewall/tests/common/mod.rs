@@ -59,41 +59,12 @@ impl TestNet {
             a6: format!("fd00:213:{subnet:x}::1").parse().unwrap(),
             b6: format!("fd00:213:{subnet:x}::2").parse().unwrap(),
         };
-        let veth_b = net.veth_b.clone();
         ip(&["netns", "add", &net.a]);
         ip(&["netns", "add", &net.b]);
-        ip(&[
-            "-n",
-            &net.a,
-            "link",
-            "add",
-            &net.veth_a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &veth_b,
-            "netns",
-            &net.b,
-        ]);
-        for (ns, dev, v4, v6) in [
-            (&net.a, &net.veth_a, net.a4, net.a6),
-            (&net.b, &veth_b, net.b4, net.b6),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
+        for ns in [&net.a, &net.b] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        net.add_veth_pair();
         net
     }
 
@@ -543,21 +514,8 @@ impl Drop for RuleFile {
 }
 
 impl TestNet {
-    /// The peer's end of the veth pair.
-    pub fn veth_b(&self) -> String {
-        self.veth_a.replacen("fwa", "fwb", 1)
-    }
-
-    /// Deletes the veth pair and creates it anew with the same names and addresses, as a VPN,
-    /// VLAN or bond restart, a driver reload or a replugged USB NIC does: the firewalled end
-    /// gets another ifindex.
-    pub fn recreate_link(&self) {
-        // Gone already, perhaps.
-        let _ = Command::new("ip")
-            .args(["-n", &self.a, "link", "del", &self.veth_a])
-            .stderr(Stdio::null())
-            .status();
-        let veth_b = self.veth_b();
+    /// The veth pair between the namespaces, with their addresses, up.
+    fn add_veth_pair(&self) {
         ip(&[
             "-n",
             &self.a,
@@ -568,13 +526,13 @@ impl TestNet {
             "veth",
             "peer",
             "name",
-            &veth_b,
+            &self.veth_b,
             "netns",
             &self.b,
         ]);
         for (ns, dev, v4, v6) in [
             (&self.a, &self.veth_a, self.a4, self.a6),
-            (&self.b, &veth_b, self.b4, self.b6),
+            (&self.b, &self.veth_b, self.b4, self.b6),
         ] {
             ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
             ip(&[
@@ -589,6 +547,18 @@ impl TestNet {
             ]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
+    }
+
+    /// Deletes the veth pair and creates it anew with the same names and addresses, as a VPN,
+    /// VLAN or bond restart, a driver reload or a replugged USB NIC does: the firewalled end
+    /// gets another ifindex.
+    pub fn recreate_link(&self) {
+        // Gone already, perhaps.
+        let _ = Command::new("ip")
+            .args(["-n", &self.a, "link", "del", &self.veth_a])
+            .stderr(Stdio::null())
+            .status();
+        self.add_veth_pair();
     }
 
     /// Renames the firewalled end (it must be down to be renamed) and brings it up again.
