@@ -91,11 +91,6 @@ const COMMANDS: &[&str] = &[
     "passwd -d root",
 ];
 
-/// A rule file for the interim: `FW_HOST_ALLOW_DHCP=1` appends this to the installed rules, so
-/// that the guest's DHCP replies pass where the rules alone drop them.
-const DHCP_RULE: &str = "\n# Added by FW_HOST_ALLOW_DHCP=1 (cargo xtask vm host): DHCP replies to this host.\n\
-                         [[rules]]\nname = \"dhcp-client\"\naction = \"allow\"\nproto = \"udp\"\nports = [68]\n";
-
 pub struct HostOptions {
     pub accel: vm::Accel,
     pub memory_mib: u32,
@@ -136,7 +131,6 @@ pub fn run(
 
     let timer = Instant::now();
     let run_dir = dir.join("run");
-    let allow_dhcp = std::env::var_os("FW_HOST_ALLOW_DHCP").is_some_and(|v| v == "1");
     let image = make_image(
         root,
         &base,
@@ -144,19 +138,11 @@ pub fn run(
         &binaries.firewall,
         &key,
         &options.rules,
-        allow_dhcp,
     )?;
     println!(
         "host: disk image with the firewall installed ({:.0} s)",
         timer.elapsed().as_secs_f64()
     );
-    if allow_dhcp {
-        println!(
-            "host: FW_HOST_ALLOW_DHCP=1: the installed rules.toml also allows UDP port 68 \
-             (a temporary aid, not rules/{} as shipped)",
-            options.rules
-        );
-    }
 
     let ports = Ports::free()?;
     let (kernel, initrd) = boot_files(&base)?;
@@ -328,21 +314,15 @@ fn make_image(
     firewall: &Path,
     key: &Path,
     rules: &str,
-    allow_dhcp: bool,
 ) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(run_dir);
     std::fs::create_dir_all(run_dir)?;
     let tree = run_dir.join("rootfs");
     let status = Command::new("cp").arg("-a").arg(base).arg(&tree).status()?;
     crate::check(status, "cp -a (root file system)")?;
-    let mut rule_file = root.join("rules").join(rules);
+    let rule_file = root.join("rules").join(rules);
     if !rule_file.is_file() {
         bail!("--rules {rules}: no such file in rules/");
-    }
-    if allow_dhcp {
-        let copy = run_dir.join("rules-with-dhcp.toml");
-        std::fs::write(&copy, std::fs::read_to_string(&rule_file)? + DHCP_RULE)?;
-        rule_file = copy;
     }
     // What `cargo xtask install --root` does, then `systemctl enable firewall`.
     for line in install::install_files(&tree, firewall, &rule_file, NIC)? {

@@ -80,8 +80,7 @@ enum Task {
     Vm {
         /// `test`: run the test suites (on 6.1 and 6.12 unless --kernel says otherwise);
         /// `host`: a Debian 12 host with the firewall installed as a service, for SSH;
-        /// `host-test`: the checks of that service (set FW_HOST_ALLOW_DHCP=1 to add a rule
-        /// allowing DHCP replies to the installed rules, a temporary aid).
+        /// `host-test`: the checks of that service.
         #[arg(value_enum)]
         mode: Option<VmMode>,
         /// 6.1 (Debian 12), 6.12 (Debian 13), or a kernel image file; repeat for several.
