@@ -122,12 +122,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
     let _lock = pins.lock()?;
+    let specs: Vec<IfaceSpec> = options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect();
     // An interface named and present whose link type the programs cannot parse stops the
     // start before anything is attached anywhere.
-    for iface in &options.ifaces {
-        if let IfaceSpec::Name(name) = IfaceSpec::parse(iface) {
-            if ifaces::ifindex(&name).is_some() {
-                crate::link::link_layer(&name)?;
+    for spec in &specs {
+        if let IfaceSpec::Name(name) = spec {
+            if ifaces::ifindex(name).is_some() {
+                crate::link::link_layer(name)?;
             }
         }
     }
@@ -174,7 +175,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     info!("tracking {} existing connections", existing.len());
     // Listening before looking: no interface can appear unseen in between.
     let mut link_events = LinkEvents::open().context("listening for link events")?;
-    let mut held = Held::new(options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect());
+    let mut held = Held::new(specs);
     let changes = held.reconcile(
         &ifaces::present()?,
         &mut Dataplane {

@@ -40,15 +40,6 @@ impl IfaceSpec {
     }
 }
 
-impl std::fmt::Display for IfaceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            IfaceSpec::All => f.write_str("all"),
-            IfaceSpec::Pattern(text) | IfaceSpec::Name(text) => f.write_str(text),
-        }
-    }
-}
-
 fn glob(pattern: &[u8], name: &[u8]) -> bool {
     match (pattern.first(), name.first()) {
         (None, None) => true,

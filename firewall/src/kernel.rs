@@ -202,8 +202,8 @@ impl Kernel {
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<String> {
         let layer = link::link_layer(iface)?;
         self.load_layer(layer)?;
-        let tc = self.attach_egress(iface)?;
-        let xdp = self.attach_xdp(iface, mode)?;
+        let tc = self.attach_egress(iface, layer)?;
+        let xdp = self.attach_xdp(iface, layer, mode)?;
         let layer = match layer {
             LinkLayer::Ethernet => "",
             LinkLayer::Ip => " (frames start at the IP header)",
@@ -211,8 +211,8 @@ impl Kernel {
         Ok(format!("XDP ingress: {xdp}; tc egress: {tc}{layer}"))
     }
 
-    fn attach_egress(&mut self, iface: &str) -> Result<&'static str> {
-        let name = link::link_layer(iface)?.egress_program();
+    fn attach_egress(&mut self, iface: &str, layer: LinkLayer) -> Result<&'static str> {
+        let name = layer.egress_program();
         let pin = self.pins.as_ref().map(|p| p.link_path(LinkKind::Tc, iface));
         let egress: &mut SchedClassifier = self
             .ebpf
@@ -257,8 +257,13 @@ impl Kernel {
         }
     }
 
-    fn attach_xdp(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
-        let name = link::link_layer(iface)?.xdp_program();
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        layer: LinkLayer,
+        mode: AttachMode,
+    ) -> Result<&'static str> {
+        let name = layer.xdp_program();
         let pin = self
             .pins
             .as_ref()
@@ -604,31 +609,13 @@ impl Kernel {
 
     /// Replaces the tracked flows (tests use this to put the kernel in a known state).
     pub fn set_flows(&mut self, table: &[(FlowKey, FlowState)]) -> Result<()> {
-        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
-            HashMap::try_from(self.map_mut(map_names::FLOWS)?)?;
-        let stale: Vec<FlowKey> = flows.keys().collect::<Result<_, _>>()?;
-        for key in stale {
-            flows.remove(&key)?;
-        }
-        for (key, state) in table {
-            flows.insert(key, state, 0)?;
-        }
-        Ok(())
+        replace_entries(self.map_mut(map_names::FLOWS)?, table)
     }
 
     /// Replaces the record of the host's last DHCP request per interface: `(ifindex,
     /// CLOCK_MONOTONIC ns)` (tests use this to put the kernel in a known state).
     pub fn set_dhcp_requests(&mut self, table: &[(u32, u64)]) -> Result<()> {
-        let mut requests: HashMap<&mut MapData, u32, u64> =
-            HashMap::try_from(self.map_mut(map_names::DHCP_REQUESTS)?)?;
-        let stale: Vec<u32> = requests.keys().collect::<Result<_, _>>()?;
-        for key in stale {
-            requests.remove(&key)?;
-        }
-        for (ifindex, sent_ns) in table {
-            requests.insert(ifindex, sent_ns, 0)?;
-        }
-        Ok(())
+        replace_entries(self.map_mut(map_names::DHCP_REQUESTS)?, table)
     }
 
     /// The record of the host's last DHCP request per interface, as `(ifindex, ns)`.
@@ -733,6 +720,19 @@ fn clear_keys<K: Pod + AsRef<[u32]>>(map: &mut Map, gen: u32, lpm: bool) -> Resu
         for key in keys.iter().filter(|key| of_gen(key.as_ref()[0])) {
             hash.remove(key)?;
         }
+    }
+    Ok(())
+}
+
+/// Makes a hash map hold exactly `table`.
+fn replace_entries<K: Pod, V: Pod>(map: &mut Map, table: &[(K, V)]) -> Result<()> {
+    let mut hash: HashMap<&mut MapData, K, V> = HashMap::try_from(map)?;
+    let stale: Vec<K> = hash.keys().collect::<Result<_, _>>()?;
+    for key in stale {
+        hash.remove(&key)?;
+    }
+    for (key, value) in table {
+        hash.insert(key, value, 0)?;
     }
     Ok(())
 }

@@ -692,12 +692,8 @@ fn stats_count_per_rule_from_the_pins() {
 fn tells_systemd_when_the_rules_are_in_force() {
     let net = TestNet::new();
     let pins = common::BpfMount::new();
-    let socket_path = std::env::temp_dir().join(format!("fwt-notify-{}", std::process::id()));
-    let _ = std::fs::remove_file(&socket_path);
-    let systemd = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    systemd
-        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
+    let notify = common::NotifySocket::new("notify");
+    let (socket_path, systemd) = (&notify.path, &notify.socket);
     // Notifications, but the links handed to the file descriptor store.
     let next = || loop {
         let mut buf = [0u8; 512];
@@ -714,7 +710,7 @@ fn tells_systemd_when_the_rules_are_in_force() {
         &net.veth_a,
         &pins.pin_dir(),
         &[],
-        &[("NOTIFY_SOCKET", &socket_path)],
+        &[("NOTIFY_SOCKET", socket_path)],
     );
     let ready = next();
     assert!(ready.starts_with("READY=1\nSTATUS=filtering"), "{ready}");
@@ -731,7 +727,6 @@ fn tells_systemd_when_the_rules_are_in_force() {
 
     assert!(daemon.terminate().success());
     assert_eq!(next(), "STOPPING=1");
-    let _ = std::fs::remove_file(&socket_path);
 }
 
 #[test]
@@ -1234,16 +1229,12 @@ fn receive_notification(
 fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
     let net = TestNet::new();
     let pins = common::BpfMount::new();
-    let socket_path = std::env::temp_dir().join(format!("fwt-fdstore-{}", std::process::id()));
-    let _ = std::fs::remove_file(&socket_path);
-    let systemd = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    systemd
-        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
+    let notify = common::NotifySocket::new("fdstore");
+    let (socket_path, systemd) = (&notify.path, &notify.socket);
     // The store, as systemd keeps it: one descriptor per name.
     let mut store: std::collections::BTreeMap<String, std::os::fd::OwnedFd> = Default::default();
     let until_ready = |store: &mut std::collections::BTreeMap<_, _>| loop {
-        let (message, mut fds) = receive_notification(&systemd);
+        let (message, mut fds) = receive_notification(systemd);
         if let Some(name) = message
             .strip_prefix("FDSTORE=1\nFDNAME=")
             .filter(|_| fds.len() == 1)
@@ -1312,7 +1303,6 @@ fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
     drop(store);
     assert!(net.xdp_detached_soon(), "still filtering after stop");
     assert!(!pins.pin_dir().exists(), "pins left behind");
-    let _ = std::fs::remove_file(&socket_path);
 }
 
 /// On a `tun` device, whose frames start at the IP header: under a default-deny file that

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+use crate::vm::path_str;
 use crate::{install, setup, vm};
 
 /// What the host needs besides QEMU: mmdebstrap, mkfs.ext4, ssh and ssh-keygen.
@@ -713,6 +714,17 @@ fn http_probe(port: u16) -> bool {
 const DENIED_EVERY: Duration = Duration::from_millis(75);
 const ALLOWED_EVERY: Duration = Duration::from_millis(250);
 
+/// The checks' names, in the order they run.
+const CHECKS: [&str; 7] = [
+    "1 boot: DHCP address, firewall started before the network",
+    "2 SSH and HTTP answer, the denied port does not",
+    "3 edit + reload, apply --confirm and its roll-back",
+    "4 restart under probes",
+    "5 kill -9: systemd restarts it",
+    "6 stop removes filtering",
+    "7 start, reboot: filtering again",
+];
+
 /// The checks, each a line with its result and time.
 fn checks(guest: &mut Guest, ports: &Ports, started: Instant) -> Result<Report> {
     let mut results: Vec<(String, bool)> = Vec::new();
@@ -758,21 +770,14 @@ fn checks(guest: &mut Guest, ports: &Ports, started: Instant) -> Result<Report> 
                 ))
                 .unwrap_or_else(|| "(the console did not answer either)".into());
             record(
-                "1 boot: DHCP address, firewall started before the network",
+                CHECKS[0],
                 timer,
                 Err(anyhow!(
                     "{why:#}: the guest cannot be reached. From its console:\n{}",
                     diagnosis.trim()
                 )),
             );
-            for name in [
-                "2 SSH and HTTP answer, the denied port does not",
-                "3 edit + reload, apply --confirm and its roll-back",
-                "4 restart under probes",
-                "5 kill -9: systemd restarts it",
-                "6 stop removes filtering",
-                "7 start, reboot: filtering again",
-            ] {
+            for name in &CHECKS[1..] {
                 println!("host-test: {name}: not run (no SSH)");
                 results.push((name.to_string(), false));
             }
@@ -780,45 +785,21 @@ fn checks(guest: &mut Guest, ports: &Ports, started: Instant) -> Result<Report> 
         }
     };
 
-    let timer = Instant::now();
-    let outcome = check_boot(guest);
-    record(
-        "1 boot: DHCP address, firewall started before the network",
-        timer,
-        outcome,
-    );
-
-    let timer = Instant::now();
-    let outcome = check_verdicts(ports, false);
-    record(
-        "2 SSH and HTTP answer, the denied port does not",
-        timer,
-        outcome,
-    );
-
-    let timer = Instant::now();
-    let outcome = check_reload(guest, ports);
-    record(
-        "3 edit + reload, apply --confirm and its roll-back",
-        timer,
-        outcome,
-    );
-
-    let timer = Instant::now();
-    let outcome = check_restart(guest, ports);
-    record("4 restart under probes", timer, outcome);
-
-    let timer = Instant::now();
-    let outcome = check_kill(guest, ports);
-    record("5 kill -9: systemd restarts it", timer, outcome);
-
-    let timer = Instant::now();
-    let outcome = check_stop(guest, ports);
-    record("6 stop removes filtering", timer, outcome);
-
-    let timer = Instant::now();
-    let outcome = check_reboot(guest, ports, &boot_id);
-    record("7 start, reboot: filtering again", timer, outcome);
+    let guest = &*guest;
+    let runs: [&dyn Fn() -> Result<String>; 7] = [
+        &|| check_boot(guest),
+        &|| check_verdicts(ports, false),
+        &|| check_reload(guest, ports),
+        &|| check_restart(guest, ports),
+        &|| check_kill(guest, ports),
+        &|| check_stop(guest, ports),
+        &|| check_reboot(guest, ports, &boot_id),
+    ];
+    for (name, run) in CHECKS.iter().zip(runs) {
+        let timer = Instant::now();
+        let outcome = run();
+        record(name, timer, outcome);
+    }
 
     summary(&results, started)
 }
@@ -1120,11 +1101,6 @@ fn check_reboot(guest: &Guest, ports: &Ports, boot_id: &str) -> Result<String> {
     } else {
         bail!("{detail}")
     }
-}
-
-fn path_str(path: &Path) -> Result<&str> {
-    path.to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", path.display()))
 }
 
 #[cfg(test)]

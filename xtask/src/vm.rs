@@ -895,7 +895,7 @@ fn forward_console(mut from: impl std::io::Read, events: mpsc::Sender<Console>) 
     }
 }
 
-fn path_str(path: &Path) -> Result<&str> {
+pub(crate) fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", path.display()))
 }

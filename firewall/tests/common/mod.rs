@@ -476,6 +476,31 @@ impl Drop for Daemon {
     }
 }
 
+/// systemd's end of `$NOTIFY_SOCKET`: a datagram socket in the temporary directory (reads
+/// time out after 20 s), removed on drop.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    pub socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn new(name: &str) -> NotifySocket {
+        let path = std::env::temp_dir().join(format!("fwt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        NotifySocket { path, socket }
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// A rule file in a fresh temporary directory, removed on drop.
 pub struct RuleFile {
     pub path: PathBuf,
@@ -669,7 +694,7 @@ pub fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
             let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
             ip.extend_from_slice(&s.octets());
             ip.extend_from_slice(&d.octets());
-            let checksum = checksum(&ip);
+            let checksum = firewall::packet::internet_checksum(&ip);
             ip[10..12].copy_from_slice(&checksum.to_be_bytes());
             ip
         }
@@ -685,7 +710,7 @@ pub fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
         _ => panic!("one address family per packet"),
     };
     pseudo.extend_from_slice(&tcp);
-    let sum = checksum(&pseudo);
+    let sum = firewall::packet::internet_checksum(&pseudo);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     packet.extend(tcp);
     packet
@@ -704,16 +729,4 @@ pub fn is_syn_ack(packet: &[u8], sport: u16, dport: u16) -> bool {
     u16::from_be_bytes([tcp[0], tcp[1]]) == sport
         && u16::from_be_bytes([tcp[2], tcp[3]]) == dport
         && tcp[13] & 0x12 == 0x12
-}
-
-/// The Internet checksum of `bytes`.
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
