@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use firewall::compile::compile;
-use firewall::kernel::monotonic_now_ns;
-use firewall::kernel::Kernel;
-use firewall::model::{Action, Proto, Rule, RuleSet};
-use firewall::packet::{self, Frame, L4, TCP_ACK};
-use firewall::reference::{inbound_flow, parse_frame, Parsed};
+use firewall::analysis::reference::{inbound_flow, parse_frame, Parsed};
+use firewall::dataplane::monotonic_now_ns;
+use firewall::dataplane::Kernel;
+use firewall::rules::compile::compile;
+use firewall::rules::model::{Action, Proto, Rule, RuleSet};
+use firewall::testing::packet::{self, Frame, L4, TCP_ACK};
 use firewall_common::FlowState;
 
 /// Runs per measurement (the kernel averages them), and measurements per figure (median).
@@ -296,7 +296,7 @@ fn sets_in(dir: &std::path::Path) -> Result<()> {
         let started = Instant::now();
         let mut fresh = Kernel::load()?;
         let loaded = started.elapsed();
-        let set = firewall::config::load_rules(&rule_file)?;
+        let set = firewall::rules::config::load_rules(&rule_file)?;
         let parsed = started.elapsed();
         let compiled = compile(&set)?;
         let compiled_at = started.elapsed();
@@ -352,7 +352,7 @@ fn sets_in(dir: &std::path::Path) -> Result<()> {
     for (round, port) in [(1, 24), (2, 25)] {
         std::fs::write(&rule_file, rules_with_set(port))?;
         let started = Instant::now();
-        let set = firewall::config::load_rules(&rule_file)?;
+        let set = firewall::rules::config::load_rules(&rule_file)?;
         let updates = kernel.apply(&compile(&set)?)?;
         let reload = started.elapsed();
         println!(
@@ -380,7 +380,7 @@ fn sets_in(dir: &std::path::Path) -> Result<()> {
         for count in [10u32, 10_000, 100_000, 1_000_000] {
             let entries = list(count);
             std::fs::write(dir.join("block.txt"), entries.join("\n"))?;
-            let set = firewall::config::load_rules(&rule_file)?;
+            let set = firewall::rules::config::load_rules(&rule_file)?;
             let compiled = compile(&set)?;
             let mut kernel = Kernel::load()?;
             kernel.apply(&compiled)?;

@@ -1,22 +1,19 @@
 //! The firewall daemon as a library: parse config -> compile -> apply -> run.
-pub mod batch;
-pub mod compile;
-pub mod config;
-pub mod control;
+//!
+//! - [`rules`]: rule files to a validated rule set, and that set to the contents of the maps;
+//! - [`dataplane`]: the XDP and tc programs as seen from userspace: load, pin, attach, write
+//!   generations, read flows, counters and the packet log;
+//! - [`daemon`]: `firewall run`: the run loop, reloads, the control socket;
+//! - [`host`]: what the daemon learns from and tells the host: interfaces, link types, open
+//!   sockets, systemd;
+//! - [`analysis`]: the reference evaluator and what is answered from it (`explain`,
+//!   `exposure`);
+//! - [`report`]: counters for `stats` and Prometheus;
+//! - [`testing`]: frames for tests and benchmarks.
+pub mod analysis;
 pub mod daemon;
-pub mod explain;
-pub mod exposure;
-pub mod files;
-pub mod ifaces;
-pub mod kernel;
-pub mod kernel_log;
-pub mod link;
-pub mod lint;
-pub mod metrics;
-pub mod model;
-pub mod notify;
-pub mod packet;
-pub mod pins;
-pub mod reference;
-pub mod sockets;
-pub mod stats;
+pub mod dataplane;
+pub mod host;
+pub mod report;
+pub mod rules;
+pub mod testing;

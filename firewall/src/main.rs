@@ -3,13 +3,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use firewall::config::{load_rules, load_rules_trusting, summary};
-use firewall::control::{self, Request};
+use firewall::analysis::explain::{explain, Question};
+use firewall::daemon::control::{self, Request};
 use firewall::daemon::{self, RunOptions};
-use firewall::explain::{explain, Question};
-use firewall::files::Trust;
-use firewall::kernel::AttachMode;
-use firewall::pins::{Pins, DEFAULT_PIN_DIR};
+use firewall::dataplane::pins::{Pins, DEFAULT_PIN_DIR};
+use firewall::dataplane::AttachMode;
+use firewall::rules::config::{load_rules, load_rules_trusting, summary};
+use firewall::rules::files::Trust;
 
 #[derive(Parser)]
 #[command(
@@ -193,7 +193,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { file } => load_rules(&file).map(|set| {
             print!("{}", summary(&set));
-            for warning in firewall::lint::warnings(&set) {
+            for warning in firewall::rules::lint::warnings(&set) {
                 eprintln!("warning: {}: {warning}", file.display());
             }
         }),
@@ -221,12 +221,12 @@ fn main() -> ExitCode {
             .map(|answer| print!("{answer}"))
         }
         Command::Stats { pin_dir, json } => Pins::existing(&pin_dir)
-            .and_then(|pins| firewall::stats::read(&pins))
+            .and_then(|pins| firewall::report::stats::read(&pins))
             .and_then(|stats| {
                 if json {
-                    print!("{}", firewall::stats::json(&stats)?);
+                    print!("{}", firewall::report::stats::json(&stats)?);
                 } else {
-                    print!("{}", firewall::stats::table(&stats));
+                    print!("{}", firewall::report::stats::table(&stats));
                 }
                 Ok(())
             }),
@@ -240,8 +240,8 @@ fn main() -> ExitCode {
             control::send(&control, Request::Confirm).map(|message| println!("{message}"))
         }
         Command::Exposure { rules } => load_rules(&rules).map(|set| {
-            let listeners = firewall::sockets::listening();
-            print!("{}", firewall::exposure::report(&set, &listeners));
+            let listeners = firewall::host::sockets::listening();
+            print!("{}", firewall::analysis::exposure::report(&set, &listeners));
         }),
         Command::Reload { control } => {
             control::send(&control, Request::Reload).map(|message| println!("{message}"))

@@ -11,14 +11,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
-use firewall::compile::{compile_with_budget, EXACT_BUDGET};
-use firewall::kernel::monotonic_now_ns;
-use firewall::kernel::Kernel;
-use firewall::link::LinkLayer;
-use firewall::model::{Action, Proto, Rule, RuleSet};
-use firewall::reference::{
+use firewall::analysis::reference::{
     evaluate_layer, inbound_flow, parse_frame_on, FlowTable, Parsed, Reason, Verdict,
 };
+use firewall::dataplane::monotonic_now_ns;
+use firewall::dataplane::Kernel;
+use firewall::host::link::LinkLayer;
+use firewall::rules::compile::{compile_with_budget, EXACT_BUDGET};
+use firewall::rules::model::{Action, Proto, Rule, RuleSet};
 use firewall_common::{FlowState, FLOW_CLOSING};
 use ipnet::IpNet;
 use rand::rngs::StdRng;

@@ -1,11 +1,11 @@
 //! Table-driven packet tests through BPF_PROG_TEST_RUN on the real kernel: a frame in, the
 //! expected verdict out, for every header the parser handles and every way it can be cut short.
-use firewall::compile::compile;
-use firewall::config::parse_rules;
-use firewall::kernel::Kernel;
-use firewall::model::RuleSet;
-use firewall::packet::*;
-use firewall::reference::{evaluate, Reason, Verdict};
+use firewall::analysis::reference::{evaluate, Reason, Verdict};
+use firewall::dataplane::Kernel;
+use firewall::rules::compile::compile;
+use firewall::rules::config::parse_rules;
+use firewall::rules::model::RuleSet;
+use firewall::testing::packet::*;
 use firewall_common::{STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED};
 
 const XDP_DROP: u32 = 1;
@@ -533,8 +533,8 @@ fn reload_swaps_rules_and_keeps_counting_from_zero() {
 
 mod state {
     use super::*;
-    use firewall::kernel::monotonic_now_ns;
-    use firewall::reference::{outbound_flow, parse_frame, Parsed};
+    use firewall::analysis::reference::{outbound_flow, parse_frame, Parsed};
+    use firewall::dataplane::monotonic_now_ns;
     use firewall_common::{FlowKey, FlowState};
 
     const HOST: &str = "10.0.0.1";
@@ -726,7 +726,7 @@ fn blocklist_sets_from_files() {
         "[sets.block]\nfiles = [\"block.netset\"]\ncidrs = [\"192.0.2.0/24\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@block\"]\n",
     )
     .unwrap();
-    let set = firewall::config::load_rules(&dir.join("rules.toml")).unwrap();
+    let set = firewall::rules::config::load_rules(&dir.join("rules.toml")).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     let mut kernel = Kernel::load().unwrap();
     kernel.apply(&compile(&set).unwrap()).unwrap();
@@ -786,9 +786,11 @@ fn an_interrupted_write_leaves_nothing_behind() {
 /// L3 program: the same rules, the version nibble instead of an EtherType.
 mod l3 {
     use super::*;
-    use firewall::kernel::monotonic_now_ns;
-    use firewall::link::LinkLayer;
-    use firewall::reference::{evaluate_layer, outbound_flow, parse_frame_on, FlowTable, Parsed};
+    use firewall::analysis::reference::{
+        evaluate_layer, outbound_flow, parse_frame_on, FlowTable, Parsed,
+    };
+    use firewall::dataplane::monotonic_now_ns;
+    use firewall::host::link::LinkLayer;
     use firewall_common::{FlowState, STAT_ESTABLISHED};
 
     fn verdict_l3(kernel: &Kernel, frame: &[u8]) -> u32 {
@@ -1069,7 +1071,7 @@ mod l3 {
 /// interface.
 mod dhcp {
     use super::*;
-    use firewall::kernel::monotonic_now_ns;
+    use firewall::dataplane::monotonic_now_ns;
     use firewall_common::{STAT_DHCP, STAT_SLOTS};
 
     const TC_ACT_OK: u32 = 0;
@@ -1188,7 +1190,7 @@ mod dhcp {
     /// by the rules (and the reference evaluator agrees).
     #[test]
     fn stale_foreign_or_switched_off_replies_are_judged_by_the_rules() {
-        use firewall::reference::{evaluate_on, FlowTable};
+        use firewall::analysis::reference::{evaluate_on, FlowTable};
         // A machine up for less than the ages below (a test VM) waits.
         while monotonic_now_ns() < 70 * SECOND {
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -1245,7 +1247,7 @@ mod dhcp {
     /// but the check is the same code).
     #[test]
     fn replies_on_l3_links() {
-        use firewall::link::LinkLayer;
+        use firewall::host::link::LinkLayer;
         let mut kernel = deny_all("");
         kernel
             .set_dhcp_requests(&[(loopback_index(), monotonic_now_ns())])

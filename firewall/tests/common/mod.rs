@@ -694,7 +694,7 @@ pub fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
             let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
             ip.extend_from_slice(&s.octets());
             ip.extend_from_slice(&d.octets());
-            let checksum = firewall::packet::internet_checksum(&ip);
+            let checksum = firewall::testing::packet::internet_checksum(&ip);
             ip[10..12].copy_from_slice(&checksum.to_be_bytes());
             ip
         }
@@ -710,7 +710,7 @@ pub fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
         _ => panic!("one address family per packet"),
     };
     pseudo.extend_from_slice(&tcp);
-    let sum = firewall::packet::internet_checksum(&pseudo);
+    let sum = firewall::testing::packet::internet_checksum(&pseudo);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     packet.extend(tcp);
     packet

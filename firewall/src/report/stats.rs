@@ -12,8 +12,8 @@ use firewall_common::{
 };
 use serde::Serialize;
 
-use crate::kernel::object_id;
-use crate::pins::Pins;
+use crate::dataplane::object_id;
+use crate::dataplane::pins::Pins;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {

@@ -314,7 +314,7 @@ pub fn bench_mix() -> Vec<(&'static str, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::{parse_frame, PacketInfo, Parsed};
+    use crate::analysis::reference::{parse_frame, PacketInfo, Parsed};
 
     fn info(frame: &[u8]) -> PacketInfo {
         match parse_frame(frame) {
@@ -353,8 +353,8 @@ mod tests {
 
     #[test]
     fn ip_frames_start_at_the_ip_header() {
-        use crate::link::LinkLayer;
-        use crate::reference::parse_frame_on;
+        use crate::analysis::reference::parse_frame_on;
+        use crate::host::link::LinkLayer;
         let frame = Frame::v4("10.0.0.1", "10.0.0.2", L4::Udp { dport: 53 }).vlan(TPID_8021Q, 3);
         let ip = frame.build_ip();
         assert_eq!(ip[0], 0x45);

@@ -1,6 +1,10 @@
 //! The kernel side as seen from userspace: loads the XDP program, attaches it, writes compiled
 //! rule sets into the idle generation and flips to it, and runs packets through
 //! BPF_PROG_TEST_RUN.
+
+pub mod batch;
+pub mod packet_log;
+pub mod pins;
 use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
 use std::path::Path;
@@ -23,11 +27,10 @@ use firewall_common::{
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::batch;
-use crate::compile::{AddressTable, Compiled, Prefix, PORTS, PROTOS};
-use crate::ifaces::ifindex;
-use crate::link::{self, LinkLayer};
-use crate::pins::{LinkKind, Pins};
+use crate::dataplane::pins::{LinkKind, Pins};
+use crate::host::ifaces::ifindex;
+use crate::host::link::{self, LinkLayer};
+use crate::rules::compile::{AddressTable, Compiled, Prefix, PORTS, PROTOS};
 
 /// The XDP object built from firewall-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 
-use crate::model::{Action, Rule, RuleSet, IPPROTO_TCP};
-use crate::sockets::Listener;
+use crate::host::sockets::Listener;
+use crate::rules::model::{Action, Rule, RuleSet, IPPROTO_TCP};
 
 /// Who reaches a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,8 +230,8 @@ pub fn report(set: &RuleSet, listeners: &[Listener]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_rules;
-    use crate::model::IPPROTO_UDP;
+    use crate::rules::config::parse_rules;
+    use crate::rules::model::IPPROTO_UDP;
 
     fn set(text: &str) -> RuleSet {
         parse_rules("t.toml", text).unwrap()

@@ -14,7 +14,7 @@ pub fn notify(state: &str) {
 
 /// `RELOADING=1` with the `MONOTONIC_USEC` systemd wants beside it.
 pub fn reloading() {
-    let usec = crate::kernel::monotonic_now_ns() / 1000;
+    let usec = crate::dataplane::monotonic_now_ns() / 1000;
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::files::{self, Trust, MAX_RULE_FILE_BYTES, MAX_SET_FILE_BYTES};
-use crate::model::{Action, Limit, LogRate, Proto, Rule, RuleSet, Timeouts};
+use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES, MAX_SET_FILE_BYTES};
+use crate::rules::model::{Action, Limit, LogRate, Proto, Rule, RuleSet, Timeouts};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
 #[derive(Debug, Clone, PartialEq, Eq)]

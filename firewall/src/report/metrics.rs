@@ -11,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::pins::Pins;
-use crate::stats;
+use crate::dataplane::pins::Pins;
+use crate::report::stats;
 
 /// What the daemon tells the metrics about its reloads.
 #[derive(Clone, Debug, Default)]

@@ -12,8 +12,8 @@ use firewall_common::{
 };
 use log::info;
 
-use crate::kernel::Kernel;
-use crate::model::RuleSet;
+use crate::dataplane::Kernel;
+use crate::rules::model::RuleSet;
 
 /// The names of the rules in force, shared by the daemon (which sets them at every reload)
 /// and its [`KernelLog`].

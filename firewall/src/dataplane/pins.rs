@@ -178,7 +178,7 @@ impl Pins {
         let mut removed = Vec::new();
         for (_, iface, path) in self.links()? {
             let attached = open_pinned(&path).and_then(|fd| link_ifindex(fd.as_fd()));
-            let alive = match (attached, crate::ifaces::ifindex(&iface)) {
+            let alive = match (attached, crate::host::ifaces::ifindex(&iface)) {
                 (Ok(attached), Some(current)) => attached == current,
                 // Not a link we can read: leave it to `detach`.
                 (Err(_), _) => true,

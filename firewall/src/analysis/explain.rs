@@ -5,8 +5,10 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Result};
 
-use crate::model::{Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
-use crate::reference::{classify_on, PacketInfo, Reason};
+use crate::analysis::reference::{classify_on, PacketInfo, Reason};
+use crate::rules::model::{
+    Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -182,7 +184,7 @@ fn describe(rule: &Rule) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_rules;
+    use crate::rules::config::parse_rules;
 
     const RULES: &str = r#"
 [defaults]

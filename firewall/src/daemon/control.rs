@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::explain::Question;
+use crate::analysis::explain::Question;
 
 /// Bumped whenever a request or response changes shape.
 pub const VERSION: u32 = 1;
@@ -18,7 +18,7 @@ pub const VERSION: u32 = 1;
 pub const DEFAULT_SOCKET: &str = "/run/firewall/control.sock";
 
 /// Largest request accepted (an applied rule file travels inside).
-pub const MAX_REQUEST_BYTES: u64 = crate::files::MAX_RULE_FILE_BYTES + 4096;
+pub const MAX_REQUEST_BYTES: u64 = crate::rules::files::MAX_RULE_FILE_BYTES + 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]

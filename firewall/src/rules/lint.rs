@@ -1,8 +1,8 @@
 //! Warnings about rule files that are valid but probably not what the operator wants.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{Action, RuleSet, IPPROTO_TCP};
-use crate::reference::{classify, PacketInfo, Verdict};
+use crate::analysis::reference::{classify, PacketInfo, Verdict};
+use crate::rules::model::{Action, RuleSet, IPPROTO_TCP};
 
 const SSH_PORT: u16 = 22;
 
@@ -21,7 +21,7 @@ pub fn warnings(set: &RuleSet) -> Vec<String> {
 /// Tries an SSH connection attempt from and to every network the rules name (and from and to
 /// an address no rule names), v4 and v6.
 fn allows_ssh_from_somewhere(set: &RuleSet) -> bool {
-    let named = |field: fn(&crate::model::Rule) -> Option<&Vec<ipnet::IpNet>>| {
+    let named = |field: fn(&crate::rules::model::Rule) -> Option<&Vec<ipnet::IpNet>>| {
         let mut addrs: Vec<IpAddr> = set
             .rules
             .iter()
@@ -60,7 +60,7 @@ fn allows_ssh_from_somewhere(set: &RuleSet) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_rules;
+    use crate::rules::config::parse_rules;
 
     fn warns(text: &str) -> bool {
         !warnings(&parse_rules("t.toml", text).unwrap()).is_empty()

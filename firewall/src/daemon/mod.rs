@@ -1,4 +1,6 @@
 //! `firewall run`: the pipeline parse -> compile -> apply, then attach and serve signals.
+
+pub mod control;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -16,18 +18,18 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Sleep;
 
-use crate::compile::{compile, Compiled};
-use crate::config::{load_rules_trusting, parse_rules_with};
-use crate::control::{self, Request};
-use crate::files::Trust;
-use crate::ifaces::{self, Held, IfaceSpec, LinkEvents};
-use crate::kernel::{AttachMode, Kernel};
-use crate::kernel_log::{KernelLog, RuleNames};
-use crate::metrics::{Reloads, SharedReloads};
-use crate::model::RuleSet;
-use crate::notify;
-use crate::pins::LinkKind;
-use crate::pins::Pins;
+use crate::dataplane::packet_log::{KernelLog, RuleNames};
+use crate::dataplane::pins::LinkKind;
+use crate::dataplane::pins::Pins;
+use crate::dataplane::{AttachMode, Kernel};
+use crate::host::ifaces::{self, Held, IfaceSpec, LinkEvents};
+use crate::host::notify;
+use crate::report::metrics::{Reloads, SharedReloads};
+use crate::rules::compile::{compile, Compiled};
+use crate::rules::config::{load_rules_trusting, parse_rules_with};
+use crate::rules::files::Trust;
+use crate::rules::model::RuleSet;
+use control::Request;
 
 pub struct RunOptions {
     pub rules: PathBuf,
@@ -94,7 +96,7 @@ fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) ->
     set.audit |= audit;
     let mut files = vec![path.to_path_buf()];
     files.extend(set.set_files.iter().cloned());
-    for warning in crate::lint::warnings(&set) {
+    for warning in crate::rules::lint::warnings(&set) {
         warn!("{}: {warning}", path.display());
     }
     let compiled = compile(&set).with_context(|| format!("{}", path.display()))?;
@@ -128,7 +130,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     for spec in &specs {
         if let IfaceSpec::Name(name) = spec {
             if ifaces::ifindex(name).is_some() {
-                crate::link::link_layer(name)?;
+                crate::host::link::link_layer(name)?;
             }
         }
     }
@@ -153,7 +155,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ..Reloads::default()
     }));
     if let Some(addr) = options.metrics {
-        crate::metrics::serve(addr, pins.clone(), reloads.clone())?;
+        crate::report::metrics::serve(addr, pins.clone(), reloads.clone())?;
         info!("metrics on http://{addr}/metrics");
     }
     let watcher = FileWatcher::new(&prepared.files)?;
@@ -170,7 +172,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     };
     // Connections that exist already keep working under default deny.
-    let existing = crate::sockets::open_flows();
+    let existing = crate::host::sockets::open_flows();
     kernel.add_flows(&existing)?;
     info!("tracking {} existing connections", existing.len());
     // Listening before looking: no interface can appear unseen in between.
@@ -196,7 +198,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         warn!("{name} is not there (yet): it is filtered as soon as it appears");
     }
     // Maps of other builds: the links run our program now.
-    pins.remove_builds_except(Some(&pins.build_dir(crate::kernel::object_id())))?;
+    pins.remove_builds_except(Some(&pins.build_dir(crate::dataplane::object_id())))?;
     info!(
         "filtering; SIGHUP, `firewall reload --control {}` or editing {} reloads",
         options.control.display(),
@@ -294,7 +296,7 @@ fn adopt_stored_links(pins: &Pins) {
         if !is_link || name.contains('/') || path.exists() {
             continue;
         }
-        match crate::pins::pin_fd(fd.as_fd(), &path) {
+        match crate::dataplane::pins::pin_fd(fd.as_fd(), &path) {
             Ok(()) => info!("took over the link {name} from systemd's file descriptor store"),
             Err(error) => warn!("pinning the stored link {name}: {error}"),
         }
@@ -324,15 +326,17 @@ impl Dataplane<'_> {
         use std::os::fd::AsFd as _;
         for kind in [LinkKind::Xdp, LinkKind::Tc] {
             let path = self.pins.link_path(kind, iface);
-            if let Ok(fd) = crate::pins::open_pinned(&path) {
-                notify::store(&crate::pins::file_name(&path), fd.as_fd());
+            if let Ok(fd) = crate::dataplane::pins::open_pinned(&path) {
+                notify::store(&crate::dataplane::pins::file_name(&path), fd.as_fd());
             }
         }
     }
 
     fn unstore_links(&self, iface: &str) {
         for kind in [LinkKind::Xdp, LinkKind::Tc] {
-            notify::unstore(&crate::pins::file_name(&self.pins.link_path(kind, iface)));
+            notify::unstore(&crate::dataplane::pins::file_name(
+                &self.pins.link_path(kind, iface),
+            ));
         }
     }
 }
@@ -576,10 +580,10 @@ impl State {
         Ok(())
     }
 
-    /// Replaces the rule file with `text` (atomically: see [`crate::files::replace`]).
+    /// Replaces the rule file with `text` (atomically: see [`crate::rules::files::replace`]).
     fn adopt(&mut self, text: &str) -> Result<()> {
         let target = &self.options.rules;
-        crate::files::replace(target, text)
+        crate::rules::files::replace(target, text)
             .with_context(|| format!("replacing {}", target.display()))
     }
 
@@ -705,7 +709,7 @@ impl Drop for ControlSocket {
     }
 }
 
-/// One control request (see [`crate::control`]): its answer ends the connection.
+/// One control request (see [`crate::daemon::control`]): its answer ends the connection.
 async fn serve(request: std::io::Result<UnixStream>, state: &mut State) -> Result<()> {
     use tokio::io::AsyncReadExt as _;
     let stream = request?;
@@ -742,7 +746,7 @@ fn handle(request: Request, state: &mut State) -> Result<String, String> {
             .map_err(message),
         Request::Confirm => state.confirm().map_err(message),
         Request::Explain { question } => {
-            crate::explain::explain(&state.in_force, &question).map_err(message)
+            crate::analysis::explain::explain(&state.in_force, &question).map_err(message)
         }
     }
 }

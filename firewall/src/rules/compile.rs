@@ -26,7 +26,7 @@ use firewall_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, Limit, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
+use crate::rules::model::{Action, Limit, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Port values, 0..=65535.
 pub const PORTS: usize = 1 << 16;
@@ -490,7 +490,7 @@ impl Prefix for Ipv6Net {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Proto;
+    use crate::rules::model::Proto;
 
     fn rule(proto: Proto, from: Option<&[&str]>, ports: Option<Vec<RangeInclusive<u16>>>) -> Rule {
         Rule {

@@ -1,0 +1,4 @@
+//! The counters of the rules in force, for `firewall stats` ([`stats`]) and Prometheus
+//! ([`metrics`]).
+pub mod metrics;
+pub mod stats;
