@@ -209,11 +209,44 @@ pub struct RateKey {
     pub v6: u32,
 }
 
+/// A token bucket whose credit is time: a token costs `cost_ns` of credit, credit grows by
+/// the nanoseconds that pass, up to `burst_ns`. The kernel keeps one per (rule, source) for
+/// rate limits and one per CPU for log lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RateBucket {
+pub struct TokenBucket {
     pub credit_ns: u64,
     pub last_ns: u64,
+}
+
+impl TokenBucket {
+    /// A bucket first used at `now_ns`: full, less the token it was created for.
+    #[inline(always)]
+    pub fn full_less_one(now_ns: u64, cost_ns: u64, burst_ns: u64) -> TokenBucket {
+        TokenBucket {
+            credit_ns: burst_ns.saturating_sub(cost_ns),
+            last_ns: now_ns,
+        }
+    }
+
+    /// Takes a token at `now_ns` if the credit covers `cost_ns`. Saturating throughout: a
+    /// clock that reads earlier than `last_ns` (another CPU updated the bucket between our
+    /// clock read and our write) refills nothing instead of wrapping around.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64, cost_ns: u64, burst_ns: u64) -> bool {
+        let refill = now_ns.saturating_sub(self.last_ns);
+        let mut credit = self.credit_ns.saturating_add(refill);
+        if credit > burst_ns {
+            credit = burst_ns;
+        }
+        self.last_ns = now_ns;
+        if credit < cost_ns {
+            self.credit_ns = credit;
+            return false;
+        }
+        self.credit_ns = credit - cost_ns;
+        true
+    }
 }
 
 /// Sources tracked by rate limits at once (least recently seen go first).
@@ -229,15 +262,6 @@ impl Counter {
                 bytes: sum.bytes + c.bytes,
             })
     }
-}
-
-/// Token bucket of the drop log, one per CPU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LogBucket {
-    /// Credit in nanoseconds: one line costs `GenerationConfig::log_line_ns`.
-    pub credit_ns: u64,
-    pub last_ns: u64,
 }
 
 /// An address as the maps and records hold it: words in wire byte order, IPv4 in word 0.
@@ -411,8 +435,39 @@ mod pod {
     unsafe impl aya::Pod for RuleName {}
     unsafe impl aya::Pod for RateLimit {}
     unsafe impl aya::Pod for RateKey {}
-    unsafe impl aya::Pod for RateBucket {}
-    unsafe impl aya::Pod for LogBucket {}
+    unsafe impl aya::Pod for TokenBucket {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+
+    #[test]
+    fn token_bucket_spends_refills_and_caps_at_burst() {
+        // Three tokens of 10 ns in a burst of 30 ns.
+        let mut bucket = TokenBucket::full_less_one(1_000, 10, 30);
+        assert!(bucket.take(1_000, 10, 30));
+        assert!(bucket.take(1_000, 10, 30));
+        assert!(!bucket.take(1_000, 10, 30), "the burst is spent");
+        assert!(bucket.take(1_010, 10, 30), "10 ns later one token is back");
+        assert!(!bucket.take(1_010, 10, 30));
+        // A long pause refills to the burst, not beyond.
+        for _ in 0..3 {
+            assert!(bucket.take(1_000_000, 10, 30));
+        }
+        assert!(!bucket.take(1_000_000, 10, 30));
+    }
+
+    #[test]
+    fn token_bucket_ignores_a_clock_that_reads_earlier() {
+        let mut bucket = TokenBucket::full_less_one(1_000, 10, 30);
+        assert!(bucket.take(500, 10, 30));
+        assert!(bucket.take(400, 10, 30));
+        assert!(!bucket.take(300, 10, 30), "spent: no wrap-around refill");
+        // An empty per-CPU bucket (all zero) starts full at its first use.
+        let mut fresh = TokenBucket::default();
+        assert!(fresh.take(5_000_000_000, 10, 30));
+    }
 }

@@ -25,20 +25,10 @@ fn take_token(config: &GenerationConfig) -> bool {
     let bucket = unsafe { &mut *bucket };
     // A coarse clock (tick resolution) is plenty for a few lines a second, and cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let cost = config.log_line_ns;
-    let credit = bucket.credit_ns + (now - bucket.last_ns);
-    bucket.last_ns = now;
-    let credit = if credit > config.log_burst_ns {
-        config.log_burst_ns
-    } else {
-        credit
-    };
-    if credit < cost {
-        bucket.credit_ns = credit;
+    if !bucket.take(now, config.log_line_ns, config.log_burst_ns) {
         count(STAT_LOG_SUPPRESSED, 0);
         return false;
     }
-    bucket.credit_ns = credit - cost;
     true
 }
 

@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use firewall_common::{
-    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogBucket, RateBucket, RateKey,
-    RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS,
-    LOG_EVENTS_BYTES, MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
-    MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, RateKey, RateLimit, RuleBits,
+    RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, LOG_EVENTS_BYTES,
+    MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES,
+    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
 };
 
 /// Ports per generation in [`PORT_CLASS`].
@@ -39,7 +39,7 @@ pub static RULE_LIMITS: Array<RateLimit> =
 
 /// Per (rule, source) token buckets of rate-limited rules.
 #[map(name = "FW_RATE_BUCKETS")]
-pub static RATE_BUCKETS: LruHashMap<RateKey, RateBucket> =
+pub static RATE_BUCKETS: LruHashMap<RateKey, TokenBucket> =
     LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
 
 /// `gen * ADDRESS_FIELDS + TRIE_*` -> the `/0` bits of that trie, read instead of the trie
@@ -106,7 +106,7 @@ pub static DHCP_REQUESTS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MA
 pub static LOG_EVENTS: RingBuf = RingBuf::with_byte_size(LOG_EVENTS_BYTES, 0);
 
 #[map(name = "FW_LOG_BUCKET")]
-pub static LOG_BUCKET: PerCpuArray<LogBucket> = PerCpuArray::with_max_entries(1, 0);
+pub static LOG_BUCKET: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one packet of `bytes` to counter `slot`.
 #[inline(always)]

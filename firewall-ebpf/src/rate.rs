@@ -1,7 +1,7 @@
 //! Per-source rate limits of allow rules (`limit = "20/s"`): a token bucket per (rule,
 //! source address) in an LRU map, as `ufw limit` does for SSH.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use firewall_common::{RateBucket, RateKey};
+use firewall_common::{RateKey, TokenBucket};
 
 use crate::{
     maps::{RATE_BUCKETS, RULE_LIMITS},
@@ -27,25 +27,10 @@ pub fn take(slot: u32, packet: &Packet) -> bool {
     if let Some(bucket) = RATE_BUCKETS.get_ptr_mut(key) {
         // SAFETY: a valid map value; concurrent updates from other CPUs can only make the
         // count slightly off, never unsafe.
-        let bucket = unsafe { &mut *bucket };
-        let refill = now.saturating_sub(bucket.last_ns);
-        let mut credit = bucket.credit_ns.saturating_add(refill);
-        if credit > limit.burst_ns {
-            credit = limit.burst_ns;
-        }
-        bucket.last_ns = now;
-        if credit < limit.interval_ns {
-            bucket.credit_ns = credit;
-            return false;
-        }
-        bucket.credit_ns = credit - limit.interval_ns;
-        return true;
+        return unsafe { &mut *bucket }.take(now, limit.interval_ns, limit.burst_ns);
     }
     // A new source starts with a full bucket, less this packet's token.
-    let bucket = RateBucket {
-        credit_ns: limit.burst_ns.saturating_sub(limit.interval_ns),
-        last_ns: now,
-    };
+    let bucket = TokenBucket::full_less_one(now, limit.interval_ns, limit.burst_ns);
     let _ = RATE_BUCKETS.insert(key, bucket, 0);
     true
 }
