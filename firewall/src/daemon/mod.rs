@@ -33,21 +33,44 @@ use interfaces::Dataplane;
 use reload::{address_entries, State, Trial};
 use watch::FileWatcher;
 
+/// `firewall run`'s options, as the command line gives them.
+#[derive(clap::Args)]
 pub struct RunOptions {
+    /// Rule file (TOML).
+    #[arg(long)]
     pub rules: PathBuf,
+    /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
+    /// `all` (every interface but lo, also those that appear later); repeat for several.
+    #[arg(long = "iface", required = true)]
     pub ifaces: Vec<String>,
+    /// XDP attach mode: auto tries native, then skb (generic).
+    #[arg(
+        long = "xdp-mode",
+        value_name = "XDP_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
     pub mode: AttachMode,
-    /// Unix socket that `firewall reload` talks to.
+    /// Control socket for `firewall reload`.
+    #[arg(long, default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
-    /// Accept rule and set files that others than root could change.
+    /// Accept rule and set files not owned by root or writable by group or others.
+    #[arg(long)]
     pub insecure_files: bool,
-    /// bpffs directory for maps and links (see `pins`).
+    /// bpffs directory where programs' links and maps are pinned (bpffs is mounted on its
+    /// parent if needed).
+    #[arg(long, default_value = crate::dataplane::pins::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// On SIGTERM/SIGINT leave the programs attached with the rules in force.
+    /// On SIGTERM/SIGINT, leave the programs filtering with the rules in force (for
+    /// restarts and upgrades without a gap); `firewall detach` removes them.
+    #[arg(long)]
     pub persist: bool,
-    /// Audit mode whatever the rule file says.
+    /// Audit mode: classify, count and log as usual, drop nothing (overrides the rule
+    /// file's `[defaults] mode`).
+    #[arg(long)]
     pub audit: bool,
-    /// Serve Prometheus metrics here.
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469); off by default.
+    #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
 }
 
