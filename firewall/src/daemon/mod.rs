@@ -1,6 +1,6 @@
 //! `firewall run`: the pipeline parse -> compile -> apply -> attach, then the event loop that
 //! hands each event (signal, file change, control request, link change, kernel log line) to
-//! its handler in [`reload`], [`control_server`] or [`interfaces`].
+//! its handler in `reload`, `control_server` or `interfaces`.
 
 pub mod control;
 mod control_server;

@@ -112,8 +112,9 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Why a reload, an apply or a confirm left the rules in force as they were (apart from
-/// [`ReloadError::Adopting`] after a confirm, which keeps the rules on trial in force).
+/// Why a reload, an apply or a confirm did not happen; its Display is the line answered (and
+/// for reloads logged). All but [`ReloadError::Adopting`] leave the rules in force as they
+/// were; that one comes after the new rules were put in force, only the rule file stays.
 #[derive(Debug)]
 pub(super) enum ReloadError {
     /// A reload while rules are on trial.
