@@ -159,7 +159,9 @@ fn leases_under_default_rules(v6: bool) {
     let server = Server::start(&net);
     let file = RuleFile::new("default.toml", &default_rules(true));
     let pins = common::BpfMount::new();
-    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
     if v6 {
         // The client sends from its link-local address: wait until it is usable.
         let deadline = Instant::now() + Duration::from_secs(10);
