@@ -3,6 +3,7 @@
 //! over DHCPv4 and DHCPv6; with `dhcp = false` it gets none (the control). The client runs
 //! with `-sf /bin/true`: it configures nothing, it only writes its lease file (in a temporary
 //! directory), which is what the test reads.
+#[expect(dead_code, reason = "these tests use a part of the shared test hosts")]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@ use log::{error, info, warn};
 use super::reload::State;
 use crate::dataplane::pins::{self, LinkKind, Pins};
 use crate::dataplane::{AttachMode, Kernel};
-use crate::host::ifaces::{self, Held};
+use crate::host::ifaces::{self, Held, IfaceSpec};
 use crate::host::notify;
 use crate::rules::compile::compile;
 
@@ -25,6 +25,19 @@ pub(super) fn adopt_stored_links(pins: &Pins) {
             Err(error) => warn!("pinning the stored link {name}: {error}"),
         }
     }
+}
+
+/// An interface named and present whose link type the programs cannot parse stops the start
+/// before anything is attached anywhere.
+pub(super) fn check_link_types(specs: &[IfaceSpec]) -> Result<()> {
+    for spec in specs {
+        if let IfaceSpec::Name(name) = spec {
+            if ifaces::ifindex(name).is_some() {
+                crate::host::link::link_layer(name)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The first attach at start: every interface present that `held` names is attached, or the

@@ -21,7 +21,7 @@ use tokio::time::Sleep;
 use crate::dataplane::packet_log::{KernelLog, RuleNames};
 use crate::dataplane::pins::Pins;
 use crate::dataplane::{AttachMode, Kernel};
-use crate::host::ifaces::{self, Held, IfaceSpec, LinkEvents};
+use crate::host::ifaces::{Held, IfaceSpec, LinkEvents};
 use crate::host::notify;
 use crate::report::metrics::{Reloads, SharedReloads};
 use crate::rules::compile::{compile, Compiled};
@@ -171,15 +171,7 @@ struct Events {
 /// filters when this returns.
 fn start(options: RunOptions, prepared: Prepared, pins: &Pins) -> Result<(State, Events)> {
     let specs: Vec<IfaceSpec> = options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect();
-    // An interface named and present whose link type the programs cannot parse stops the
-    // start before anything is attached anywhere.
-    for spec in &specs {
-        if let IfaceSpec::Name(name) = spec {
-            if ifaces::ifindex(name).is_some() {
-                crate::host::link::link_layer(name)?;
-            }
-        }
-    }
+    interfaces::check_link_types(&specs)?;
     interfaces::adopt_stored_links(pins);
     for pin in pins.remove_dead_links()? {
         info!("removed the pinned link {pin}: its interface is gone or was created anew");

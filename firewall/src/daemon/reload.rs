@@ -372,3 +372,83 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_read_as_the_lines_logged_and_answered() {
+        let rule_file = PathBuf::from("/etc/firewall/rules.toml");
+        let reloaded = Outcome::Reloaded {
+            rule_file: rule_file.clone(),
+            took: Duration::from_micros(1500),
+            entries: 3,
+            updates: 7,
+        };
+        assert_eq!(
+            reloaded.to_string(),
+            "reloaded /etc/firewall/rules.toml in 1.5ms: 3 address entries, 7 map entries changed"
+        );
+        let name = "/tmp/new.toml".to_string();
+        let adopted = Outcome::Adopted {
+            name: name.clone(),
+            rule_file: rule_file.clone(),
+        };
+        assert_eq!(
+            adopted.to_string(),
+            "/tmp/new.toml in force and copied to /etc/firewall/rules.toml"
+        );
+        let on_trial = Outcome::OnTrial {
+            name: name.clone(),
+            wait: Duration::from_secs(90),
+        };
+        assert_eq!(
+            on_trial.to_string(),
+            "/tmp/new.toml in force; rolls back in 90s unless `firewall confirm` arrives"
+        );
+        let confirmed = Outcome::Confirmed { name, rule_file };
+        assert_eq!(
+            confirmed.to_string(),
+            "confirmed /tmp/new.toml: copied to /etc/firewall/rules.toml"
+        );
+    }
+
+    #[test]
+    fn errors_read_as_the_lines_answered() {
+        let file = "/tmp/new.toml".to_string();
+        let cases = [
+            (
+                ReloadError::ReloadDuringTrial { file: file.clone() },
+                "reload refused: /tmp/new.toml is on trial until `firewall confirm` or its \
+                 roll-back",
+            ),
+            (
+                ReloadError::ReloadFailed(anyhow::anyhow!("bad").context("rules.toml")),
+                "reload failed, previous rules stay in force: rules.toml: bad",
+            ),
+            (
+                ReloadError::ApplyDuringTrial { file: file.clone() },
+                "/tmp/new.toml is on trial already: `firewall confirm` it or wait for its \
+                 roll-back",
+            ),
+            (
+                ReloadError::NotMovable {
+                    name: file,
+                    rule_file: PathBuf::from("/etc/firewall/rules.toml"),
+                },
+                "/tmp/new.toml names set files relative to its own directory; put it in \
+                 /etc/firewall or use absolute paths, as it will replace \
+                 /etc/firewall/rules.toml",
+            ),
+            (
+                ReloadError::ApplyFailed(anyhow::anyhow!("bad").context("new.toml")),
+                "new.toml: bad",
+            ),
+            (ReloadError::NothingOnTrial, "no rules are on trial"),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+        }
+    }
+}

@@ -1,7 +1,6 @@
 //! Test hosts for end-to-end tests: two network namespaces joined by a veth pair, sockets
 //! opened inside them, and the daemon run inside one of them. Everything created here is
 //! removed on drop, also when a test fails.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};
