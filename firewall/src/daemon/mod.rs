@@ -144,6 +144,7 @@ fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) ->
     })
 }
 
+/// `firewall run`: filters with the rule file until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
