@@ -7,7 +7,6 @@ use firewall::analysis::explain::{explain, Question};
 use firewall::daemon::control::{self, Request};
 use firewall::daemon::{self, RunOptions};
 use firewall::dataplane::pins::{Pins, DEFAULT_PIN_DIR};
-use firewall::dataplane::AttachMode;
 use firewall::rules::config::{load_rules, load_rules_trusting, summary};
 use firewall::rules::files::Trust;
 
@@ -24,39 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach to the interfaces and filter until SIGINT/SIGTERM; SIGHUP reloads the rules.
-    Run {
-        /// Rule file (TOML).
-        #[arg(long)]
-        rules: PathBuf,
-        /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
-        /// `all` (every interface but lo, also those that appear later); repeat for several.
-        #[arg(long = "iface", required = true)]
-        ifaces: Vec<String>,
-        /// XDP attach mode: auto tries native, then skb (generic).
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: AttachMode,
-        /// Control socket for `firewall reload`.
-        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
-        control: PathBuf,
-        /// Accept rule and set files not owned by root or writable by group or others.
-        #[arg(long)]
-        insecure_files: bool,
-        /// bpffs directory where programs' links and maps are pinned (bpffs is mounted on its
-        /// parent if needed).
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// On SIGTERM/SIGINT, leave the programs filtering with the rules in force (for
-        /// restarts and upgrades without a gap); `firewall detach` removes them.
-        #[arg(long)]
-        persist: bool,
-        /// Audit mode: classify, count and log as usual, drop nothing (overrides the rule
-        /// file's `[defaults] mode`).
-        #[arg(long)]
-        audit: bool,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469); off by default.
-        #[arg(long)]
-        metrics: Option<std::net::SocketAddr>,
-    },
+    Run(RunOptions),
     /// Counters of the rules in force, per rule and per reason, from the pinned maps (with or
     /// without a running daemon).
     Stats {
@@ -171,20 +138,22 @@ fn detach(pin_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `firewall apply`: checks the file here (its set files resolved from its own directory),
-/// then sends its text: the daemon may not see this file system (a private /tmp).
-fn apply(file: &Path, confirm: Option<u64>, socket: &Path) -> anyhow::Result<String> {
+/// `firewall apply`'s request: checks the file here (its set files resolved from its own
+/// directory), then sends its text: the daemon may not see this file system (a private /tmp).
+fn apply_request(file: &Path, confirm: Option<u64>) -> anyhow::Result<Request> {
     let file = std::path::absolute(file)?;
     let (set, text) = load_rules_trusting(&file, Trust::Anyone)?;
-    control::send(
-        socket,
-        Request::Apply {
-            name: file.display().to_string(),
-            text,
-            set_files: set.set_files,
-            confirm_seconds: confirm,
-        },
-    )
+    Ok(Request::Apply {
+        name: file.display().to_string(),
+        text,
+        set_files: set.set_files,
+        confirm_seconds: confirm,
+    })
+}
+
+/// Sends `request` to the daemon on `socket` and prints its answer.
+fn ask(socket: &Path, request: Request) -> anyhow::Result<()> {
+    control::send(socket, request).map(|message| println!("{message}"))
 }
 
 fn main() -> ExitCode {
@@ -214,11 +183,11 @@ fn main() -> ExitCode {
                 iface,
             };
             match rules {
-                Some(rules) => load_rules(&rules).and_then(|set| explain(&set, &question)),
-                None => control::send(&control, Request::Explain { question })
-                    .map(|answer| answer + "\n"),
+                Some(rules) => load_rules(&rules)
+                    .and_then(|set| explain(&set, &question))
+                    .map(|answer| print!("{answer}")),
+                None => ask(&control, Request::Explain { question }),
             }
-            .map(|answer| print!("{answer}"))
         }
         Command::Stats { pin_dir, json } => Pins::existing(&pin_dir)
             .and_then(|pins| firewall::report::stats::read(&pins))
@@ -235,44 +204,18 @@ fn main() -> ExitCode {
             file,
             confirm,
             control,
-        } => apply(&file, confirm, &control).map(|message| println!("{message}")),
-        Command::Confirm { control } => {
-            control::send(&control, Request::Confirm).map(|message| println!("{message}"))
-        }
+        } => apply_request(&file, confirm).and_then(|request| ask(&control, request)),
+        Command::Confirm { control } => ask(&control, Request::Confirm),
         Command::Exposure { rules } => load_rules(&rules).map(|set| {
             let listeners = firewall::host::sockets::listening();
             print!("{}", firewall::analysis::exposure::report(&set, &listeners));
         }),
-        Command::Reload { control } => {
-            control::send(&control, Request::Reload).map(|message| println!("{message}"))
-        }
-        Command::Run {
-            rules,
-            ifaces,
-            xdp_mode,
-            control,
-            insecure_files,
-            pin_dir,
-            persist,
-            audit,
-            metrics,
-        } => tokio::runtime::Builder::new_current_thread()
+        Command::Reload { control } => ask(&control, Request::Reload),
+        Command::Run(options) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|runtime| {
-                runtime.block_on(daemon::run(RunOptions {
-                    rules,
-                    ifaces,
-                    mode: xdp_mode,
-                    control,
-                    insecure_files,
-                    pin_dir,
-                    persist,
-                    audit,
-                    metrics,
-                }))
-            }),
+            .and_then(|runtime| runtime.block_on(daemon::run(options))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! over DHCPv4 and DHCPv6; with `dhcp = false` it gets none (the control). The client runs
 //! with `-sf /bin/true`: it configures nothing, it only writes its lease file (in a temporary
 //! directory), which is what the test reads.
+#[expect(dead_code, reason = "these tests use a part of the shared test hosts")]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -159,7 +160,9 @@ fn leases_under_default_rules(v6: bool) {
     let server = Server::start(&net);
     let file = RuleFile::new("default.toml", &default_rules(true));
     let pins = common::BpfMount::new();
-    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
     if v6 {
         // The client sends from its link-local address: wait until it is usable.
         let deadline = Instant::now() + Duration::from_secs(10);

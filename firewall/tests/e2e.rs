@@ -75,6 +75,27 @@ fn assert_reachability(
     }
 }
 
+/// Asserts that TCP and UDP from namespace `ns` to `to` both reach it (`expected`) or both
+/// do not; `what` names the traffic in the failure message.
+fn assert_tcp_and_udp(ns: &str, to: SocketAddr, expected: bool, what: &str) {
+    for (proto, reached) in [("TCP", tcp_reaches(ns, to)), ("UDP", udp_reaches(ns, to))] {
+        let outcome = if reached {
+            "got through"
+        } else {
+            "got no reply"
+        };
+        assert_eq!(reached, expected, "{what}: {proto} to {to} {outcome}");
+    }
+}
+
+/// A fresh [`TestNet`] whose firewalled host serves TCP and UDP on `ports` at its IPv4
+/// address, and the rule file `name` holding `rules`.
+fn serving_on_a4(ports: &[u16], name: &str, rules: &str) -> (TestNet, RuleFile) {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], ports.to_vec());
+    (net, RuleFile::new(name, rules))
+}
+
 #[test]
 fn filters_reloads_and_detaches() {
     let net = TestNet::new();
@@ -82,7 +103,7 @@ fn filters_reloads_and_detaches() {
     assert_reachability(&net, true, true, true, true, "before the firewall");
 
     let file = RuleFile::new("rules.toml", &rules(&net, 8080));
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     assert!(net.xdp_attached(), "no XDP program on {}", net.veth_a);
     assert_reachability(&net, true, false, true, false, "with the rules");
 
@@ -168,26 +189,11 @@ fn default_deny_keeps_the_hosts_own_flows() {
         "deny.toml",
         "[defaults]\npolicy = \"deny\"\n\n[state]\nudp_timeout = 1\n",
     );
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     for (a, b) in [(net.a4, net.b4), (net.a6, net.b6)] {
         let peer = SocketAddr::new(b, 9000);
-        assert!(
-            tcp_reaches(&net.a, peer),
-            "outbound TCP to {peer} got no reply"
-        );
-        assert!(
-            udp_reaches(&net.a, peer),
-            "outbound UDP to {peer} got no reply"
-        );
-        let host = SocketAddr::new(a, 9000);
-        assert!(
-            !tcp_reaches(&net.b, host),
-            "unsolicited TCP to {host} got through"
-        );
-        assert!(
-            !udp_reaches(&net.b, host),
-            "unsolicited UDP to {host} got through"
-        );
+        assert_tcp_and_udp(&net.a, peer, true, "outbound");
+        assert_tcp_and_udp(&net.b, SocketAddr::new(a, 9000), false, "unsolicited");
         assert!(
             late_reply_is_dropped(&net, a, b),
             "a reply after the UDP timeout got through ({a})"
@@ -198,14 +204,7 @@ fn default_deny_keeps_the_hosts_own_flows() {
     daemon.signal(libc::SIGHUP);
     daemon.wait_for("reloaded", 1);
     let peer = SocketAddr::new(net.b4, 9000);
-    assert!(
-        !tcp_reaches(&net.a, peer),
-        "stateless: a TCP reply got through"
-    );
-    assert!(
-        !udp_reaches(&net.a, peer),
-        "stateless: a UDP reply got through"
-    );
+    assert_tcp_and_udp(&net.a, peer, false, "stateless: a reply");
     daemon.terminate();
 }
 
@@ -279,7 +278,7 @@ fn connections_open_before_start_keep_working() {
         waiting.push((peer, client, speak, server));
     }
     let file = RuleFile::new("deny.toml", "[defaults]\npolicy = \"deny\"\n");
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     for (peer, mut client, speak, server) in waiting {
         speak.send(()).unwrap();
         client
@@ -293,7 +292,7 @@ fn connections_open_before_start_keep_working() {
         drop(client);
         server.join().unwrap();
     }
-    assert!(daemon.log().contains("tracking"), "{}", daemon.log());
+    daemon.assert_logged("tracking");
     daemon.terminate();
 }
 
@@ -321,7 +320,7 @@ fn reloads_never_mix_rule_sets() {
     let set_a = rules(&format!("{}/32", net.b4), 6000);
     let set_b = rules("192.0.2.0/24", 6001);
     let file = RuleFile::new("swap.toml", &set_a);
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
 
     let a4 = net.a4;
     let (probe_rx, control_rx) = TestNet::within(&net.a, move || {
@@ -402,15 +401,14 @@ fn reloads_never_mix_rule_sets() {
 /// burst of writes), and `firewall reload` reports success or the error it hit.
 #[test]
 fn reloads_on_file_changes_and_on_request() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080]);
-    let file = RuleFile::new(
+    let (net, file) = serving_on_a4(
+        &[8080],
         "watched.toml",
         "[sets.peers]\nfiles = [\"peers.txt\"]\n\n[[rules]]\naction = \"deny\"\nfrom = [\"@peers\"]\n",
     );
     let set_file = file.path.with_file_name("peers.txt");
     common::write_file(&set_file, "192.0.2.1\n");
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     let web = SocketAddr::new(net.a4, 8080);
     assert!(tcp_reaches(&net.b, web), "the peer is not in the set yet");
 
@@ -467,17 +465,14 @@ fn reloads_on_file_changes_and_on_request() {
 /// not.
 #[test]
 fn rules_can_name_interfaces() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080, 8081]);
-    let file = RuleFile::new(
-        "ifaces.toml",
-        &format!(
-            "[[rules]]\naction = \"deny\"\nports = [8080]\niface = [\"{}\"]\n\n\
-             [[rules]]\naction = \"deny\"\nports = [8081]\niface = [\"other0\"]\n",
-            net.veth_a
-        ),
-    );
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    // The rules name the veth, whose name the net gives.
+    let (net, file) = serving_on_a4(&[8080, 8081], "ifaces.toml", "");
+    file.write(&format!(
+        "[[rules]]\naction = \"deny\"\nports = [8080]\niface = [\"{}\"]\n\n\
+         [[rules]]\naction = \"deny\"\nports = [8081]\niface = [\"other0\"]\n",
+        net.veth_a
+    ));
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     assert!(
         !tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080)),
         "rule on this interface ignored"
@@ -551,6 +546,31 @@ impl Traffic {
         Traffic { running, threads }
     }
 
+    /// Rules that deny the probes and let the rest pass, in a rule file `name`.
+    fn rules(name: &str) -> RuleFile {
+        RuleFile::new(
+            name,
+            &format!(
+                "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
+                 proto = \"udp\"\nports = [{}]\n",
+                Traffic::PROBE
+            ),
+        )
+    }
+
+    /// Lets the last packets arrive, stops, and asserts that no probe arrived in all the
+    /// time (across the `what` under test) while the controls flowed.
+    fn assert_nothing_slipped_through(self, what: &str) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (sent, probes, controls) = self.finish();
+        eprintln!("{what}: sent {sent} of each, {probes} probes and {controls} controls arrived");
+        assert_eq!(probes, 0, "probes slipped through the restart");
+        assert!(
+            controls > sent * 9 / 10,
+            "allowed traffic did not flow: {controls} of {sent}"
+        );
+    }
+
     /// (sent of each kind, probes that arrived, controls that arrived).
     fn finish(self) -> (u64, u64, u64) {
         self.running
@@ -569,16 +589,14 @@ impl Traffic {
 fn no_gap_through_restart(persist: bool) {
     let net = TestNet::new();
     let pins = common::BpfMount::new();
-    let file = RuleFile::new(
-        "restart.toml",
-        &format!(
-            "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
-             proto = \"udp\"\nports = [{}]\n",
-            Traffic::PROBE
-        ),
-    );
+    let file = Traffic::rules("restart.toml");
     let extra: &[&str] = if persist { &["--persist"] } else { &[] };
-    let start = || Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), extra);
+    let start = || {
+        Daemon::builder(&net.a, &file.path, &net.veth_a)
+            .pins(&pins)
+            .args(extra)
+            .start()
+    };
     let first = start();
     let traffic = Traffic::start(&net);
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -595,14 +613,7 @@ fn no_gap_through_restart(persist: bool) {
     // Before TCX (6.6) tc egress is a netlink filter, which outlives a killed daemon: the new
     // daemon replaces it instead of adding a second.
     assert!(net.egress_filters() <= 1, "egress filters stacked up");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let (sent, probes, controls) = traffic.finish();
-    eprintln!("restart (persist {persist}): sent {sent} of each, {probes} probes and {controls} controls arrived");
-    assert_eq!(probes, 0, "probes slipped through the restart");
-    assert!(
-        controls > sent * 9 / 10,
-        "allowed traffic did not flow: {controls} of {sent}"
-    );
+    traffic.assert_nothing_slipped_through(&format!("restart (persist {persist})"));
 
     if persist {
         // Still pinned after this one too; `firewall detach` removes it.
@@ -627,30 +638,43 @@ fn persist_sigterm_and_restart_let_nothing_through() {
     no_gap_through_restart(true);
 }
 
-#[test]
-fn stats_count_per_rule_from_the_pins() {
+/// A daemon run with `args` (pinning on a bpffs of the test's, which outlives it) on the rule
+/// file `name`: TCP port 22 allowed (rule 1, "ssh") and UDP port 6001 denied (rule 2, "probe")
+/// under `defaults`; the peer has sent it `probes` datagrams to port 6001.
+fn probed_daemon(
+    name: &str,
+    defaults: &str,
+    args: &[&str],
+    probes: usize,
+) -> (TestNet, common::BpfMount, RuleFile, Daemon) {
     let net = TestNet::new();
     let pins = common::BpfMount::new();
     let file = RuleFile::new(
-        "stats.toml",
-        "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"ssh\"\naction = \"allow\"\n\
-         proto = \"tcp\"\nports = [22]\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
-         proto = \"udp\"\nports = [6001]\n",
+        name,
+        &format!(
+            "{defaults}[[rules]]\nname = \"ssh\"\naction = \"allow\"\nproto = \"tcp\"\n\
+             ports = [22]\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\nproto = \"udp\"\n\
+             ports = [6001]\n"
+        ),
     );
-    let daemon = Daemon::start_with(
-        &net.a,
-        &file.path,
-        &net.veth_a,
-        &pins.pin_dir(),
-        &["--persist"],
-    );
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .args(args)
+        .start();
     let (a4, b4) = (net.a4, net.b4);
     TestNet::within(&net.b, move || {
         let socket = std::net::UdpSocket::bind(SocketAddr::new(b4, 0)).unwrap();
-        for _ in 0..50 {
+        for _ in 0..probes {
             socket.send_to(b"probe", SocketAddr::new(a4, 6001)).unwrap();
         }
     });
+    (net, pins, file, daemon)
+}
+
+#[test]
+fn stats_count_per_rule_from_the_pins() {
+    let allow = "[defaults]\npolicy = \"allow\"\n\n";
+    let (_net, pins, _file, daemon) = probed_daemon("stats.toml", allow, &["--persist"], 50);
     let stats = |json: bool| {
         let mut command = Command::new(firewall_exe());
         command.arg("stats").arg("--pin-dir").arg(pins.pin_dir());
@@ -693,25 +717,20 @@ fn tells_systemd_when_the_rules_are_in_force() {
     let net = TestNet::new();
     let pins = common::BpfMount::new();
     let notify = common::NotifySocket::new("notify");
-    let (socket_path, systemd) = (&notify.path, &notify.socket);
     // Notifications, but the links handed to the file descriptor store.
     let next = || loop {
         let mut buf = [0u8; 512];
-        let len = systemd.recv(&mut buf).expect("a notification");
+        let len = notify.socket.recv(&mut buf).expect("a notification");
         let message = String::from_utf8_lossy(&buf[..len]).into_owned();
         if !message.starts_with("FDSTORE=1") {
             return message;
         }
     };
     let file = RuleFile::new("notify.toml", "[[rules]]\naction = \"allow\"\n");
-    let daemon = Daemon::start_full(
-        &net.a,
-        &file.path,
-        &net.veth_a,
-        &pins.pin_dir(),
-        &[],
-        &[("NOTIFY_SOCKET", socket_path)],
-    );
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
     let ready = next();
     assert!(ready.starts_with("READY=1\nSTATUS=filtering"), "{ready}");
     assert!(net.xdp_attached(), "ready before the program was attached");
@@ -731,28 +750,26 @@ fn tells_systemd_when_the_rules_are_in_force() {
 
 #[test]
 fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080]);
-    let pins = common::BpfMount::new();
-    let file = RuleFile::new(
+    let (net, file) = serving_on_a4(
+        &[8080],
         "audit.toml",
         "[[rules]]\nname = \"no-web\"\naction = \"deny\"\nproto = \"tcp\"\nports = [8080]\n",
     );
+    let pins = common::BpfMount::new();
     let web = SocketAddr::new(net.a4, 8080);
-    let daemon = Daemon::start_with(
-        &net.a,
-        &file.path,
-        &net.veth_a,
-        &pins.pin_dir(),
-        &["--audit"],
-    );
-    assert!(daemon.log().contains("AUDIT MODE"), "{}", daemon.log());
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .arg("--audit")
+        .start();
+    daemon.assert_logged("AUDIT MODE");
     assert!(tcp_reaches(&net.b, web), "audit mode dropped a packet");
     daemon.wait_for("audit rule=1 (no-web) proto=6", 1);
     drop(daemon);
 
     // The same file enforced: dropped.
-    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
     assert!(
         !tcp_reaches(&net.b, web),
         "the deny rule does not drop: {}",
@@ -763,11 +780,9 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
 
 #[test]
 fn apply_with_confirm_rolls_back_unless_confirmed() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080]);
     let allow = "[[rules]]\naction = \"allow\"\n";
-    let file = RuleFile::new("rules.toml", allow);
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let (net, file) = serving_on_a4(&[8080], "rules.toml", allow);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     let web = SocketAddr::new(net.a4, 8080);
     assert!(tcp_reaches(&net.b, web));
 
@@ -826,10 +841,9 @@ fn apply_with_confirm_rolls_back_unless_confirmed() {
 
 #[test]
 fn exposure_lists_listening_sockets_and_who_reaches_them() {
-    let net = TestNet::new();
     // TCP and UDP on both ports, on A's address.
-    serve(&net.a, vec![net.a4], vec![8080, 5353]);
-    let file = RuleFile::new(
+    let (net, file) = serving_on_a4(
+        &[8080, 5353],
         "exposure.toml",
         "[defaults]\npolicy = \"deny\"\n\n[[rules]]\naction = \"allow\"\nproto = \"tcp\"\n\
          ports = [8080]\nfrom = [\"10.0.0.0/8\"]\n\n[[rules]]\naction = \"allow\"\nports = [5353]\n",
@@ -871,27 +885,8 @@ fn exposure_lists_listening_sockets_and_who_reaches_them() {
 fn metrics_for_prometheus() {
     use std::io::{Read as _, Write as _};
 
-    let net = TestNet::new();
-    let pins = common::BpfMount::new();
-    let file = RuleFile::new(
-        "metrics.toml",
-        "[[rules]]\nname = \"ssh\"\naction = \"allow\"\nproto = \"tcp\"\nports = [22]\n\n\
-         [[rules]]\nname = \"probe\"\naction = \"deny\"\nproto = \"udp\"\nports = [6001]\n",
-    );
-    let daemon = Daemon::start_with(
-        &net.a,
-        &file.path,
-        &net.veth_a,
-        &pins.pin_dir(),
-        &["--metrics", "127.0.0.1:9469"],
-    );
-    let (a4, b4) = (net.a4, net.b4);
-    TestNet::within(&net.b, move || {
-        let socket = std::net::UdpSocket::bind(SocketAddr::new(b4, 0)).unwrap();
-        for _ in 0..10 {
-            socket.send_to(b"probe", SocketAddr::new(a4, 6001)).unwrap();
-        }
-    });
+    let metrics = ["--metrics", "127.0.0.1:9469"];
+    let (net, _pins, _file, daemon) = probed_daemon("metrics.toml", "", &metrics, 10);
     let scrape = || {
         TestNet::within(&net.a, || {
             let mut stream = std::net::TcpStream::connect("127.0.0.1:9469").unwrap();
@@ -930,15 +925,14 @@ fn metrics_for_prometheus() {
 
 #[test]
 fn logged_rules_and_rate_limits_on_real_connections() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080, 8081]);
-    let file = RuleFile::new(
+    let (net, file) = serving_on_a4(
+        &[8080, 8081],
         "log.toml",
         "[defaults]\npolicy = \"deny\"\n\n[[rules]]\nname = \"web\"\naction = \"allow\"\n\
          proto = \"tcp\"\nports = [8080]\nlog = true\n\n[[rules]]\nname = \"limited\"\n\
          action = \"allow\"\nproto = \"tcp\"\nports = [8081]\nlimit = \"1/m\"\n",
     );
-    let daemon = Daemon::start(&net.a, &file.path, &net.veth_a);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     assert!(tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080)));
     daemon.wait_for(&format!("pass rule=1 (web) proto=6 {}:", net.b4), 1);
     // One connection a minute from a source: the second is dropped and logged.
@@ -969,18 +963,12 @@ fn native_xdp_on_the_vms_nic() {
     let stateful = "[defaults]\npolicy = \"deny\"\n";
     let file = RuleFile::new("nic.toml", stateful);
     let pins = common::BpfMount::new();
-    let daemon = Daemon::start_with(
-        "",
-        &file.path,
-        &nic,
-        &pins.pin_dir(),
-        &["--xdp-mode", "native"],
-    );
-    assert!(
-        daemon.log().contains("XDP ingress: native"),
-        "{}",
-        daemon.log()
-    );
+    let daemon = Daemon::builder("", &file.path, &nic)
+        .pins(&pins)
+        .arg("--xdp-mode")
+        .arg("native")
+        .start();
+    daemon.assert_logged("XDP ingress: native");
     assert!(greeted(), "the reply to the guest's connection was dropped");
     file.write(&format!("{stateful}established = false\n"));
     daemon.reload();
@@ -992,9 +980,9 @@ fn native_xdp_on_the_vms_nic() {
 }
 
 /// Default allow; TCP 8081 denied. The firewalled namespace serves 8080 and 8081.
-fn deny_8081(net: &TestNet) -> RuleFile {
-    serve(&net.a, vec![net.a4], vec![8080, 8081]);
-    RuleFile::new(
+fn deny_8081() -> (TestNet, RuleFile) {
+    serving_on_a4(
+        &[8080, 8081],
         "links.toml",
         "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"no-8081\"\naction = \"deny\"\n\
          proto = \"tcp\"\nports = [8081]\n",
@@ -1025,16 +1013,13 @@ fn attached_within_a_second(net: &TestNet, dev: &str) -> std::time::Duration {
 /// daemon ran replaces the dead pinned link.
 #[test]
 fn interfaces_that_come_and_go_stay_filtered() {
-    let net = TestNet::new();
+    let (net, file) = deny_8081();
     let pins = common::BpfMount::new();
-    let file = deny_8081(&net);
     ip_a(&net, &["link", "del", &net.veth_a]);
-    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
-    assert!(
-        daemon.log().contains("is not there (yet)"),
-        "{}",
-        daemon.log()
-    );
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
+    daemon.assert_logged("is not there (yet)");
     net.recreate_link();
     let took = attached_within_a_second(&net, &net.veth_a);
     eprintln!("an interface that appeared after start: filtered after {took:?}");
@@ -1058,12 +1043,10 @@ fn interfaces_that_come_and_go_stay_filtered() {
     daemon.kill();
     net.recreate_link();
     assert!(!net.xdp_attached());
-    let daemon = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
-    assert!(
-        daemon.log().contains("removed the pinned link xdp-"),
-        "{}",
-        daemon.log()
-    );
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
+    daemon.assert_logged("removed the pinned link xdp-");
     assert!(net.xdp_attached() && filtered(&net));
     assert!(daemon.terminate().success());
     assert!(net.xdp_detached_soon());
@@ -1074,11 +1057,12 @@ fn interfaces_that_come_and_go_stay_filtered() {
 /// one renamed away; a restart after the rename finds the renamed pins.
 #[test]
 fn patterns_follow_renames() {
-    let net = TestNet::new();
+    let (net, file) = deny_8081();
     let pins = common::BpfMount::new();
-    let file = deny_8081(&net);
     let pattern = format!("{}*", net.veth_a);
-    let daemon = Daemon::start_with(&net.a, &file.path, &pattern, &pins.pin_dir(), &[]);
+    let daemon = Daemon::builder(&net.a, &file.path, &pattern)
+        .pins(&pins)
+        .start();
     assert!(net.xdp_attached() && filtered(&net));
     let renamed = format!("{}r", net.veth_a);
     net.rename_link(&net.veth_a, &renamed);
@@ -1088,7 +1072,9 @@ fn patterns_follow_renames() {
 
     // A restart finds the link under its new name and takes it over.
     daemon.kill();
-    let daemon = Daemon::start_with(&net.a, &file.path, &pattern, &pins.pin_dir(), &[]);
+    let daemon = Daemon::builder(&net.a, &file.path, &pattern)
+        .pins(&pins)
+        .start();
     daemon.wait_for("taken over", 1);
     assert!(filtered(&net));
 
@@ -1110,11 +1096,12 @@ fn patterns_follow_renames() {
 /// `all`: every interface but lo, and ones that appear later.
 #[test]
 fn all_takes_interfaces_that_appear_later() {
-    let net = TestNet::new();
+    let (net, file) = deny_8081();
     let pins = common::BpfMount::new();
-    let file = deny_8081(&net);
     ip_a(&net, &["link", "del", &net.veth_a]);
-    let daemon = Daemon::start_with(&net.a, &file.path, "all", &pins.pin_dir(), &[]);
+    let daemon = Daemon::builder(&net.a, &file.path, "all")
+        .pins(&pins)
+        .start();
     net.recreate_link();
     attached_within_a_second(&net, &net.veth_a);
     assert!(filtered(&net));
@@ -1135,10 +1122,11 @@ fn ip_a(net: &TestNet, args: &[&str]) {
 /// A second daemon on the same pin directory would overwrite the first one's rules and links.
 #[test]
 fn one_daemon_per_pin_directory() {
-    let net = TestNet::new();
+    let (net, file) = deny_8081();
     let pins = common::BpfMount::new();
-    let file = deny_8081(&net);
-    let first = Daemon::start_with(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[]);
+    let first = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
     let mut second = Command::new("ip")
         .args(["netns", "exec", &net.a, &firewall_exe(), "run", "--rules"])
         .arg(&file.path)
@@ -1230,11 +1218,10 @@ fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
     let net = TestNet::new();
     let pins = common::BpfMount::new();
     let notify = common::NotifySocket::new("fdstore");
-    let (socket_path, systemd) = (&notify.path, &notify.socket);
     // The store, as systemd keeps it: one descriptor per name.
     let mut store: std::collections::BTreeMap<String, std::os::fd::OwnedFd> = Default::default();
     let until_ready = |store: &mut std::collections::BTreeMap<_, _>| loop {
-        let (message, mut fds) = receive_notification(systemd);
+        let (message, mut fds) = receive_notification(&notify.socket);
         if let Some(name) = message
             .strip_prefix("FDSTORE=1\nFDNAME=")
             .filter(|_| fds.len() == 1)
@@ -1245,16 +1232,11 @@ fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
             return;
         }
     };
-    let file = RuleFile::new(
-        "fdstore.toml",
-        &format!(
-            "[defaults]\npolicy = \"allow\"\n\n[[rules]]\nname = \"probe\"\naction = \"deny\"\n\
-             proto = \"udp\"\nports = [{}]\n",
-            Traffic::PROBE
-        ),
-    );
-    let env = [("NOTIFY_SOCKET", socket_path.as_path())];
-    let first = Daemon::start_full(&net.a, &file.path, &net.veth_a, &pins.pin_dir(), &[], &env);
+    let file = Traffic::rules("fdstore.toml");
+    let first = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
     until_ready(&mut store);
     let xdp = format!("xdp-{}", net.veth_a);
     assert!(store.contains_key(&xdp), "stored: {:?}", store.keys());
@@ -1274,28 +1256,17 @@ fn the_fd_store_keeps_filtering_through_a_restart_and_stop_ends_it() {
         .iter()
         .map(|(_, fd)| fd.try_clone().unwrap())
         .collect();
-    let second = Daemon::start_inheriting(
-        &net.a,
-        &file.path,
-        &net.veth_a,
-        &pins.pin_dir(),
-        &[],
-        &env,
-        handed,
-    );
+    let second = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .inherit(handed)
+        .start();
     second.wait_for("from systemd's file descriptor store", 1);
     second.wait_for("XDP ingress: taken over", 1);
     // The new daemon hands the links over again.
     until_ready(&mut store);
     assert!(store.contains_key(&xdp), "stored: {:?}", store.keys());
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let (sent, probes, controls) = traffic.finish();
-    eprintln!("restart through the fd store: sent {sent} of each, {probes} probes and {controls} controls arrived");
-    assert_eq!(probes, 0, "probes slipped through the restart");
-    assert!(
-        controls > sent * 9 / 10,
-        "allowed traffic did not flow: {controls} of {sent}"
-    );
+    traffic.assert_nothing_slipped_through("restart through the fd store");
 
     // `systemctl stop`: the daemon unpins, systemd closes the store: no filtering left.
     assert!(second.terminate().success());
@@ -1359,7 +1330,7 @@ fn tun_devices_are_filtered_at_the_ip_header() {
         "[defaults]\npolicy = \"deny\"\n\n[[rules]]\nname = \"ssh\"\naction = \"allow\"\n\
          proto = \"tcp\"\nports = [22]\n",
     );
-    let daemon = Daemon::start(&net.a, &file.path, &tun.name);
+    let daemon = Daemon::builder(&net.a, &file.path, &tun.name).start();
     for (peer, host, family) in [(peer4, host4, "IPv4"), (peer6, host6, "IPv6")] {
         assert!(
             !answers(peer, host, 8080, 40011),
@@ -1371,10 +1342,6 @@ fn tun_devices_are_filtered_at_the_ip_header() {
             "{family}: a SYN to the allowed port 22 got no answer"
         );
     }
-    assert!(
-        daemon.log().contains("frames start at the IP header"),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_logged("frames start at the IP header");
     assert!(daemon.terminate().success());
 }

@@ -1,51 +1,76 @@
-//! `firewall run`: the pipeline parse -> compile -> apply, then attach and serve signals.
+//! `firewall run`: the pipeline parse -> compile -> apply -> attach, then the event loop that
+//! hands each event (signal, file change, control request, link change, kernel log line) to
+//! its handler in `reload`, `control_server` or `interfaces`.
 
 pub mod control;
-use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+mod control_server;
+mod interfaces;
+mod reload;
+mod watch;
+
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
-use futures_util::StreamExt as _;
-use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask};
-use log::{error, info, warn};
-use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::signal::unix::{signal, SignalKind};
+use anyhow::{Context as _, Result};
+use log::{info, warn};
+use tokio::io::unix::{AsyncFd, AsyncFdReadyMutGuard};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Sleep;
 
 use crate::dataplane::packet_log::{KernelLog, RuleNames};
-use crate::dataplane::pins::LinkKind;
 use crate::dataplane::pins::Pins;
 use crate::dataplane::{AttachMode, Kernel};
-use crate::host::ifaces::{self, Held, IfaceSpec, LinkEvents};
+use crate::host::ifaces::{Held, IfaceSpec, LinkEvents};
 use crate::host::notify;
 use crate::report::metrics::{Reloads, SharedReloads};
 use crate::rules::compile::{compile, Compiled};
 use crate::rules::config::{load_rules_trusting, parse_rules_with};
 use crate::rules::files::Trust;
 use crate::rules::model::RuleSet;
-use control::Request;
+use control_server::ControlSocket;
+use interfaces::Dataplane;
+use reload::{address_entries, State, Trial};
+use watch::FileWatcher;
 
+/// `firewall run`'s options, as the command line gives them.
+#[derive(clap::Args)]
 pub struct RunOptions {
+    /// Rule file (TOML).
+    #[arg(long)]
     pub rules: PathBuf,
+    /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
+    /// `all` (every interface but lo, also those that appear later); repeat for several.
+    #[arg(long = "iface", required = true)]
     pub ifaces: Vec<String>,
+    /// XDP attach mode: auto tries native, then skb (generic).
+    #[arg(
+        long = "xdp-mode",
+        value_name = "XDP_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
     pub mode: AttachMode,
-    /// Unix socket that `firewall reload` talks to.
+    /// Control socket for `firewall reload`.
+    #[arg(long, default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
-    /// Accept rule and set files that others than root could change.
+    /// Accept rule and set files not owned by root or writable by group or others.
+    #[arg(long)]
     pub insecure_files: bool,
-    /// bpffs directory for maps and links (see `pins`).
+    /// bpffs directory where programs' links and maps are pinned (bpffs is mounted on its
+    /// parent if needed).
+    #[arg(long, default_value = crate::dataplane::pins::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// On SIGTERM/SIGINT leave the programs attached with the rules in force.
+    /// On SIGTERM/SIGINT, leave the programs filtering with the rules in force (for
+    /// restarts and upgrades without a gap); `firewall detach` removes them.
+    #[arg(long)]
     pub persist: bool,
-    /// Audit mode whatever the rule file says.
+    /// Audit mode: classify, count and log as usual, drop nothing (overrides the rule
+    /// file's `[defaults] mode`).
+    #[arg(long)]
     pub audit: bool,
-    /// Serve Prometheus metrics here.
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469); off by default.
+    #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
 }
 
@@ -119,22 +144,36 @@ fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) ->
     })
 }
 
+/// `firewall run`: filters with the rule file until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<()> {
     // A broken file is reported before anything is loaded or attached.
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
     let _lock = pins.lock()?;
+    let (mut state, mut events) = start(options, prepared, &pins)?;
+    follow_events(&mut state, &mut events).await?;
+    stop(state, &pins)
+}
+
+/// What the event loop listens to besides the rule files and the trial's deadline (which
+/// [`State`] holds).
+struct Events {
+    control: ControlSocket,
+    link_events: LinkEvents,
+    logger: Option<AsyncFd<KernelLog>>,
+    /// A reload due once a burst of file changes has settled.
+    debounce: Option<Pin<Box<Sleep>>>,
+    hangup: Signal,
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+/// Loads the programs, puts `prepared` in force and attaches to the interfaces: the daemon
+/// filters when this returns.
+fn start(options: RunOptions, prepared: Prepared, pins: &Pins) -> Result<(State, Events)> {
     let specs: Vec<IfaceSpec> = options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect();
-    // An interface named and present whose link type the programs cannot parse stops the
-    // start before anything is attached anywhere.
-    for spec in &specs {
-        if let IfaceSpec::Name(name) = spec {
-            if ifaces::ifindex(name).is_some() {
-                crate::host::link::link_layer(name)?;
-            }
-        }
-    }
-    adopt_stored_links(&pins);
+    interfaces::check_link_types(&specs)?;
+    interfaces::adopt_stored_links(pins);
     for pin in pins.remove_dead_links()? {
         info!("removed the pinned link {pin}: its interface is gone or was created anew");
     }
@@ -162,41 +201,22 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let control = ControlSocket::bind(&options.control)?;
     let rule_names = RuleNames::default();
     rule_names.set(&prepared.set);
-    let mut logger = match KernelLog::open(&mut kernel, rule_names.clone()) {
-        // SAFETY: the log owns its ring buffer fd for as long as it lives, and the AsyncFd
-        // owns the log.
-        Ok(log) => Some(unsafe { AsyncFd::register(log) }.map_err(|e| e.into_parts().1)?),
-        Err(error) => {
-            warn!("kernel packet log unavailable: {error:#}");
-            None
-        }
-    };
+    let logger = open_packet_log(&mut kernel, rule_names.clone())?;
     // Connections that exist already keep working under default deny.
     let existing = crate::host::sockets::open_flows();
     kernel.add_flows(&existing)?;
     info!("tracking {} existing connections", existing.len());
     // Listening before looking: no interface can appear unseen in between.
-    let mut link_events = LinkEvents::open().context("listening for link events")?;
+    let link_events = LinkEvents::open().context("listening for link events")?;
     let mut held = Held::new(specs);
-    let changes = held.reconcile(
-        &ifaces::present()?,
+    interfaces::attach_present(
+        &mut held,
         &mut Dataplane {
             kernel: &mut kernel,
-            pins: &pins,
+            pins,
             mode: options.mode,
         },
-    );
-    if !changes.refused.is_empty() {
-        let refused: Vec<String> = changes
-            .refused
-            .iter()
-            .map(|(_, error)| error.clone())
-            .collect();
-        bail!("{}", refused.join("; "));
-    }
-    for name in held.missing() {
-        warn!("{name} is not there (yet): it is filtered as soon as it appears");
-    }
+    )?;
     // Maps of other builds: the links run our program now.
     pins.remove_builds_except(Some(&pins.build_dir(crate::dataplane::object_id())))?;
     info!(
@@ -205,13 +225,20 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options.rules.display()
     );
     // The rules are in force on every interface.
-    notify::notify(&format!("READY=1\nSTATUS={}", filtering_status(&held)));
-
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut debounce: Option<Pin<Box<Sleep>>> = None;
-    let mut state = State {
+    notify::notify(&format!(
+        "READY=1\nSTATUS={}",
+        interfaces::filtering_status(&held)
+    ));
+    let events = Events {
+        control,
+        link_events,
+        logger,
+        debounce: None,
+        hangup: signal(SignalKind::hangup())?,
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
+    };
+    let state = State {
         kernel,
         pins: pins.clone(),
         held,
@@ -222,43 +249,59 @@ pub async fn run(options: RunOptions) -> Result<()> {
         reloads,
         rule_names,
     };
+    Ok((state, events))
+}
+
+/// The kernel's packet log, read as lines arrive; `None` (and a warning) where the kernel
+/// offers none.
+fn open_packet_log(
+    kernel: &mut Kernel,
+    rule_names: RuleNames,
+) -> Result<Option<AsyncFd<KernelLog>>> {
+    match KernelLog::open(kernel, rule_names) {
+        // SAFETY: the log owns its ring buffer fd for as long as it lives, and the AsyncFd
+        // owns the log.
+        Ok(log) => Ok(Some(
+            unsafe { AsyncFd::register(log) }.map_err(|e| e.into_parts().1)?,
+        )),
+        Err(error) => {
+            warn!("kernel packet log unavailable: {error:#}");
+            Ok(None)
+        }
+    }
+}
+
+/// Hands each event to its handler until SIGINT or SIGTERM.
+async fn follow_events(state: &mut State, events: &mut Events) -> Result<()> {
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
+            _ = events.hangup.recv() => {
                 let _ = state.reload();
             }
             changed = state.watcher.changed() => {
                 changed?;
-                debounce = Some(Box::pin(tokio::time::sleep(DEBOUNCE)));
+                events.debounce = Some(Box::pin(tokio::time::sleep(DEBOUNCE)));
             }
-            () = async { debounce.as_mut().expect("guarded").await }, if debounce.is_some() => {
-                debounce = None;
+            () = elapsed(events.debounce.as_mut()) => {
+                events.debounce = None;
                 info!("rule files changed");
                 let _ = state.reload();
             }
-            () = async { state.trial.as_mut().expect("guarded").deadline.as_mut().await },
-                if state.trial.is_some() => {
-                state.roll_back();
-            }
-            request = control.accept() => {
-                if let Err(error) = serve(request, &mut state).await {
-                    warn!("control request failed: {error:#}");
-                }
-            }
-            changed = link_events.changed() => {
+            () = elapsed(state.trial.as_mut().map(Trial::deadline)) => state.roll_back(),
+            request = events.control.accept() => control_server::answer(request, state).await,
+            changed = events.link_events.changed() => {
                 changed.context("reading link events")?;
                 state.follow_links();
             }
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            guard = readable(&mut logger) => {
-                let mut guard = guard?;
-                // Readiness first: a line written after the drain wakes us again.
-                guard.clear_ready();
-                guard.get_inner_mut().drain();
-            }
+            _ = events.interrupt.recv() => return Ok(()),
+            _ = events.terminate.recv() => return Ok(()),
+            guard = readable(&mut events.logger) => drain(guard?),
         }
     }
+}
+
+/// SIGINT or SIGTERM: detaches, or with `--persist` leaves the rules in force.
+fn stop(state: State, pins: &Pins) -> Result<()> {
     let State {
         kernel,
         options,
@@ -286,477 +329,27 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Links left in systemd's file descriptor store by the daemon before this one (stopped by
-/// `systemctl restart`, or crashed): pinned again, so that they are taken over like pins.
-fn adopt_stored_links(pins: &Pins) {
-    use std::os::fd::AsFd as _;
-    for (name, fd) in notify::received() {
-        let is_link = name.starts_with("xdp-") || name.starts_with("tc-");
-        let path = pins.dir().join(&name);
-        if !is_link || name.contains('/') || path.exists() {
-            continue;
-        }
-        match crate::dataplane::pins::pin_fd(fd.as_fd(), &path) {
-            Ok(()) => info!("took over the link {name} from systemd's file descriptor store"),
-            Err(error) => warn!("pinning the stored link {name}: {error}"),
-        }
-    }
-}
-
-/// The interfaces filtered and those waited for, for systemd's status line.
-fn filtering_status(held: &Held) -> String {
-    let mut status = format!("filtering {}", held.names().join(", "));
-    let missing = held.missing();
-    if !missing.is_empty() {
-        status += &format!("; waiting for {}", missing.join(", "));
-    }
-    status
-}
-
-/// The kernel side of holding interfaces (see [`ifaces::Held`]): attaches and pins, and
-/// hands the links to systemd's file descriptor store.
-struct Dataplane<'a> {
-    kernel: &'a mut Kernel,
-    pins: &'a Pins,
-    mode: AttachMode,
-}
-
-impl Dataplane<'_> {
-    fn store_links(&self, iface: &str) {
-        use std::os::fd::AsFd as _;
-        for kind in [LinkKind::Xdp, LinkKind::Tc] {
-            let path = self.pins.link_path(kind, iface);
-            if let Ok(fd) = crate::dataplane::pins::open_pinned(&path) {
-                notify::store(&crate::dataplane::pins::file_name(&path), fd.as_fd());
-            }
-        }
-    }
-
-    fn unstore_links(&self, iface: &str) {
-        for kind in [LinkKind::Xdp, LinkKind::Tc] {
-            notify::unstore(&crate::dataplane::pins::file_name(
-                &self.pins.link_path(kind, iface),
-            ));
-        }
-    }
-}
-
-impl ifaces::Attacher for Dataplane<'_> {
-    fn attach(&mut self, iface: &str) -> Result<String> {
-        let how = self.kernel.attach(iface, self.mode)?;
-        self.store_links(iface);
-        Ok(how)
-    }
-
-    fn release(&mut self, iface: &str) -> Result<()> {
-        self.unstore_links(iface);
-        self.pins.remove_links(Some(iface))?;
-        Ok(())
-    }
-
-    fn renamed(&mut self, iface: &str, to: &str) -> Result<()> {
-        self.unstore_links(iface);
-        self.pins.rename_links(iface, to)?;
-        self.store_links(to);
-        Ok(())
-    }
-}
-
-/// Entries of the four address tables.
-fn address_entries(compiled: &Compiled) -> usize {
-    compiled.src_v4.len() + compiled.src_v6.len() + compiled.dst_v4.len() + compiled.dst_v6.len()
-}
-
-/// What the daemon holds between events.
-struct State {
-    kernel: Kernel,
-    pins: Pins,
-    /// The interfaces filtered.
-    held: Held,
-    options: RunOptions,
-    watcher: FileWatcher,
-    /// The rules in force (for `explain` and roll-backs; the kernel keeps what it compiled).
-    in_force: RuleSet,
-    /// A file applied with `firewall apply --confirm`, awaiting confirmation.
-    trial: Option<Trial>,
-    /// For the metrics.
-    reloads: SharedReloads,
-    /// For the kernel log.
-    rule_names: RuleNames,
-}
-
-/// What putting a file in force did.
-struct Applied {
-    /// The rule file and its set files, to watch.
-    files: Vec<PathBuf>,
-    /// Address map entries of the new rules.
-    entries: usize,
-    /// Map entries written.
-    updates: usize,
-}
-
-/// Rules on trial: in force until confirmed, else rolled back at the deadline.
-struct Trial {
-    /// Where the caller read it.
-    file: String,
-    /// Its text as validated and put in force: what `confirm` writes to the rule file.
-    text: String,
-    deadline: Pin<Box<Sleep>>,
-    /// The rules in force before.
-    previous: RuleSet,
-}
-
-impl State {
-    /// Link events: holds the interfaces as they are now. Rules that name interfaces are
-    /// written again, as an interface created anew has another index.
-    fn follow_links(&mut self) {
-        let present = match ifaces::present() {
-            Ok(present) => present,
-            Err(error) => {
-                error!("listing interfaces: {error}");
-                return;
-            }
-        };
-        let changes = self.held.reconcile(
-            &present,
-            &mut Dataplane {
-                kernel: &mut self.kernel,
-                pins: &self.pins,
-                mode: self.options.mode,
-            },
-        );
-        if !changes.any() {
-            return;
-        }
-        if self.in_force.rules.iter().any(|rule| rule.iface.is_some()) {
-            let applied = compile(&self.in_force).and_then(|compiled| self.kernel.apply(&compiled));
-            if let Err(error) = applied {
-                error!("writing the interface rules again: {error:#}");
-            }
-        }
-        notify::notify(&format!("STATUS={}", filtering_status(&self.held)));
-    }
-
-    /// Re-reads the rule file and swaps it in; on any error the rules in force stay. Returns
-    /// the line that was logged.
-    fn reload(&mut self) -> Result<String, String> {
-        if let Some(trial) = &self.trial {
-            let message = format!(
-                "reload refused: {} is on trial until `firewall confirm` or its roll-back",
-                trial.file
-            );
-            warn!("{message}");
-            return Err(message);
-        }
-        let path = self.options.rules.clone();
-        let started = Instant::now();
-        notify::reloading();
-        let result = self.apply_file(&path).and_then(|applied| {
-            // Set files may have come or gone.
-            self.watcher = FileWatcher::new(&applied.files)?;
-            Ok(applied)
-        });
-        if let Ok(mut reloads) = self.reloads.lock() {
-            reloads.last_seconds = started.elapsed().as_secs_f64();
-            reloads.last_succeeded = result.is_ok();
-            match &result {
-                Ok(applied) => {
-                    reloads.succeeded += 1;
-                    reloads.rules = self.in_force.rules.len() as i64;
-                    reloads.address_entries = applied.entries as i64;
-                }
-                Err(_) => reloads.failed += 1,
-            }
-        }
-        let outcome = match result {
-            Ok(Applied {
-                entries, updates, ..
-            }) => {
-                let message = format!(
-                    "reloaded {} in {:.1?}: {entries} address entries, {updates} map entries changed",
-                    path.display(),
-                    started.elapsed()
-                );
-                info!("{message}");
-                Ok(message)
-            }
-            Err(error) => {
-                let message = format!("reload failed, previous rules stay in force: {error:#}");
-                error!("{message}");
-                Err(message)
-            }
-        };
-        let status = match &outcome {
-            Ok(message) | Err(message) => message,
-        };
-        notify::notify(&format!("READY=1\nSTATUS={status}"));
-        outcome
-    }
-
-    /// Prepares `path` and puts it in force.
-    fn apply_file(&mut self, path: &Path) -> Result<Applied> {
-        let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
-        self.put_in_force(prepared)
-    }
-
-    fn put_in_force(&mut self, prepared: Prepared) -> Result<Applied> {
-        let updates = self.kernel.apply(&prepared.compiled)?;
-        self.rule_names.set(&prepared.set);
-        self.in_force = prepared.set;
-        Ok(Applied {
-            files: prepared.files,
-            entries: address_entries(&prepared.compiled),
-            updates,
-        })
-    }
-
-    /// `firewall apply FILE [--confirm SECS]`: the file's text in force now; with a
-    /// confirmation time, on trial (see [`Trial`]); without, it replaces the rule file at once.
-    fn apply_request(
-        &mut self,
-        name: &str,
-        text: String,
-        set_files: &[PathBuf],
-        confirm: Option<Duration>,
-    ) -> Result<String> {
-        if let Some(trial) = &self.trial {
-            bail!(
-                "{} is on trial already: `firewall confirm` it or wait for its roll-back",
-                trial.file
-            );
-        }
-        let prepared = prepare_text(
-            name,
-            text,
-            &self.options.rules,
-            self.options.insecure_files,
-            self.options.audit,
-        )?;
-        self.check_movable(name, set_files, &prepared.set.set_files)?;
-        let previous = self.in_force.clone();
-        let text = prepared.text.clone();
-        self.put_in_force(prepared)?;
-        let message = match confirm {
-            None => {
-                self.adopt(&text)?;
-                format!(
-                    "{name} in force and copied to {}",
-                    self.options.rules.display()
-                )
-            }
-            Some(wait) => {
-                self.trial = Some(Trial {
-                    file: name.to_string(),
-                    text,
-                    deadline: Box::pin(tokio::time::sleep(wait)),
-                    previous,
-                });
-                format!(
-                    "{name} in force; rolls back in {}s unless `firewall confirm` arrives",
-                    wait.as_secs()
-                )
-            }
-        };
-        info!("{message}");
-        Ok(message)
-    }
-
-    /// A file applied by request becomes the rule file, so that it stays in force across
-    /// reloads and restarts: its set files as read from its own directory (`theirs`) must
-    /// resolve the same from the rule file's (`ours`).
-    fn check_movable(&self, name: &str, theirs: &[PathBuf], ours: &[PathBuf]) -> Result<()> {
-        if theirs != ours {
-            bail!(
-                "{name} names set files relative to its own directory; put it in {} or use \
-                 absolute paths, as it will replace {}",
-                self.options
-                    .rules
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .display(),
-                self.options.rules.display()
-            );
-        }
-        Ok(())
-    }
-
-    /// Replaces the rule file with `text` (atomically: see [`crate::rules::files::replace`]).
-    fn adopt(&mut self, text: &str) -> Result<()> {
-        let target = &self.options.rules;
-        crate::rules::files::replace(target, text)
-            .with_context(|| format!("replacing {}", target.display()))
-    }
-
-    /// `firewall confirm`: the rules on trial stay, and become the rule file.
-    fn confirm(&mut self) -> Result<String> {
-        let Some(trial) = self.trial.take() else {
-            bail!("no rules are on trial");
-        };
-        self.adopt(&trial.text)?;
-        let message = format!(
-            "confirmed {}: copied to {}",
-            trial.file,
-            self.options.rules.display()
-        );
-        info!("{message}");
-        Ok(message)
-    }
-
-    /// The deadline passed without a confirmation: the rules from before come back.
-    fn roll_back(&mut self) {
-        let trial = self.trial.take().expect("a trial to roll back");
-        let applied = compile(&trial.previous).and_then(|compiled| self.kernel.apply(&compiled));
-        match applied {
-            Ok(_) => {
-                self.rule_names.set(&trial.previous);
-                self.in_force = trial.previous;
-                warn!(
-                    "{} was not confirmed in time: rolled back to the rules from before",
-                    trial.file
-                );
-            }
-            Err(error) => error!(
-                "rolling back {} failed, it stays in force: {error:#}",
-                trial.file
-            ),
-        }
-    }
-}
-
-/// Watches the rule file and its set files through their directories (editors replace files
-/// by renaming a new one over them).
-struct FileWatcher {
-    events: EventStream<Vec<u8>>,
-    /// Per watched directory, the file names that matter.
-    names: HashMap<WatchDescriptor, HashSet<OsString>>,
-}
-
-impl FileWatcher {
-    fn new(files: &[PathBuf]) -> Result<FileWatcher> {
-        let inotify = Inotify::init().context("inotify")?;
-        let mut names: HashMap<WatchDescriptor, HashSet<OsString>> = HashMap::new();
-        for file in files {
-            let dir = match file.parent() {
-                Some(dir) if !dir.as_os_str().is_empty() => dir,
-                _ => Path::new("."),
-            };
-            let Some(name) = file.file_name() else {
-                continue;
-            };
-            let mask = WatchMask::CLOSE_WRITE
-                | WatchMask::MOVED_TO
-                | WatchMask::CREATE
-                | WatchMask::DELETE;
-            let wd = inotify
-                .watches()
-                .add(dir, mask)
-                .with_context(|| format!("watching {}", dir.display()))?;
-            names.entry(wd).or_default().insert(name.to_os_string());
-        }
-        let events = inotify.into_event_stream(vec![0u8; 4096])?;
-        Ok(FileWatcher { events, names })
-    }
-
-    /// Waits for a change to one of the files.
-    async fn changed(&mut self) -> Result<()> {
-        loop {
-            let event = self.events.next().await.context("inotify stream ended")??;
-            let relevant = match (&event.name, self.names.get(&event.wd)) {
-                (Some(name), Some(names)) => names.contains(name),
-                _ => false,
-            };
-            if relevant {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// The daemon's end of `firewall reload`: a Unix socket, root only.
-struct ControlSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ControlSocket {
-    fn bind(path: &Path) -> Result<ControlSocket> {
-        if let Some(dir) = path.parent().filter(|dir| !dir.exists()) {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .recursive(true)
-                .create(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-        }
-        // A socket left by a daemon that died: nobody listens on it any more.
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding the control socket {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(ControlSocket {
-            listener,
-            path: path.to_path_buf(),
-        })
-    }
-
-    async fn accept(&self) -> std::io::Result<UnixStream> {
-        self.listener.accept().await.map(|(stream, _)| stream)
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// One control request (see [`crate::daemon::control`]): its answer ends the connection.
-async fn serve(request: std::io::Result<UnixStream>, state: &mut State) -> Result<()> {
-    use tokio::io::AsyncReadExt as _;
-    let stream = request?;
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut read = BufReader::new(read.take(control::MAX_REQUEST_BYTES));
-    tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await??;
-    let outcome = match control::decode_request(line.trim_end()) {
-        Ok(request) => handle(request, state),
-        Err(message) => Err(message),
-    };
-    write
-        .write_all(control::encode_response(&outcome).as_bytes())
-        .await?;
-    Ok(())
-}
-
-fn handle(request: Request, state: &mut State) -> Result<String, String> {
-    let message = |error: anyhow::Error| format!("{error:#}");
-    match request {
-        Request::Reload => state.reload(),
-        Request::Apply {
-            name,
-            text,
-            set_files,
-            confirm_seconds,
-        } => state
-            .apply_request(
-                &name,
-                text,
-                &set_files,
-                confirm_seconds.map(Duration::from_secs),
-            )
-            .map_err(message),
-        Request::Confirm => state.confirm().map_err(message),
-        Request::Explain { question } => {
-            crate::analysis::explain::explain(&state.in_force, &question).map_err(message)
-        }
+/// Waits until `timer` goes off; never, when there is none.
+async fn elapsed(timer: Option<&mut Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
 /// Waits until the kernel packet log has lines; never, when there is no log.
 async fn readable(
     logger: &mut Option<AsyncFd<KernelLog>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, KernelLog>> {
+) -> std::io::Result<AsyncFdReadyMutGuard<'_, KernelLog>> {
     match logger {
         Some(fd) => fd.readable_mut().await,
         None => std::future::pending().await,
     }
+}
+
+/// Logs the packet log's lines.
+fn drain(mut guard: AsyncFdReadyMutGuard<'_, KernelLog>) {
+    // Readiness first: a line written after the drain wakes us again.
+    guard.clear_ready();
+    guard.get_inner_mut().drain();
 }

@@ -1,7 +1,6 @@
 //! Test hosts for end-to-end tests: two network namespaces joined by a veth pair, sockets
 //! opened inside them, and the daemon run inside one of them. Everything created here is
 //! removed on drop, also when a test fails.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -269,56 +268,70 @@ impl Drop for BpfMount {
     }
 }
 
-impl Daemon {
-    /// Starts `firewall run` in `ns`, with pins on a bpffs of its own.
-    pub fn start(ns: &str, rules: &Path, iface: &str) -> Daemon {
-        let pins = BpfMount::new();
-        let mut daemon = Daemon::start_with(ns, rules, iface, &pins.pin_dir(), &[]);
-        daemon._pins = Some(pins);
-        daemon
+/// How to start a [`Daemon`]: `firewall run` in a namespace ("" is the test's own) on a rule
+/// file and an `--iface`, with whatever else the test sets; [`DaemonBuilder::start`] starts it.
+pub struct DaemonBuilder {
+    ns: String,
+    rules: PathBuf,
+    iface: String,
+    /// `--pin-dir`; without it, a bpffs of the daemon's own.
+    pin_dir: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// Passed as systemd passes its file descriptor store.
+    fds: Vec<(String, std::os::fd::OwnedFd)>,
+}
+
+impl DaemonBuilder {
+    /// Pins on `pins` (which outlives the daemon) instead of a bpffs of its own.
+    pub fn pins(mut self, pins: &BpfMount) -> DaemonBuilder {
+        self.pin_dir = Some(pins.pin_dir());
+        self
     }
 
-    /// Starts `firewall run` in `ns` pinning under `pin_dir`, with `extra` arguments.
-    pub fn start_with(
-        ns: &str,
-        rules: &Path,
-        iface: &str,
-        pin_dir: &Path,
-        extra: &[&str],
-    ) -> Daemon {
-        Daemon::start_full(ns, rules, iface, pin_dir, extra, &[])
+    /// One more argument to `firewall run`.
+    pub fn arg(mut self, arg: &str) -> DaemonBuilder {
+        self.args.push(arg.to_string());
+        self
     }
 
-    /// As [`Daemon::start_with`], with environment variables; `ns` "" is the test's own
-    /// namespace.
-    pub fn start_full(
-        ns: &str,
-        rules: &Path,
-        iface: &str,
-        pin_dir: &Path,
-        extra: &[&str],
-        env: &[(&str, &Path)],
-    ) -> Daemon {
-        Daemon::start_inheriting(ns, rules, iface, pin_dir, extra, env, Vec::new())
+    /// More arguments to `firewall run`.
+    pub fn args(self, args: &[&str]) -> DaemonBuilder {
+        args.iter().fold(self, |builder, arg| builder.arg(arg))
     }
 
-    /// [`Daemon::start_full`], passing `fds` as systemd passes its file descriptor store to
-    /// a service it starts: as descriptors 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and
-    /// `LISTEN_PID`.
-    pub fn start_inheriting(
-        ns: &str,
-        rules: &Path,
-        iface: &str,
-        pin_dir: &Path,
-        extra: &[&str],
-        env: &[(&str, &Path)],
-        fds: Vec<(String, std::os::fd::OwnedFd)>,
-    ) -> Daemon {
+    /// An environment variable of the daemon's.
+    pub fn env(mut self, name: &str, value: &Path) -> DaemonBuilder {
+        self.env
+            .push((name.to_string(), value.display().to_string()));
+        self
+    }
+
+    /// Passes `fds` as systemd passes its file descriptor store to a service it starts: as
+    /// descriptors 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`.
+    pub fn inherit(mut self, fds: Vec<(String, std::os::fd::OwnedFd)>) -> DaemonBuilder {
+        self.fds.extend(fds);
+        self
+    }
+
+    /// Starts the daemon and waits until it filters.
+    pub fn start(self) -> Daemon {
+        let DaemonBuilder {
+            ns,
+            rules,
+            iface,
+            pin_dir,
+            args,
+            mut env,
+            fds,
+        } = self;
+        let own_pins = pin_dir.is_none().then(BpfMount::new);
+        let pin_dir = pin_dir.unwrap_or_else(|| own_pins.as_ref().unwrap().pin_dir());
         // The empty name is this (the test's own) namespace.
         let label = if ns.is_empty() {
             format!("fwt-root-{}", std::process::id())
         } else {
-            ns.to_string()
+            ns.clone()
         };
         let log = std::env::temp_dir().join(format!("{label}.log"));
         let control = std::env::temp_dir().join(format!("{label}.sock"));
@@ -326,33 +339,29 @@ impl Daemon {
             Command::new(firewall_exe())
         } else {
             let mut command = Command::new("ip");
-            command.args(["netns", "exec", ns, &firewall_exe()]);
+            command.args(["netns", "exec", &ns, &firewall_exe()]);
             command
         };
         command
             .args(["run", "--rules"])
-            .arg(rules)
-            .args(["--iface", iface])
+            .arg(&rules)
+            .args(["--iface", &iface])
             .arg("--control")
             .arg(&control)
             .arg("--pin-dir")
-            .arg(pin_dir)
-            .args(extra)
+            .arg(&pin_dir)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
-        let mut vars: Vec<(String, String)> = env
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.display().to_string()))
-            .collect();
-        vars.push(("RUST_LOG".into(), "info".into()));
+        env.push(("RUST_LOG".into(), "info".into()));
         if fds.is_empty() {
-            command.envs(vars);
+            command.envs(env);
         } else {
             let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
-            vars.push(("LISTEN_FDS".into(), fds.len().to_string()));
-            vars.push(("LISTEN_FDNAMES".into(), names.join(":")));
-            pass_descriptors(&mut command, &fds, vars);
+            env.push(("LISTEN_FDS".into(), fds.len().to_string()));
+            env.push(("LISTEN_FDNAMES".into(), names.join(":")));
+            pass_descriptors(&mut command, &fds, env);
         }
         let child = command.spawn().expect("start the daemon");
         drop(fds);
@@ -360,10 +369,26 @@ impl Daemon {
             child: Some(child),
             log,
             control,
-            _pins: None,
+            _pins: own_pins,
         };
         daemon.wait_for("filtering; ", 1);
         daemon
+    }
+}
+
+impl Daemon {
+    /// A daemon to start in `ns` on the rule file `rules`, filtering `iface`: see
+    /// [`DaemonBuilder`].
+    pub fn builder(ns: &str, rules: &Path, iface: &str) -> DaemonBuilder {
+        DaemonBuilder {
+            ns: ns.to_string(),
+            rules: rules.to_path_buf(),
+            iface: iface.to_string(),
+            pin_dir: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            fds: Vec::new(),
+        }
     }
 
     /// The daemon's pid.
@@ -386,6 +411,15 @@ impl Daemon {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Asserts that the daemon has logged `needle` by now.
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.log();
+        assert!(
+            log.contains(needle),
+            "daemon did not log {needle:?}; log:\n{log}"
+        );
     }
 
     /// `firewall reload --control`: returns once the file as it is now is in force.
