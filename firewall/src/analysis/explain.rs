@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Result};
 
+use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
+
 use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{
-    Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-};
+use crate::rules::model::{Action, Rule, RuleSet};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,7 +52,7 @@ impl Question {
             dport: self.port,
             // A new connection's first packet: what the rules, not connection state, decide.
             sport: self.port.map(|_| 40000),
-            tcp_flags: 0x02,
+            tcp_flags: TCP_SYN,
             icmp: None,
             quoted: None,
         })

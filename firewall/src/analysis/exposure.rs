@@ -11,8 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 
+use firewall_common::proto::IPPROTO_TCP;
+
 use crate::host::sockets::Listener;
-use crate::rules::model::{Action, Rule, RuleSet, IPPROTO_TCP};
+use crate::rules::model::{Action, Rule, RuleSet};
 
 /// Who reaches a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,7 +233,7 @@ pub fn report(set: &RuleSet, listeners: &[Listener]) -> String {
 mod tests {
     use super::*;
     use crate::rules::config::parse_rules;
-    use crate::rules::model::IPPROTO_UDP;
+    use firewall_common::proto::IPPROTO_UDP;
 
     fn set(text: &str) -> RuleSet {
         parse_rules("t.toml", text).unwrap()

@@ -19,6 +19,7 @@ use std::hash::Hash;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
+use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
     RateLimit, RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG,
     CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4,
@@ -26,12 +27,12 @@ use firewall_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::rules::model::{Action, Limit, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
+use crate::rules::model::{Action, Limit, Rule, RuleSet, Timeouts};
 
-/// Port values, 0..=65535.
-pub const PORTS: usize = 1 << 16;
-/// IP protocol numbers.
-pub const PROTOS: usize = 256;
+/// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
+pub const PORTS: usize = firewall_common::PORTS as usize;
+/// IP protocol numbers ([`firewall_common::PROTOS`] as an index bound).
+pub const PROTOS: usize = firewall_common::PROTOS as usize;
 
 /// Everything one generation of the maps holds.
 #[derive(Clone, Debug, PartialEq, Eq)]

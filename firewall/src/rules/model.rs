@@ -11,6 +11,7 @@
 //!   packet's family; a list with no network of that family never matches.
 use std::ops::RangeInclusive;
 
+use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use ipnet::IpNet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,11 +62,6 @@ impl Proto {
         }
     }
 }
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
