@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Result};
 
-use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
+use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
 
 use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{Action, Rule, RuleSet};
+use crate::rules::model::{Action, Proto, Rule, RuleSet};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,15 +28,9 @@ impl Question {
         if self.from.is_ipv4() != self.to.is_ipv4() {
             bail!("--from and --to must both be IPv4 or both IPv6");
         }
-        let proto = match self.proto.as_str() {
-            "tcp" => IPPROTO_TCP,
-            "udp" => IPPROTO_UDP,
-            "icmp" => IPPROTO_ICMP,
-            "icmpv6" => IPPROTO_ICMPV6,
-            number => match number.parse::<u8>() {
-                Ok(number) => number,
-                Err(_) => bail!("--proto must be tcp, udp, icmp, icmpv6 or a number 0-255"),
-            },
+        let named = Proto::from_name(&self.proto).and_then(Proto::number);
+        let Some(proto) = named.or_else(|| self.proto.parse::<u8>().ok()) else {
+            bail!("--proto must be tcp, udp, icmp, icmpv6 or a number 0-255");
         };
         let has_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP;
         if self.port.is_some() && !has_ports {

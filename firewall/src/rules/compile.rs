@@ -21,13 +21,13 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Result};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
-    RateLimit, RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG,
-    CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4,
-    MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    RateLimit, RuleBits, RuleName, ACTION_LIMITED, ACTION_LOG, CHECK_AUDIT, CHECK_DHCP,
+    CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES,
+    RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::rules::model::{Action, Limit, Rule, RuleSet, Timeouts};
+use crate::rules::model::{Limit, Rule, RuleSet, Timeouts};
 
 /// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
 pub const PORTS: usize = firewall_common::PORTS as usize;
@@ -122,7 +122,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
     let (src_v6, dst_v6) = (layout(src_v6, usize::MAX), layout(dst_v6, usize::MAX));
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
-        default_action: action_code(set.default_policy),
+        default_action: set.default_policy.code(),
         checks: if set.established {
             CHECK_ESTABLISHED
         } else {
@@ -140,7 +140,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
             .rules
             .iter()
             .map(|rule| {
-                action_code(rule.action)
+                rule.action.code()
                     | if rule.log { ACTION_LOG } else { 0 }
                     | if rule.limit.is_some() {
                         ACTION_LIMITED
@@ -195,13 +195,6 @@ pub fn rule_name(name: &str) -> RuleName {
     let mut bytes = [0; RULE_NAME_BYTES];
     bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
     RuleName { bytes }
-}
-
-fn action_code(action: Action) -> u32 {
-    match action {
-        Action::Allow => ACTION_ALLOW,
-        Action::Deny => ACTION_DENY,
-    }
 }
 
 fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
@@ -491,7 +484,7 @@ impl Prefix for Ipv6Net {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::model::Proto;
+    use crate::rules::model::{Action, Proto};
 
     fn rule(proto: Proto, from: Option<&[&str]>, ports: Option<Vec<RangeInclusive<u16>>>) -> Rule {
         Rule {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES, MAX_SET_FILE_BYTES};
-use crate::rules::model::{Action, Limit, LogRate, Proto, Rule, RuleSet, Timeouts};
+use crate::rules::model::{unit_seconds, Action, Limit, LogRate, Proto, Rule, RuleSet, Timeouts};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,14 +490,15 @@ fn interface_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<String>, Lo
 }
 
 fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
-    match value.get_ref().as_str() {
-        "allow" => Ok(Action::Allow),
-        "deny" => Ok(Action::Deny),
-        other => Err((
+    Action::from_name(value.get_ref()).ok_or_else(|| {
+        (
             value.span(),
-            format!("invalid {key} {other:?}: expected \"allow\" or \"deny\""),
-        )),
-    }
+            format!(
+                "invalid {key} {:?}: expected \"allow\" or \"deny\"",
+                value.get_ref()
+            ),
+        )
+    })
 }
 
 /// `"20/s"`, `"6/m"`, `"100/h"`, with `burst` (default: the count).
@@ -513,12 +514,7 @@ fn rate_limit(limit: &Spanned<String>, burst: Option<&Spanned<i64>>) -> Result<L
     };
     let (count, unit) = limit.get_ref().split_once('/').ok_or_else(bad)?;
     let count: u32 = count.trim().parse().map_err(|_| bad())?;
-    let per_secs = match unit.trim() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(bad()),
-    };
+    let per_secs = unit_seconds(unit.trim()).ok_or_else(bad)?;
     if !(1..=1_000_000).contains(&count) {
         return Err(bad());
     }
@@ -537,17 +533,15 @@ fn rate_limit(limit: &Spanned<String>, burst: Option<&Spanned<i64>>) -> Result<L
 }
 
 fn proto(value: &Spanned<String>) -> Result<Proto, Located> {
-    match value.get_ref().as_str() {
-        "any" => Ok(Proto::Any),
-        "tcp" => Ok(Proto::Tcp),
-        "udp" => Ok(Proto::Udp),
-        "icmp" => Ok(Proto::Icmp),
-        "icmpv6" => Ok(Proto::Icmpv6),
-        other => Err((
+    Proto::from_name(value.get_ref()).ok_or_else(|| {
+        (
             value.span(),
-            format!("invalid proto {other:?}: expected \"tcp\", \"udp\", \"icmp\", \"icmpv6\" or \"any\""),
-        )),
-    }
+            format!(
+                "invalid proto {:?}: expected \"tcp\", \"udp\", \"icmp\", \"icmpv6\" or \"any\"",
+                value.get_ref()
+            ),
+        )
+    })
 }
 
 /// Networks and `@set` references, merged (overlapping and adjacent prefixes joined).
@@ -726,11 +720,7 @@ pub fn summary(set: &RuleSet) -> String {
                 Some(limit) => format!(
                     " limit {}/{} burst {}",
                     limit.count,
-                    match limit.per_secs {
-                        1 => "s",
-                        60 => "m",
-                        _ => "h",
-                    },
+                    limit.unit(),
                     limit.burst
                 ),
                 None => String::new(),
