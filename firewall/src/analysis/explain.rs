@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
 
 use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{Action, Proto, Rule, RuleSet};
+use crate::rules::model::{Action, ListStyle, Proto, Rule, RuleSet, RuleText};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -157,22 +157,20 @@ fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'s
     None
 }
 
+/// The rule as `explain` shows a match: `allow: proto tcp, from any, to any, ports 22`.
 fn describe(rule: &Rule) -> String {
-    let nets = |nets: &Option<Vec<ipnet::IpNet>>| match nets {
-        None => "any".to_string(),
-        Some(nets) if nets.len() > 4 => format!("{} networks", nets.len()),
-        Some(nets) => nets
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
+    let style = ListStyle {
+        separator: ", ",
+        most_listed: 4,
     };
-    let (action, proto, ports) = (rule.action.name(), rule.proto.name(), rule.ports_text(", "));
-    format!(
-        "{action}: proto {proto}, from {}, to {}, ports {ports}",
-        nets(&rule.from),
-        nets(&rule.to)
-    )
+    let RuleText {
+        action,
+        proto,
+        from,
+        to,
+        ports,
+    } = rule.text(style);
+    format!("{action}: proto {proto}, from {from}, to {to}, ports {ports}")
 }
 
 #[cfg(test)]

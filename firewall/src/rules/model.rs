@@ -149,7 +149,45 @@ impl Limit {
     }
 }
 
+/// How [`Rule::text`] writes lists: `separator` between items, and at most `most_listed`
+/// networks before their count stands in for them.
+#[derive(Clone, Copy, Debug)]
+pub struct ListStyle {
+    pub separator: &'static str,
+    pub most_listed: usize,
+}
+
+/// A rule's matching fields as text, as `firewall check` and `firewall explain` show them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleText {
+    pub action: &'static str,
+    pub proto: &'static str,
+    pub from: String,
+    pub to: String,
+    pub ports: String,
+}
+
 impl Rule {
+    /// The rule's action, protocol, networks and ports as written, lists in `style`.
+    pub fn text(&self, style: ListStyle) -> RuleText {
+        let nets = |nets: &Option<Vec<IpNet>>| match nets {
+            None => "any".to_string(),
+            Some(nets) if nets.len() > style.most_listed => format!("{} networks", nets.len()),
+            Some(nets) => nets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(style.separator),
+        };
+        RuleText {
+            action: self.action.name(),
+            proto: self.proto.name(),
+            from: nets(&self.from),
+            to: nets(&self.to),
+            ports: self.ports_text(style.separator),
+        }
+    }
+
     /// The rule's ports as written (`22`, `8000-8100`) joined by `separator`, or `any`.
     pub fn ports_text(&self, separator: &str) -> String {
         match &self.ports {
