@@ -60,22 +60,22 @@ pub fn is_essential_icmpv6(kind: u8) -> bool {
     matches!(kind, 2 | 130..=137 | 143)
 }
 
-/// ICMP echo request type of the family.
-#[inline(always)]
-pub fn echo_request(v6: bool) -> u8 {
-    if v6 {
-        ICMPV6_ECHO_REQUEST
-    } else {
-        ICMP_ECHO_REQUEST
-    }
+/// The two ICMP echo messages, whose type numbers differ between ICMP and ICMPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    Request,
+    Reply,
 }
 
-/// ICMP echo reply type of the family.
-#[inline(always)]
-pub fn echo_reply(v6: bool) -> u8 {
-    if v6 {
-        ICMPV6_ECHO_REPLY
-    } else {
-        ICMP_ECHO_REPLY
+impl Echo {
+    /// The message's type in ICMPv6 if `v6`, else in ICMP.
+    #[inline(always)]
+    pub fn kind(self, v6: bool) -> u8 {
+        match (self, v6) {
+            (Echo::Request, false) => ICMP_ECHO_REQUEST,
+            (Echo::Reply, false) => ICMP_ECHO_REPLY,
+            (Echo::Request, true) => ICMPV6_ECHO_REQUEST,
+            (Echo::Reply, true) => ICMPV6_ECHO_REPLY,
+        }
     }
 }

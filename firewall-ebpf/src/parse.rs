@@ -2,7 +2,7 @@
 //! the destination port of TCP/UDP. Every read is bounds-checked against the frame end; every
 //! length the packet declares is checked against the frame and the IP packet's own length.
 use firewall_common::proto::{
-    echo_request, is_icmp_error, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
+    is_icmp_error, Echo, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_EXT_HEADERS, MAX_VLAN_TAGS, NEXTHDR_AUTH,
     NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING,
 };
@@ -397,7 +397,7 @@ pub fn quoted_flow(start: usize, end: usize, packet: &Packet) -> Option<FlowKey>
             key.local_port = u16::from_be_bytes([transport[0], transport[1]]);
             key.remote_port = u16::from_be_bytes([transport[2], transport[3]]);
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if transport[0] == echo_request(v6) => {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if transport[0] == Echo::Request.kind(v6) => {
             key.local_port = u16::from_be_bytes([transport[4], transport[5]]);
         }
         _ => return None,

@@ -3,9 +3,7 @@
 //! `ct state established,related`). Timeouts are idle times since the host's last packet of
 //! the flow (and the peer's FIN/RST shortens TCP's).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use firewall_common::proto::{
-    echo_reply, echo_request, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-};
+use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use firewall_common::{FlowKey, FlowState, GenerationConfig, FLOW_CLOSING};
 
 use crate::{maps::FLOWS, parse::Packet};
@@ -33,7 +31,7 @@ pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
         return Some(key);
     }
     let icmp = packet.icmp()?;
-    if icmp.kind != echo_request(packet.v6) {
+    if icmp.kind != Echo::Request.kind(packet.v6) {
         return None;
     }
     key.local_port = icmp.id;
@@ -58,7 +56,7 @@ fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
         return Some(key);
     }
     let icmp = packet.icmp()?;
-    if icmp.kind != echo_reply(packet.v6) {
+    if icmp.kind != Echo::Reply.kind(packet.v6) {
         return None;
     }
     key.local_port = icmp.id;

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
 
 use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{Action, ListStyle, Proto, Rule, RuleSet, RuleText};
+use crate::rules::model::{Action, ListStyle, Proto, Rule, RuleSet};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -159,18 +159,12 @@ fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'s
 
 /// The rule as `explain` shows a match: `allow: proto tcp, from any, to any, ports 22`.
 fn describe(rule: &Rule) -> String {
-    let style = ListStyle {
-        separator: ", ",
-        most_listed: 4,
-    };
-    let RuleText {
-        action,
-        proto,
-        from,
-        to,
-        ports,
-    } = rule.text(style);
-    format!("{action}: proto {proto}, from {from}, to {to}, ports {ports}")
+    let text = rule.text(ListStyle::SENTENCE);
+    let (action, proto, ports) = (text.action, text.proto, text.ports);
+    format!(
+        "{action}: proto {proto}, from {}, to {}, ports {ports}",
+        text.from, text.to
+    )
 }
 
 #[cfg(test)]

@@ -79,32 +79,25 @@ impl Stats {
     pub fn decided(&self) -> [Decided; 8] {
         let policy = &self.default_policy;
         let default = format!("default policy ({})", policy.policy);
-        let decided = |what: &str, reason, verdict, count| Decided {
+        let default = default.as_str();
+        // A table: one row a reason (as `stats` shows it, as the metrics label it).
+        #[rustfmt::skip]
+        let rows = [
+            (default, "default_policy", "pass", policy.passed),
+            (default, "default_policy", "drop", policy.dropped),
+            ("malformed", "malformed", "drop", self.malformed),
+            ("not IP (ARP, ...)", "non_ip", "pass", self.non_ip),
+            ("established (replies)", "established", "pass", self.established),
+            ("essential ICMPv6", "essential", "pass", self.essential),
+            ("DHCP replies (host asked)", "dhcp", "pass", self.dhcp),
+            ("over a rule's rate limit", "rate_limit", "drop", self.rate_limited),
+        ];
+        rows.map(|(what, reason, verdict, count)| Decided {
             what: what.to_string(),
             reason,
             verdict,
             count,
-        };
-        [
-            decided(&default, "default_policy", "pass", policy.passed),
-            decided(&default, "default_policy", "drop", policy.dropped),
-            decided("malformed", "malformed", "drop", self.malformed),
-            decided("not IP (ARP, ...)", "non_ip", "pass", self.non_ip),
-            decided(
-                "established (replies)",
-                "established",
-                "pass",
-                self.established,
-            ),
-            decided("essential ICMPv6", "essential", "pass", self.essential),
-            decided("DHCP replies (host asked)", "dhcp", "pass", self.dhcp),
-            decided(
-                "over a rule's rate limit",
-                "rate_limit",
-                "drop",
-                self.rate_limited,
-            ),
-        ]
+        })
     }
 }
 

@@ -157,6 +157,19 @@ pub struct ListStyle {
     pub most_listed: usize,
 }
 
+impl ListStyle {
+    /// `firewall check`'s table: `22,80`, up to 3 networks.
+    pub const TABLE: ListStyle = ListStyle {
+        separator: ",",
+        most_listed: 3,
+    };
+    /// `firewall explain`'s sentences: `22, 80`, up to 4 networks.
+    pub const SENTENCE: ListStyle = ListStyle {
+        separator: ", ",
+        most_listed: 4,
+    };
+}
+
 /// A rule's matching fields as text, as `firewall check` and `firewall explain` show them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleText {
@@ -189,7 +202,7 @@ impl Rule {
     }
 
     /// The rule's ports as written (`22`, `8000-8100`) joined by `separator`, or `any`.
-    pub fn ports_text(&self, separator: &str) -> String {
+    fn ports_text(&self, separator: &str) -> String {
         match &self.ports {
             None => "any".to_string(),
             Some(ranges) => ranges

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use firewall_common::proto::{
-    echo_request, is_icmp_error, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
+    is_icmp_error, Echo, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_EXT_HEADERS, MAX_VLAN_TAGS, NEXTHDR_AUTH,
     NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING,
 };
@@ -251,7 +251,7 @@ fn quoted_flow(packet: &[u8], inner: usize, v6: bool) -> Option<FlowKey> {
             let remote_port = u16::from_be_bytes([l4[2], l4[3]]);
             Some(flow_key(proto, remote, local, remote_port, local_port))
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if l4[0] == echo_request(v6) => Some(flow_key(
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if l4[0] == Echo::Request.kind(v6) => Some(flow_key(
             proto,
             remote,
             local,

@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use firewall_common::proto::{
-    echo_reply, echo_request, is_essential_icmpv6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    TCP_ACK, TCP_SYN,
+    is_essential_icmpv6, Echo, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN,
 };
 use firewall_common::{
     address_words, FlowKey, FlowState, DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS, FLOW_CLOSING,
@@ -177,17 +176,17 @@ pub fn inbound_flow(packet: &PacketInfo) -> Option<FlowKey> {
     if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
     }
-    own_flow(packet, false, echo_reply(packet.src.is_ipv6()))
+    own_flow(packet, false, Echo::Reply)
 }
 
 /// The flow an outbound packet starts or continues, keyed as its replies will look.
 pub fn outbound_flow(packet: &PacketInfo) -> Option<FlowKey> {
-    own_flow(packet, true, echo_request(packet.src.is_ipv6()))
+    own_flow(packet, true, Echo::Request)
 }
 
 /// The host's flow `packet` belongs to, sent by the host if `outbound`: TCP/UDP by ports,
-/// ICMP echo messages of type `echo` by identifier.
-fn own_flow(packet: &PacketInfo, outbound: bool, echo: u8) -> Option<FlowKey> {
+/// ICMP `echo` messages by identifier.
+fn own_flow(packet: &PacketInfo, outbound: bool, echo: Echo) -> Option<FlowKey> {
     let (remote, local) = if outbound {
         (packet.dst, packet.src)
     } else {
@@ -208,7 +207,9 @@ fn own_flow(packet: &PacketInfo, outbound: bool, echo: u8) -> Option<FlowKey> {
         ));
     }
     match packet.icmp {
-        Some((kind, id)) if kind == echo => Some(flow_key(packet.proto, remote, local, 0, id)),
+        Some((kind, id)) if kind == echo.kind(packet.src.is_ipv6()) => {
+            Some(flow_key(packet.proto, remote, local, 0, id))
+        }
         _ => None,
     }
 }

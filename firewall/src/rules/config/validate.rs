@@ -1,7 +1,7 @@
 //! The sections of a rule file other than `[sets]`, each checked on its own: `[defaults]`,
 //! `[state]`, `[[rules]]`, `[limits]` (the address entries the rules take) and `[log]`.
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 
 use firewall_common::MAX_RULES;
 use ipnet::IpNet;
@@ -12,7 +12,7 @@ use super::values::{action, address_list, interface_list, port_list, proto, rate
 use super::{Located, DEFAULT_MAX_ENTRIES};
 use crate::rules::model::{Action, LogRate, Proto, Rule, RuleSet, Timeouts};
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDefaults {
     policy: Option<Spanned<String>>,
@@ -25,33 +25,29 @@ pub(super) struct RawDefaults {
 
 /// `[defaults]`: the default policy, the checks before the rules and the mode.
 pub(super) fn defaults(set: &mut RuleSet, defaults: Option<RawDefaults>) -> Result<(), Located> {
-    let Some(defaults) = defaults else {
-        return Ok(());
-    };
+    let defaults = defaults.unwrap_or_default();
     if let Some(policy) = &defaults.policy {
         set.default_policy = action(policy, "policy")?;
     }
-    set.established = defaults.established.unwrap_or(true);
-    set.essentials = defaults.essentials.unwrap_or(true);
-    set.dhcp = defaults.dhcp.unwrap_or(true);
-    set.audit = match &defaults.mode {
-        None => false,
-        Some(mode) => match mode.get_ref().as_str() {
+    for (value, slot) in [
+        (defaults.established, &mut set.established),
+        (defaults.essentials, &mut set.essentials),
+        (defaults.dhcp, &mut set.dhcp),
+    ] {
+        *slot = value.unwrap_or(*slot);
+    }
+    if let Some(mode) = &defaults.mode {
+        set.audit = match mode.get_ref().as_str() {
             "enforce" => false,
             "audit" => true,
-            _ => {
-                return Err((
-                    mode.span(),
-                    "mode must be \"enforce\" or \"audit\"".to_string(),
-                ))
-            }
-        },
-    };
+            _ => return Err((mode.span(), "mode must be \"enforce\" or \"audit\"".into())),
+        };
+    }
     Ok(())
 }
 
 /// The kernel's rate limit on log lines.
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     lines_per_second: Option<Spanned<i64>>,
@@ -60,25 +56,16 @@ pub(super) struct RawLog {
 
 /// `[log]`: the kernel's rate limit on log lines.
 pub(super) fn log_rate(log_rate: &mut LogRate, log: Option<RawLog>) -> Result<(), Located> {
-    let Some(log) = log else {
-        return Ok(());
-    };
-    for (value, field) in [
+    let log = log.unwrap_or_default();
+    let fields = [
         (log.lines_per_second, &mut log_rate.lines_per_second),
         (log.burst, &mut log_rate.burst),
-    ] {
-        if let Some(value) = value {
-            *field = match u32::try_from(*value.get_ref()) {
-                Ok(n) if n <= 10_000 => n,
-                _ => return Err((value.span(), "must be 0 to 10000 (0: no log lines)".into())),
-            };
-        }
-    }
-    Ok(())
+    ];
+    numbers(fields, 0..=10_000, "must be 0 to 10000 (0: no log lines)")
 }
 
 /// Idle timeouts in seconds.
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawState {
     tcp_timeout: Option<Spanned<i64>>,
@@ -92,23 +79,31 @@ const MAX_TIMEOUT_SECS: i64 = 30 * 24 * 3600;
 
 /// `[state]`: idle timeouts of tracked flows.
 pub(super) fn timeouts(timeouts: &mut Timeouts, state: Option<RawState>) -> Result<(), Located> {
-    let Some(state) = state else {
-        return Ok(());
-    };
-    for (value, slot) in [
+    let state = state.unwrap_or_default();
+    let fields = [
         (state.tcp_timeout, &mut timeouts.tcp),
         (state.tcp_closing_timeout, &mut timeouts.tcp_closing),
         (state.udp_timeout, &mut timeouts.udp),
         (state.icmp_timeout, &mut timeouts.icmp),
-    ] {
-        if let Some(value) = value {
-            if !(1..=MAX_TIMEOUT_SECS).contains(value.get_ref()) {
-                return Err((
-                    value.span(),
-                    format!("timeout must be 1 to {MAX_TIMEOUT_SECS} seconds"),
-                ));
-            }
-            *slot = *value.get_ref() as u64;
+    ];
+    let message = format!("timeout must be 1 to {MAX_TIMEOUT_SECS} seconds");
+    numbers(fields, 1..=MAX_TIMEOUT_SECS, &message)
+}
+
+/// Stores each number the file gives in its slot if it lies in `range`; else the first one
+/// outside is reported with `message`.
+fn numbers<T: TryFrom<i64>, const N: usize>(
+    fields: [(Option<Spanned<i64>>, &mut T); N],
+    range: RangeInclusive<i64>,
+    message: &str,
+) -> Result<(), Located> {
+    for (value, slot) in fields {
+        let Some(value) = value else {
+            continue;
+        };
+        match T::try_from(*value.get_ref()) {
+            Ok(number) if range.contains(value.get_ref()) => *slot = number,
+            _ => return Err((value.span(), message.to_string())),
         }
     }
     Ok(())
@@ -127,16 +122,13 @@ pub(super) fn limits(
     rules: &[Rule],
     spans: &[Range<usize>],
 ) -> Result<(), Located> {
-    let max_entries = match limits.and_then(|limits| limits.max_entries) {
-        None => DEFAULT_MAX_ENTRIES,
-        Some(value) if (1..=DEFAULT_MAX_ENTRIES).contains(value.get_ref()) => *value.get_ref(),
-        Some(value) => {
-            return Err((
-                value.span(),
-                format!("max_entries must be 1 to {DEFAULT_MAX_ENTRIES}"),
-            ))
-        }
-    };
+    let mut max_entries = DEFAULT_MAX_ENTRIES;
+    let field = [(
+        limits.and_then(|limits| limits.max_entries),
+        &mut max_entries,
+    )];
+    let message = format!("max_entries must be 1 to {DEFAULT_MAX_ENTRIES}");
+    numbers(field, 1..=DEFAULT_MAX_ENTRIES, &message)?;
     check_capacity(rules, spans, max_entries as usize)
 }
 

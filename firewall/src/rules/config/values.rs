@@ -11,14 +11,18 @@ use toml::Spanned;
 use super::Located;
 use crate::rules::model::{unit_seconds, Action, Limit, Proto};
 
+/// `Ok` unless the list of `what` is empty (leaving the key out matches `omitted`).
+fn not_empty<T>(list: &Spanned<Vec<T>>, what: &str, omitted: &str) -> Result<(), Located> {
+    if list.get_ref().is_empty() {
+        let message = format!("empty {what} list: omit the key to match {omitted}");
+        return Err((list.span(), message));
+    }
+    Ok(())
+}
+
 /// Interface names (`iface = ["eth0"]`, ufw's `in on`).
 pub(super) fn interface_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<String>, Located> {
-    if list.get_ref().is_empty() {
-        return Err((
-            list.span(),
-            "empty interface list: omit the key to match every interface".into(),
-        ));
-    }
+    not_empty(&list, "interface", "every interface")?;
     let mut names = Vec::new();
     for name in list.get_ref() {
         let valid = !name.get_ref().is_empty()
@@ -100,12 +104,7 @@ pub(super) fn address_list(
     list: Spanned<Vec<Spanned<String>>>,
     sets: &HashMap<String, Vec<IpNet>>,
 ) -> Result<Vec<IpNet>, Located> {
-    if list.get_ref().is_empty() {
-        return Err((
-            list.span(),
-            "empty address list: omit the key to match any address".into(),
-        ));
-    }
+    not_empty(&list, "address", "any address")?;
     let mut nets = Vec::new();
     for entry in list.get_ref() {
         match entry.get_ref().strip_prefix('@') {
@@ -153,12 +152,7 @@ pub(super) fn network(entry: &Spanned<String>) -> Result<IpNet, Located> {
 pub(super) fn port_list(
     list: Spanned<Vec<Spanned<toml::Value>>>,
 ) -> Result<Vec<RangeInclusive<u16>>, Located> {
-    if list.get_ref().is_empty() {
-        return Err((
-            list.span(),
-            "empty port list: omit the key to match any port".into(),
-        ));
-    }
+    not_empty(&list, "port", "any port")?;
     list.into_inner().iter().map(port_entry).collect()
 }
 
