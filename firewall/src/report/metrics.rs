@@ -98,23 +98,23 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
         "Duration of the last reload (or the first apply)",
         last_seconds,
     );
-    let last_ok = Gauge::<i64>::default();
-    last_ok.set(i64::from(reloads.last_succeeded));
-    registry.register(
-        "last_reload_success",
-        "1 if the last reload put its rules in force",
-        last_ok,
-    );
-    let rules = Gauge::<i64>::default();
-    rules.set(reloads.rules);
-    registry.register("rules", "Rules in force", rules);
-    let entries = Gauge::<i64>::default();
-    entries.set(reloads.address_entries);
-    registry.register(
-        "address_entries",
-        "Address map entries of the rules in force",
-        entries,
-    );
+    for (name, help, value) in [
+        (
+            "last_reload_success",
+            "1 if the last reload put its rules in force",
+            i64::from(reloads.last_succeeded),
+        ),
+        ("rules", "Rules in force", reloads.rules),
+        (
+            "address_entries",
+            "Address map entries of the rules in force",
+            reloads.address_entries,
+        ),
+    ] {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    }
 
     let mut page = String::new();
     encode(&mut page, &registry)?;

@@ -439,47 +439,33 @@ pub trait Prefix: Sized {
     }
 }
 
-impl Prefix for Ipv4Net {
-    const BITS: u8 = 32;
-    const ZERO: Self = match Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0) {
-        Ok(net) => net,
-        Err(_) => panic!("valid prefix"),
+/// [`Prefix`] for an `ipnet` network type: its address type, width, exact-match levels and
+/// whether shorter prefixes are cut into the shortest level.
+macro_rules! impl_prefix {
+    ($net:ty, $addr:ty, $bits:expr, $levels:expr, $cut_shorter:expr) => {
+        impl Prefix for $net {
+            const BITS: u8 = $bits;
+            const ZERO: Self = match <$net>::new(<$addr>::UNSPECIFIED, 0) {
+                Ok(net) => net,
+                Err(_) => panic!("valid prefix"),
+            };
+            const LEVELS: &'static [u8] = &$levels;
+            const CUT_SHORTER: bool = $cut_shorter;
+            fn length(&self) -> u8 {
+                self.prefix_len()
+            }
+            fn truncated(&self, len: u8) -> Self {
+                <$net>::new(self.addr(), len).expect("valid length").trunc()
+            }
+            fn cut(&self, len: u8) -> Vec<Self> {
+                self.subnets(len).expect("valid length").collect()
+            }
+        }
     };
-    const LEVELS: &'static [u8] = &V4_LEVELS;
-    const CUT_SHORTER: bool = true;
-    fn length(&self) -> u8 {
-        self.prefix_len()
-    }
-    fn truncated(&self, len: u8) -> Self {
-        Ipv4Net::new(self.addr(), len)
-            .expect("valid length")
-            .trunc()
-    }
-    fn cut(&self, len: u8) -> Vec<Self> {
-        self.subnets(len).expect("valid length").collect()
-    }
 }
 
-impl Prefix for Ipv6Net {
-    const BITS: u8 = 128;
-    const ZERO: Self = match Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0) {
-        Ok(net) => net,
-        Err(_) => panic!("valid prefix"),
-    };
-    const LEVELS: &'static [u8] = &V6_LEVELS;
-    const CUT_SHORTER: bool = false;
-    fn length(&self) -> u8 {
-        self.prefix_len()
-    }
-    fn truncated(&self, len: u8) -> Self {
-        Ipv6Net::new(self.addr(), len)
-            .expect("valid length")
-            .trunc()
-    }
-    fn cut(&self, len: u8) -> Vec<Self> {
-        self.subnets(len).expect("valid length").collect()
-    }
-}
+impl_prefix!(Ipv4Net, Ipv4Addr, 32, V4_LEVELS, true);
+impl_prefix!(Ipv6Net, Ipv6Addr, 128, V6_LEVELS, false);
 
 #[cfg(test)]
 mod tests {
@@ -547,6 +533,15 @@ mod tests {
         assert_eq!(compiled.port_class[9001], 0);
     }
 
+    /// Each prefix in the trie of `table`, as text, with the first word of its rule bits.
+    fn trie_words<N: ToString>(table: &AddressTable<N>) -> HashMap<String, u64> {
+        let words = table
+            .trie
+            .iter()
+            .map(|(net, bits)| (net.to_string(), bits.words[0]));
+        words.collect()
+    }
+
     #[test]
     fn prefixes_inherit_the_rules_of_their_ancestors() {
         // No room in the exact map: every prefix stays in the trie as itself.
@@ -557,21 +552,11 @@ mod tests {
             rule(Proto::Any, None, None),
             rule(Proto::Any, Some(&["2001:db8::/32"]), None),
         ]);
-        let v4: HashMap<String, u64> = compiled
-            .src_v4
-            .trie
-            .iter()
-            .map(|(net, bits)| (net.to_string(), bits.words[0]))
-            .collect();
+        let v4 = trie_words(&compiled.src_v4);
         assert_eq!(v4["0.0.0.0/0"], 0b0100);
         assert_eq!(v4["10.0.0.0/8"], 0b0101);
         assert_eq!(v4["10.1.0.0/16"], 0b0111);
-        let v6: HashMap<String, u64> = compiled
-            .src_v6
-            .trie
-            .iter()
-            .map(|(net, bits)| (net.to_string(), bits.words[0]))
-            .collect();
+        let v6 = trie_words(&compiled.src_v6);
         assert_eq!(v6["::/0"], 0b0100);
         assert_eq!(v6["2001:db8::/32"], 0b1110);
         // Destination: no rule names one, so only `/0` with every rule.
