@@ -171,35 +171,10 @@ fn describe(rule: &Rule) -> String {
 mod tests {
     use super::*;
     use crate::rules::config::parse_rules;
-
-    const RULES: &str = r#"
-[defaults]
-policy = "deny"
-
-[sets.bad]
-cidrs = ["203.0.113.0/24"]
-
-[[rules]]
-name = "blocklist"
-action = "deny"
-from = ["@bad"]
-
-[[rules]]
-name = "web"
-action = "allow"
-proto = "tcp"
-ports = [80, 443]
-
-[[rules]]
-name = "ssh"
-action = "allow"
-proto = "tcp"
-ports = [22]
-from = ["198.51.100.0/24"]
-"#;
+    use crate::testing::rules::SERVER;
 
     fn ask(proto: &str, from: &str, port: Option<u16>) -> Result<String> {
-        let set = parse_rules("rules.toml", RULES)?;
+        let set = parse_rules("rules.toml", SERVER)?;
         explain(
             &set,
             &Question {
@@ -217,7 +192,9 @@ from = ["198.51.100.0/24"]
         let out = ask("tcp", "198.51.100.7", Some(22)).unwrap();
         assert!(out.contains("rule 1 \"blocklist\": does not match: source not in its from"));
         assert!(out.contains("rule 2 \"web\": does not match: destination port not in its ports"));
-        assert!(out.contains("rule 3 \"ssh\": matches (allow: proto tcp, from 198.51.100.0/24"));
+        assert!(out.contains(
+            "rule 3 \"ssh\": matches (allow: proto tcp, from 10.0.0.0/8, 198.51.100.0/24"
+        ));
         assert!(out.contains("verdict: pass (rule 3 \"ssh\")"), "{out}");
 
         let out = ask("tcp", "203.0.113.9", Some(443)).unwrap();
