@@ -293,7 +293,10 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
 }
 
 /// IPv4 and IPv6 entries (each with its ancestors' bits) for the address field `field` selects.
-#[allow(clippy::type_complexity)]
+#[expect(
+    clippy::type_complexity,
+    reason = "the two families' entry lists, each read once by the caller"
+)]
 fn address_tables(
     rules: &[Rule],
     field: impl Fn(&Rule) -> Option<&[IpNet]>,
