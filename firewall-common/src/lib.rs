@@ -6,12 +6,22 @@
 //! the old rules or entirely by the new ones.
 #![no_std]
 
+pub mod proto;
+
 /// Most rules a rule set can hold; one bit per rule in a [`RuleBits`].
 pub const MAX_RULES: usize = 1024;
 /// 64-bit words in a [`RuleBits`].
 pub const RULE_WORDS: usize = MAX_RULES / 64;
+/// Headers the classifier reads must start within this many bytes of the frame (it keeps the
+/// verifier's ranges small); deeper ones make the packet malformed, and an ICMP error quoting
+/// a packet that deep quotes no flow.
+pub const MAX_HEADER_OFFSET: usize = 4096;
 /// Rule generations kept in the maps (live and idle).
 pub const GENERATIONS: u32 = 2;
+/// Destination ports per generation: the index space of the port-class map.
+pub const PORTS: u32 = 1 << 16;
+/// IP protocol numbers per generation: the index space of the protocol map.
+pub const PROTOS: u32 = 256;
 /// Distinct destination-port classes per generation. Class 0 is "packet has no port".
 pub const MAX_PORT_CLASSES: u32 = 4096;
 /// Entries per address trie (both generations together, so two full rule sets of up to a

@@ -4,11 +4,9 @@
 //! interface; for a short while after, the XDP program lets DHCP replies in on that
 //! interface before the rules.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use firewall_common::{DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS};
+use firewall_common::{proto::IPPROTO_UDP, DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS};
 
 use crate::{maps::DHCP_REQUESTS, parse::Packet};
-
-const IPPROTO_UDP: u8 = 17;
 
 /// The (source, destination) ports of a DHCP request and of a reply, for the family.
 #[inline(always)]

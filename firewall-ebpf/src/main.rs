@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use firewall_common::{
-    ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_DHCP,
+    proto, ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_DHCP,
     CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
@@ -125,13 +125,11 @@ pub enum Verdict {
     Limit,
 }
 
-/// ICMPv6 that IPv6 needs to work: packet too big (path MTU discovery), multicast listener
-/// discovery (130-132, 143) and neighbour discovery (133-137: router and neighbour
-/// solicitation and advertisement, redirect).
+/// ICMPv6 that IPv6 needs to work ([`proto::is_essential_icmpv6`]).
 #[inline(always)]
 fn is_essential_icmpv6(packet: &parse::Packet) -> bool {
     match packet.icmp() {
-        Some(icmp) if packet.v6 => matches!(icmp.kind, 2 | 130..=137 | 143),
+        Some(icmp) if packet.v6 => proto::is_essential_icmpv6(icmp.kind),
         _ => false,
     }
 }

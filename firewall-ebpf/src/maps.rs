@@ -9,13 +9,8 @@ use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, RateKey, RateLimit, RuleBits,
     RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, LOG_EVENTS_BYTES,
     MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES,
-    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, STAT_SLOTS,
+    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS, PROTOS, STAT_SLOTS,
 };
-
-/// Ports per generation in [`PORT_CLASS`].
-pub const PORTS: u32 = 65536;
-/// IP protocol numbers per generation in [`PROTO_BITS`].
-pub const PROTOS: u32 = 256;
 
 /// One element: the generation packets are classified with.
 #[map(name = "FW_ACTIVE_GEN")]

@@ -1,34 +1,23 @@
 //! Header parsing: Ethernet (up to two VLAN tags), IPv4, IPv6 with extension headers, and
 //! the destination port of TCP/UDP. Every read is bounds-checked against the frame end; every
 //! length the packet declares is checked against the frame and the IP packet's own length.
-use firewall_common::FlowKey;
+use firewall_common::proto::{
+    is_icmp_error, Echo, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_EXT_HEADERS, MAX_VLAN_TAGS, NEXTHDR_AUTH,
+    NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING,
+};
+use firewall_common::{FlowKey, MAX_HEADER_OFFSET};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
-const MAX_VLAN_TAGS: usize = 2;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
 
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_AUTH: u8 = 51;
-const NEXTHDR_DEST: u8 = 60;
-/// Extension headers walked before an IPv6 packet counts as malformed.
-pub const MAX_EXT_HEADERS: usize = 8;
-
-/// Upper bound on any offset we compute; keeps the verifier's ranges small. Jumbo frames
-/// with headers beyond this are treated as malformed.
-const MAX_OFFSET: usize = 4096;
+/// Upper bound on any offset we compute ([`MAX_HEADER_OFFSET`]).
+const MAX_OFFSET: usize = MAX_HEADER_OFFSET;
 
 /// What the classifier needs of an IP packet. Addresses are kept as words in wire byte order
 /// (an IPv4 address is word 0): word copies compile to plain loads and stores, where byte
@@ -310,8 +299,6 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Option<()> {
     }
 }
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 /// Every ICMP and ICMPv6 message starts with type, code, checksum and 4 more bytes.
 const ICMP_HLEN: usize = 8;
 
@@ -362,26 +349,6 @@ fn transport(frame: &Frame, packet: &mut Packet, l4: usize, ip_end: usize) -> Op
     Some(())
 }
 
-/// Destination unreachable, time exceeded, parameter problem (and IPv6 packet too big).
-#[inline(always)]
-pub fn is_icmp_error(v6: bool, kind: u8) -> bool {
-    if v6 {
-        matches!(kind, 1..=4)
-    } else {
-        matches!(kind, 3 | 11 | 12)
-    }
-}
-
-/// ICMP echo request type of the family.
-#[inline(always)]
-pub fn echo_request(v6: bool) -> u8 {
-    if v6 {
-        128
-    } else {
-        8
-    }
-}
-
 /// The flow an ICMP error quotes ([`Packet::has_quote`]), read from the frame between `start`
 /// and `end` (the packet pointers `packet` was parsed from): the host's own packet (source =
 /// local), as the key its replies would have. `None` when the quote is shorter than an IP
@@ -430,7 +397,7 @@ pub fn quoted_flow(start: usize, end: usize, packet: &Packet) -> Option<FlowKey>
             key.local_port = u16::from_be_bytes([transport[0], transport[1]]);
             key.remote_port = u16::from_be_bytes([transport[2], transport[3]]);
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if transport[0] == echo_request(v6) => {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if transport[0] == Echo::Request.kind(v6) => {
             key.local_port = u16::from_be_bytes([transport[4], transport[5]]);
         }
         _ => return None,

@@ -3,18 +3,10 @@
 //! `ct state established,related`). Timeouts are idle times since the host's last packet of
 //! the flow (and the peer's FIN/RST shortens TCP's).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
+use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use firewall_common::{FlowKey, FlowState, GenerationConfig, FLOW_CLOSING};
 
 use crate::{maps::FLOWS, parse::Packet};
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMPV6_ECHO_REPLY: u8 = 129;
 
 #[inline(always)]
 fn key(packet: &Packet, remote: [u32; 4], local: [u32; 4]) -> FlowKey {
@@ -39,7 +31,7 @@ pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
         return Some(key);
     }
     let icmp = packet.icmp()?;
-    if icmp.kind != crate::parse::echo_request(packet.v6) {
+    if icmp.kind != Echo::Request.kind(packet.v6) {
         return None;
     }
     key.local_port = icmp.id;
@@ -64,12 +56,7 @@ fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
         return Some(key);
     }
     let icmp = packet.icmp()?;
-    let echo_reply = if packet.v6 {
-        ICMPV6_ECHO_REPLY
-    } else {
-        ICMP_ECHO_REPLY
-    };
-    if icmp.kind != echo_reply {
+    if icmp.kind != Echo::Reply.kind(packet.v6) {
         return None;
     }
     key.local_port = icmp.id;

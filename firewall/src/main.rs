@@ -9,6 +9,7 @@ use firewall::daemon::{self, RunOptions};
 use firewall::dataplane::pins::{Pins, DEFAULT_PIN_DIR};
 use firewall::rules::config::{load_rules, load_rules_trusting, summary};
 use firewall::rules::files::Trust;
+use firewall::rules::model::unit_seconds;
 
 #[derive(Parser)]
 #[command(
@@ -110,14 +111,11 @@ fn parse_seconds(text: &str) -> Result<u64, String> {
         Some((at, _)) => text.split_at(at),
         None => (text, "s"),
     };
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(format!("{text:?}: use seconds, or a number with s, m or h")),
+    let Some(scale) = unit_seconds(unit) else {
+        return Err(format!("{text:?}: use seconds, or a number with s, m or h"));
     };
     match number.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n * scale),
+        Ok(n) if n > 0 => Ok(n * u64::from(scale)),
         _ => Err(format!(
             "{text:?}: a positive number of seconds, minutes or hours"
         )),

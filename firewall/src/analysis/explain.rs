@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Result};
 
+use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
+
 use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{
-    Action, Rule, RuleSet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-};
+use crate::rules::model::{Action, ListStyle, Proto, Rule, RuleSet};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,15 +28,9 @@ impl Question {
         if self.from.is_ipv4() != self.to.is_ipv4() {
             bail!("--from and --to must both be IPv4 or both IPv6");
         }
-        let proto = match self.proto.as_str() {
-            "tcp" => IPPROTO_TCP,
-            "udp" => IPPROTO_UDP,
-            "icmp" => IPPROTO_ICMP,
-            "icmpv6" => IPPROTO_ICMPV6,
-            number => match number.parse::<u8>() {
-                Ok(number) => number,
-                Err(_) => bail!("--proto must be tcp, udp, icmp, icmpv6 or a number 0-255"),
-            },
+        let named = Proto::from_name(&self.proto).and_then(Proto::number);
+        let Some(proto) = named.or_else(|| self.proto.parse::<u8>().ok()) else {
+            bail!("--proto must be tcp, udp, icmp, icmpv6 or a number 0-255");
         };
         let has_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP;
         if self.port.is_some() && !has_ports {
@@ -52,7 +46,7 @@ impl Question {
             dport: self.port,
             // A new connection's first packet: what the rules, not connection state, decide.
             sport: self.port.map(|_| 40000),
-            tcp_flags: 0x02,
+            tcp_flags: TCP_SYN,
             icmp: None,
             quoted: None,
         })
@@ -163,21 +157,13 @@ fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'s
     None
 }
 
+/// The rule as `explain` shows a match: `allow: proto tcp, from any, to any, ports 22`.
 fn describe(rule: &Rule) -> String {
-    let nets = |nets: &Option<Vec<ipnet::IpNet>>| match nets {
-        None => "any".to_string(),
-        Some(nets) if nets.len() > 4 => format!("{} networks", nets.len()),
-        Some(nets) => nets
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    let (action, proto, ports) = (rule.action.name(), rule.proto.name(), rule.ports_text(", "));
+    let text = rule.text(ListStyle::SENTENCE);
+    let (action, proto, ports) = (text.action, text.proto, text.ports);
     format!(
         "{action}: proto {proto}, from {}, to {}, ports {ports}",
-        nets(&rule.from),
-        nets(&rule.to)
+        text.from, text.to
     )
 }
 
@@ -185,35 +171,10 @@ fn describe(rule: &Rule) -> String {
 mod tests {
     use super::*;
     use crate::rules::config::parse_rules;
-
-    const RULES: &str = r#"
-[defaults]
-policy = "deny"
-
-[sets.bad]
-cidrs = ["203.0.113.0/24"]
-
-[[rules]]
-name = "blocklist"
-action = "deny"
-from = ["@bad"]
-
-[[rules]]
-name = "web"
-action = "allow"
-proto = "tcp"
-ports = [80, 443]
-
-[[rules]]
-name = "ssh"
-action = "allow"
-proto = "tcp"
-ports = [22]
-from = ["198.51.100.0/24"]
-"#;
+    use crate::testing::rules::SERVER;
 
     fn ask(proto: &str, from: &str, port: Option<u16>) -> Result<String> {
-        let set = parse_rules("rules.toml", RULES)?;
+        let set = parse_rules("rules.toml", SERVER)?;
         explain(
             &set,
             &Question {
@@ -231,7 +192,9 @@ from = ["198.51.100.0/24"]
         let out = ask("tcp", "198.51.100.7", Some(22)).unwrap();
         assert!(out.contains("rule 1 \"blocklist\": does not match: source not in its from"));
         assert!(out.contains("rule 2 \"web\": does not match: destination port not in its ports"));
-        assert!(out.contains("rule 3 \"ssh\": matches (allow: proto tcp, from 198.51.100.0/24"));
+        assert!(out.contains(
+            "rule 3 \"ssh\": matches (allow: proto tcp, from 10.0.0.0/8, 198.51.100.0/24"
+        ));
         assert!(out.contains("verdict: pass (rule 3 \"ssh\")"), "{out}");
 
         let out = ask("tcp", "203.0.113.9", Some(443)).unwrap();

@@ -11,8 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 
+use firewall_common::proto::IPPROTO_TCP;
+
 use crate::host::sockets::Listener;
-use crate::rules::model::{Action, Rule, RuleSet, IPPROTO_TCP};
+use crate::rules::model::{Action, Rule, RuleSet};
 
 /// Who reaches a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,7 +233,8 @@ pub fn report(set: &RuleSet, listeners: &[Listener]) -> String {
 mod tests {
     use super::*;
     use crate::rules::config::parse_rules;
-    use crate::rules::model::IPPROTO_UDP;
+    use crate::testing::rules::SERVER;
+    use firewall_common::proto::IPPROTO_UDP;
 
     fn set(text: &str) -> RuleSet {
         parse_rules("t.toml", text).unwrap()
@@ -247,38 +250,14 @@ mod tests {
 
     #[test]
     fn everyone_nobody_some_and_all_but_some() {
-        let rules = set(r#"
-[defaults]
-policy = "deny"
-
-[[rules]]
-action = "deny"
-from = ["203.0.113.0/24"]
-
-[[rules]]
-action = "allow"
-proto = "tcp"
-ports = [80, 443]
-
-[[rules]]
-action = "allow"
-proto = "tcp"
-ports = [22]
-from = ["10.0.0.0/8", "192.168.1.0/24"]
-
-[[rules]]
-action = "allow"
-proto = "udp"
-ports = [53]
-to = ["192.0.2.53"]
-"#);
+        let rules = set(SERVER);
         let any4 = ip("0.0.0.0");
         let web = reach(&rules, IPPROTO_TCP, any4, 443);
         let expect = Reach::AllBut(nets(&["203.0.113.0/24"]));
         assert_eq!(web, expect);
         assert_eq!(
             reach(&rules, IPPROTO_TCP, any4, 22),
-            Reach::Only(nets(&["10.0.0.0/8", "192.168.1.0/24"]))
+            Reach::Only(nets(&["10.0.0.0/8", "198.51.100.0/24"]))
         );
         assert_eq!(reach(&rules, IPPROTO_TCP, any4, 25), Reach::Nobody);
         // Port 53 only on one destination: a wildcard socket is reachable there, one bound

@@ -4,12 +4,11 @@
 //! packets the host sends after it is attached.
 use std::fs;
 
+use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::FlowKey;
 
 const TCP_LISTEN: u8 = 0x0a;
 const TCP_CLOSE: u8 = 0x07;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// Flow keys (as replies look) of the connected TCP and UDP sockets of this network namespace.
 pub fn open_flows() -> Vec<FlowKey> {

@@ -52,58 +52,29 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
     let stats = stats::read(pins)?;
     let mut registry = Registry::with_prefix("firewall");
 
-    let rule_packets = Family::<RuleLabels, Counter>::default();
-    let rule_bytes = Family::<RuleLabels, Counter>::default();
-    for rule in &stats.rules {
+    let rules = stats.rules.iter().map(|rule| {
         let labels = RuleLabels {
             number: rule.number as u64,
             name: rule.name.clone(),
             action: rule.action.to_string(),
         };
-        rule_packets.get_or_create(&labels).inc_by(rule.packets);
-        rule_bytes.get_or_create(&labels).inc_by(rule.bytes);
-    }
-    registry.register(
-        "rule_packets",
-        "Packets each rule decided, since the rules in force were applied",
-        rule_packets,
-    );
-    registry.register(
-        "rule_bytes",
-        "Bytes each rule decided, since the rules in force were applied",
-        rule_bytes,
-    );
-
-    let reason_packets = Family::<ReasonLabels, Counter>::default();
-    let reason_bytes = Family::<ReasonLabels, Counter>::default();
-    let policy = &stats.default_policy;
-    for (reason, verdict, count) in [
-        ("default_policy", "pass", policy.passed),
-        ("default_policy", "drop", policy.dropped),
-        ("malformed", "drop", stats.malformed),
-        ("non_ip", "pass", stats.non_ip),
-        ("established", "pass", stats.established),
-        ("essential", "pass", stats.essential),
-        ("dhcp", "pass", stats.dhcp),
-        ("rate_limit", "drop", stats.rate_limited),
-    ] {
-        let labels = ReasonLabels {
-            reason: reason.into(),
-            verdict: verdict.into(),
+        let count = stats::Count {
+            packets: rule.packets,
+            bytes: rule.bytes,
         };
-        reason_packets.get_or_create(&labels).inc_by(count.packets);
-        reason_bytes.get_or_create(&labels).inc_by(count.bytes);
-    }
-    registry.register(
-        "decided_packets",
-        "Packets decided without a rule, by reason",
-        reason_packets,
-    );
-    registry.register(
-        "decided_bytes",
-        "Bytes decided without a rule, by reason",
-        reason_bytes,
-    );
+        (labels, count)
+    });
+    let each_rule = "each rule decided, since the rules in force were applied";
+    register_counts(&mut registry, "rule", each_rule, rules);
+    let decided = stats.decided().into_iter().map(|decided| {
+        let labels = ReasonLabels {
+            reason: decided.reason.into(),
+            verdict: decided.verdict.into(),
+        };
+        (labels, decided.count)
+    });
+    let by_reason = "decided without a rule, by reason";
+    register_counts(&mut registry, "decided", by_reason, decided);
     let suppressed = Counter::<u64>::default();
     suppressed.inc_by(stats.log_lines_suppressed);
     registry.register(
@@ -127,27 +98,51 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
         "Duration of the last reload (or the first apply)",
         last_seconds,
     );
-    let last_ok = Gauge::<i64>::default();
-    last_ok.set(i64::from(reloads.last_succeeded));
-    registry.register(
-        "last_reload_success",
-        "1 if the last reload put its rules in force",
-        last_ok,
-    );
-    let rules = Gauge::<i64>::default();
-    rules.set(reloads.rules);
-    registry.register("rules", "Rules in force", rules);
-    let entries = Gauge::<i64>::default();
-    entries.set(reloads.address_entries);
-    registry.register(
-        "address_entries",
-        "Address map entries of the rules in force",
-        entries,
-    );
+    for (name, help, value) in [
+        (
+            "last_reload_success",
+            "1 if the last reload put its rules in force",
+            i64::from(reloads.last_succeeded),
+        ),
+        ("rules", "Rules in force", reloads.rules),
+        (
+            "address_entries",
+            "Address map entries of the rules in force",
+            reloads.address_entries,
+        ),
+    ] {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    }
 
     let mut page = String::new();
     encode(&mut page, &registry)?;
     Ok(page)
+}
+
+/// Registers the counters `{prefix}_packets` and `{prefix}_bytes` ("Packets/Bytes {help}"),
+/// one of each per labelled count.
+fn register_counts<Labels>(
+    registry: &mut Registry,
+    prefix: &str,
+    help: &str,
+    counts: impl Iterator<Item = (Labels, stats::Count)>,
+) where
+    Labels: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for (labels, count) in counts {
+        packets.get_or_create(&labels).inc_by(count.packets);
+        bytes.get_or_create(&labels).inc_by(count.bytes);
+    }
+    registry.register(
+        format!("{prefix}_packets"),
+        format!("Packets {help}"),
+        packets,
+    );
+    registry.register(format!("{prefix}_bytes"), format!("Bytes {help}"), bytes);
 }
 
 /// Serves `GET /metrics` on `addr` from a thread of its own.

@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, RuleName, ACTION_ALLOW, ACTION_MASK, MAX_RULES,
-    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED,
-    STAT_LOG_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
+    map_names, Counter, GenerationConfig, RuleName, MAX_RULES, STAT_DEFAULT_ALLOW,
+    STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
+    STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 use serde::Serialize;
 
 use crate::dataplane::object_id;
 use crate::dataplane::pins::Pins;
+use crate::rules::model::Action;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
@@ -62,6 +63,44 @@ pub struct Count {
     pub bytes: u64,
 }
 
+/// Packets decided without a rule, for one reason and verdict.
+pub struct Decided {
+    /// As `firewall stats` names the reason.
+    pub what: String,
+    /// As the metrics label it.
+    pub reason: &'static str,
+    /// `pass` or `drop`.
+    pub verdict: &'static str,
+    pub count: Count,
+}
+
+impl Stats {
+    /// Every count of packets decided without a rule, in the order they are shown.
+    pub fn decided(&self) -> [Decided; 8] {
+        let policy = &self.default_policy;
+        let default = format!("default policy ({})", policy.policy);
+        let default = default.as_str();
+        // A table: one row a reason (as `stats` shows it, as the metrics label it).
+        #[rustfmt::skip]
+        let rows = [
+            (default, "default_policy", "pass", policy.passed),
+            (default, "default_policy", "drop", policy.dropped),
+            ("malformed", "malformed", "drop", self.malformed),
+            ("not IP (ARP, ...)", "non_ip", "pass", self.non_ip),
+            ("established (replies)", "established", "pass", self.established),
+            ("essential ICMPv6", "essential", "pass", self.essential),
+            ("DHCP replies (host asked)", "dhcp", "pass", self.dhcp),
+            ("over a rule's rate limit", "rate_limit", "drop", self.rate_limited),
+        ];
+        rows.map(|(what, reason, verdict, count)| Decided {
+            what: what.to_string(),
+            reason,
+            verdict,
+            count,
+        })
+    }
+}
+
 impl From<Counter> for Count {
     fn from(counter: Counter) -> Count {
         Count {
@@ -72,11 +111,7 @@ impl From<Counter> for Count {
 }
 
 fn action(code: u32) -> &'static str {
-    if code & ACTION_MASK == ACTION_ALLOW {
-        "allow"
-    } else {
-        "deny"
-    }
+    Action::from_code(code).name()
 }
 
 /// Reads the counters from the maps pinned under `pins`.
@@ -171,20 +206,9 @@ pub fn table(stats: &Stats) -> String {
         let what = format!("{:>4} {}", rule.number, rule.name);
         line(&what, rule.action, rule.packets, rule.bytes);
     }
-    let policy = &stats.default_policy;
-    let default = format!("default policy ({})", policy.policy);
-    let counted = [
-        (default.as_str(), "pass", policy.passed),
-        (default.as_str(), "drop", policy.dropped),
-        ("malformed", "drop", stats.malformed),
-        ("not IP (ARP, ...)", "pass", stats.non_ip),
-        ("established (replies)", "pass", stats.established),
-        ("essential ICMPv6", "pass", stats.essential),
-        ("DHCP replies (host asked)", "pass", stats.dhcp),
-        ("over a rule's rate limit", "drop", stats.rate_limited),
-    ];
-    for (what, verdict, count) in counted {
-        line(what, verdict, count.packets, count.bytes);
+    for decided in stats.decided() {
+        let count = decided.count;
+        line(&decided.what, decided.verdict, count.packets, count.bytes);
     }
     let _ = writeln!(
         out,

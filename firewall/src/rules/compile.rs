@@ -19,19 +19,20 @@ use std::hash::Hash;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
+use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
-    RateLimit, RuleBits, RuleName, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG,
-    CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4,
-    MAX_PORT_CLASSES, MAX_RULES, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    RateLimit, RuleBits, RuleName, ACTION_LIMITED, ACTION_LOG, CHECK_AUDIT, CHECK_DHCP,
+    CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES,
+    RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::rules::model::{Action, Limit, Rule, RuleSet, Timeouts, IPPROTO_TCP, IPPROTO_UDP};
+use crate::rules::model::{Limit, Rule, RuleSet, Timeouts};
 
-/// Port values, 0..=65535.
-pub const PORTS: usize = 1 << 16;
-/// IP protocol numbers.
-pub const PROTOS: usize = 256;
+/// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
+pub const PORTS: usize = firewall_common::PORTS as usize;
+/// IP protocol numbers ([`firewall_common::PROTOS`] as an index bound).
+pub const PROTOS: usize = firewall_common::PROTOS as usize;
 
 /// Everything one generation of the maps holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +122,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
     let (src_v6, dst_v6) = (layout(src_v6, usize::MAX), layout(dst_v6, usize::MAX));
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
-        default_action: action_code(set.default_policy),
+        default_action: set.default_policy.code(),
         checks: if set.established {
             CHECK_ESTABLISHED
         } else {
@@ -139,7 +140,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
             .rules
             .iter()
             .map(|rule| {
-                action_code(rule.action)
+                rule.action.code()
                     | if rule.log { ACTION_LOG } else { 0 }
                     | if rule.limit.is_some() {
                         ACTION_LIMITED
@@ -194,13 +195,6 @@ pub fn rule_name(name: &str) -> RuleName {
     let mut bytes = [0; RULE_NAME_BYTES];
     bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
     RuleName { bytes }
-}
-
-fn action_code(action: Action) -> u32 {
-    match action {
-        Action::Allow => ACTION_ALLOW,
-        Action::Deny => ACTION_DENY,
-    }
 }
 
 fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
@@ -299,7 +293,10 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
 }
 
 /// IPv4 and IPv6 entries (each with its ancestors' bits) for the address field `field` selects.
-#[allow(clippy::type_complexity)]
+#[expect(
+    clippy::type_complexity,
+    reason = "the two families' entry lists, each read once by the caller"
+)]
 fn address_tables(
     rules: &[Rule],
     field: impl Fn(&Rule) -> Option<&[IpNet]>,
@@ -445,52 +442,38 @@ pub trait Prefix: Sized {
     }
 }
 
-impl Prefix for Ipv4Net {
-    const BITS: u8 = 32;
-    const ZERO: Self = match Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0) {
-        Ok(net) => net,
-        Err(_) => panic!("valid prefix"),
+/// [`Prefix`] for an `ipnet` network type: its address type, width, exact-match levels and
+/// whether shorter prefixes are cut into the shortest level.
+macro_rules! impl_prefix {
+    ($net:ty, $addr:ty, $bits:expr, $levels:expr, $cut_shorter:expr) => {
+        impl Prefix for $net {
+            const BITS: u8 = $bits;
+            const ZERO: Self = match <$net>::new(<$addr>::UNSPECIFIED, 0) {
+                Ok(net) => net,
+                Err(_) => panic!("valid prefix"),
+            };
+            const LEVELS: &'static [u8] = &$levels;
+            const CUT_SHORTER: bool = $cut_shorter;
+            fn length(&self) -> u8 {
+                self.prefix_len()
+            }
+            fn truncated(&self, len: u8) -> Self {
+                <$net>::new(self.addr(), len).expect("valid length").trunc()
+            }
+            fn cut(&self, len: u8) -> Vec<Self> {
+                self.subnets(len).expect("valid length").collect()
+            }
+        }
     };
-    const LEVELS: &'static [u8] = &V4_LEVELS;
-    const CUT_SHORTER: bool = true;
-    fn length(&self) -> u8 {
-        self.prefix_len()
-    }
-    fn truncated(&self, len: u8) -> Self {
-        Ipv4Net::new(self.addr(), len)
-            .expect("valid length")
-            .trunc()
-    }
-    fn cut(&self, len: u8) -> Vec<Self> {
-        self.subnets(len).expect("valid length").collect()
-    }
 }
 
-impl Prefix for Ipv6Net {
-    const BITS: u8 = 128;
-    const ZERO: Self = match Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0) {
-        Ok(net) => net,
-        Err(_) => panic!("valid prefix"),
-    };
-    const LEVELS: &'static [u8] = &V6_LEVELS;
-    const CUT_SHORTER: bool = false;
-    fn length(&self) -> u8 {
-        self.prefix_len()
-    }
-    fn truncated(&self, len: u8) -> Self {
-        Ipv6Net::new(self.addr(), len)
-            .expect("valid length")
-            .trunc()
-    }
-    fn cut(&self, len: u8) -> Vec<Self> {
-        self.subnets(len).expect("valid length").collect()
-    }
-}
+impl_prefix!(Ipv4Net, Ipv4Addr, 32, V4_LEVELS, true);
+impl_prefix!(Ipv6Net, Ipv6Addr, 128, V6_LEVELS, false);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::model::Proto;
+    use crate::rules::model::{Action, Proto};
 
     fn rule(proto: Proto, from: Option<&[&str]>, ports: Option<Vec<RangeInclusive<u16>>>) -> Rule {
         Rule {
@@ -553,6 +536,15 @@ mod tests {
         assert_eq!(compiled.port_class[9001], 0);
     }
 
+    /// Each prefix in the trie of `table`, as text, with the first word of its rule bits.
+    fn trie_words<N: ToString>(table: &AddressTable<N>) -> HashMap<String, u64> {
+        let words = table
+            .trie
+            .iter()
+            .map(|(net, bits)| (net.to_string(), bits.words[0]));
+        words.collect()
+    }
+
     #[test]
     fn prefixes_inherit_the_rules_of_their_ancestors() {
         // No room in the exact map: every prefix stays in the trie as itself.
@@ -563,21 +555,11 @@ mod tests {
             rule(Proto::Any, None, None),
             rule(Proto::Any, Some(&["2001:db8::/32"]), None),
         ]);
-        let v4: HashMap<String, u64> = compiled
-            .src_v4
-            .trie
-            .iter()
-            .map(|(net, bits)| (net.to_string(), bits.words[0]))
-            .collect();
+        let v4 = trie_words(&compiled.src_v4);
         assert_eq!(v4["0.0.0.0/0"], 0b0100);
         assert_eq!(v4["10.0.0.0/8"], 0b0101);
         assert_eq!(v4["10.1.0.0/16"], 0b0111);
-        let v6: HashMap<String, u64> = compiled
-            .src_v6
-            .trie
-            .iter()
-            .map(|(net, bits)| (net.to_string(), bits.words[0]))
-            .collect();
+        let v6 = trie_words(&compiled.src_v6);
         assert_eq!(v6["::/0"], 0b0100);
         assert_eq!(v6["2001:db8::/32"], 0b1110);
         // Destination: no rule names one, so only `/0` with every rule.

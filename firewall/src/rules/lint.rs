@@ -1,8 +1,10 @@
 //! Warnings about rule files that are valid but probably not what the operator wants.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use firewall_common::proto::IPPROTO_TCP;
+
 use crate::analysis::reference::{classify, PacketInfo, Verdict};
-use crate::rules::model::{Action, RuleSet, IPPROTO_TCP};
+use crate::rules::model::{Action, RuleSet};
 
 const SSH_PORT: u16 = 22;
 

@@ -11,6 +11,8 @@
 //!   packet's family; a list with no network of that family never matches.
 use std::ops::RangeInclusive;
 
+use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use firewall_common::{ACTION_ALLOW, ACTION_DENY, ACTION_MASK};
 use ipnet::IpNet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub enum Proto {
 }
 
 impl Action {
+    const ALL: [Action; 2] = [Action::Allow, Action::Deny];
+
     /// As written in rule files.
     pub fn name(self) -> &'static str {
         match self {
@@ -36,9 +40,39 @@ impl Action {
             Action::Deny => "deny",
         }
     }
+
+    /// The action written `name` in a rule file.
+    pub fn from_name(name: &str) -> Option<Action> {
+        Self::ALL.into_iter().find(|action| action.name() == name)
+    }
+
+    /// The verdict bits of the action word the maps hold for it.
+    pub fn code(self) -> u32 {
+        match self {
+            Action::Allow => ACTION_ALLOW,
+            Action::Deny => ACTION_DENY,
+        }
+    }
+
+    /// The action of an action word read from the maps (its flags aside).
+    pub fn from_code(code: u32) -> Action {
+        if code & ACTION_MASK == ACTION_ALLOW {
+            Action::Allow
+        } else {
+            Action::Deny
+        }
+    }
 }
 
 impl Proto {
+    const ALL: [Proto; 5] = [
+        Proto::Any,
+        Proto::Tcp,
+        Proto::Udp,
+        Proto::Icmp,
+        Proto::Icmpv6,
+    ];
+
     /// As written in rule files.
     pub fn name(self) -> &'static str {
         match self {
@@ -50,22 +84,39 @@ impl Proto {
         }
     }
 
+    /// The protocol written `name` in a rule file.
+    pub fn from_name(name: &str) -> Option<Proto> {
+        Self::ALL.into_iter().find(|proto| proto.name() == name)
+    }
+
+    /// The IP protocol number; `None` for `Any`.
+    pub fn number(self) -> Option<u8> {
+        match self {
+            Proto::Any => None,
+            Proto::Tcp => Some(IPPROTO_TCP),
+            Proto::Udp => Some(IPPROTO_UDP),
+            Proto::Icmp => Some(IPPROTO_ICMP),
+            Proto::Icmpv6 => Some(IPPROTO_ICMPV6),
+        }
+    }
+
     /// Whether this rule protocol matches IP protocol number `ip_proto`.
     pub fn matches(self, ip_proto: u8) -> bool {
-        match self {
-            Proto::Any => true,
-            Proto::Tcp => ip_proto == IPPROTO_TCP,
-            Proto::Udp => ip_proto == IPPROTO_UDP,
-            Proto::Icmp => ip_proto == IPPROTO_ICMP,
-            Proto::Icmpv6 => ip_proto == IPPROTO_ICMPV6,
-        }
+        self.number().is_none_or(|number| number == ip_proto)
     }
 }
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
+/// Units of durations and rates, in rule files (`limit = "6/m"`) and on the command line
+/// (`--confirm 5m`), with their length in seconds.
+pub const TIME_UNITS: [(&str, u32); 3] = [("s", 1), ("m", 60), ("h", 3600)];
+
+/// Seconds in time unit `unit` (`s`, `m` or `h`).
+pub fn unit_seconds(unit: &str) -> Option<u32> {
+    TIME_UNITS
+        .iter()
+        .find(|(name, _)| *name == unit)
+        .map(|&(_, seconds)| seconds)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -87,9 +138,71 @@ pub struct Rule {
     pub log: bool,
 }
 
+impl Limit {
+    /// The unit of the rate as written (`s`, `m`, `h`); `h` for a period not in the table.
+    pub fn unit(&self) -> &'static str {
+        let (last, _) = TIME_UNITS[TIME_UNITS.len() - 1];
+        TIME_UNITS
+            .iter()
+            .find(|&&(_, seconds)| seconds == self.per_secs)
+            .map_or(last, |&(name, _)| name)
+    }
+}
+
+/// How [`Rule::text`] writes lists: `separator` between items, and at most `most_listed`
+/// networks before their count stands in for them.
+#[derive(Clone, Copy, Debug)]
+pub struct ListStyle {
+    pub separator: &'static str,
+    pub most_listed: usize,
+}
+
+impl ListStyle {
+    /// `firewall check`'s table: `22,80`, up to 3 networks.
+    pub const TABLE: ListStyle = ListStyle {
+        separator: ",",
+        most_listed: 3,
+    };
+    /// `firewall explain`'s sentences: `22, 80`, up to 4 networks.
+    pub const SENTENCE: ListStyle = ListStyle {
+        separator: ", ",
+        most_listed: 4,
+    };
+}
+
+/// A rule's matching fields as text, as `firewall check` and `firewall explain` show them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleText {
+    pub action: &'static str,
+    pub proto: &'static str,
+    pub from: String,
+    pub to: String,
+    pub ports: String,
+}
+
 impl Rule {
+    /// The rule's action, protocol, networks and ports as written, lists in `style`.
+    pub fn text(&self, style: ListStyle) -> RuleText {
+        let nets = |nets: &Option<Vec<IpNet>>| match nets {
+            None => "any".to_string(),
+            Some(nets) if nets.len() > style.most_listed => format!("{} networks", nets.len()),
+            Some(nets) => nets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(style.separator),
+        };
+        RuleText {
+            action: self.action.name(),
+            proto: self.proto.name(),
+            from: nets(&self.from),
+            to: nets(&self.to),
+            ports: self.ports_text(style.separator),
+        }
+    }
+
     /// The rule's ports as written (`22`, `8000-8100`) joined by `separator`, or `any`.
-    pub fn ports_text(&self, separator: &str) -> String {
+    fn ports_text(&self, separator: &str) -> String {
         match &self.ports {
             None => "any".to_string(),
             Some(ranges) => ranges

@@ -3,19 +3,21 @@
 //! packets without a link header ([`Frame::build_ip`]).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub const TPID_8021Q: u16 = 0x8100;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_ACK: u8 = 0x10;
+pub use firewall_common::proto::{
+    ETH_P_8021AD as TPID_8021AD, ETH_P_8021Q as TPID_8021Q, TCP_ACK, TCP_SYN,
+};
+use firewall_common::proto::{
+    ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+/// IPv6 extension header numbers.
+pub use firewall_common::proto::{
+    NEXTHDR_AUTH as EXT_AUTH, NEXTHDR_DEST as EXT_DEST_OPTS, NEXTHDR_FRAGMENT as EXT_FRAGMENT,
+    NEXTHDR_HOP as EXT_HOP_BY_HOP, NEXTHDR_ROUTING as EXT_ROUTING,
+};
+
 /// Source port of built TCP and UDP packets.
 pub const SOURCE_PORT: u16 = 0xc001;
-pub const TPID_8021AD: u16 = 0x88a8;
-
-/// IPv6 extension header numbers.
-pub const EXT_HOP_BY_HOP: u8 = 0;
-pub const EXT_ROUTING: u8 = 43;
-pub const EXT_FRAGMENT: u8 = 44;
-pub const EXT_AUTH: u8 = 51;
-pub const EXT_DEST_OPTS: u8 = 60;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
@@ -34,10 +36,10 @@ pub enum L4 {
 impl L4 {
     fn proto(self) -> u8 {
         match self {
-            L4::Tcp { .. } => 6,
-            L4::Udp { .. } => 17,
-            L4::Icmp => 1,
-            L4::Icmpv6 => 58,
+            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Udp { .. } => IPPROTO_UDP,
+            L4::Icmp => IPPROTO_ICMP,
+            L4::Icmpv6 => IPPROTO_ICMPV6,
             L4::Other(proto) => proto,
         }
     }
@@ -58,8 +60,8 @@ impl L4 {
                 udp
             }
             // Echo request: type, code, checksum, identifier, sequence.
-            L4::Icmp => vec![8, 0, 0, 0, 0, 1, 0, 1],
-            L4::Icmpv6 => vec![128, 0, 0, 0, 0, 1, 0, 1],
+            L4::Icmp => vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0, 1, 0, 1],
+            L4::Icmpv6 => vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 1, 0, 1],
             L4::Other(_) => vec![0; 8],
         }
     }
@@ -170,11 +172,11 @@ impl Frame {
         upper.extend(std::iter::repeat_n(0x5a, self.payload));
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                frame.extend_from_slice(&0x0800u16.to_be_bytes());
+                frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
                 frame.extend(self.ipv4(src, dst, &upper));
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
-                frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+                frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
                 frame.extend(self.ipv6(src, dst, &upper));
             }
             _ => unreachable!("checked in Frame::new"),
