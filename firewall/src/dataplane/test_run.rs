@@ -21,7 +21,7 @@ impl Kernel {
             .program(EGRESS_PROGRAM)
             .ok_or_else(|| anyhow!("tc program {EGRESS_PROGRAM} missing"))?
             .try_into()?;
-        Ok(run(program, frame, 1)?.0)
+        Ok(run_program(program, frame, 1)?.0)
     }
 
     /// Runs `frame` through the program `repeat` times with BPF_PROG_TEST_RUN; returns the
@@ -44,12 +44,13 @@ impl Kernel {
             .program(name)
             .ok_or_else(|| anyhow!("XDP program {name} missing"))?
             .try_into()?;
-        run(program, frame, repeat)
+        run_program(program, frame, repeat)
     }
 }
 
-/// One BPF_PROG_TEST_RUN of `program` on `frame`: its return value and time per run.
-fn run<P>(program: &P, frame: &[u8], repeat: u32) -> Result<(u32, Duration)>
+/// BPF_PROG_TEST_RUN of `program` on `frame`, `repeat` times: the return value and the mean
+/// time per run. For any loaded program (the benchmark's floor, too).
+pub fn run_program<P>(program: &P, frame: &[u8], repeat: u32) -> Result<(u32, Duration)>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
