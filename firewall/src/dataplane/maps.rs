@@ -107,14 +107,15 @@ pub fn pinned() -> impl Iterator<Item = &'static str> {
     MAPS.iter().filter(|spec| spec.pinned).map(|spec| spec.name)
 }
 
-/// Entries per generation of the array map `name` (0 for maps that are not such arrays).
+/// Entries per generation of the array map `name`. Panics when the inventory lists no such
+/// array: every write of a generation would show it.
 pub fn slots(name: &str) -> u32 {
     MAPS.iter()
         .find_map(|spec| match spec.generations {
             Generations::Array { slots, .. } if spec.name == name => Some(slots),
             _ => None,
         })
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("{name} is no per-generation array in the map inventory"))
 }
 
 /// Zeroes `slots` entries of an array from `gen * slots`.
