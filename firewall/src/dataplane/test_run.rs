@@ -9,7 +9,7 @@ use firewall_common::EGRESS_PROGRAM;
 use crate::dataplane::Kernel;
 use crate::host::link::LinkLayer;
 
-/// Room for what a program may add to a frame (it never does; the kernel wants the space).
+/// Spare room in the output buffer beyond the frame.
 const HEADROOM: usize = 256;
 
 impl Kernel {
