@@ -371,7 +371,8 @@ pub const GEN_MASK: u32 = 0xf;
 pub const MAX_EXACT_V4: u32 = 1 << 22;
 pub const MAX_EXACT_V6: u32 = 1 << 21;
 
-/// Map names, shared so userspace finds what the kernel declares.
+/// Map names, shared so userspace finds what the kernel declares (which of them are pinned:
+/// the userspace inventory, `firewall::dataplane::maps`).
 pub mod map_names {
     pub const ACTIVE_GENERATION: &str = "FW_ACTIVE_GEN";
     pub const GEN_CONFIG: &str = "FW_GEN_CONFIG";
@@ -398,32 +399,6 @@ pub mod map_names {
     pub const DHCP_REQUESTS: &str = "FW_DHCP_REQUESTS";
     /// Not pinned: each daemon reads the log lines of its own program.
     pub const LOG_EVENTS: &str = "FW_LOG_EVENTS";
-
-    /// Every map above: what is pinned.
-    pub const PINNED: [&str; 22] = [
-        RULE_NAMES,
-        RULE_LIMITS,
-        RATE_BUCKETS,
-        ACTIVE_GENERATION,
-        GEN_CONFIG,
-        RULE_ACTIONS,
-        ANY_ADDRESS,
-        EXACT_V4,
-        EXACT_V6,
-        SRC_V4,
-        DST_V4,
-        SRC_V6,
-        DST_V6,
-        PROTO_BITS,
-        PORT_CLASS,
-        PORT_BITS,
-        STATS,
-        LOG_BUCKET,
-        FLOWS,
-        IFACE_BITS,
-        OTHER_IFACES,
-        DHCP_REQUESTS,
-    ];
 }
 
 /// Name of the XDP program in the object file (for Ethernet interfaces).

@@ -1,5 +1,6 @@
 //! The BPF maps: rule bit sets per packet field, double-buffered by generation (see
-//! `firewall_common`), plus counters and the drop-log token bucket.
+//! `firewall_common`), plus counters and the drop-log token bucket. Userspace lists every map
+//! here in its inventory (`firewall/src/dataplane/maps.rs`); a test checks the two agree.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,

@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::Xdp;
 use firewall::analysis::reference::{inbound_flow, parse_frame, Parsed};
 use firewall::dataplane::monotonic_now_ns;
+use firewall::dataplane::test_run::run_program;
 use firewall::dataplane::Kernel;
 use firewall::rules::compile::compile;
 use firewall::rules::model::{Action, Proto, Rule, RuleSet};
@@ -94,6 +95,18 @@ fn measure_in_turns(runs: &[Measured<'_>]) -> Result<Vec<f64>> {
     Ok(samples.into_iter().map(median).collect())
 }
 
+/// Mid-connection segments to the ports of the host's flows in the benchmark: a TCP ACK from
+/// `tcp_src` and a UDP datagram from `udp_src`, named `names`.
+fn segments(
+    names: [&'static str; 2],
+    tcp_src: &str,
+    udp_src: &str,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let tcp = Frame::v4(tcp_src, "10.0.0.1", L4::Tcp { dport: 40000 }).tcp_flags(TCP_ACK);
+    let udp = Frame::v6(udp_src, "fd00::1", L4::Udp { dport: 40001 });
+    vec![(names[0], tcp.build()), (names[1], udp.build())]
+}
+
 fn main() -> Result<()> {
     // `FW_BENCH=sets` runs only the set figures.
     if std::env::var("FW_BENCH").as_deref() == Ok("sets") {
@@ -103,16 +116,7 @@ fn main() -> Result<()> {
     let mut floor_ebpf = aya::Ebpf::load(FLOOR_OBJECT)?;
     let floor: &mut Xdp = floor_ebpf.program_mut("floor").unwrap().try_into()?;
     floor.load()?;
-    let run_floor = |frame: &[u8]| -> Result<Duration> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = floor.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: REPEAT,
-            ..Default::default()
-        })?;
-        Ok(result.duration)
-    };
+    let run_floor = |frame: &[u8]| -> Result<Duration> { Ok(run_program(floor, frame, REPEAT)?.1) };
 
     let kernels = [1usize, 100, 1024]
         .map(|count| -> Result<Kernel> {
@@ -133,18 +137,11 @@ fn main() -> Result<()> {
 
     // Connection state, with the 1,024-rule set in force: replies that hit the flow map (and
     // pass before the rules), segments of unknown flows that miss it, and SYNs, which skip it.
-    let replies = vec![
-        (
-            "tcp4 reply",
-            Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 40000 })
-                .tcp_flags(TCP_ACK)
-                .build(),
-        ),
-        (
-            "udp6 reply",
-            Frame::v6("2001:db8:ffff::9", "fd00::1", L4::Udp { dport: 40001 }).build(),
-        ),
-    ];
+    let replies = segments(
+        ["tcp4 reply", "udp6 reply"],
+        "198.51.100.7",
+        "2001:db8:ffff::9",
+    );
     let table: Vec<_> = replies
         .iter()
         .filter_map(|(_, frame)| match parse_frame(frame) {
@@ -164,18 +161,11 @@ fn main() -> Result<()> {
         .collect();
     let mut kernels = kernels;
     kernels[2].set_flows(&table)?;
-    let misses = vec![
-        (
-            "tcp4 unknown ack",
-            Frame::v4("198.51.100.8", "10.0.0.1", L4::Tcp { dport: 40000 })
-                .tcp_flags(TCP_ACK)
-                .build(),
-        ),
-        (
-            "udp6 unknown",
-            Frame::v6("2001:db8:ffff::8", "fd00::1", L4::Udp { dport: 40001 }).build(),
-        ),
-    ];
+    let misses = segments(
+        ["tcp4 unknown ack", "udp6 unknown"],
+        "198.51.100.8",
+        "2001:db8:ffff::8",
+    );
     let syns = vec![(
         "tcp4 syn",
         Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 40000 }).build(),

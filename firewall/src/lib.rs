@@ -9,11 +9,12 @@
 //! - [`analysis`]: the reference evaluator and what is answered from it (`explain`,
 //!   `exposure`);
 //! - [`report`]: counters for `stats` and Prometheus;
-//! - [`testing`]: frames for tests and benchmarks.
+//! - `testing` (cargo feature `testing`): frames for tests and benchmarks.
 pub mod analysis;
 pub mod daemon;
 pub mod dataplane;
 pub mod host;
 pub mod report;
 pub mod rules;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -12,20 +12,19 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
 use firewall::analysis::reference::{
-    evaluate_layer, inbound_flow, parse_frame_on, FlowTable, Parsed, Reason, Verdict,
+    evaluate_layer, inbound_flow, parse_frame_on, FlowTable, Parsed, Reason,
 };
 use firewall::dataplane::monotonic_now_ns;
 use firewall::dataplane::Kernel;
 use firewall::host::link::LinkLayer;
 use firewall::rules::compile::{compile_with_budget, EXACT_BUDGET};
 use firewall::rules::model::{Action, Proto, Rule, RuleSet};
+use firewall::testing::packet::{xdp_action, XDP_PASS};
 use firewall_common::{FlowState, FLOW_CLOSING};
 use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const ETH_HLEN: usize = 14;
 
 const V4_POOL: &[[u8; 4]] = &[
@@ -551,10 +550,7 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
                 reasons[1] += 1;
                 continue;
             }
-            let want = match expected.verdict {
-                Verdict::Pass => XDP_PASS,
-                Verdict::Drop => XDP_DROP,
-            };
+            let want = xdp_action(expected.verdict);
             let (got, _) = kernel.test_run_on(layer, &frame, 1).expect("test run");
             if got != want {
                 panic!(

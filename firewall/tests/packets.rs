@@ -1,15 +1,13 @@
 //! Table-driven packet tests through BPF_PROG_TEST_RUN on the real kernel: a frame in, the
 //! expected verdict out, for every header the parser handles and every way it can be cut short.
-use firewall::analysis::reference::{evaluate, Reason, Verdict};
+use firewall::analysis::reference::{evaluate, evaluate_layer, FlowTable, Reason, Verdict};
 use firewall::dataplane::Kernel;
+use firewall::host::link::LinkLayer;
 use firewall::rules::compile::compile;
 use firewall::rules::config::parse_rules;
 use firewall::rules::model::RuleSet;
 use firewall::testing::packet::*;
 use firewall_common::{STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 
 /// Allows SSH from 10/8 and 2001:db8::/32, web from anywhere, ICMP echo; denies the rest.
 const RULES: &str = r#"
@@ -73,15 +71,65 @@ fn check(rows: &[(&str, Vec<u8>, u32)]) {
             got, *want,
             "{name}: kernel gave XDP action {got}, expected {want}"
         );
-        let reference = match evaluate(&set, frame).verdict {
-            Verdict::Pass => XDP_PASS,
-            Verdict::Drop => XDP_DROP,
-        };
+        let reference = xdp_action(evaluate(&set, frame).verdict);
         assert_eq!(
             reference, *want,
             "{name}: the reference evaluator disagrees"
         );
     }
+}
+
+/// Runs every cut of valid packets (from 14 bytes, the least BPF_PROG_TEST_RUN takes for
+/// XDP) through the program of `layer`: the reference evaluator must agree, and only cuts may
+/// be malformed (the full packets are well-formed), and more than 100 are. Without a link
+/// header the VLAN tag goes.
+fn check_truncations(layer: LinkLayer) {
+    let build = match layer {
+        LinkLayer::Ethernet => Frame::build,
+        LinkLayer::Ip => Frame::build_ip,
+    };
+    let frames = [
+        tcp4("10.1.2.3", 22)
+            .ipv4_options(8)
+            .vlan(TPID_8021Q, 3)
+            .payload(4),
+        tcp6("2001:db8::1", 22)
+            .ext_header(EXT_HOP_BY_HOP, 8)
+            .ext_header(EXT_AUTH, 12)
+            .payload(4),
+        Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }),
+        Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6),
+    ]
+    .map(|frame| build(&frame));
+    let kernel = kernel();
+    let set = rule_set();
+    let want = |frame: &[u8]| {
+        let decision = evaluate_layer(&set, layer, frame, None, &FlowTable::default());
+        (xdp_action(decision.verdict), decision.reason)
+    };
+    let mut malformed = 0;
+    for frame in &frames {
+        for len in 14..=frame.len() {
+            let cut = &frame[..len];
+            let (expected, reason) = want(cut);
+            let (got, _) = kernel.test_run_on(layer, cut, 1).expect("test run");
+            assert_eq!(
+                got,
+                expected,
+                "{layer:?}: cut to {len} of {} bytes",
+                frame.len()
+            );
+            if reason == Reason::Malformed {
+                malformed += 1;
+                assert!(len < frame.len());
+            }
+        }
+        assert_ne!(want(frame).1, Reason::Malformed);
+    }
+    assert!(
+        malformed > 100,
+        "truncations counted as malformed: {malformed}"
+    );
 }
 
 fn tcp4(src: &str, dport: u16) -> Frame {
@@ -92,89 +140,133 @@ fn tcp6(src: &str, dport: u16) -> Frame {
     Frame::v6(src, "fd00::1", L4::Tcp { dport })
 }
 
-#[test]
-fn ipv4_and_ipv6_by_protocol() {
-    check(&[
-        ("tcp4 ssh from lan", tcp4("10.1.2.3", 22).build(), XDP_PASS),
-        (
-            "tcp4 ssh from outside",
-            tcp4("192.0.2.9", 22).build(),
-            XDP_DROP,
-        ),
-        ("tcp4 web", tcp4("192.0.2.9", 80).build(), XDP_PASS),
-        (
-            "tcp4 range start",
-            tcp4("192.0.2.9", 8000).build(),
-            XDP_PASS,
-        ),
-        ("tcp4 range end", tcp4("192.0.2.9", 8100).build(), XDP_PASS),
-        ("tcp4 past range", tcp4("192.0.2.9", 8101).build(), XDP_DROP),
-        (
-            "udp4 web",
-            Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build(),
-            XDP_PASS,
-        ),
+/// Packets of every protocol and family with the verdict of [`RULES`], the same on both
+/// link layers.
+fn protocol_rows() -> Vec<(&'static str, Frame, u32)> {
+    let v4 = |src, l4| Frame::v4(src, "10.0.0.1", l4);
+    let v6 = |src, l4| Frame::v6(src, "fd00::1", l4);
+    vec![
+        ("tcp4 ssh from lan", tcp4("10.1.2.3", 22), XDP_PASS),
+        ("tcp4 ssh from outside", tcp4("192.0.2.9", 22), XDP_DROP),
+        ("tcp4 denied port", tcp4("10.1.2.3", 23), XDP_DROP),
+        ("tcp4 web", tcp4("192.0.2.9", 80), XDP_PASS),
+        ("tcp4 range start", tcp4("192.0.2.9", 8000), XDP_PASS),
+        ("tcp4 inside range", tcp4("192.0.2.9", 8080), XDP_PASS),
+        ("tcp4 range end", tcp4("192.0.2.9", 8100), XDP_PASS),
+        ("tcp4 past range", tcp4("192.0.2.9", 8101), XDP_DROP),
+        ("udp4 web", v4("192.0.2.9", L4::Udp { dport: 80 }), XDP_PASS),
         (
             "udp4 ssh port from lan: rule is tcp",
-            Frame::v4("10.1.1.1", "10.0.0.1", L4::Udp { dport: 22 }).build(),
+            v4("10.1.1.1", L4::Udp { dport: 22 }),
             XDP_DROP,
         ),
-        (
-            "icmp4",
-            Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp).build(),
-            XDP_PASS,
-        ),
+        ("icmp4", v4("192.0.2.9", L4::Icmp), XDP_PASS),
         (
             "gre4 to endpoint",
-            Frame::v4("192.0.2.9", "192.0.2.1", L4::Other(47)).build(),
+            Frame::v4("192.0.2.9", "192.0.2.1", L4::Other(47)),
             XDP_PASS,
         ),
         (
             "gre4 elsewhere",
-            Frame::v4("192.0.2.9", "192.0.2.2", L4::Other(47)).build(),
+            Frame::v4("192.0.2.9", "192.0.2.2", L4::Other(47)),
             XDP_DROP,
         ),
         (
-            "tcp6 ssh from lan",
-            tcp6("2001:db8::7", 22).build(),
+            "ipv4 options",
+            tcp4("192.0.2.9", 22).ipv4_options(12),
+            XDP_DROP,
+        ),
+        ("tcp6 ssh from lan", tcp6("2001:db8::7", 22), XDP_PASS),
+        ("tcp6 ssh from outside", tcp6("2001:db9::7", 22), XDP_DROP),
+        (
+            "tcp6 behind extension headers",
+            tcp6("2001:db8::1", 22)
+                .ext_header(EXT_HOP_BY_HOP, 8)
+                .ext_header(EXT_AUTH, 12),
             XDP_PASS,
-        ),
-        (
-            "tcp6 ssh from outside",
-            tcp6("2001:db9::7", 22).build(),
-            XDP_DROP,
         ),
         (
             "udp6 web",
-            Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 8050 }).build(),
+            v6("2001:db9::7", L4::Udp { dport: 8050 }),
             XDP_PASS,
         ),
         (
-            "icmpv6",
-            Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build(),
-            XDP_PASS,
+            "udp6 denied",
+            v6("2001:db9::7", L4::Udp { dport: 53 }),
+            XDP_DROP,
         ),
+        ("icmpv6", v6("2001:db9::7", L4::Icmpv6), XDP_PASS),
         (
             "icmp (v4 proto number) in IPv6",
-            Frame::v6("2001:db9::7", "fd00::1", L4::Icmp).build(),
+            v6("2001:db9::7", L4::Icmp),
             XDP_PASS,
         ),
         (
             "first match: bad host on web port",
-            tcp4("10.6.6.6", 80).build(),
+            tcp4("10.6.6.6", 80),
             XDP_DROP,
         ),
         (
             "first match: bad host on ssh",
-            tcp4("10.6.6.6", 22).build(),
+            tcp4("10.6.6.6", 22),
             XDP_PASS,
         ),
         (
             "v4 rule never matches v6: to 192.0.2.1 only",
-            Frame::v6("::1", "::2", L4::Other(47)).build(),
+            Frame::v6("::1", "::2", L4::Other(47)),
             XDP_DROP,
         ),
-    ]);
+    ]
+}
+
+/// Packets whose IP headers lie about their lengths (or version), the same on both link
+/// layers; and one with bytes after it, which is fine.
+fn bad_length_rows() -> Vec<(&'static str, Frame, u32)> {
+    let good = tcp4("10.1.2.3", 22);
+    vec![
+        ("IP version 5", good.clone().version_nibble(5), XDP_DROP),
+        ("IHL below 5", good.clone().ihl(4), XDP_DROP),
+        (
+            "total length beyond frame",
+            good.clone().length_field(2000),
+            XDP_DROP,
+        ),
+        (
+            "total length below header",
+            good.clone().length_field(10),
+            XDP_DROP,
+        ),
+        (
+            "TCP header beyond total length",
+            good.clone().length_field(30),
+            XDP_DROP,
+        ),
+        (
+            "IPv6 payload length beyond frame",
+            tcp6("2001:db8::1", 22).length_field(500),
+            XDP_DROP,
+        ),
+        (
+            "trailing bytes after the packet",
+            good.trailer(12),
+            XDP_PASS,
+        ),
+    ]
+}
+
+/// `rows` with their frames built by `build` ([`Frame::build`] or [`Frame::build_ip`]).
+fn built(
+    rows: Vec<(&'static str, Frame, u32)>,
+    build: fn(&Frame) -> Vec<u8>,
+) -> Vec<(&'static str, Vec<u8>, u32)> {
+    rows.into_iter()
+        .map(|(name, frame, want)| (name, build(&frame), want))
+        .collect()
+}
+
+#[test]
+fn ipv4_and_ipv6_by_protocol() {
+    check(&built(protocol_rows(), Frame::build));
 }
 
 #[test]
@@ -349,83 +441,12 @@ fn later_fragments_match_only_rules_without_ports() {
 /// (headers cut short are malformed and dropped; a cut in the payload is not).
 #[test]
 fn every_truncation_is_handled() {
-    let kernel = kernel();
-    let set = rule_set();
-    let frames = [
-        tcp4("10.1.2.3", 22)
-            .ipv4_options(8)
-            .vlan(TPID_8021Q, 3)
-            .payload(4)
-            .build(),
-        tcp6("2001:db8::1", 22)
-            .ext_header(EXT_HOP_BY_HOP, 8)
-            .ext_header(EXT_AUTH, 12)
-            .payload(4)
-            .build(),
-        Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build(),
-        Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build(),
-    ];
-    let mut malformed = 0;
-    for frame in &frames {
-        for len in 14..=frame.len() {
-            let cut = &frame[..len];
-            let expected = evaluate(&set, cut);
-            let want = if expected.verdict == Verdict::Pass {
-                XDP_PASS
-            } else {
-                XDP_DROP
-            };
-            assert_eq!(
-                verdict(&kernel, cut),
-                want,
-                "frame cut to {len} of {} bytes",
-                frame.len()
-            );
-            if expected.reason == Reason::Malformed {
-                malformed += 1;
-                // Only the full length (IP length = frame) is well-formed here.
-                assert!(len < frame.len());
-            }
-        }
-        assert_ne!(evaluate(&set, frame).reason, Reason::Malformed);
-    }
-    assert!(
-        malformed > 100,
-        "truncations counted as malformed: {malformed}"
-    );
+    check_truncations(LinkLayer::Ethernet);
 }
 
 #[test]
 fn bad_lengths_are_malformed() {
-    let good = tcp4("10.1.2.3", 22).build();
-    let mut version = good.clone();
-    version[14] = 0x55; // IPv5
-    let mut short_ihl = good.clone();
-    short_ihl[14] = 0x44; // header length 16
-    let mut long_total = good.clone();
-    long_total[16..18].copy_from_slice(&2000u16.to_be_bytes());
-    let mut total_below_header = good.clone();
-    total_below_header[16..18].copy_from_slice(&10u16.to_be_bytes());
-    let mut tcp_cut_by_total = good.clone();
-    tcp_cut_by_total[16..18].copy_from_slice(&30u16.to_be_bytes());
-    let good6 = tcp6("2001:db8::1", 22).build();
-    let mut payload_too_long = good6.clone();
-    payload_too_long[18..20].copy_from_slice(&500u16.to_be_bytes());
-    let mut padded = good.clone();
-    padded.extend([0; 12]); // Ethernet padding after the IP packet is fine
-    check(&[
-        ("IP version 5", version, XDP_DROP),
-        ("IHL below 5", short_ihl, XDP_DROP),
-        ("total length beyond frame", long_total, XDP_DROP),
-        ("total length below header", total_below_header, XDP_DROP),
-        ("TCP header beyond total length", tcp_cut_by_total, XDP_DROP),
-        (
-            "IPv6 payload length beyond frame",
-            payload_too_long,
-            XDP_DROP,
-        ),
-        ("padded frame", padded, XDP_PASS),
-    ]);
+    check(&built(bad_length_rows(), Frame::build));
 }
 
 #[test]
@@ -584,22 +605,17 @@ mod state {
         } else {
             Frame::v4(PEER, HOST, L4::Icmp)
         };
-        let mut frame = frame.payload(quoted.len()).build();
-        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
-        frame[l4] = kind;
-        frame[l4 + 8..].copy_from_slice(quoted);
-        frame
+        frame.icmp_type(kind).payload_data(quoted).build()
     }
 
     #[test]
     fn replies_to_the_hosts_flows_pass() {
         let mut kernel = deny_all("");
         let out = Frame::v4(HOST, PEER, L4::Tcp { dport: 443 }).build();
-        let reply = Frame::v4(PEER, HOST, L4::Tcp { dport: SOURCE_PORT }).tcp_flags(TCP_ACK);
-        let reply = reply.build();
-        // The reply comes from port 443: the builder's source port is fixed, so swap it in.
-        let mut reply = reply;
-        reply[34..36].copy_from_slice(&443u16.to_be_bytes());
+        let reply_frame = Frame::v4(PEER, HOST, L4::Tcp { dport: SOURCE_PORT })
+            .sport(443)
+            .tcp_flags(TCP_ACK);
+        let reply = reply_frame.build();
         assert_eq!(verdict(&kernel, &reply), XDP_DROP, "no flow yet");
         track(&mut kernel, &out, 0);
         assert_eq!(
@@ -607,15 +623,13 @@ mod state {
             XDP_PASS,
             "reply to a tracked flow"
         );
-        let mut other_port = reply.clone();
-        other_port[34..36].copy_from_slice(&444u16.to_be_bytes());
+        let other_port = reply_frame.clone().sport(444).build();
         assert_eq!(
             verdict(&kernel, &other_port),
             XDP_DROP,
             "another port of the peer"
         );
-        let mut syn = reply.clone();
-        syn[14 + 20 + 13] = TCP_SYN;
+        let syn = reply_frame.tcp_flags(TCP_SYN).build();
         assert_eq!(verdict(&kernel, &syn), XDP_DROP, "a SYN never replies");
         track(&mut kernel, &out, 3);
         assert_eq!(verdict(&kernel, &reply), XDP_PASS, "within tcp_timeout");
@@ -627,8 +641,7 @@ mod state {
     fn echo_replies_and_icmp_errors_about_tracked_flows_pass() {
         let mut kernel = deny_all("");
         let ping = Frame::v4(HOST, PEER, L4::Icmp).build();
-        let mut echo_reply = Frame::v4(PEER, HOST, L4::Icmp).build();
-        echo_reply[34] = 0;
+        let echo_reply = Frame::v4(PEER, HOST, L4::Icmp).icmp_type(0).build();
         assert_eq!(verdict(&kernel, &echo_reply), XDP_DROP);
         track(&mut kernel, &ping, 0);
         assert_eq!(verdict(&kernel, &echo_reply), XDP_PASS);
@@ -676,17 +689,17 @@ mod state {
     #[test]
     fn essentials_pass_unless_switched_off() {
         let neighbour_solicitation = |kernel: &Kernel| {
-            let mut frame = Frame::v6("fe80::1", "ff02::1:ff00:1", L4::Icmpv6).build();
-            frame[54] = 135;
-            verdict(kernel, &frame)
+            let frame = Frame::v6("fe80::1", "ff02::1:ff00:1", L4::Icmpv6).icmp_type(135);
+            verdict(kernel, &frame.build())
         };
         assert_eq!(neighbour_solicitation(&deny_all("")), XDP_PASS);
         assert_eq!(
             neighbour_solicitation(&deny_all("essentials = false")),
             XDP_DROP
         );
-        let mut echo6 = Frame::v6("fe80::1", "fd00::1", L4::Icmpv6).build();
-        echo6[54] = 128;
+        let echo6 = Frame::v6("fe80::1", "fd00::1", L4::Icmpv6)
+            .icmp_type(128)
+            .build();
         assert_eq!(
             verdict(&deny_all(""), &echo6),
             XDP_DROP,
@@ -703,8 +716,9 @@ mod state {
     fn stateless_mode_ignores_flows() {
         let mut kernel = deny_all("established = false");
         let out = Frame::v4(HOST, PEER, L4::Udp { dport: 53 }).build();
-        let mut reply = Frame::v4(PEER, HOST, L4::Udp { dport: SOURCE_PORT }).build();
-        reply[34..36].copy_from_slice(&53u16.to_be_bytes());
+        let reply = Frame::v4(PEER, HOST, L4::Udp { dport: SOURCE_PORT })
+            .sport(53)
+            .build();
         track(&mut kernel, &out, 0);
         assert_eq!(verdict(&kernel, &reply), XDP_DROP);
     }
@@ -786,11 +800,8 @@ fn an_interrupted_write_leaves_nothing_behind() {
 /// L3 program: the same rules, the version nibble instead of an EtherType.
 mod l3 {
     use super::*;
-    use firewall::analysis::reference::{
-        evaluate_layer, outbound_flow, parse_frame_on, FlowTable, Parsed,
-    };
+    use firewall::analysis::reference::{outbound_flow, parse_frame_on, Parsed};
     use firewall::dataplane::monotonic_now_ns;
-    use firewall::host::link::LinkLayer;
     use firewall_common::{FlowState, STAT_ESTABLISHED};
 
     fn verdict_l3(kernel: &Kernel, frame: &[u8]) -> u32 {
@@ -802,11 +813,7 @@ mod l3 {
 
     fn want(set: &RuleSet, frame: &[u8], flows: &FlowTable) -> (u32, Reason) {
         let decision = evaluate_layer(set, LinkLayer::Ip, frame, None, flows);
-        let action = match decision.verdict {
-            Verdict::Pass => XDP_PASS,
-            Verdict::Drop => XDP_DROP,
-        };
-        (action, decision.reason)
+        (xdp_action(decision.verdict), decision.reason)
     }
 
     /// Like [`check`], through the L3 program; the reference evaluator must agree.
@@ -823,77 +830,7 @@ mod l3 {
 
     #[test]
     fn ipv4_and_ipv6_by_protocol() {
-        check_l3(&[
-            (
-                "tcp4 ssh from lan",
-                tcp4("10.1.2.3", 22).build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "tcp4 ssh from outside",
-                tcp4("192.0.2.9", 22).build_ip(),
-                XDP_DROP,
-            ),
-            (
-                "tcp4 denied port",
-                tcp4("10.1.2.3", 23).build_ip(),
-                XDP_DROP,
-            ),
-            ("tcp4 web", tcp4("192.0.2.9", 8080).build_ip(), XDP_PASS),
-            (
-                "udp4 web",
-                Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "udp4 denied",
-                Frame::v4("10.1.1.1", "10.0.0.1", L4::Udp { dport: 22 }).build_ip(),
-                XDP_DROP,
-            ),
-            (
-                "icmp4",
-                Frame::v4("192.0.2.9", "10.0.0.1", L4::Icmp).build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "tcp6 ssh from lan",
-                tcp6("2001:db8::7", 22).build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "tcp6 ssh from outside",
-                tcp6("2001:db9::7", 22).build_ip(),
-                XDP_DROP,
-            ),
-            (
-                "udp6 web",
-                Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 8050 }).build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "udp6 denied",
-                Frame::v6("2001:db9::7", "fd00::1", L4::Udp { dport: 53 }).build_ip(),
-                XDP_DROP,
-            ),
-            (
-                "icmpv6",
-                Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "tcp6 behind extension headers",
-                tcp6("2001:db8::1", 22)
-                    .ext_header(EXT_HOP_BY_HOP, 8)
-                    .ext_header(EXT_AUTH, 12)
-                    .build_ip(),
-                XDP_PASS,
-            ),
-            (
-                "ipv4 options",
-                tcp4("192.0.2.9", 22).ipv4_options(12).build_ip(),
-                XDP_DROP,
-            ),
-        ]);
+        check_l3(&built(protocol_rows(), Frame::build_ip));
     }
 
     #[test]
@@ -943,66 +880,12 @@ mod l3 {
     /// Every prefix of valid packets: cut headers are malformed, cut payload is not.
     #[test]
     fn every_truncation_is_handled() {
-        let kernel = kernel();
-        let set = rule_set();
-        let frames = [
-            tcp4("10.1.2.3", 22).ipv4_options(8).payload(4).build_ip(),
-            tcp6("2001:db8::1", 22)
-                .ext_header(EXT_HOP_BY_HOP, 8)
-                .ext_header(EXT_AUTH, 12)
-                .payload(4)
-                .build_ip(),
-            Frame::v4("192.0.2.9", "10.0.0.1", L4::Udp { dport: 80 }).build_ip(),
-            Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6).build_ip(),
-        ];
-        let mut malformed = 0;
-        // BPF_PROG_TEST_RUN for XDP takes at least 14 bytes.
-        for frame in &frames {
-            for len in 14..=frame.len() {
-                let cut = &frame[..len];
-                let (expected, reason) = want(&set, cut, &FlowTable::default());
-                assert_eq!(
-                    verdict_l3(&kernel, cut),
-                    expected,
-                    "cut to {len} of {}",
-                    frame.len()
-                );
-                if reason == Reason::Malformed {
-                    malformed += 1;
-                    assert!(len < frame.len());
-                }
-            }
-            assert_ne!(
-                want(&set, frame, &FlowTable::default()).1,
-                Reason::Malformed
-            );
-        }
-        assert!(
-            malformed > 100,
-            "truncations counted as malformed: {malformed}"
-        );
+        check_truncations(LinkLayer::Ip);
     }
 
     #[test]
     fn bad_lengths_are_malformed() {
-        let good = tcp4("10.1.2.3", 22).build_ip();
-        let mut long_total = good.clone();
-        long_total[2..4].copy_from_slice(&2000u16.to_be_bytes());
-        let mut short_ihl = good.clone();
-        short_ihl[0] = 0x44;
-        let mut tcp_cut_by_total = good.clone();
-        tcp_cut_by_total[2..4].copy_from_slice(&30u16.to_be_bytes());
-        let mut payload_too_long = tcp6("2001:db8::1", 22).build_ip();
-        payload_too_long[4..6].copy_from_slice(&500u16.to_be_bytes());
-        let mut padded = good.clone();
-        padded.extend([0; 12]);
-        check_l3(&[
-            ("total length beyond frame", long_total, XDP_DROP),
-            ("IHL below 5", short_ihl, XDP_DROP),
-            ("TCP header beyond total length", tcp_cut_by_total, XDP_DROP),
-            ("IPv6 payload beyond frame", payload_too_long, XDP_DROP),
-            ("trailing bytes after the packet", padded, XDP_PASS),
-        ]);
+        check_l3(&built(bad_length_rows(), Frame::build_ip));
     }
 
     /// Replies to the host's flows and ICMP errors quoting them pass before the rules, as on
@@ -1015,18 +898,18 @@ mod l3 {
         kernel.apply(&compile(&set).unwrap()).unwrap();
         let (host, peer) = ("10.0.0.1", "198.51.100.7");
         let out = Frame::v4(host, peer, L4::Udp { dport: 53 }).build_ip();
-        let mut reply = Frame::v4(peer, host, L4::Udp { dport: SOURCE_PORT }).build_ip();
-        reply[20..22].copy_from_slice(&53u16.to_be_bytes());
-        let mut unreachable = Frame::v4(peer, host, L4::Icmp)
-            .payload(out.len())
+        let reply = Frame::v4(peer, host, L4::Udp { dport: SOURCE_PORT })
+            .sport(53)
             .build_ip();
-        unreachable[20] = 3;
-        unreachable[28..].copy_from_slice(&out);
+        let unreachable = Frame::v4(peer, host, L4::Icmp)
+            .icmp_type(3)
+            .payload_data(&out)
+            .build_ip();
         let out6 = Frame::v6("fd00::1", "2001:db8::7", L4::Tcp { dport: 443 }).build_ip();
-        let mut reply6 = Frame::v6("2001:db8::7", "fd00::1", L4::Tcp { dport: SOURCE_PORT })
-            .tcp_flags(TCP_ACK)
-            .build_ip();
-        reply6[40..42].copy_from_slice(&443u16.to_be_bytes());
+        let reply6_frame = Frame::v6("2001:db8::7", "fd00::1", L4::Tcp { dport: SOURCE_PORT })
+            .sport(443)
+            .tcp_flags(TCP_ACK);
+        let reply6 = reply6_frame.build_ip();
         let replies = [&reply, &unreachable, &reply6];
         for frame in replies {
             assert_eq!(verdict_l3(&kernel, frame), XDP_DROP, "no flow yet");
@@ -1060,8 +943,7 @@ mod l3 {
         }
         let after = kernel.counters().unwrap()[STAT_ESTABLISHED as usize].packets;
         assert_eq!(after - before, 3);
-        let mut syn6 = reply6.clone();
-        syn6[40 + 13] = TCP_SYN;
+        let syn6 = reply6_frame.tcp_flags(TCP_SYN).build_ip();
         assert_eq!(verdict_l3(&kernel, &syn6), XDP_DROP, "a SYN never replies");
     }
 }
@@ -1088,16 +970,11 @@ mod dhcp {
 
     /// A UDP frame from `src`:`sport` to `dst`:`dport`.
     fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
-        let v6 = src.contains(':');
-        let frame = if v6 {
-            Frame::v6(src, dst, L4::Udp { dport })
-        } else {
-            Frame::v4(src, dst, L4::Udp { dport })
-        };
-        let mut frame = frame.payload(32).build();
-        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
-        frame[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
-        frame
+        let (src, dst) = (src.parse().unwrap(), dst.parse().unwrap());
+        Frame::new(src, dst, L4::Udp { dport })
+            .sport(sport)
+            .payload(32)
+            .build()
     }
 
     fn discover() -> Vec<u8> {
@@ -1190,7 +1067,7 @@ mod dhcp {
     /// by the rules (and the reference evaluator agrees).
     #[test]
     fn stale_foreign_or_switched_off_replies_are_judged_by_the_rules() {
-        use firewall::analysis::reference::{evaluate_on, FlowTable};
+        use firewall::analysis::reference::evaluate_on;
         // A machine up for less than the ages below (a test VM) waits.
         while monotonic_now_ns() < 70 * SECOND {
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -1234,10 +1111,7 @@ mod dhcp {
             };
             for frame in [offer(), advertise()] {
                 assert_eq!(verdict(&kernel, &frame), want, "{name}");
-                let reference = match evaluate_on(&set, &frame, Some("lo"), &table).verdict {
-                    Verdict::Pass => XDP_PASS,
-                    Verdict::Drop => XDP_DROP,
-                };
+                let reference = xdp_action(evaluate_on(&set, &frame, Some("lo"), &table).verdict);
                 assert_eq!(reference, want, "{name}: the reference disagrees");
             }
         }

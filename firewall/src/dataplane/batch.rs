@@ -9,6 +9,8 @@ use anyhow::{anyhow, Result};
 use aya::maps::{HashMap, Map, MapData};
 use aya::Pod;
 
+use crate::dataplane::sys::bpf;
+
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per call: bounds the time the kernel spends in one syscall.
@@ -88,17 +90,7 @@ fn call<K, V>(
     };
     // SAFETY: `attr` points at arrays of `count` keys and values of the map's sizes (`hash_fd`
     // checked them), alive for the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(command, &mut attr)? };
     if attr.count as usize != keys.len() {
         return Err(io::Error::other(format!(
             "the kernel took {} of {} entries",

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::dataplane::sys::bpf;
+
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/firewall";
 
 /// `statfs` type of bpffs.
@@ -318,28 +320,16 @@ struct InfoAttr {
     info: u64,
 }
 
-fn bpf(command: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` points to a `union bpf_attr` member of `size` bytes that outlives the call.
-    let result = unsafe { libc::syscall(libc::SYS_bpf, command, attr, size) };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(result)
-}
-
 /// Opens the object pinned at `path` (a link, here).
 pub fn open_pinned(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
     let c_path = CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjAttr {
+    let mut attr = ObjAttr {
         pathname: c_path.as_ptr() as u64,
         ..ObjAttr::default()
     };
-    let fd = bpf(
-        BPF_OBJ_GET,
-        (&attr as *const ObjAttr).cast(),
-        size_of::<ObjAttr>(),
-    )?;
+    // SAFETY: `obj` member with a C string that outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr)? };
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -348,17 +338,13 @@ pub fn open_pinned(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
 pub fn pin_fd(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let c_path = CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjAttr {
+    let mut attr = ObjAttr {
         pathname: c_path.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
         file_flags: 0,
     };
-    bpf(
-        BPF_OBJ_PIN,
-        (&attr as *const ObjAttr).cast(),
-        size_of::<ObjAttr>(),
-    )
-    .map(|_| ())
+    // SAFETY: `obj` member with a C string that outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(|_| ())
 }
 
 /// The interface an XDP or TCX link is attached to; 0 once its interface is gone (the kernel
@@ -368,15 +354,12 @@ pub fn link_ifindex(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
     // struct bpf_link_info: type, id, prog_id, then a union that starts at offset 16 (it has
     // 64-bit members) whose xdp and tcx members both begin with the ifindex.
     let mut info = [0u32; 16];
-    let attr = InfoAttr {
+    let mut attr = InfoAttr {
         bpf_fd: fd.as_raw_fd() as u32,
         info_len: size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        (&attr as *const InfoAttr).cast(),
-        size_of::<InfoAttr>(),
-    )?;
+    // SAFETY: `info` member pointing at `info_len` writable bytes that outlive the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(info[4])
 }

@@ -16,8 +16,22 @@ pub use firewall_common::proto::{
     NEXTHDR_HOP as EXT_HOP_BY_HOP, NEXTHDR_ROUTING as EXT_ROUTING,
 };
 
-/// Source port of built TCP and UDP packets.
+use crate::analysis::reference::Verdict;
+
+/// Source port of built TCP and UDP packets, unless [`Frame::sport`] sets another.
 pub const SOURCE_PORT: u16 = 0xc001;
+
+/// The XDP actions the tests expect (`enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// The XDP action of a verdict of the reference evaluator.
+pub fn xdp_action(verdict: Verdict) -> u32 {
+    match verdict {
+        Verdict::Pass => XDP_PASS,
+        Verdict::Drop => XDP_DROP,
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
@@ -44,24 +58,27 @@ impl L4 {
         }
     }
 
-    fn bytes(self, tcp_flags: u8) -> Vec<u8> {
+    /// The upper-layer header, from the frame's settings.
+    fn bytes(self, frame: &Frame) -> Vec<u8> {
+        let ports = |dport: u16| [frame.sport.to_be_bytes(), dport.to_be_bytes()].concat();
+        // ICMP: type, code, checksum, identifier, sequence.
+        let icmp =
+            |echo_request: u8| vec![frame.icmp_type.unwrap_or(echo_request), 0, 0, 0, 0, 1, 0, 1];
         match self {
             L4::Tcp { dport } => {
-                let mut tcp = vec![0xc0, 0x01];
-                tcp.extend_from_slice(&dport.to_be_bytes());
-                tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, tcp_flags, 0xff, 0xff]);
+                let mut tcp = ports(dport);
+                tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, frame.tcp_flags, 0xff, 0xff]);
                 tcp.extend_from_slice(&[0, 0, 0, 0]);
                 tcp
             }
             L4::Udp { dport } => {
-                let mut udp = vec![0xc0, 0x01];
-                udp.extend_from_slice(&dport.to_be_bytes());
+                let mut udp = ports(dport);
                 udp.extend_from_slice(&[0, 8, 0, 0]);
                 udp
             }
-            // Echo request: type, code, checksum, identifier, sequence.
-            L4::Icmp => vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0, 1, 0, 1],
-            L4::Icmpv6 => vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 1, 0, 1],
+            // Echo request unless `Frame::icmp_type` sets another type.
+            L4::Icmp => icmp(ICMP_ECHO_REQUEST),
+            L4::Icmpv6 => icmp(ICMPV6_ECHO_REQUEST),
             L4::Other(_) => vec![0; 8],
         }
     }
@@ -79,8 +96,25 @@ pub struct Frame {
     fragment: Option<(u16, bool)>,
     /// IPv6 extension headers before the upper layer: (kind, length in bytes).
     ext_headers: Vec<(u8, usize)>,
-    payload: usize,
+    /// What follows the upper-layer header.
+    payload: Vec<u8>,
     tcp_flags: u8,
+    sport: u16,
+    /// The ICMP(v6) type; `None`: an echo request.
+    icmp_type: Option<u8>,
+    lies: Lies,
+}
+
+/// IP header fields that contradict the packet, and bytes after it: for malformed-packet
+/// tests. Written after the header checksum, as a corrupted packet has them.
+#[derive(Clone, Debug, Default)]
+struct Lies {
+    version: Option<u8>,
+    ihl: Option<u8>,
+    /// IPv4 total length or IPv6 payload length.
+    length: Option<u16>,
+    /// Zero bytes after the IP packet (Ethernet padding, say).
+    trailer: usize,
 }
 
 impl Frame {
@@ -98,8 +132,11 @@ impl Frame {
             ipv4_options: 0,
             fragment: None,
             ext_headers: Vec::new(),
-            payload: 0,
+            payload: Vec::new(),
             tcp_flags: TCP_SYN,
+            sport: SOURCE_PORT,
+            icmp_type: None,
+            lies: Lies::default(),
         }
     }
 
@@ -151,8 +188,51 @@ impl Frame {
         self
     }
 
+    /// Source port of TCP and UDP (default [`SOURCE_PORT`]).
+    pub fn sport(mut self, port: u16) -> Frame {
+        self.sport = port;
+        self
+    }
+
+    /// ICMP or ICMPv6 type (default: echo request).
+    pub fn icmp_type(mut self, kind: u8) -> Frame {
+        self.icmp_type = Some(kind);
+        self
+    }
+
+    /// The IP version nibble, whatever the header is.
+    pub fn version_nibble(mut self, version: u8) -> Frame {
+        self.lies.version = Some(version);
+        self
+    }
+
+    /// The IPv4 header length field (in 32-bit words), whatever the header's length is.
+    pub fn ihl(mut self, words: u8) -> Frame {
+        self.lies.ihl = Some(words);
+        self
+    }
+
+    /// The IPv4 total length or IPv6 payload length field, whatever the packet's length is.
+    pub fn length_field(mut self, length: u16) -> Frame {
+        self.lies.length = Some(length);
+        self
+    }
+
+    /// `bytes` zero bytes after the IP packet, outside its length.
+    pub fn trailer(mut self, bytes: usize) -> Frame {
+        self.lies.trailer = bytes;
+        self
+    }
+
+    /// `bytes` of filler after the upper-layer header.
     pub fn payload(mut self, bytes: usize) -> Frame {
-        self.payload = bytes;
+        self.payload = vec![0x5a; bytes];
+        self
+    }
+
+    /// `data` after the upper-layer header: what an ICMP error quotes, say.
+    pub fn payload_data(mut self, data: &[u8]) -> Frame {
+        self.payload = data.to_vec();
         self
     }
 
@@ -167,9 +247,9 @@ impl Frame {
         let mut upper = if later_fragment {
             vec![0xab; 16]
         } else {
-            self.l4.bytes(self.tcp_flags)
+            self.l4.bytes(self)
         };
-        upper.extend(std::iter::repeat_n(0x5a, self.payload));
+        upper.extend_from_slice(&self.payload);
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
@@ -181,7 +261,21 @@ impl Frame {
             }
             _ => unreachable!("checked in Frame::new"),
         }
+        frame.extend(std::iter::repeat_n(0, self.lies.trailer));
         frame
+    }
+
+    /// Writes the lying fields into `ip`, whose length field is at `length_at`.
+    fn lie(&self, ip: &mut [u8], length_at: usize) {
+        if let Some(version) = self.lies.version {
+            ip[0] = version << 4 | ip[0] & 0x0f;
+        }
+        if let Some(words) = self.lies.ihl {
+            ip[0] = ip[0] & 0xf0 | words;
+        }
+        if let Some(length) = self.lies.length {
+            ip[length_at..length_at + 2].copy_from_slice(&length.to_be_bytes());
+        }
     }
 
     /// The packet as an interface without a link header carries it (tun, WireGuard, PPP,
@@ -216,6 +310,7 @@ impl Frame {
         }
         let checksum = internet_checksum(&ip);
         ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        self.lie(&mut ip, 2);
         ip.extend_from_slice(upper);
         ip
     }
@@ -252,6 +347,7 @@ impl Frame {
         ip.extend_from_slice(&src.octets());
         ip.extend_from_slice(&dst.octets());
         ip.extend(payload);
+        self.lie(&mut ip, 4);
         ip
     }
 }
@@ -368,6 +464,23 @@ mod tests {
         let v6 = Frame::v6("::1", "::2", L4::Icmpv6).build_ip();
         assert_eq!(v6[0] >> 4, 6);
         assert!(matches!(parse_frame_on(LinkLayer::Ip, &v6), Parsed::Ip(_)));
+    }
+
+    #[test]
+    fn setters_land_in_their_fields() {
+        let tcp = Frame::v4("10.0.0.1", "10.0.0.2", L4::Tcp { dport: 80 }).sport(443);
+        assert_eq!(tcp.build()[34..36], 443u16.to_be_bytes());
+        assert_eq!(tcp.build_ip()[20..22], 443u16.to_be_bytes());
+        let echo = Frame::v4("10.0.0.1", "10.0.0.2", L4::Icmp).build();
+        assert_eq!(echo[34], ICMP_ECHO_REQUEST);
+        let quoted = [0x45, 1, 2, 3];
+        let error = Frame::v6("::1", "::2", L4::Icmpv6)
+            .icmp_type(1)
+            .payload_data(&quoted)
+            .build();
+        assert_eq!(error[54], 1);
+        assert_eq!(error[54 + 8..], quoted);
+        assert_eq!(u16::from_be_bytes([error[18], error[19]]), 8 + 4);
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! Reading and seeding the state the kernel programs keep: the host's flows, its DHCP
+//! requests and the counters.
+use anyhow::Result;
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use firewall_common::{map_names, Counter, FlowKey, FlowState, STAT_SLOTS};
+
+use crate::dataplane::sys::monotonic_now_ns;
+use crate::dataplane::Kernel;
+
+impl Kernel {
+    /// Adds flows as fresh (the host's existing connections at start-up).
+    pub fn add_flows(&mut self, keys: &[FlowKey]) -> Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map_mut(map_names::FLOWS)?)?;
+        let state = FlowState {
+            last_seen_ns: monotonic_now_ns(),
+            flags: 0,
+            _pad: 0,
+        };
+        for key in keys {
+            flows.insert(key, state, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The record of the host's last DHCP request per interface, as `(ifindex, ns)`.
+    pub fn dhcp_requests(&self) -> Result<Vec<(u32, u64)>> {
+        let requests: HashMap<&MapData, u32, u64> =
+            HashMap::try_from(self.map(map_names::DHCP_REQUESTS)?)?;
+        Ok(requests.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Counters summed over CPUs, indexed by `firewall_common::STAT_*` slot.
+    pub fn counters(&self) -> Result<Vec<Counter>> {
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(map_names::STATS)?)?;
+        (0..STAT_SLOTS)
+            .map(|slot| {
+                let per_cpu = stats.get(&slot, 0)?;
+                Ok(Counter::sum(per_cpu.iter()))
+            })
+            .collect()
+    }
+}
+
+/// Setters that put the kernel in a known state for tests.
+#[cfg(feature = "testing")]
+mod testing {
+    use anyhow::Result;
+    use aya::maps::{HashMap, Map, MapData};
+    use aya::Pod;
+    use firewall_common::{map_names, FlowKey, FlowState};
+
+    use crate::dataplane::Kernel;
+
+    impl Kernel {
+        /// Replaces the tracked flows.
+        pub fn set_flows(&mut self, table: &[(FlowKey, FlowState)]) -> Result<()> {
+            replace_entries(self.map_mut(map_names::FLOWS)?, table)
+        }
+
+        /// Replaces the record of the host's last DHCP request per interface: `(ifindex,
+        /// CLOCK_MONOTONIC ns)`.
+        pub fn set_dhcp_requests(&mut self, table: &[(u32, u64)]) -> Result<()> {
+            replace_entries(self.map_mut(map_names::DHCP_REQUESTS)?, table)
+        }
+    }
+
+    /// Makes a hash map hold exactly `table`.
+    fn replace_entries<K: Pod, V: Pod>(map: &mut Map, table: &[(K, V)]) -> Result<()> {
+        let mut hash: HashMap<&mut MapData, K, V> = HashMap::try_from(map)?;
+        let stale: Vec<K> = hash.keys().collect::<Result<_, _>>()?;
+        for key in stale {
+            hash.remove(&key)?;
+        }
+        for (key, value) in table {
+            hash.insert(key, value, 0)?;
+        }
+        Ok(())
+    }
+}
