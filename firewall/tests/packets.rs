@@ -10,42 +10,7 @@ use firewall::testing::packet::*;
 use firewall_common::{STAT_DEFAULT_DENY, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED};
 
 /// Allows SSH from 10/8 and 2001:db8::/32, web from anywhere, ICMP echo; denies the rest.
-const RULES: &str = r#"
-[defaults]
-policy = "deny"
-
-[[rules]]
-name = "ssh-from-lan"
-action = "allow"
-proto = "tcp"
-from = ["10.0.0.0/8", "2001:db8::/32"]
-ports = [22]
-
-[[rules]]
-name = "block-bad-host"
-action = "deny"
-from = ["10.6.6.6"]
-
-[[rules]]
-name = "web"
-action = "allow"
-ports = [80, "8000-8100"]
-
-[[rules]]
-name = "icmp"
-action = "allow"
-proto = "icmp"
-
-[[rules]]
-name = "icmpv6"
-action = "allow"
-proto = "icmpv6"
-
-[[rules]]
-name = "gre-to-tunnel-endpoint"
-action = "allow"
-to = ["192.0.2.1/32"]
-"#;
+const RULES: &str = include_str!("fixtures/packets.toml");
 
 fn rule_set() -> RuleSet {
     parse_rules("packets.toml", RULES).unwrap()
