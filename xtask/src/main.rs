@@ -3,7 +3,6 @@
 //! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
 //! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
 //! (no system LLVM needed), and the Debian packages the tests use.
-mod host;
 mod install;
 mod setup;
 mod vm;
@@ -13,6 +12,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+use vm::host;
 
 #[derive(Parser)]
 struct Cli {
@@ -182,7 +183,14 @@ fn main() -> Result<()> {
             );
             let suites_seconds = timer.elapsed().as_secs_f64();
             // The installed service on a real host, after the suites whatever their result.
-            let host = host_test(&env, &root, &host_options(vm::Accel::Auto, "default.toml"));
+            let host = host_test(
+                &env,
+                &root,
+                &host::HostOptions {
+                    machine: vm::Machine::default(),
+                    rules: "default.toml".into(),
+                },
+            );
             println!(
                 "test: VM suites {} in {suites_seconds:.0} s, host checks {}",
                 if suites.is_ok() { "passed" } else { "FAILED" },
@@ -253,21 +261,16 @@ fn main() -> Result<()> {
             rules,
             extra,
         } => {
-            let options = vm::Options {
+            let machine = vm::Machine {
                 accel,
                 memory_mib: memory,
                 cpus,
-                verbose,
             };
             if matches!(mode, Some(VmMode::Host | VmMode::HostTest)) {
                 if !kernel.is_empty() || modules.is_some() || !extra.is_empty() {
                     bail!("vm host boots Debian 12's own kernel and runs the installed unit: no --kernel, --modules or extra arguments");
                 }
-                let options = host::HostOptions {
-                    memory_mib: memory,
-                    cpus,
-                    ..host_options(accel, &rules)
-                };
+                let options = host::HostOptions { machine, rules };
                 if mode == Some(VmMode::Host) {
                     host::run(&env, &root, &options, true)?;
                     return Ok(());
@@ -285,6 +288,7 @@ fn main() -> Result<()> {
             } else {
                 vm::Plan::Firewall { rules, extra }
             };
+            let options = vm::Options { machine, verbose };
             run_vm(&env, &root, &kernels, modules, &options, &plan)
         }
         Task::Bench => {
@@ -296,15 +300,6 @@ fn main() -> Result<()> {
                 .status()?;
             check(status, "cargo bench")
         }
-    }
-}
-
-fn host_options(accel: vm::Accel, rules: &str) -> host::HostOptions {
-    host::HostOptions {
-        accel,
-        memory_mib: vm::MEMORY_MIB,
-        cpus: vm::CPUS,
-        rules: rules.to_string(),
     }
 }
 
