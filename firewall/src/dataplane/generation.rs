@@ -2,7 +2,7 @@
 //! the entries that differ from what the generation holds are written, so a reload that
 //! changes one rule costs a handful of map updates.
 use std::borrow::Cow;
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 use std::hash::Hash;
 
 use anyhow::{Context as _, Result};
@@ -163,10 +163,7 @@ impl Kernel {
         (new, old): (&AddressTable<N>, Option<&AddressTable<N>>),
         key: fn(u32, &N) -> Key<K>,
     ) -> Result<usize> {
-        let prefixes = diff(
-            &entries(old.map(|o| o.trie.as_slice())),
-            &entries(Some(&new.trie)),
-        );
+        let prefixes = diff(&entries(old.map(|o| o.trie.as_slice())), &new.trie);
         let mut map: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(self.map_mut(trie)?)?;
         for net in &prefixes.stale {
             map.remove(&key(gen, net))?;
@@ -179,10 +176,7 @@ impl Kernel {
             data.as_mut()[0] = exact_word(gen, field, level_index::<N>(net.length())).to_be();
             data
         };
-        let exact = diff(
-            &entries(old.map(|o| o.exact.as_slice())),
-            &entries(Some(&new.exact)),
-        );
+        let exact = diff(&entries(old.map(|o| o.exact.as_slice())), &new.exact);
         let stale: Vec<K> = exact.stale.iter().map(exact_key).collect();
         let changed: Vec<(K, RuleBits)> = exact
             .changed
@@ -199,7 +193,7 @@ impl Kernel {
     /// nothing. Interfaces that do not exist (yet) are skipped with a warning: rules naming
     /// only them match nothing.
     fn write_interfaces(&mut self, gen: u32, new: &Compiled, fresh: bool) -> Result<usize> {
-        let new_map: StdHashMap<u32, RuleBits> = new
+        let new_list: Vec<(u32, RuleBits)> = new
             .ifaces
             .iter()
             .filter_map(|(name, bits)| match ifindex(name) {
@@ -213,7 +207,8 @@ impl Kernel {
         // What the generation holds: nothing when it is fresh or was just cleared.
         let old_map = std::mem::take(&mut self.ifaces_written[gen as usize]);
         let old_map = if fresh { StdHashMap::new() } else { old_map };
-        let ifaces = diff(&old_map, &new_map);
+        let ifaces = diff(&old_map, &new_list);
+        let new_map: StdHashMap<u32, RuleBits> = new_list.into_iter().collect();
         let mut map: HashMap<&mut MapData, IfaceKey, RuleBits> =
             HashMap::try_from(self.map_mut(IFACE_BITS)?)?;
         for index in &ifaces.stale {
@@ -260,20 +255,23 @@ impl<K, V> Diff<K, V> {
     }
 }
 
+/// Changed entries come in `new`'s order (the compiler's, which is sorted), so a generation is
+/// written in the same order on every run.
 fn diff<K: Copy + Eq + Hash, V: Copy + PartialEq>(
     old: &StdHashMap<K, V>,
-    new: &StdHashMap<K, V>,
+    new: &[(K, V)],
 ) -> Diff<K, V> {
+    let new_keys: HashSet<K> = new.iter().map(|(key, _)| *key).collect();
     Diff {
         stale: old
             .keys()
-            .filter(|key| !new.contains_key(key))
+            .filter(|key| !new_keys.contains(key))
             .copied()
             .collect(),
         changed: new
             .iter()
             .filter(|(key, value)| old.get(key) != Some(value))
-            .map(|(key, value)| (*key, *value))
+            .copied()
             .collect(),
     }
 }
