@@ -20,8 +20,16 @@ pub const MAX_HEADER_OFFSET: usize = 4096;
 pub const GENERATIONS: u32 = 2;
 /// Destination ports per generation: the index space of the port-class map.
 pub const PORTS: u32 = 1 << 16;
-/// IP protocol numbers per generation: the index space of the protocol map.
+/// IP protocol numbers: the index space of the protocol map, per family.
 pub const PROTOS: u32 = 256;
+/// Protocol map slots per generation: IPv4's protocols, then IPv6's. A rule whose addresses
+/// (in `from` or in `to`) are all of one family is left out of the other family's sets, so
+/// that a packet of that other family never looks up its addresses on the rule's account.
+pub const PROTO_SLOTS: u32 = 2 * PROTOS;
+/// Slot of an IP protocol of a family in a generation's protocol map.
+pub const fn proto_slot(v6: bool, proto: u8) -> u32 {
+    (v6 as u32) * PROTOS + proto as u32
+}
 /// Distinct destination-port classes per generation. Class 0 is "packet has no port".
 pub const MAX_PORT_CLASSES: u32 = 4096;
 /// Entries per address trie (both generations together, so two full rule sets of up to a
@@ -173,6 +181,20 @@ pub struct FlowState {
 pub const FLOW_CLOSING: u32 = 1;
 /// Flows tracked at once (LRU: the least recently used is evicted).
 pub const MAX_FLOWS: u32 = 262_144;
+
+/// The `LOCAL_PORTS` map keeps, per local TCP and UDP port, the tick (`ns >>
+/// LOCAL_PORT_TICK_SHIFT`, about a second) of the host's last packet sent from it; 0 means
+/// never (the first tick after boot is stored as 1). A reply can only belong to a live flow if
+/// its destination port was used that recently, so the XDP program skips the flow lookup for
+/// every other port: a flood to a port the host does not send from never pays for it.
+pub const LOCAL_PORT_TICK_SHIFT: u32 = 30;
+/// Slot of a local port in `LOCAL_PORTS`: TCP ports first, then UDP.
+pub const fn local_port_slot(udp: bool, port: u16) -> u32 {
+    (udp as u32) * PORTS + port as u32
+}
+/// Ticks a port stays in use past its flows' idle timeout: the tick is cut down from the
+/// flow's own clock, and the XDP program reads a coarser clock that lags it.
+pub const LOCAL_PORT_SLACK_TICKS: u32 = 2;
 
 /// Packet and byte counter, one per CPU per slot.
 #[repr(C)]
@@ -397,6 +419,8 @@ pub mod map_names {
     pub const RATE_BUCKETS: &str = "FW_RATE_BUCKETS";
     /// Ingress ifindex -> when the host last sent a DHCP request there.
     pub const DHCP_REQUESTS: &str = "FW_DHCP_REQUESTS";
+    /// Local TCP/UDP port -> tick of the host's last packet from it (`LOCAL_PORT_TICK_SHIFT`).
+    pub const LOCAL_PORTS: &str = "FW_LOCAL_PORTS";
     /// Not pinned: each daemon reads the log lines of its own program.
     pub const LOG_EVENTS: &str = "FW_LOG_EVENTS";
 }

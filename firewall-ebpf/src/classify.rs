@@ -1,12 +1,17 @@
 //! Classification by bit vectors: one lookup per packet field returns the set of rules that
 //! field matches; the lowest rule in the intersection is the first match. The cost is five
-//! lookups (an address can take a few) plus an AND of the sets' word summaries and of the words both summaries allow,
-//! whatever the number of rules.
+//! lookups (an address can take a few) plus an AND of the sets' word summaries and of the
+//! words they all allow, whatever the number of rules.
+//!
+//! The cheap fields come first: protocol, port and interface are array reads, addresses are
+//! hash and trie lookups. When no rule allows the packet's protocol, port and interface, or
+//! the first rule that does matches every address, the addresses are never looked up; that
+//! is what a flood to a closed port costs.
 use aya_ebpf::maps::{lpm_trie::Key, LpmTrie};
 use firewall_common::{
-    exact_word, GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS, CHECK_IFACES,
-    EXACT_BITS_PER_FIELD, GEN_PREFIX_BITS, MAX_PORT_CLASSES, PORTS, PROTOS, RULE_WORDS,
-    TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, V4_LEVELS,
+    exact_word, proto_slot, GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS,
+    CHECK_IFACES, EXACT_BITS_PER_FIELD, GEN_PREFIX_BITS, MAX_PORT_CLASSES, PORTS, PROTO_SLOTS,
+    RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, V4_LEVELS,
 };
 
 use crate::{
@@ -25,18 +30,7 @@ pub fn first_match(
     packet: &Packet,
     ifindex: u32,
 ) -> Option<u32> {
-    let (src, dst) = if packet.v6 {
-        (
-            address_v6(gen, config, TRIE_SRC_V6, &SRC_V6, &packet.src)?,
-            address_v6(gen, config, TRIE_DST_V6, &DST_V6, &packet.dst)?,
-        )
-    } else {
-        (
-            address_v4(gen, config, TRIE_SRC_V4, &SRC_V4, packet.src[0])?,
-            address_v4(gen, config, TRIE_DST_V4, &DST_V4, packet.dst[0])?,
-        )
-    };
-    let proto = PROTO_BITS.get(gen * PROTOS + u32::from(packet.proto))?;
+    let proto = PROTO_BITS.get(gen * PROTO_SLOTS + proto_slot(packet.v6, packet.proto))?;
     let class = match packet.dport() {
         Some(port) => *PORT_CLASS.get(gen * PORTS + u32::from(port))?,
         None => 0,
@@ -55,6 +49,29 @@ pub fn first_match(
         }
     } else {
         proto
+    };
+    // The first rule the cheap fields allow, and whether it holds for every address.
+    let first = lowest_common_rule([proto, ports, iface, proto, proto])?;
+    let (src_field, dst_field) = if packet.v6 {
+        (TRIE_SRC_V6, TRIE_DST_V6)
+    } else {
+        (TRIE_SRC_V4, TRIE_DST_V4)
+    };
+    let any_src = ANY_ADDRESS.get(gen * ADDRESS_FIELDS + src_field)?;
+    let any_dst = ANY_ADDRESS.get(gen * ADDRESS_FIELDS + dst_field)?;
+    if any_src.contains(first as usize) && any_dst.contains(first as usize) {
+        return Some(first);
+    }
+    let (src, dst) = if packet.v6 {
+        (
+            address_v6(gen, config, TRIE_SRC_V6, &SRC_V6, &packet.src)?,
+            address_v6(gen, config, TRIE_DST_V6, &DST_V6, &packet.dst)?,
+        )
+    } else {
+        (
+            address_v4(gen, config, TRIE_SRC_V4, &SRC_V4, packet.src[0])?,
+            address_v4(gen, config, TRIE_DST_V4, &DST_V4, packet.dst[0])?,
+        )
     };
     lowest_common_rule([src, dst, proto, ports, iface])
 }
@@ -155,16 +172,13 @@ fn lowest_common_rule(sets: [&RuleBits; 5]) -> Option<u32> {
     None
 }
 
-/// Index of the lowest set bit of a non-zero word (BPF has no count-trailing-zeros).
+/// Index of the lowest set bit of a non-zero word: the bits below it counted without a
+/// branch (BPF has no count-trailing-zeros; branches here multiply the verifier's paths).
 #[inline(always)]
-fn lowest_bit(mut word: u64) -> u32 {
-    let mut index = 0;
-    for shift in [32u32, 16, 8, 4, 2, 1] {
-        let low_mask = (1u64 << shift) - 1;
-        if word & low_mask == 0 {
-            word >>= shift;
-            index += shift;
-        }
-    }
-    index
+fn lowest_bit(word: u64) -> u32 {
+    let below = (word & word.wrapping_neg()) - 1;
+    let pairs = below - ((below >> 1) & 0x5555_5555_5555_5555);
+    let nibbles = (pairs & 0x3333_3333_3333_3333) + ((pairs >> 2) & 0x3333_3333_3333_3333);
+    let bytes = (nibbles + (nibbles >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (bytes.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
 }

@@ -10,7 +10,7 @@ use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, RateKey, RateLimit, RuleBits,
     RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, LOG_EVENTS_BYTES,
     MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES,
-    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS, PROTOS, STAT_SLOTS,
+    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS, PROTO_SLOTS, STAT_SLOTS,
 };
 
 /// One element: the generation packets are classified with.
@@ -72,9 +72,10 @@ pub static IFACE_BITS: HashMap<IfaceKey, RuleBits> =
 #[map(name = "FW_OTHER_IFACES")]
 pub static OTHER_IFACES: Array<RuleBits> = Array::with_max_entries(GENERATIONS, 0);
 
-/// `gen * 256 + ip_proto` -> rules that can match that protocol.
+/// `gen * PROTO_SLOTS + proto_slot(v6, ip_proto)` -> rules that can match that protocol in
+/// that family.
 #[map(name = "FW_PROTO_BITS")]
-pub static PROTO_BITS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * PROTOS, 0);
+pub static PROTO_BITS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * PROTO_SLOTS, 0);
 
 /// `gen * 65536 + dport` -> port class; class 0 means "no port".
 #[map(name = "FW_PORT_CLASS")]
@@ -91,6 +92,11 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STAT_SLOT
 /// The host's own flows, written by the tc egress program, read by the XDP program.
 #[map(name = "FW_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// `local_port_slot(udp, port)` -> tick of the host's last TCP/UDP packet from that local
+/// port ([`firewall_common::LOCAL_PORT_TICK_SHIFT`]), written by the tc egress program.
+#[map(name = "FW_LOCAL_PORTS")]
+pub static LOCAL_PORTS: Array<u32> = Array::with_max_entries(2 * PORTS, 0);
 
 /// Ifindex -> `bpf_ktime_get_ns` of the host's last DHCP request sent there, written by the
 /// tc egress program, read by the XDP program.

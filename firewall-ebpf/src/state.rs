@@ -2,11 +2,17 @@
 //! their replies, and ICMP errors quoting them, in before the rules (like nftables'
 //! `ct state established,related`). Timeouts are idle times since the host's last packet of
 //! the flow (and the peer's FIN/RST shortens TCP's).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
-use firewall_common::{FlowKey, FlowState, GenerationConfig, FLOW_CLOSING};
+use firewall_common::{
+    local_port_slot, FlowKey, FlowState, GenerationConfig, FLOW_CLOSING, LOCAL_PORT_SLACK_TICKS,
+    LOCAL_PORT_TICK_SHIFT,
+};
 
-use crate::{maps::FLOWS, parse::Packet};
+use crate::{
+    maps::{FLOWS, LOCAL_PORTS},
+    parse::Packet,
+};
 
 #[inline(always)]
 fn key(packet: &Packet, remote: [u32; 4], local: [u32; 4]) -> FlowKey {
@@ -70,6 +76,9 @@ pub fn record_outbound(packet: &Packet) {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    if key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP {
+        stamp_local_port(key.proto == IPPROTO_UDP, key.local_port, now);
+    }
     let closing_flags = if key.proto == IPPROTO_TCP {
         packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
     } else {
@@ -95,6 +104,45 @@ pub fn record_outbound(packet: &Packet) {
     let _ = FLOWS.insert(key, state, 0);
 }
 
+/// Marks `port` as used by the host at `now_ns` (before the flow is written, so that no
+/// reply finds the flow but not its port).
+#[inline(always)]
+fn stamp_local_port(udp: bool, port: u16, now_ns: u64) {
+    // 0 stands for "never" (the first second after boot counts as the next).
+    let tick = ((now_ns >> LOCAL_PORT_TICK_SHIFT) as u32).max(1);
+    if let Some(stamp) = LOCAL_PORTS.get_ptr_mut(local_port_slot(udp, port)) {
+        // SAFETY: a value of the map; a u32 store is atomic. Written once a tick at most, so
+        // that busy ports do not bounce the cache line between CPUs.
+        unsafe {
+            if *stamp != tick {
+                *stamp = tick;
+            }
+        }
+    }
+}
+
+/// Whether the host sent from local TCP/UDP `port` recently enough for a flow of it to be
+/// alive: if not, no flow lookup can succeed.
+#[inline(always)]
+fn local_port_in_use(config: &GenerationConfig, udp: bool, port: u16) -> bool {
+    let stamp = match LOCAL_PORTS.get(local_port_slot(udp, port)) {
+        Some(0) => return false,
+        Some(&stamp) => stamp,
+        None => return true,
+    };
+    let timeout_ns = if udp {
+        config.udp_timeout_ns
+    } else if config.tcp_timeout_ns > config.tcp_closing_timeout_ns {
+        config.tcp_timeout_ns
+    } else {
+        config.tcp_closing_timeout_ns
+    };
+    // The coarse clock lags the one the stamp came from: a stamp "from the future" is now.
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } >> LOCAL_PORT_TICK_SHIFT) as u32;
+    let idle = now.saturating_sub(stamp);
+    idle <= (timeout_ns >> LOCAL_PORT_TICK_SHIFT) as u32 + LOCAL_PORT_SLACK_TICKS
+}
+
 /// Whether an inbound packet replies to (or is an ICMP error about) a live tracked flow;
 /// `start` and `end` are the packet pointers it was parsed from.
 #[inline(always)]
@@ -107,6 +155,12 @@ pub fn is_established(
     let Some(key) = inbound_key(packet, start, end) else {
         return false;
     };
+    // TCP/UDP flows (also when an ICMP error quotes one): is their local port in use at all?
+    if (key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP)
+        && !local_port_in_use(config, key.proto == IPPROTO_UDP, key.local_port)
+    {
+        return false;
+    }
     let Some(state) = FLOWS.get_ptr_mut(key) else {
         return false;
     };

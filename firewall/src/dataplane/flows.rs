@@ -1,8 +1,11 @@
 //! Reading and seeding the state the kernel programs keep: the host's flows, its DHCP
 //! requests and the counters.
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use firewall_common::{map_names, Counter, FlowKey, FlowState, STAT_SLOTS};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
+use firewall_common::{
+    local_port_slot, map_names, Counter, FlowKey, FlowState, LOCAL_PORT_TICK_SHIFT, STAT_SLOTS,
+};
 
 use crate::dataplane::sys::monotonic_now_ns;
 use crate::dataplane::Kernel;
@@ -19,6 +22,31 @@ impl Kernel {
         };
         for key in keys {
             flows.insert(key, state, 0)?;
+        }
+        self.mark_local_ports(keys.iter().map(|key| (key, state.last_seen_ns)))
+    }
+
+    /// Marks the local ports of TCP/UDP flows as in use as of their last packet, as the tc
+    /// egress program does for the flows it records: the XDP program looks up no flow on a
+    /// port that is not marked.
+    pub(crate) fn mark_local_ports<'a>(
+        &mut self,
+        flows: impl Iterator<Item = (&'a FlowKey, u64)>,
+    ) -> Result<()> {
+        let mut ports: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(map_names::LOCAL_PORTS)?)?;
+        for (key, last_seen_ns) in flows {
+            let udp = match key.proto {
+                IPPROTO_TCP => false,
+                IPPROTO_UDP => true,
+                _ => continue,
+            };
+            let slot = local_port_slot(udp, key.local_port);
+            let tick = ((last_seen_ns >> LOCAL_PORT_TICK_SHIFT) as u32).max(1);
+            // The latest of the flows that share the port.
+            if ports.get(&slot, 0)? < tick {
+                ports.set(slot, tick, 0)?;
+            }
         }
         Ok(())
     }
@@ -56,7 +84,8 @@ mod testing {
     impl Kernel {
         /// Replaces the tracked flows.
         pub fn set_flows(&mut self, table: &[(FlowKey, FlowState)]) -> Result<()> {
-            replace_entries(self.map_mut(map_names::FLOWS)?, table)
+            replace_entries(self.map_mut(map_names::FLOWS)?, table)?;
+            self.mark_local_ports(table.iter().map(|(key, state)| (key, state.last_seen_ns)))
         }
 
         /// Replaces the record of the host's last DHCP request per interface: `(ifindex,

@@ -9,10 +9,10 @@ use aya::Pod;
 use firewall_common::map_names::*;
 use firewall_common::{
     IfaceKey, RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GEN_MASK,
-    MAX_PORT_CLASSES, MAX_RULES,
+    MAX_PORT_CLASSES, MAX_RULES, PROTO_SLOTS,
 };
 
-use crate::rules::compile::{PORTS, PROTOS};
+use crate::rules::compile::PORTS;
 
 /// One map of the kernel program.
 pub struct MapSpec {
@@ -87,16 +87,24 @@ pub const MAPS: &[MapSpec] = &[
     map(EXACT_V6, hash::<V6KeyData>()),
     map(IFACE_BITS, hash::<IfaceKey>()),
     map(OTHER_IFACES, Slot),
-    map(PROTO_BITS, array::<RuleBits>(PROTOS as u32)),
+    map(PROTO_BITS, array::<RuleBits>(PROTO_SLOTS)),
     map(PORT_CLASS, array::<u32>(PORTS as u32)),
     map(PORT_BITS, array::<RuleBits>(MAX_PORT_CLASSES)),
     map(STATS, Shared),
     map(FLOWS, Shared),
     map(DHCP_REQUESTS, Shared),
+    map(LOCAL_PORTS, Shared),
     map(LOG_BUCKET, Shared),
     // Not pinned: each daemon reads the log lines of its own program.
     MapSpec {
         name: LOG_EVENTS,
+        pinned: false,
+        generations: Shared,
+    },
+    // The program's read-only data: the table LLVM makes of the lowest-set-bit count in
+    // classification. Loaded afresh with the program, nothing to keep.
+    MapSpec {
+        name: ".rodata",
         pinned: false,
         generations: Shared,
     },

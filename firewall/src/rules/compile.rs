@@ -21,9 +21,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Result};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
-    RateLimit, RuleBits, RuleName, ACTION_LIMITED, ACTION_LOG, CHECK_AUDIT, CHECK_DHCP,
+    proto_slot, RateLimit, RuleBits, RuleName, ACTION_LIMITED, ACTION_LOG, CHECK_AUDIT, CHECK_DHCP,
     CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES,
-    RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    PROTO_SLOTS, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -50,7 +50,7 @@ pub struct Compiled {
     pub log_burst_ns: u64,
     /// Per rule: its name, as `firewall stats` shows it.
     pub names: Vec<RuleName>,
-    /// Indexed by IP protocol number.
+    /// Indexed by [`proto_slot`] (family and IP protocol number).
     pub proto_bits: Vec<RuleBits>,
     /// Indexed by destination port: the port's class.
     pub port_class: Vec<u32>,
@@ -197,20 +197,31 @@ pub fn rule_name(name: &str) -> RuleName {
     RuleName { bytes }
 }
 
+/// Per family (IPv4's protocols, then IPv6's, as [`proto_slot`] indexes them): the rules
+/// that can match each protocol there. A rule that names addresses of only the other family
+/// (in `from` or in `to`) can match nothing in this one.
 fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
-    (0..PROTOS)
-        .map(|proto| {
-            let proto = proto as u8;
-            let mut bits = RuleBits::EMPTY;
+    let mut table = vec![RuleBits::EMPTY; PROTO_SLOTS as usize];
+    for v6 in [false, true] {
+        let has_family = |nets: &Option<Vec<IpNet>>| match nets {
+            None => true,
+            Some(nets) => nets.iter().any(|net| matches!(net, IpNet::V6(_)) == v6),
+        };
+        for proto in 0..=u8::MAX {
+            let bits = &mut table[proto_slot(v6, proto) as usize];
             for (index, rule) in rules.iter().enumerate() {
                 let port_ok = rule.ports.is_none() || proto == IPPROTO_TCP || proto == IPPROTO_UDP;
-                if rule.proto.matches(proto) && port_ok {
+                if rule.proto.matches(proto)
+                    && port_ok
+                    && has_family(&rule.from)
+                    && has_family(&rule.to)
+                {
                     bits.set(index);
                 }
             }
-            bits
-        })
-        .collect()
+        }
+    }
+    table
 }
 
 /// Rules without `iface` apply everywhere; a named interface adds the rules naming it.
@@ -680,6 +691,26 @@ mod tests {
                 "10.2.0.0/18"
             ]
         );
+    }
+
+    /// A rule naming addresses of one family only is in that family's protocol sets only,
+    /// whether it names them in `from` or in `to`.
+    #[test]
+    fn protocol_sets_leave_out_rules_of_the_other_family() {
+        let mut to_v6 = rule(Proto::Tcp, None, None);
+        to_v6.to = Some(vec!["2001:db8::/32".parse().unwrap()]);
+        let compiled = set(vec![
+            rule(Proto::Tcp, Some(&["10.0.0.0/8"]), None),
+            rule(Proto::Tcp, Some(&["fd00::/8"]), None),
+            rule(Proto::Tcp, Some(&["10.0.0.0/8", "fd00::/8"]), None),
+            rule(Proto::Tcp, None, None),
+            to_v6,
+        ]);
+        let tcp = |v6| compiled.proto_bits[proto_slot(v6, IPPROTO_TCP) as usize];
+        let members = |bits: RuleBits| (0..5).filter(|&r| bits.contains(r)).collect::<Vec<_>>();
+        assert_eq!(members(tcp(false)), [0, 2, 3]);
+        assert_eq!(members(tcp(true)), [1, 2, 3, 4]);
+        assert_eq!(compiled.proto_bits.len(), PROTO_SLOTS as usize);
     }
 
     #[test]
