@@ -112,27 +112,19 @@ fn bench(firewall: &Path) -> Result<()> {
         DENIED_PORT,
     )]);
 
-    let flood_desc = "flood";
+    const FLOOD: &str = "flood";
     let mut rows = vec![
-        row("no filter", Verdict::Pass, flood_desc),
-        row("bare XDP_DROP (floor)", Verdict::Drop, flood_desc),
-        row("xdp-filter, port denied", Verdict::Drop, flood_desc),
-        row(
-            "nft netdev ingress, port dropped",
-            Verdict::Drop,
-            flood_desc,
-        ),
-        row(
-            "ip6tables raw PREROUTING, port dropped",
-            Verdict::Drop,
-            flood_desc,
-        ),
-        row("firewall, 1 rule", Verdict::Drop, flood_desc),
-        row("firewall, 1,024 rules + 1M set", Verdict::Drop, flood_desc),
+        row("no filter", Verdict::Pass, FLOOD),
+        row("bare XDP_DROP (floor)", Verdict::Drop, FLOOD),
+        row("xdp-filter, port denied", Verdict::Drop, FLOOD),
+        row("nft netdev ingress drop", Verdict::Drop, FLOOD),
+        row("ip6tables raw PREROUTING drop", Verdict::Drop, FLOOD),
+        row("firewall, 1 rule", Verdict::Drop, FLOOD),
+        row("firewall, 1,024 rules + 1M set", Verdict::Drop, FLOOD),
         row(
             "firewall, 1,024 rules + 1M set",
             Verdict::Pass,
-            "established replies",
+            "established",
         ),
     ];
     let mut sizes = Vec::new();
@@ -339,8 +331,9 @@ fn report(
         let frames = total(|c| c.napi_frames).max(1) as f64;
         let dropped = total(|c| c.xdp_drops) as f64 / frames * 100.0;
         let reached = total(|c| c.reached_udp) as f64 / frames * 100.0;
+        let queue_full = total(|c| c.queue_full) as f64 / frames * 100.0;
         println!(
-            "| {} | {} | {median:.2} | {min:.2}–{max:.2} | {:.2} | {:.2} | {dropped:.0} % | {reached:.0} % |",
+            "| {} | {} | {median:.2} | {min:.2}–{max:.2} | {:.2} | {:.2} | {dropped:.0} % | {reached:.0} % | {queue_full:.0} % |",
             row.name,
             row.frames,
             median / floor,
@@ -357,7 +350,9 @@ fn report(
     println!(
         "\nMpps: frames the receiving veth's NAPI took off its queues (ethtool -S \
          rx_queue_N_xdp_packets), whatever their fate; XDP drops: rx_queue_N_xdp_drops; \
-         reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace"
+         reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace; \
+         queue full: frames the sending end could not queue (its tx_queue_N_xdp_xmit_errors), \
+         relative to those handled"
     );
     for (name, (insns, jited)) in sizes {
         println!("{name}: {insns} instructions after the verifier, {jited} bytes JIT-compiled");

@@ -80,10 +80,6 @@ pub fn clean_up_on_signals() {
     });
 }
 
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
 /// Runs `program args` and returns its stdout; fails with its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let output = Command::new(program)
@@ -191,35 +187,47 @@ impl Topology {
         run("ip", &args)
     }
 
-    /// The receiving end's counters.
+    /// The receiving end's counters, and the sending end's count of frames the receiving
+    /// queues had no room for.
     pub fn rx_counters(&self) -> Result<Counters> {
-        let stats = self.in_rx(&["ethtool", "-S", self.rx_if])?;
         let mut counters = Counters::default();
-        for line in stats.lines() {
-            let Some((name, value)) = line.trim().split_once(':') else {
+        // One command per namespace, so the two reads of an interval are alike in timing.
+        let script = format!("ethtool -S {}; cat /proc/net/snmp6", self.rx_if);
+        for line in self.in_rx(&["sh", "-c", &script])?.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(name), Some(value)) = (words.next(), words.next()) else {
                 continue;
             };
-            let value: u64 = value.trim().parse().unwrap_or(0);
-            // Per queue: rx_queue_N_xdp_packets, rx_queue_N_xdp_drops, ...
-            if let Some(rest) = name.strip_prefix("rx_queue_") {
-                match rest.split_once('_').map(|(_, counter)| counter) {
-                    Some("xdp_packets") => counters.napi_frames += value,
-                    Some("xdp_drops") => counters.xdp_drops += value,
-                    _ => {}
-                }
+            let value: u64 = value.parse().unwrap_or(0);
+            match queue_counter(name, "rx_queue_") {
+                Some("xdp_packets:") => counters.napi_frames += value,
+                Some("xdp_drops:") => counters.xdp_drops += value,
+                _ => {}
+            }
+            if matches!(name, "Udp6InDatagrams" | "Udp6NoPorts" | "Udp6InErrors") {
+                counters.reached_udp += value;
             }
         }
-        let snmp = self.in_rx(&["cat", "/proc/net/snmp6"])?;
-        for line in snmp.lines() {
+        let sender = run(
+            "ip",
+            &["netns", "exec", &self.tx_ns, "ethtool", "-S", self.tx_if],
+        )?;
+        for line in sender.lines() {
             let mut words = line.split_whitespace();
             if let (Some(name), Some(value)) = (words.next(), words.next()) {
-                if matches!(name, "Udp6InDatagrams" | "Udp6NoPorts" | "Udp6InErrors") {
-                    counters.reached_udp += value.parse::<u64>().unwrap_or(0);
+                if queue_counter(name, "tx_queue_") == Some("xdp_xmit_errors:") {
+                    counters.queue_full += value.parse::<u64>().unwrap_or(0);
                 }
             }
         }
         Ok(counters)
     }
+}
+
+/// `rx_queue_3_xdp_drops:` with prefix `rx_queue_` is `xdp_drops:` (of queue 3).
+fn queue_counter<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    let (_, counter) = name.strip_prefix(prefix)?.split_once('_')?;
+    Some(counter)
 }
 
 /// What the receiving veth end did with the frames it was given.
@@ -233,6 +241,10 @@ pub struct Counters {
     /// UDP datagrams that reached the IPv6 UDP layer (delivered, no socket, or errors such as
     /// a full receive buffer): what got past every filter.
     pub reached_udp: u64,
+    /// Frames the sending end could not queue because the receiving queue was full (the
+    /// sender's `tx_queue_N_xdp_xmit_errors`): more than zero means the receiver, not the
+    /// generator, set the pace.
+    pub queue_full: u64,
 }
 
 impl Counters {
@@ -241,6 +253,7 @@ impl Counters {
             napi_frames: self.napi_frames - before.napi_frames,
             xdp_drops: self.xdp_drops - before.xdp_drops,
             reached_udp: self.reached_udp - before.reached_udp,
+            queue_full: self.queue_full - before.queue_full,
         }
     }
 }
