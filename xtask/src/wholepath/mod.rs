@@ -315,9 +315,9 @@ fn report(
         .collect();
     let (floor, xdp_filter) = (medians[1], medians[2]);
     println!(
-        "| row | frames | Mpps | min–max | × floor | × xdp-filter | XDP drops | reached UDP |"
+        "| row | frames | Mpps | min–max | × floor | × xdp-filter | XDP drops | reached UDP | queue full |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut wrong = Vec::new();
     for (row, median) in rows.iter().zip(&medians) {
         let min = row
