@@ -259,7 +259,8 @@ mod tests {
 
     #[test]
     fn redirect_program_encodes_as_the_kernel_reads_it() {
-        // As `llvm-objdump -d` shows clang's build of `return bpf_redirect(7, 0);`.
+        // opcode, dst | src << 4, offset (le16), immediate (le32); as `llvm-objdump -d` prints
+        // the same instructions of firewall-ebpf's objects (`b7 00 00 00 01 00 00 00  r0 = 1`).
         assert_eq!(
             bytes(&redirect_program(7)),
             [
@@ -270,6 +271,11 @@ mod tests {
             ]
         );
         assert_eq!(size_of::<Insn>(), 8);
+        // floor.rs's object, disassembled: `r0 = 1; exit`.
+        assert_eq!(
+            bytes(&drop_program()),
+            [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0]
+        );
     }
 
     #[test]
