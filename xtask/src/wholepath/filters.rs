@@ -40,7 +40,7 @@ pub fn attach_floor(topology: &Topology, program: &Arc<OwnedFd>) -> Result<Owned
     let (ns, iface, program) = (topology.rx_ns.clone(), topology.rx_if, program.clone());
     std::thread::spawn(move || -> Result<OwnedFd> {
         net::enter(&ns)?;
-        let index = nix_ifindex(iface)?;
+        let index = ifindex_in_this_namespace(iface)?;
         bpf::attach_xdp(&program, index)
     })
     .join()
@@ -48,7 +48,7 @@ pub fn attach_floor(topology: &Topology, program: &Arc<OwnedFd>) -> Result<Owned
 }
 
 /// if_nametoindex in the calling thread's namespace.
-fn nix_ifindex(iface: &str) -> Result<u32> {
+fn ifindex_in_this_namespace(iface: &str) -> Result<u32> {
     let name = std::ffi::CString::new(iface)?;
     // SAFETY: a NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
