@@ -1,6 +1,6 @@
 //! `cargo xtask bench --wholepath`: packets per second through the whole receive path.
 //!
-//! Two namespaces joined by a veth pair. In the sending one, a two-instruction XDP program
+//! Two namespaces joined by a veth pair. In the sending one, a four-instruction XDP program
 //! (`return bpf_redirect(sending end, 0)`) is run by BPF_PROG_TEST_RUN in live-frames mode, as
 //! xdp-trafficgen does: each frame becomes a real XDP frame redirected out of the sending end,
 //! so the receiving end's NAPI takes it off its queue, runs its XDP program (if any) and hands
@@ -350,7 +350,8 @@ fn report(
     println!(
         "\nMpps: frames the receiving veth's NAPI took off its queues (ethtool -S \
          rx_queue_N_xdp_packets), whatever their fate; XDP drops: rx_queue_N_xdp_drops; \
-         reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace; \
+         reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace \
+         (read just after the NAPI counters, so a few % either way); \
          queue full: frames the sending end could not queue (its tx_queue_N_xdp_xmit_errors), \
          relative to those handled"
     );
