@@ -177,10 +177,9 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(firewall: &Path, topology: &Topology, rules: &Path, dir: &Path) -> Result<Daemon> {
         let started = Instant::now();
-        let pins_mount = dir.join(format!(
-            "bpffs-{}",
-            rules.file_stem().unwrap().to_string_lossy()
-        ));
+        // Two daemons run at once: pins, log and control socket named by the rule file.
+        let label = rules.file_stem().unwrap().to_string_lossy().into_owned();
+        let pins_mount = dir.join(format!("bpffs-{label}"));
         std::fs::create_dir_all(&pins_mount)?;
         // In this (the host's) mount namespace, which `ip netns exec`'s own one sees.
         run("mount", &["-t", "bpf", "bpf", pins_mount.to_str().unwrap()])?;
@@ -189,7 +188,7 @@ impl Daemon {
             let _ = run("umount", &["-l", unmount.to_str().unwrap()]);
             let _ = std::fs::remove_dir(&unmount);
         });
-        let log_path = dir.join("firewall.log");
+        let log_path = dir.join(format!("firewall-{label}.log"));
         let child = Command::new("ip")
             .args(["netns", "exec", &topology.rx_ns])
             .arg(firewall)
@@ -198,7 +197,7 @@ impl Daemon {
             .args(["--iface", topology.rx_if, "--pin-dir"])
             .arg(pins_mount.join("firewall"))
             .arg("--control")
-            .arg(dir.join("control.sock"))
+            .arg(dir.join(format!("control-{label}.sock")))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

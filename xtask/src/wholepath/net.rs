@@ -96,7 +96,8 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The sending namespace and the receiving one, joined by a veth pair.
+/// A sending namespace and a receiving one, joined by a veth pair. Each row of the bench has
+/// its own, with its filter in place for the whole run.
 pub struct Topology {
     pub tx_ns: String,
     pub rx_ns: String,
@@ -115,10 +116,10 @@ pub struct Topology {
 impl Topology {
     /// `queues` rx/tx queues on each end: veth hands a frame to the peer's queue of the
     /// sending CPU, so each sending thread feeds its own NAPI instance.
-    pub fn new(queues: usize) -> Result<Topology> {
+    pub fn new(index: usize, queues: usize) -> Result<Topology> {
         let id = std::process::id();
-        let tx_ns = format!("fwbench-tx-{id}");
-        let rx_ns = format!("fwbench-rx-{id}");
+        let tx_ns = format!("fwbench-{id}-{index}-tx");
+        let rx_ns = format!("fwbench-{id}-{index}-rx");
         let names = [tx_ns.clone(), rx_ns.clone()];
         let cleanup = Cleanup::register(format!("namespaces {tx_ns}, {rx_ns}"), move || {
             // Deleting a namespace deletes its end of the veth pair, and so the pair, and
