@@ -2,12 +2,12 @@
 //!
 //! Per row, two namespaces joined by a veth pair, the row's filter on the receiving end for the
 //! whole run (so rows take turns of a second, and the machine's load falls on all alike). In
-//! the sending one, a four-instruction XDP program
-//! (`return bpf_redirect(sending end, 0)`) is run by BPF_PROG_TEST_RUN in live-frames mode, as
-//! xdp-trafficgen does: each frame becomes a real XDP frame redirected out of the sending end,
-//! so the receiving end's NAPI takes it off its queue, runs its XDP program (if any) and hands
-//! what passes to the stack. One sending thread per CPU, pinned, each feeding the receiving
-//! queue of its CPU. The figure is what the receiving end handled, from its own counters.
+//! the sending one, a four-instruction XDP program (`return bpf_redirect(sending end, 0)`) is
+//! run by BPF_PROG_TEST_RUN in live-frames mode, as xdp-trafficgen does: each frame becomes a
+//! real XDP frame redirected out of the sending end, so the receiving end's NAPI takes it off
+//! its queue, runs its XDP program (if any) and hands what passes to the stack. One sending
+//! thread per CPU, pinned, each feeding the receiving queue of its CPU. The figure is what the
+//! receiving end handled, from its own counters.
 //!
 //! Sender and receiver share the CPUs (the receiving NAPI runs in the softirq that each batch's
 //! flush raises on the sending CPU), so a figure is the rate of "generate + receive": the
