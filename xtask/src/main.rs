@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|bench|fuzz|install|vm`.
+//! Developer tasks: `cargo xtask setup|build|run|test|bench [--wholepath]|fuzz|install|vm`.
 //!
 //! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
 //! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
@@ -6,6 +6,7 @@
 mod install;
 mod setup;
 mod vm;
+mod wholepath;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,7 +51,12 @@ enum Task {
         extra: Vec<String>,
     },
     /// Benchmark the packet path through BPF_PROG_TEST_RUN.
-    Bench,
+    Bench {
+        /// Instead: packets per second through the whole receive path, from XDP live frames
+        /// into a veth pair, against no filter, bare XDP_DROP, xdp-filter, nft and ip6tables.
+        #[arg(long)]
+        wholepath: bool,
+    },
     /// Install the daemon to /usr/local/sbin, its systemd unit, and (unless present)
     /// /etc/firewall/rules.toml and firewall.env.
     Install {
@@ -291,7 +297,13 @@ fn main() -> Result<()> {
             let options = vm::Options { machine, verbose };
             run_vm(&env, &root, &kernels, modules, &options, &plan)
         }
-        Task::Bench => {
+        Task::Bench { wholepath: true } => {
+            require_root("cargo xtask bench --wholepath")?;
+            setup::ensure_packages(setup::WHOLEPATH_PACKAGES)?;
+            build(&env)?;
+            wholepath::run(&root.join("target/release/firewall"))
+        }
+        Task::Bench { wholepath: false } => {
             require_root("cargo xtask bench")?;
             setup::ensure_packages(setup::BENCH_PACKAGES)?;
             let status = env

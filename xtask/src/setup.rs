@@ -13,6 +13,15 @@ pub const TEST_PACKAGES: &[(&str, &str)] =
     &[("dnsmasq", "dnsmasq-base"), ("dhclient", "isc-dhcp-client")];
 /// What the benchmark adds: nftables, to compare set load times.
 pub const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables")];
+/// What `bench --wholepath` adds: the filters it compares, ethtool for GRO and the veth
+/// counters, bpftool for the program's size.
+pub const WHOLEPATH_PACKAGES: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("ip6tables", "iptables"),
+    ("xdp-filter", "xdp-tools"),
+    ("ethtool", "ethtool"),
+    ("bpftool", "bpftool"),
+];
 /// What `cargo xtask vm` adds: QEMU, dpkg-deb for the kernel packages, xz for their modules.
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),

@@ -1,0 +1,283 @@
+//! The filters compared, each put in place on the receiving veth end and removed again:
+//! a bare `XDP_DROP`, xdp-filter, an nft netdev ingress chain, ip6tables' raw table, and the
+//! firewall daemon with its rule files.
+
+use std::fmt::Write as _;
+use std::net::Ipv6Addr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::bpf;
+use super::net::{self, run, Cleanup, Topology};
+
+/// The UDP port every flood goes to, and that every filter denies.
+pub const DENIED_PORT: u16 = 7777;
+/// Rules before the deny rule, as `firewall/benches/packet_path.rs`'s `rule_set(1024)`.
+const FILLER_RULES: usize = 1023;
+/// The firewall takes at most 1,000,000 distinct source networks in all rules together
+/// (`[limits] max_entries`); the fillers name two each, the set has the rest.
+const SOURCE_ENTRIES: usize = 1_000_000;
+pub const SET_ENTRIES: usize = SOURCE_ENTRIES - 2 * FILLER_RULES;
+
+/// The `i`th address of the large set: scattered over 2001:db8:f000::/64 by a bijective mix,
+/// with the last bit set so that no two entries are neighbours (nothing merges).
+pub fn set_address(i: u64) -> Ipv6Addr {
+    let mut x = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    let high: u128 = 0x2001_0db8_f000_0000 << 64;
+    Ipv6Addr::from(high | u128::from(x | 1))
+}
+
+/// The bare `XDP_DROP` program attached to the receiving end while the link lives.
+pub fn attach_floor(topology: &Topology, program: &Arc<OwnedFd>) -> Result<OwnedFd> {
+    let (ns, iface, program) = (topology.rx_ns.clone(), topology.rx_if, program.clone());
+    std::thread::spawn(move || -> Result<OwnedFd> {
+        net::enter(&ns)?;
+        let index = ifindex_in_this_namespace(iface)?;
+        bpf::attach_xdp(&program, index)
+    })
+    .join()
+    .expect("attach thread")
+}
+
+/// if_nametoindex in the calling thread's namespace.
+fn ifindex_in_this_namespace(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("no interface {iface}: {}", std::io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// xdp-filter in its default (native) mode with the port denied. libxdp keeps its pins in a
+/// bpffs that `ip netns exec`'s own /sys hides, so one is mounted for the two commands (the
+/// program stays attached, holding its maps, when that mount goes).
+pub fn load_xdp_filter(topology: &Topology) -> Result<Cleanup> {
+    let script = format!(
+        "mount -t bpf bpf /sys/fs/bpf && xdp-filter load {iface} && xdp-filter port {DENIED_PORT}",
+        iface = topology.rx_if
+    );
+    let (ns, iface) = (topology.rx_ns.clone(), topology.rx_if);
+    let cleanup = Cleanup::register("xdp-filter", move || {
+        let _ = run(
+            "ip",
+            &["-n", &ns, "link", "set", "dev", iface, "xdp", "off"],
+        );
+    });
+    topology.in_rx(&["sh", "-c", &script])?;
+    Ok(cleanup)
+}
+
+/// An nft netdev ingress chain on the receiving end dropping UDP to the port.
+pub fn load_nft(topology: &Topology, dir: &Path) -> Result<Cleanup> {
+    let file = dir.join("wholepath.nft");
+    std::fs::write(
+        &file,
+        format!(
+            "table netdev wholepath {{\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority 0; policy accept;\n    udp dport {DENIED_PORT} drop\n  }}\n}}\n",
+            topology.rx_if
+        ),
+    )?;
+    let ns = topology.rx_ns.clone();
+    let cleanup = Cleanup::register("the nft table", move || {
+        let _ = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "delete",
+                "table",
+                "netdev",
+                "wholepath",
+            ],
+        );
+    });
+    topology.in_rx(&["nft", "-f", file.to_str().unwrap()])?;
+    Ok(cleanup)
+}
+
+/// ip6tables' raw PREROUTING (before connection tracking) dropping UDP to the port.
+pub fn load_ip6tables(topology: &Topology) -> Result<Cleanup> {
+    let rule = |verb: &str| -> Vec<String> {
+        format!("ip6tables -t raw {verb} PREROUTING -p udp --dport {DENIED_PORT} -j DROP")
+            .split(' ')
+            .map(String::from)
+            .collect()
+    };
+    let (ns, delete) = (topology.rx_ns.clone(), rule("-D"));
+    let cleanup = Cleanup::register("the ip6tables rule", move || {
+        let mut args = vec!["netns", "exec", &ns];
+        args.extend(delete.iter().map(String::as_str));
+        let _ = run("ip", &args);
+    });
+    let add = rule("-A");
+    topology.in_rx(&add.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(cleanup)
+}
+
+/// Writes the 1-rule file and the 1,024-rule file with its set; returns their paths.
+pub fn write_rule_files(dir: &Path, peer: Ipv6Addr) -> Result<(PathBuf, PathBuf)> {
+    let deny = |from: &str| {
+        format!(
+            "[[rules]]\nname = \"deny-bench-port\"\naction = \"deny\"\nproto = \"udp\"\n{from}ports = [{DENIED_PORT}]\n"
+        )
+    };
+    let one = dir.join("one-rule.toml");
+    std::fs::write(
+        &one,
+        format!("[defaults]\npolicy = \"allow\"\n\n{}", deny("")),
+    )?;
+
+    // The set: the flood's sources, and the peer whose replies the established row sends.
+    let mut set = String::with_capacity(SET_ENTRIES * 40);
+    for i in 0..SET_ENTRIES as u64 - 1 {
+        writeln!(set, "{}", set_address(i))?;
+    }
+    writeln!(set, "{peer}")?;
+    std::fs::write(dir.join("flood.set"), set)?;
+
+    let mut rules =
+        String::from("[defaults]\npolicy = \"allow\"\n\n[sets.flood]\nfiles = [\"flood.set\"]\n\n");
+    for i in 0..FILLER_RULES {
+        writeln!(
+            rules,
+            "[[rules]]\nname = \"filler {i}\"\naction = \"deny\"\nproto = \"{}\"\nfrom = [\"172.{}.{}.0/24\", \"2001:db8:{:x}::/48\"]\nports = [{}]\n",
+            if i % 2 == 0 { "tcp" } else { "udp" },
+            16 + i / 256,
+            i % 256,
+            i + 1,
+            1000 + i
+        )?;
+    }
+    rules.push_str(&deny("from = [\"@flood\"]\n"));
+    let large = dir.join("large.toml");
+    std::fs::write(&large, rules)?;
+    Ok((one, large))
+}
+
+/// The firewall daemon on the receiving end, its pins in a bpffs of its own; stopped (SIGTERM,
+/// which detaches) and its bpffs unmounted on drop.
+pub struct Daemon {
+    _stop: Cleanup,
+    _pins: Cleanup,
+    pub start_seconds: f64,
+}
+
+impl Daemon {
+    pub fn start(firewall: &Path, topology: &Topology, rules: &Path, dir: &Path) -> Result<Daemon> {
+        let started = Instant::now();
+        // Two daemons run at once: pins, log and control socket named by the rule file.
+        let label = rules.file_stem().unwrap().to_string_lossy().into_owned();
+        let pins_mount = dir.join(format!("bpffs-{label}"));
+        std::fs::create_dir_all(&pins_mount)?;
+        // In this (the host's) mount namespace, which `ip netns exec`'s own one sees.
+        run("mount", &["-t", "bpf", "bpf", pins_mount.to_str().unwrap()])?;
+        let unmount = pins_mount.clone();
+        let pins = Cleanup::register("the daemon's bpffs", move || {
+            let _ = run("umount", &["-l", unmount.to_str().unwrap()]);
+            let _ = std::fs::remove_dir(&unmount);
+        });
+        let log_path = dir.join(format!("firewall-{label}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &topology.rx_ns])
+            .arg(firewall)
+            .args(["run", "--rules"])
+            .arg(rules)
+            .args(["--iface", topology.rx_if, "--pin-dir"])
+            .arg(pins_mount.join("firewall"))
+            .arg("--control")
+            .arg(dir.join(format!("control-{label}.sock")))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("starting the firewall")?;
+        let child = Arc::new(Mutex::new(child));
+        let stopping = child.clone();
+        let stop = Cleanup::register("the firewall daemon", move || {
+            stop_child(&mut stopping.lock().unwrap());
+        });
+        let daemon = Daemon {
+            _stop: stop,
+            _pins: pins,
+            start_seconds: 0.0,
+        };
+        // The daemon logs "filtering; " once the program is attached with the rules in force.
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains("filtering; ") {
+                break;
+            }
+            if let Some(status) = child.lock().unwrap().try_wait()? {
+                bail!("the firewall exited ({status}) before filtering:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("the firewall did not start filtering:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Daemon {
+            start_seconds: started.elapsed().as_secs_f64(),
+            ..daemon
+        })
+    }
+}
+
+/// SIGTERM, up to 10 s to exit, then SIGKILL.
+fn stop_child(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    // `ip netns exec` execs the daemon, so the pid is the daemon's.
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Instructions after the verifier's rewriting (xlated) and the JIT's bytes, of the XDP
+/// program attached to the receiving end, from `bpftool`.
+pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
+    let json = run(
+        "ip",
+        &[
+            "-n",
+            &topology.rx_ns,
+            "-d",
+            "-j",
+            "link",
+            "show",
+            "dev",
+            topology.rx_if,
+        ],
+    )?;
+    let links: serde_json::Value = serde_json::from_str(&json)?;
+    let id = links[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .context("no XDP program on the receiving end")?;
+    let json = run("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?;
+    let info: serde_json::Value = serde_json::from_str(&json)?;
+    let xlated = info["bytes_xlated"].as_u64().context("no bytes_xlated")?;
+    let jited = info["bytes_jited"].as_u64().context("no bytes_jited")?;
+    Ok((xlated / 8, jited))
+}
