@@ -1,11 +1,12 @@
 //! Reading and seeding the state the kernel programs keep: the host's flows, its DHCP
 //! requests and the counters.
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use firewall_common::{map_names, Counter, FlowKey, FlowState, STAT_SLOTS};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use firewall_common::{map_names, Counter, FlowKey, FlowState, GenerationConfig, STAT_SLOTS};
 
 use crate::dataplane::sys::monotonic_now_ns;
-use crate::dataplane::Kernel;
+use crate::dataplane::{batch, Kernel};
+use crate::report::flows::{read_fill, FlowFill};
 
 impl Kernel {
     /// Adds flows as fresh (the host's existing connections at start-up).
@@ -21,6 +22,19 @@ impl Kernel {
             flows.insert(key, state, 0)?;
         }
         Ok(())
+    }
+
+    /// The tracked flows, as the kernel holds them now.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        batch::entries(self.map(map_names::FLOWS)?, 16_384)
+    }
+
+    /// How full the flow table is, under the timeouts of the rules in force.
+    pub fn flow_fill(&self) -> Result<FlowFill> {
+        let configs: Array<&MapData, GenerationConfig> =
+            Array::try_from(self.map(map_names::GEN_CONFIG)?)?;
+        let config = configs.get(&self.active_generation()?, 0)?;
+        read_fill(self.map(map_names::FLOWS)?, &config, monotonic_now_ns())
     }
 
     /// The record of the host's last DHCP request per interface, as `(ifindex, ns)`.
