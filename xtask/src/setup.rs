@@ -8,9 +8,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use, by the command that proves each is there.
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 /// What the tests add: a DHCP server (dnsmasq-base has no service to start) and client for
-/// the end-to-end DHCP test.
-pub const TEST_PACKAGES: &[(&str, &str)] =
-    &[("dnsmasq", "dnsmasq-base"), ("dhclient", "isc-dhcp-client")];
+/// the end-to-end DHCP test, and hping3 for the SYN flood test.
+pub const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("dnsmasq", "dnsmasq-base"),
+    ("dhclient", "isc-dhcp-client"),
+    ("hping3", "hping3"),
+];
 /// What the benchmark adds: nftables, to compare set load times.
 pub const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables")];
 /// What `cargo xtask vm` adds: QEMU, dpkg-deb for the kernel packages, xz for their modules.
