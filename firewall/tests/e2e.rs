@@ -1411,15 +1411,15 @@ fn the_flow_tables_fill_is_shown() {
     assert!(daemon.terminate().success());
 }
 
-/// Reads TcpExt and Tcp counters of namespace `ns` (`nstat`'s names, e.g. `TcpOutSegs`).
+/// A TCP counter of namespace `ns` (as `nstat` names them, e.g. `TcpOutSegs`).
 fn tcp_counter(ns: &str, name: &str) -> u64 {
+    // /proc/thread-self/net shows the namespace of the thread that reads it.
+    let texts = TestNet::within(ns, || {
+        ["snmp", "netstat"]
+            .map(|file| std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap())
+    });
     let mut value = None;
-    for file in ["/proc/net/snmp", "/proc/net/netstat"] {
-        let output = Command::new("ip")
-            .args(["netns", "exec", ns, "cat", file])
-            .output()
-            .unwrap();
-        let text = String::from_utf8(output.stdout).unwrap();
+    for text in texts {
         let lines: Vec<&str> = text.lines().collect();
         // Pairs of lines: "Prefix: names..." then "Prefix: values...".
         for pair in lines.chunks(2) {
@@ -1482,11 +1482,11 @@ fn a_spoofed_syn_flood_does_not_cut_the_hosts_idle_connection() {
     assert_eq!(&buf, b"before", "the connection works before the flood");
 
     // Seconds of flood (FW_FLOOD_SECS): 8 keep the test short and overfill the table here.
-    let flood_secs = std::env::var("FW_FLOOD_SECS").unwrap_or_else(|_| "8".into());
+    let flood_secs: u64 = std::env::var("FW_FLOOD_SECS").map_or(8, |secs| secs.parse().unwrap());
     let sent_before = tcp_counter(&net.a, "TcpOutSegs");
     let started = Instant::now();
-    let flood = Command::new("ip")
-        .args(["netns", "exec", &net.b, "timeout", "-s", "INT", &flood_secs])
+    let hping3 = Command::new("ip")
+        .args(["netns", "exec", &net.b])
         .args([
             "hping3",
             "--rand-source",
@@ -1497,8 +1497,15 @@ fn a_spoofed_syn_flood_does_not_cut_the_hosts_idle_connection() {
             "-q",
         ])
         .arg(net.a4.to_string())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run hping3 (Debian package hping3)");
+    std::thread::sleep(Duration::from_secs(flood_secs));
+    // SIGINT: hping3 stops and prints how many packets it sent (`ip netns exec` execs it).
+    // SAFETY: kill takes no pointers; the child is ours and not yet reaped.
+    unsafe { libc::kill(hping3.id() as libc::pid_t, libc::SIGINT) };
+    let flood = hping3.wait_with_output().unwrap();
     let flooded_for = started.elapsed();
     // hping3 prints its packet count on stderr when interrupted.
     let hping_says = String::from_utf8_lossy(&flood.stderr).into_owned()

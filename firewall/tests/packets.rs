@@ -1272,8 +1272,10 @@ fn a_full_flow_table_is_counted() {
         })
         .collect();
     kernel.set_flows(&live).unwrap();
+    let held = kernel.flows().unwrap().len() as u64;
     let fill = kernel.flow_fill().unwrap();
-    assert_eq!(fill.live, live.len() as u64);
+    assert_eq!((fill.entries, fill.live), (held, held));
+    assert!(held > u64::from(MAX_FLOWS) * 99 / 100, "only {held} stayed");
     let warning = FillAlarm::default().check(&fill);
     assert!(warning.is_some(), "no warning at {fill:?}");
     eprintln!("{}", warning.unwrap());

@@ -14,6 +14,8 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dhclient", "isc-dhcp-client"),
     ("hping3", "hping3"),
 ];
+/// What the tests in the VMs take from the host (copied into the guest with their libraries).
+pub const GUEST_TEST_PACKAGES: &[(&str, &str)] = &[("hping3", "hping3")];
 /// What the benchmark adds: nftables, to compare set load times.
 pub const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables")];
 /// What `cargo xtask vm` adds: QEMU, dpkg-deb for the kernel packages, xz for their modules.
