@@ -82,9 +82,9 @@ pub const DEFAULT_CONTROL: &str = control::DEFAULT_SOCKET;
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// How often the daemon counts the flow table to warn when live flows near its capacity.
-/// One count of a full table (262,144 flows, batched reads) took ~100 ms of one core on a
-/// busy 2-core machine, on the event loop: every 30 s that is 0.3 % of a core, and a reload
-/// waits at most that long behind it.
+/// One count of a full table (262,144 flows, batched reads) took 100-200 ms of one core on a
+/// busy 2-core machine (reading entry by entry: 2 s), on the event loop: every 30 s that is
+/// under 1 % of a core, and a reload waits at most that long behind it.
 const FLOW_CHECK_PERIOD: Duration = Duration::from_secs(30);
 
 /// A compiled rule file, its text as read and the files it was read from.
