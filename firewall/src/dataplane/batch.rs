@@ -66,12 +66,12 @@ pub fn remove<K: Pod, V: Pod>(map: &mut Map, keys: &[K]) -> Result<()> {
     Ok(())
 }
 
-/// Every entry of a hash or LRU hash map, `chunk` at a time (at least the most entries one
-/// hash bucket holds, or this falls back to per-entry reads). Not a snapshot: entries that
-/// programs add or remove meanwhile may or may not be in it.
-pub fn entries<K: Pod, V: Pod>(map: &Map, chunk: usize) -> Result<Vec<(K, V)>> {
+/// Every entry of a hash or LRU hash map. Not a snapshot: entries that programs add or remove
+/// meanwhile may or may not be in it.
+pub fn entries<K: Pod, V: Pod>(map: &Map) -> Result<Vec<(K, V)>> {
     let fd = hash_fd::<K, V>(map)?;
-    match lookup_all(fd, chunk) {
+    match lookup_all(fd, CHUNK) {
+        // ENOSPC: a hash bucket holds more entries than a call takes.
         Err(error) if unsupported(&error) || error.raw_os_error() == Some(libc::ENOSPC) => {
             let hash: HashMap<&MapData, K, V> = HashMap::try_from(map)?;
             Ok(hash.iter().collect::<Result<_, _>>()?)

@@ -26,7 +26,7 @@ impl Kernel {
 
     /// The tracked flows, as the kernel holds them now.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        batch::entries(self.map(map_names::FLOWS)?, 16_384)
+        batch::entries(self.map(map_names::FLOWS)?)
     }
 
     /// How full the flow table is, under the timeouts of the rules in force.

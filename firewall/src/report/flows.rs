@@ -9,9 +9,6 @@ use serde::Serialize;
 
 use crate::dataplane::batch;
 
-/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
-const READ_CHUNK: usize = 16_384;
-
 /// Live flows above this share of the capacity draw the daemon's warning.
 pub const WARN_PERCENT: u64 = 90;
 
@@ -56,7 +53,7 @@ pub fn fill<'a>(
 
 /// Reads the flow map (`FW_FLOWS`) and counts it.
 pub fn read_fill(flows: &Map, config: &GenerationConfig, now_ns: u64) -> anyhow::Result<FlowFill> {
-    let entries = batch::entries::<FlowKey, FlowState>(flows, READ_CHUNK)?;
+    let entries = batch::entries::<FlowKey, FlowState>(flows)?;
     Ok(fill(&entries, config, now_ns))
 }
 
