@@ -126,7 +126,8 @@ pub struct GenerationConfig {
     pub exact_in_use: u32,
     /// Idle timeouts of tracked flows, in nanoseconds.
     pub tcp_timeout_ns: u64,
-    /// TCP flows after a FIN or RST was seen in either direction.
+    /// TCP flows after the host sent a FIN or RST (the peer's do not count: they could be
+    /// spoofed).
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub icmp_timeout_ns: u64,
@@ -173,7 +174,7 @@ pub struct FlowKey {
 pub struct FlowState {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the host's last packet of the flow.
     pub last_seen_ns: u64,
-    /// `FLOW_CLOSING` once a FIN or RST was seen.
+    /// `FLOW_CLOSING` once the host sent a FIN or RST.
     pub flags: u32,
     pub _pad: u32,
 }

@@ -1,7 +1,14 @@
 //! Connection state: the tc egress program records the host's own flows; the XDP program lets
 //! their replies, and ICMP errors quoting them, in before the rules (like nftables'
 //! `ct state established,related`). Timeouts are idle times since the host's last packet of
-//! the flow (and the peer's FIN/RST shortens TCP's).
+//! the flow; the host's own FIN or RST switches TCP to the closing timeout.
+//!
+//! Only the host's FIN/RST counts, never the peer's: the XDP program sees a packet before the
+//! host's TCP stack has checked its sequence number, so an off-path sender that knows (or
+//! guesses) the addresses and ports could otherwise shorten any of the host's flows with a
+//! blind RST. Egress sees only what the host's stack sends. The cost: a flow the peer resets
+//! keeps its long timeout (or until the LRU evicts it), admitting only packets from that
+//! peer's address and port to that local port, which the host's stack then answers with RST.
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use firewall_common::{
@@ -161,11 +168,11 @@ pub fn is_established(
     {
         return false;
     }
-    let Some(state) = FLOWS.get_ptr_mut(key) else {
+    // Read only: no inbound packet changes a flow (see the module comment).
+    // SAFETY: a value of the map, copied out.
+    let Some(state) = (unsafe { FLOWS.get(key) }) else {
         return false;
     };
-    // SAFETY: a value of the map.
-    let state = unsafe { &mut *state };
     let timeout = match key.proto {
         IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => config.tcp_closing_timeout_ns,
         IPPROTO_TCP => config.tcp_timeout_ns,
@@ -173,15 +180,5 @@ pub fn is_established(
         _ => config.icmp_timeout_ns,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(state.last_seen_ns) > timeout {
-        return false;
-    }
-    // The peer's FIN or RST (not a TCP packet quoted in an ICMP error) starts the closing.
-    if packet.proto == IPPROTO_TCP
-        && key.proto == IPPROTO_TCP
-        && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
-    {
-        state.flags |= FLOW_CLOSING;
-    }
-    true
+    now.saturating_sub(state.last_seen_ns) <= timeout
 }

@@ -20,6 +20,7 @@ use firewall::host::link::LinkLayer;
 use firewall::rules::compile::{compile_with_budget, EXACT_BUDGET};
 use firewall::rules::model::{Action, Proto, Rule, RuleSet};
 use firewall::testing::packet::{xdp_action, XDP_PASS};
+use firewall_common::proto::IPPROTO_TCP;
 use firewall_common::{FlowState, FLOW_CLOSING};
 use ipnet::IpNet;
 use rand::rngs::StdRng;
@@ -459,8 +460,9 @@ fn dhcp_map(table: &FlowTable) -> Vec<(u32, u64)> {
         .collect()
 }
 
-/// Tracked flows for about a third of `frames` (the flows they would reply to), fresh or
-/// long expired, open or closing; timestamps are far from the timeouts' edges.
+/// Tracked flows for about a third of `frames` (the flows they would reply to), fresh, long
+/// expired, or (TCP) between the closing and the open timeout; open or closing; timestamps
+/// are far from the timeouts' edges.
 fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet) -> FlowTable {
     let now_ns = monotonic_now_ns();
     let mut table = FlowTable {
@@ -480,10 +482,12 @@ fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet
             continue;
         };
         if rng.gen_bool(0.35) {
-            let age = if rng.gen_bool(0.7) {
-                0
-            } else {
-                2 * longest * 1_000_000_000
+            // Between the timeouts, a peer's FIN or RST must not shorten an open flow.
+            let between = (set.timeouts.tcp_closing + set.timeouts.tcp) * 500_000_000;
+            let age = match rng.gen_range(0..10) {
+                0..6 => 0,
+                6..8 if key.proto == IPPROTO_TCP => between,
+                _ => 2 * longest * 1_000_000_000,
             };
             let flags = if rng.gen_bool(0.3) { FLOW_CLOSING } else { 0 };
             let last_seen_ns = now_ns - age;
@@ -565,6 +569,14 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
             verdicts[usize::from(want == XDP_PASS)] += 1;
             reasons[reason_index(expected.reason)] += 1;
         }
+        // Inbound packets change no flow (the reference has them change nothing): not even
+        // the peer's FIN or RST.
+        let held: std::collections::HashMap<_, _> =
+            kernel.flows().expect("read flows").into_iter().collect();
+        assert_eq!(
+            held, flows.flows,
+            "inbound packets changed the kernel's flows (seed {seed}, rule set {set_index})"
+        );
     }
     eprintln!(
         "differential: {} packets agree ({} dropped, {} passed)",

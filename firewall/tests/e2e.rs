@@ -1345,3 +1345,226 @@ fn tun_devices_are_filtered_at_the_ip_header() {
     daemon.assert_logged("frames start at the IP header");
     assert!(daemon.terminate().success());
 }
+
+/// `firewall stats` and the metrics show how full the flow table is: the host sends UDP to
+/// 300 ports of the peer, 300 live flows; past `udp_timeout` they are entries, none live.
+#[test]
+fn the_flow_tables_fill_is_shown() {
+    use std::io::{Read as _, Write as _};
+
+    const FLOWS: u16 = 300;
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = RuleFile::new(
+        "fill.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[state]\nudp_timeout = 2\n",
+    );
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .args(&["--metrics", "127.0.0.1:9469"])
+        .start();
+    let (a4, b4) = (net.a4, net.b4);
+    TestNet::within(&net.a, move || {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(a4, 0)).unwrap();
+        for port in 0..FLOWS {
+            socket
+                .send_to(b"hi", SocketAddr::new(b4, 20_000 + port))
+                .unwrap();
+        }
+    });
+    let stats = || {
+        let output = Command::new(firewall_exe())
+            .arg("stats")
+            .arg("--pin-dir")
+            .arg(pins.pin_dir())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let scrape = || {
+        TestNet::within(&net.a, || {
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9469").unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut page = String::new();
+            stream.read_to_string(&mut page).unwrap();
+            page
+        })
+    };
+    let has = |page: &str, line: &str| page.lines().any(|l| l == line);
+    let table = stats();
+    let live = format!("flows: {FLOWS} live of 262144 ({FLOWS} entries with expired ones)");
+    assert!(table.contains(&live), "{table}");
+    let page = scrape();
+    for line in [
+        format!("firewall_flows_live {FLOWS}"),
+        format!("firewall_flows_entries {FLOWS}"),
+        "firewall_flows_capacity 262144".to_string(),
+    ] {
+        assert!(has(&page, &line), "no `{line}` in\n{page}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let table = stats();
+    let expired = format!("flows: 0 live of 262144 ({FLOWS} entries with expired ones)");
+    assert!(table.contains(&expired), "{table}");
+    assert!(has(&scrape(), "firewall_flows_live 0"));
+    assert!(
+        !daemon.log().contains("live flows of"),
+        "a warning at 300 flows"
+    );
+    assert!(daemon.terminate().success());
+}
+
+/// A TCP counter of namespace `ns` (as `nstat` names them, e.g. `TcpOutSegs`).
+fn tcp_counter(ns: &str, name: &str) -> u64 {
+    // /proc/thread-self/net shows the namespace of the thread that reads it.
+    let texts = TestNet::within(ns, || {
+        ["snmp", "netstat"]
+            .map(|file| std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap())
+    });
+    let mut value = None;
+    for text in texts {
+        let lines: Vec<&str> = text.lines().collect();
+        // Pairs of lines: "Prefix: names..." then "Prefix: values...".
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (prefix, names) = names.split_once(": ").unwrap();
+            let values = values.split_once(": ").unwrap().1;
+            for (field, number) in names.split(' ').zip(values.split(' ')) {
+                if format!("{prefix}{field}") == name {
+                    value = number.parse().ok();
+                }
+            }
+        }
+    }
+    value.unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// A SYN flood from spoofed sources to a port the rules allow makes the host answer each SYN
+/// with a SYN-ACK, and the egress program records every one as a flow of the host's. The
+/// host's own idle connection to the peer must survive it: data from the peer over it still
+/// arrives afterwards. The peer floods with `hping3 --rand-source`.
+#[test]
+fn a_spoofed_syn_flood_does_not_cut_the_hosts_idle_connection() {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    let net = TestNet::new();
+    let pins = common::BpfMount::new();
+    let file = RuleFile::new(
+        "flood.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[[rules]]\nname = \"web\"\naction = \"allow\"\n\
+         proto = \"tcp\"\nports = [8080]\n",
+    );
+    // Replies to the spoofed sources leave through the peer.
+    let b4 = net.b4.to_string();
+    let status = Command::new("ip")
+        .args(["-n", &net.a, "route", "add", "default", "via", &b4])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    serve(&net.a, vec![net.a4], vec![8080]);
+    // --persist: the flow table outlives it, for the restart below.
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .arg("--persist")
+        .start();
+
+    // The host's connection to the peer, then idle.
+    let peer_listener = TestNet::within(&net.b, {
+        let b4 = net.b4;
+        move || TcpListener::bind(SocketAddr::new(b4, 9000)).unwrap()
+    });
+    let to_peer = SocketAddr::new(net.b4, 9000);
+    let mut host_side = TestNet::within(&net.a, move || TcpStream::connect(to_peer).unwrap());
+    let (mut peer_side, _) = peer_listener.accept().unwrap();
+    peer_side.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    host_side
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    host_side.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"before", "the connection works before the flood");
+
+    // Seconds of flood (FW_FLOOD_SECS): 8 keep the test short and overfill the table here.
+    let flood_secs: u64 = std::env::var("FW_FLOOD_SECS").map_or(8, |secs| secs.parse().unwrap());
+    let sent_before = tcp_counter(&net.a, "TcpOutSegs");
+    let started = Instant::now();
+    let hping3 = Command::new("ip")
+        .args(["netns", "exec", &net.b])
+        .args([
+            "hping3",
+            "--rand-source",
+            "-S",
+            "-p",
+            "8080",
+            "--flood",
+            "-q",
+        ])
+        .arg(net.a4.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hping3 (Debian package hping3)");
+    std::thread::sleep(Duration::from_secs(flood_secs));
+    // SIGINT: hping3 stops and prints how many packets it sent (`ip netns exec` execs it).
+    // SAFETY: kill takes no pointers; the child is ours and not yet reaped.
+    unsafe { libc::kill(hping3.id() as libc::pid_t, libc::SIGINT) };
+    let flood = hping3.wait_with_output().unwrap();
+    let flooded_for = started.elapsed();
+    // hping3 prints its packet count on stderr when interrupted.
+    let hping_says = String::from_utf8_lossy(&flood.stderr).into_owned()
+        + &String::from_utf8_lossy(&flood.stdout);
+    let sent = tcp_counter(&net.a, "TcpOutSegs") - sent_before;
+    let table = Command::new(firewall_exe())
+        .arg("stats")
+        .arg("--pin-dir")
+        .arg(pins.pin_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    let fill = table
+        .lines()
+        .find(|line| line.starts_with("flows: "))
+        .unwrap_or("no flows line")
+        .to_string();
+    let measured = format!(
+        "flood of {flooded_for:?}: the host sent {sent} TCP segments (SYN-ACKs); flow table \
+         after it: {fill}; hping3: {}",
+        hping_says.trim().replace('\n', " / ")
+    );
+    eprintln!("{measured}");
+    assert!(
+        sent > 10_000,
+        "the flood hardly reached the host: {measured}"
+    );
+
+    peer_side.write_all(b"after!").unwrap();
+    let got = host_side.read_exact(&mut buf).map(|()| buf);
+    assert!(
+        matches!(got, Ok(bytes) if &bytes == b"after!"),
+        "the host's idle connection was cut by the flood ({got:?}): {measured}"
+    );
+
+    // A daemon started on this table (its first check runs at once) warns if live flows
+    // are over 90 % of it (here they are; a slow machine, a VM, may flood less).
+    let live: u64 = fill
+        .strip_prefix("flows: ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no live count in {fill:?}"));
+    assert!(daemon.terminate().success());
+    let restarted = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
+    let warning = "live flows of 262144 (over 90%)";
+    if live * 10 > 262_144 * 9 {
+        restarted.wait_for(warning, 1);
+    } else {
+        restarted.wait_for("filtering;", 1);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(!restarted.log().contains(warning), "a warning at {live}");
+    }
+    assert!(restarted.terminate().success());
+}

@@ -519,9 +519,9 @@ fn reload_swaps_rules_and_keeps_counting_from_zero() {
 
 mod state {
     use super::*;
-    use firewall::analysis::reference::{outbound_flow, parse_frame, Parsed};
+    use firewall::analysis::reference::{evaluate_with_flows, outbound_flow, parse_frame, Parsed};
     use firewall::dataplane::monotonic_now_ns;
-    use firewall_common::{FlowKey, FlowState};
+    use firewall_common::{FlowKey, FlowState, FLOW_CLOSING};
 
     const HOST: &str = "10.0.0.1";
     const PEER: &str = "198.51.100.7";
@@ -675,6 +675,95 @@ mod state {
             XDP_PASS,
             "ARP always passes"
         );
+    }
+
+    /// The peer's FIN or RST, whatever its sequence number, leaves the flow on its long
+    /// timeout (it could be an off-path sender's guess); the host's own FIN, seen by the
+    /// egress program, switches it to the closing timeout. The reference evaluator agrees
+    /// at every step, given the flows the kernel holds.
+    #[test]
+    fn only_the_hosts_fin_or_rst_starts_the_closing_timeout() {
+        let mut kernel = Kernel::load().unwrap();
+        let text = "[defaults]\npolicy = \"deny\"\n[state]\ntcp_closing_timeout = 1\n";
+        let set = parse_rules("t.toml", text).unwrap();
+        kernel.apply(&compile(&set).unwrap()).unwrap();
+        let host_ack = Frame::v4(HOST, PEER, L4::Tcp { dport: 443 })
+            .tcp_flags(TCP_ACK)
+            .tcp_seq_ack(1000, 5000);
+        let from_peer = |flags: u8, seq: u32| {
+            Frame::v4(PEER, HOST, L4::Tcp { dport: SOURCE_PORT })
+                .sport(443)
+                .tcp_flags(flags)
+                .tcp_seq_ack(seq, 1000)
+                .build()
+        };
+        let data = from_peer(TCP_ACK, 5000);
+        let Parsed::Ip(host_packet) = parse_frame(&host_ack.build()) else {
+            panic!("not IP")
+        };
+        let key = outbound_flow(&host_packet).unwrap();
+        let state_of = |kernel: &Kernel| {
+            let flows = kernel.flows().unwrap();
+            let (_, state) = flows.into_iter().find(|(k, _)| *k == key).expect("tracked");
+            state
+        };
+        // The kernel's verdict on `frame`, checked against the reference's on the kernel's
+        // flows.
+        let judge = |kernel: &Kernel, frame: &[u8], what: &str| {
+            let table = FlowTable {
+                flows: kernel.flows().unwrap().into_iter().collect(),
+                now_ns: monotonic_now_ns(),
+                ..Default::default()
+            };
+            let got = verdict(kernel, frame);
+            let reference = xdp_action(evaluate_with_flows(&set, frame, &table).verdict);
+            assert_eq!(got, reference, "{what}: kernel and reference disagree");
+            got
+        };
+
+        // The host sends `frame`: the egress program's flags must be the reference's.
+        let mut modelled = FlowTable::default();
+        let mut send = |kernel: &Kernel, frame: &[u8]| {
+            assert_eq!(kernel.test_run_egress(frame).unwrap(), 0);
+            let Parsed::Ip(packet) = parse_frame(frame) else {
+                panic!("not IP")
+            };
+            modelled.record_outbound(&packet);
+            assert_eq!(state_of(kernel).flags, modelled.flows[&key].flags);
+            state_of(kernel).flags
+        };
+
+        assert_eq!(send(&kernel, &host_ack.build()), 0);
+        assert_eq!(judge(&kernel, &data, "data"), XDP_PASS);
+        // Off by a window and more from the host's last ACK (5000).
+        let blind_rst = from_peer(TCP_RST, 0x9e37_79b9);
+        let blind_fin = from_peer(TCP_FIN | TCP_ACK, 0x0bad_f00d);
+        for (what, frame) in [("blind RST", &blind_rst), ("blind FIN", &blind_fin)] {
+            // It passes (a reply's ports): the host's stack judges its sequence number.
+            assert_eq!(judge(&kernel, frame, what), XDP_PASS, "{what}");
+            assert_eq!(state_of(&kernel).flags, 0, "{what} started the closing");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1_500));
+        assert_eq!(
+            judge(&kernel, &data, "data 1.5 s after the blind RST"),
+            XDP_PASS,
+            "a blind RST cut the flow to the 1 s closing timeout"
+        );
+
+        let host_fin = host_ack.clone().tcp_flags(TCP_FIN | TCP_ACK).build();
+        assert_eq!(send(&kernel, &host_fin), FLOW_CLOSING, "the host's FIN");
+        let peer_fin = from_peer(TCP_FIN | TCP_ACK, 5000);
+        assert_eq!(judge(&kernel, &peer_fin, "peer's FIN"), XDP_PASS);
+        std::thread::sleep(std::time::Duration::from_millis(1_500));
+        assert_eq!(
+            judge(&kernel, &data, "data 1.5 s after the host's FIN"),
+            XDP_DROP,
+            "past the closing timeout"
+        );
+        // A new connection on the same ports (the host's SYN) ends the closing.
+        let host_syn = host_ack.tcp_flags(TCP_SYN).build();
+        assert_eq!(send(&kernel, &host_syn), 0, "the host's SYN reopens");
+        assert_eq!(judge(&kernel, &data, "data after the SYN"), XDP_PASS);
     }
 
     #[test]
@@ -1098,4 +1187,96 @@ mod dhcp {
         let run = |frame: &[u8]| kernel.test_run_on(LinkLayer::Ip, frame, 1).unwrap().0;
         assert_eq!(run(&offer), XDP_DROP);
     }
+}
+
+/// The flow table filled to capacity, a quarter of it expired (closing TCP flows past the
+/// closing timeout): the count that `stats`, the metrics and the daemon's check make finds
+/// every entry and tells the live ones apart, and the daemon's alarm goes off. Prints how
+/// long one count of the full table takes (it sets the daemon's check period).
+#[test]
+fn a_full_flow_table_is_counted() {
+    use firewall::dataplane::monotonic_now_ns;
+    use firewall::report::flows::FillAlarm;
+    use firewall_common::proto::IPPROTO_TCP;
+    use firewall_common::{FlowKey, FlowState, FLOW_CLOSING, MAX_FLOWS};
+
+    const SECOND: u64 = 1_000_000_000;
+    // Closing flows 20 s old are past the default 10 s closing timeout; flows cannot be older
+    // than the machine.
+    while monotonic_now_ns() < 30 * SECOND {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut kernel = kernel();
+    let now = monotonic_now_ns();
+    let table: Vec<(FlowKey, FlowState)> = (0..MAX_FLOWS)
+        .map(|i| {
+            let expired = i % 4 == 0;
+            let key = FlowKey {
+                remote: [
+                    u32::from_be_bytes([198, 51, (i >> 16) as u8, (i >> 8) as u8]),
+                    0,
+                    0,
+                    0,
+                ],
+                local: [u32::from_be_bytes([10, 0, 0, 1]), 0, 0, 0],
+                remote_port: 443,
+                local_port: i as u16,
+                proto: IPPROTO_TCP,
+                v6: 0,
+                _pad: [0; 2],
+            };
+            let state = FlowState {
+                last_seen_ns: if expired { now - 20 * SECOND } else { now },
+                flags: if expired { FLOW_CLOSING } else { 0 },
+                _pad: 0,
+            };
+            (key, state)
+        })
+        .collect();
+    kernel.set_flows(&table).unwrap();
+    let held = kernel.flows().unwrap();
+    let held_live = held.iter().filter(|(_, state)| state.flags == 0).count() as u64;
+
+    let started = std::time::Instant::now();
+    let fill = kernel.flow_fill().unwrap();
+    let took = started.elapsed();
+    eprintln!(
+        "flow table: {} entries, {} live of {}; one count took {took:?}",
+        fill.entries, fill.live, fill.capacity
+    );
+    assert_eq!(fill.capacity, u64::from(MAX_FLOWS));
+    assert_eq!(fill.entries, held.len() as u64);
+    assert_eq!(fill.live, held_live);
+    // An LRU map may evict a little before it is full (per-CPU free lists).
+    assert!(
+        fill.entries > u64::from(MAX_FLOWS) * 99 / 100,
+        "only {} entries of {MAX_FLOWS} stayed",
+        fill.entries
+    );
+    assert!(fill.live > u64::from(MAX_FLOWS) * 74 / 100);
+    assert!(
+        FillAlarm::default().check(&fill).is_none(),
+        "75 % live is under the threshold"
+    );
+
+    // All live now: the alarm goes off.
+    let live: Vec<_> = held
+        .into_iter()
+        .map(|(key, state)| {
+            let fresh = FlowState {
+                last_seen_ns: now,
+                flags: 0,
+                ..state
+            };
+            (key, fresh)
+        })
+        .collect();
+    kernel.set_flows(&live).unwrap();
+    let held = kernel.flows().unwrap().len() as u64;
+    let fill = kernel.flow_fill().unwrap();
+    assert_eq!((fill.entries, fill.live), (held, held));
+    assert!(held > u64::from(MAX_FLOWS) * 99 / 100, "only {held} stayed");
+    let warning = FillAlarm::default().check(&fill);
+    assert!(warning.is_some(), "no warning at {fill:?}");
+    eprintln!("{}", warning.unwrap());
 }

@@ -340,6 +340,10 @@ fn run_vm(
     setup::ensure_packages(setup::VM_PACKAGES)?;
     setup::ensure_target(vm::GUEST_TARGET)?;
     let testing = matches!(plan, vm::Plan::Tests { .. });
+    if testing {
+        // The guest's tests run the host's hping3.
+        setup::ensure_packages(setup::GUEST_TEST_PACKAGES)?;
+    }
     let binaries = vm::build_guest(env, root, testing)?;
     // What the tests on the guest's NIC connect to, through QEMU's user-mode network.
     let host_port = if testing {

@@ -8,9 +8,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use, by the command that proves each is there.
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 /// What the tests add: a DHCP server (dnsmasq-base has no service to start) and client for
-/// the end-to-end DHCP test.
-pub const TEST_PACKAGES: &[(&str, &str)] =
-    &[("dnsmasq", "dnsmasq-base"), ("dhclient", "isc-dhcp-client")];
+/// the end-to-end DHCP test, and hping3 for the SYN flood test.
+pub const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("dnsmasq", "dnsmasq-base"),
+    ("dhclient", "isc-dhcp-client"),
+    ("hping3", "hping3"),
+];
+/// What the tests in the VMs take from the host (copied into the guest with their libraries).
+pub const GUEST_TEST_PACKAGES: &[(&str, &str)] = &[("hping3", "hping3")];
 /// What the benchmark adds: nftables, to compare set load times.
 pub const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables")];
 /// What `bench --wholepath` adds: the filters it compares, ethtool for GRO and the veth

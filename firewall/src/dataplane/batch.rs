@@ -1,7 +1,7 @@
-//! Batched hash-map updates and deletes (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`, Linux
-//! 5.6), which aya 0.14 does not offer. One syscall writes thousands of entries: a million-entry
-//! blocklist costs a fraction of the per-entry syscalls. Kernels without them get per-entry
-//! calls.
+//! Batched hash-map reads, updates and deletes (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, Linux 5.6), which aya 0.14 does not offer. One syscall moves
+//! thousands of entries: a million-entry blocklist costs a fraction of the per-entry syscalls.
+//! Kernels without them get per-entry calls.
 use std::io;
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
@@ -11,6 +11,7 @@ use aya::Pod;
 
 use crate::dataplane::sys::bpf;
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per call: bounds the time the kernel spends in one syscall.
@@ -65,13 +66,66 @@ pub fn remove<K: Pod, V: Pod>(map: &mut Map, keys: &[K]) -> Result<()> {
     Ok(())
 }
 
+/// Every entry of a hash or LRU hash map. Not a snapshot: entries that programs add or remove
+/// meanwhile may or may not be in it.
+pub fn entries<K: Pod, V: Pod>(map: &Map) -> Result<Vec<(K, V)>> {
+    let fd = hash_fd::<K, V>(map)?;
+    match lookup_all(fd, CHUNK) {
+        // ENOSPC: a hash bucket holds more entries than a call takes.
+        Err(error) if unsupported(&error) || error.raw_os_error() == Some(libc::ENOSPC) => {
+            let hash: HashMap<&MapData, K, V> = HashMap::try_from(map)?;
+            Ok(hash.iter().collect::<Result<_, _>>()?)
+        }
+        result => Ok(result?),
+    }
+}
+
+fn lookup_all<K: Pod, V: Pod>(fd: RawFd, chunk: usize) -> io::Result<Vec<(K, V)>> {
+    // SAFETY (zeroed): `Pod` types are plain bytes, all-zero is a value of them.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+    // The position to go on from: a bucket number for hash maps (4 bytes; 8 to spare).
+    let mut position = [0u64; 2];
+    let mut entries = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { position.as_ptr() as u64 },
+            out_batch: position[1..].as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: `keys` and `values` have room for `count` keys and values of the map's
+        // sizes (`hash_fd` checked them); `position` outlives the call.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let got = attr.count as usize;
+        entries.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        match result {
+            Ok(_) => {}
+            // ENOENT: no entries after these.
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Err(error) => return Err(error),
+        }
+        position[0] = position[1];
+        first = false;
+    }
+}
+
 /// The fd of a hash map whose keys and values are `K` and `V` (checked, as the syscall takes
 /// raw arrays of them).
 fn hash_fd<K: Pod, V: Pod>(map: &Map) -> Result<RawFd> {
     HashMap::<&MapData, K, V>::try_from(map)?;
     match map {
-        Map::HashMap(data) => Ok(data.fd().as_fd().as_raw_fd()),
-        _ => Err(anyhow!("batched writes are only used on hash maps")),
+        Map::HashMap(data) | Map::LruHashMap(data) => Ok(data.fd().as_fd().as_raw_fd()),
+        _ => Err(anyhow!("batched calls are only used on hash maps")),
     }
 }
 

@@ -4,11 +4,13 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
-    local_port_slot, map_names, Counter, FlowKey, FlowState, LOCAL_PORT_TICK_SHIFT, STAT_SLOTS,
+    local_port_slot, map_names, Counter, FlowKey, FlowState, GenerationConfig,
+    LOCAL_PORT_TICK_SHIFT, STAT_SLOTS,
 };
 
 use crate::dataplane::sys::monotonic_now_ns;
-use crate::dataplane::Kernel;
+use crate::dataplane::{batch, Kernel};
+use crate::report::flows::{read_fill, FlowFill};
 
 impl Kernel {
     /// Adds flows as fresh (the host's existing connections at start-up).
@@ -49,6 +51,19 @@ impl Kernel {
             }
         }
         Ok(())
+    }
+
+    /// The tracked flows, as the kernel holds them now.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        batch::entries(self.map(map_names::FLOWS)?)
+    }
+
+    /// How full the flow table is, under the timeouts of the rules in force.
+    pub fn flow_fill(&self) -> Result<FlowFill> {
+        let configs: Array<&MapData, GenerationConfig> =
+            Array::try_from(self.map(map_names::GEN_CONFIG)?)?;
+        let config = configs.get(&self.active_generation()?, 0)?;
+        read_fill(self.map(map_names::FLOWS)?, &config, monotonic_now_ns())
     }
 
     /// The record of the host's last DHCP request per interface, as `(ifindex, ns)`.

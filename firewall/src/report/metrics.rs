@@ -106,6 +106,21 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
         ),
         ("rules", "Rules in force", reloads.rules),
         (
+            "flows_live",
+            "Tracked flows of this host inside their timeouts",
+            stats.flows.live as i64,
+        ),
+        (
+            "flows_entries",
+            "Entries of the flow table, expired ones included",
+            stats.flows.entries as i64,
+        ),
+        (
+            "flows_capacity",
+            "Flows the table holds; beyond, the least recently used are evicted",
+            stats.flows.capacity as i64,
+        ),
+        (
             "address_entries",
             "Address map entries of the rules in force",
             reloads.address_entries,

@@ -12,8 +12,9 @@ use firewall_common::{
 };
 use serde::Serialize;
 
-use crate::dataplane::object_id;
 use crate::dataplane::pins::Pins;
+use crate::dataplane::{monotonic_now_ns, object_id};
+use crate::report::flows::{read_fill, FlowFill};
 use crate::rules::model::Action;
 
 #[derive(Clone, Debug, Serialize)]
@@ -36,6 +37,8 @@ pub struct Stats {
     pub rate_limited: Count,
     /// Log lines suppressed by the rate limit or lost to a full log buffer (no daemon reading).
     pub log_lines_suppressed: u64,
+    /// How full the table of the host's flows is.
+    pub flows: FlowFill,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -135,6 +138,9 @@ pub fn read(pins: &Pins) -> Result<Stats> {
     let counter =
         |slot: u32| -> Result<Counter> { Ok(Counter::sum(counters.get(&slot, 0)?.iter())) };
 
+    let flows = Map::LruHashMap(open(map_names::FLOWS)?);
+    let flows = read_fill(&flows, &config, monotonic_now_ns())?;
+
     let mut rules = Vec::new();
     for index in 0..MAX_RULES as u32 {
         let slot = gen * MAX_RULES as u32 + index;
@@ -170,6 +176,7 @@ pub fn read(pins: &Pins) -> Result<Stats> {
         dhcp: counter(STAT_DHCP)?.into(),
         rate_limited: counter(STAT_RATE_LIMITED)?.into(),
         log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets,
+        flows,
     })
 }
 
@@ -214,6 +221,12 @@ pub fn table(stats: &Stats) -> String {
         out,
         "log lines suppressed (rate limit, or no daemon reading): {}",
         stats.log_lines_suppressed
+    );
+    let flows = &stats.flows;
+    let _ = writeln!(
+        out,
+        "flows: {} live of {} ({} entries with expired ones)",
+        flows.live, flows.capacity, flows.entries
     );
     out
 }

@@ -287,7 +287,7 @@ impl RuleSet {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp: u64,
-    /// After a FIN or RST.
+    /// After the host sent a FIN or RST.
     pub tcp_closing: u64,
     pub udp: u64,
     pub icmp: u64,

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub use firewall_common::proto::{
-    ETH_P_8021AD as TPID_8021AD, ETH_P_8021Q as TPID_8021Q, TCP_ACK, TCP_SYN,
+    ETH_P_8021AD as TPID_8021AD, ETH_P_8021Q as TPID_8021Q, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use firewall_common::proto::{
     ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -67,7 +67,9 @@ impl L4 {
         match self {
             L4::Tcp { dport } => {
                 let mut tcp = ports(dport);
-                tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, frame.tcp_flags, 0xff, 0xff]);
+                tcp.extend_from_slice(&frame.tcp_seq.to_be_bytes());
+                tcp.extend_from_slice(&frame.tcp_ack.to_be_bytes());
+                tcp.extend_from_slice(&[0x50, frame.tcp_flags, 0xff, 0xff]);
                 tcp.extend_from_slice(&[0, 0, 0, 0]);
                 tcp
             }
@@ -99,6 +101,9 @@ pub struct Frame {
     /// What follows the upper-layer header.
     payload: Vec<u8>,
     tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers.
+    tcp_seq: u32,
+    tcp_ack: u32,
     sport: u16,
     /// The ICMP(v6) type; `None`: an echo request.
     icmp_type: Option<u8>,
@@ -134,6 +139,8 @@ impl Frame {
             ext_headers: Vec::new(),
             payload: Vec::new(),
             tcp_flags: TCP_SYN,
+            tcp_seq: 1,
+            tcp_ack: 0,
             sport: SOURCE_PORT,
             icmp_type: None,
             lies: Lies::default(),
@@ -185,6 +192,13 @@ impl Frame {
     /// TCP flags (default [`TCP_SYN`]).
     pub fn tcp_flags(mut self, flags: u8) -> Frame {
         self.tcp_flags = flags;
+        self
+    }
+
+    /// TCP sequence and acknowledgement numbers (default 1 and 0).
+    pub fn tcp_seq_ack(mut self, seq: u32, ack: u32) -> Frame {
+        self.tcp_seq = seq;
+        self.tcp_ack = ack;
         self
     }
 

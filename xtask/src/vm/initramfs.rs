@@ -86,8 +86,9 @@ pub fn write_initramfs(
             )
         }
         Plan::Tests { extra } => {
-            // The tests run `ip` (namespaces, veth) and `tc`: the host's, with their libraries.
-            for program in ["/usr/sbin/ip", "/usr/sbin/tc"] {
+            // The tests run `ip` (namespaces, veth), `tc` and `hping3` (the SYN flood): the
+            // host's, with their libraries.
+            for program in ["/usr/sbin/ip", "/usr/sbin/tc", "/usr/sbin/hping3"] {
                 add_with_libraries(&mut cpio, Path::new(program))?;
             }
             env += "FIREWALL_EXE=/bin/firewall\nRUST_BACKTRACE=1\nFW_VM_NIC=eth0\n";

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use firewall_common::proto::{
-    is_essential_icmpv6, Echo, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN,
+    is_essential_icmpv6, Echo, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 use firewall_common::{
     address_words, FlowKey, FlowState, DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS, FLOW_CLOSING,
@@ -62,6 +63,27 @@ pub struct FlowTable {
     pub dhcp_requests: HashMap<String, u64>,
     /// CLOCK_MONOTONIC now, in nanoseconds.
     pub now_ns: u64,
+}
+
+impl FlowTable {
+    /// What the host sending `packet` does to the table (the tc egress program's part):
+    /// the flow is seen now; TCP's FIN or RST starts its closing timeout, a SYN (a new
+    /// connection on the same ports) ends it. Inbound packets change nothing, not even the
+    /// peer's FIN or RST: that could be an off-path sender's guess (a blind RST).
+    pub fn record_outbound(&mut self, packet: &PacketInfo) {
+        let Some(key) = outbound_flow(packet) else {
+            return;
+        };
+        let closing = packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+        let reopened = packet.tcp_flags & TCP_SYN != 0;
+        let state = self.flows.entry(key).or_default();
+        state.last_seen_ns = self.now_ns;
+        if closing {
+            state.flags |= FLOW_CLOSING;
+        } else if reopened {
+            state.flags &= !FLOW_CLOSING;
+        }
+    }
 }
 
 /// The verdict with no tracked flows.
