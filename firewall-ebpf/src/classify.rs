@@ -59,7 +59,7 @@ pub fn first_match(
     };
     let any_src = ANY_ADDRESS.get(gen * ADDRESS_FIELDS + src_field)?;
     let any_dst = ANY_ADDRESS.get(gen * ADDRESS_FIELDS + dst_field)?;
-    if any_src.contains(first as usize) && any_dst.contains(first as usize) {
+    if holds(any_src, first) && holds(any_dst, first) {
         return Some(first);
     }
     let (src, dst) = if packet.v6 {
@@ -147,6 +147,15 @@ fn address_v6(
         return trie.get(key);
     }
     ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
+}
+
+/// Whether `set` holds `rule`. The word index is bounded where the verifier sees it: Linux 6.1
+/// loses the bounds of the rule number LLVM builds (an OR of the word's offset and a table
+/// entry), and LLVM would drop a mask it can prove redundant.
+#[inline(always)]
+fn holds(set: &RuleBits, rule: u32) -> bool {
+    let word = core::hint::black_box(rule as usize / 64) % RULE_WORDS;
+    set.words[word] & (1 << (rule % 64)) != 0
 }
 
 #[inline(always)]
