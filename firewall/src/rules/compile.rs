@@ -9,7 +9,8 @@
 //!   ancestor of (or equal to) that entry, so an entry's bits are the rules naming the entry or
 //!   one of its ancestors, plus the rules without that field.
 //!   In the kernel, hosts and (IPv4) prefixes cut into a few fixed lengths sit in a hash map
-//!   looked up before the trie; see [`AddressTable`] and [`layout`].
+//!   looked up before the trie; see [`AddressTable`] and [`layout`]. Entries hold the id of
+//!   their bit set, an address class (see [`crate::rules::classes`]).
 //! - protocols: a rule with ports can only match TCP and UDP.
 //! - ports: destination ports are cut into classes at every range boundary; class 0 is "the
 //!   packet has no port" and holds the rules without ports.
@@ -27,6 +28,7 @@ use firewall_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::rules::classes::{Interner, Renumber};
 use crate::rules::model::{Limit, Rule, RuleSet, Timeouts};
 
 /// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
@@ -56,6 +58,8 @@ pub struct Compiled {
     pub port_class: Vec<u32>,
     /// Indexed by port class; class 0 is "no port".
     pub port_bits: Vec<RuleBits>,
+    /// The address tables' classes: class id -> rules.
+    pub address_classes: Vec<RuleBits>,
     pub src_v4: AddressTable<Ipv4Net>,
     pub dst_v4: AddressTable<Ipv4Net>,
     pub src_v6: AddressTable<Ipv6Net>,
@@ -68,18 +72,19 @@ pub struct Compiled {
 
 /// One address field as the kernel holds it. A lookup tries the exact map at each level,
 /// longest first, then the trie; an exact entry is the complete answer for every address it
-/// covers, so the trie only holds what the exact levels cannot answer.
+/// covers, so the trie only holds what the exact levels cannot answer. Entries hold address
+/// class ids (`V`: scratch ids while compiling).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AddressTable<N> {
+pub struct AddressTable<N, V = u32> {
     /// Sorted; the first is always the zero-length prefix.
-    pub trie: Vec<(N, RuleBits)>,
+    pub trie: Vec<(N, V)>,
     /// Sorted; every prefix length is one of the family's exact levels.
-    pub exact: Vec<(N, RuleBits)>,
+    pub exact: Vec<(N, V)>,
 }
 
-impl<N> AddressTable<N> {
-    /// The bits of `/0`: the answer for an address no other entry covers.
-    pub fn any(&self) -> RuleBits {
+impl<N, V: Copy> AddressTable<N, V> {
+    /// The class of `/0`: the answer for an address no other entry covers.
+    pub fn any(&self) -> V {
         self.trie[0].1
     }
 
@@ -111,15 +116,22 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         );
     }
     let (port_class, port_bits) = port_tables(&set.rules)?;
+    let mut scratch = Interner::default();
     // Sources first: blocklists are mostly about them. Destination hosts are kept exact
     // whatever the sources used.
-    let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
+    let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref(), &mut scratch);
     let dst_hosts = dst_v4.iter().filter(|(net, _)| net.is_host()).count();
     let src_budget = budget.saturating_sub(dst_hosts);
-    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
+    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref(), &mut scratch);
     let src_v4 = layout(src_v4, src_budget);
     let dst_v4 = layout(dst_v4, budget.saturating_sub(src_v4.exact.len()));
     let (src_v6, dst_v6) = (layout(src_v6, usize::MAX), layout(dst_v6, usize::MAX));
+    let mut renumber = Renumber::new(&scratch);
+    let src_v4 = renumbered(src_v4, &mut renumber);
+    let dst_v4 = renumbered(dst_v4, &mut renumber);
+    let src_v6 = renumbered(src_v6, &mut renumber);
+    let dst_v6 = renumbered(dst_v6, &mut renumber);
+    let address_classes = renumber.classes()?;
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
         default_action: set.default_policy.code(),
@@ -166,6 +178,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         proto_bits: proto_table(&set.rules),
         port_class,
         port_bits,
+        address_classes,
         src_v4,
         dst_v4,
         src_v6,
@@ -292,7 +305,20 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
     Ok((port_class, port_bits))
 }
 
-/// IPv4 and IPv6 entries (each with its ancestors' bits) for the address field `field` selects.
+/// A table's entries with the generation's class ids in place of scratch ids.
+fn renumbered<N>(table: AddressTable<N>, renumber: &mut Renumber) -> AddressTable<N> {
+    let mut renumber_all = |entries: Vec<(N, u32)>| -> Vec<(N, u32)> {
+        let entries = entries.into_iter();
+        entries.map(|(net, id)| (net, renumber.id(id))).collect()
+    };
+    AddressTable {
+        trie: renumber_all(table.trie),
+        exact: renumber_all(table.exact),
+    }
+}
+
+/// IPv4 and IPv6 entries (each with its ancestors' rules, as a class id of `classes`) for the
+/// address field `field` selects.
 #[expect(
     clippy::type_complexity,
     reason = "the two families' entry lists, each read once by the caller"
@@ -300,26 +326,32 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
 fn address_tables(
     rules: &[Rule],
     field: impl Fn(&Rule) -> Option<&[IpNet]>,
-) -> (Vec<(Ipv4Net, RuleBits)>, Vec<(Ipv6Net, RuleBits)>) {
-    let mut wildcard = RuleBits::EMPTY;
-    let mut named_v4: HashMap<Ipv4Net, RuleBits> = HashMap::new();
-    let mut named_v6: HashMap<Ipv6Net, RuleBits> = HashMap::new();
+    classes: &mut Interner,
+) -> (Vec<(Ipv4Net, u32)>, Vec<(Ipv6Net, u32)>) {
+    let empty = classes.intern(RuleBits::EMPTY);
+    let mut wildcard = empty;
+    let mut named_v4: HashMap<Ipv4Net, u32> = HashMap::new();
+    let mut named_v6: HashMap<Ipv6Net, u32> = HashMap::new();
     for (index, rule) in rules.iter().enumerate() {
         match field(rule) {
-            None => wildcard.set(index),
+            None => wildcard = classes.with_rule(wildcard, index),
             Some(nets) => {
                 for net in nets {
-                    match net {
-                        IpNet::V4(net) => named_v4.entry(*net).or_insert(RuleBits::EMPTY),
-                        IpNet::V6(net) => named_v6.entry(*net).or_insert(RuleBits::EMPTY),
-                    }
-                    .set(index);
+                    let class = match net {
+                        IpNet::V4(net) => named_v4.entry(*net).or_insert(empty),
+                        IpNet::V6(net) => named_v6.entry(*net).or_insert(empty),
+                    };
+                    *class = classes.with_rule(*class, index);
                 }
             }
         }
     }
-    let v4 = with_ancestors(&named_v4, wildcard, |net, len| Some(net.truncated(len)));
-    let v6 = with_ancestors(&named_v6, wildcard, |net, len| Some(net.truncated(len)));
+    let v4 = with_ancestors(&named_v4, wildcard, classes, |net, len| {
+        Some(net.truncated(len))
+    });
+    let v6 = with_ancestors(&named_v6, wildcard, classes, |net, len| {
+        Some(net.truncated(len))
+    });
     (v4, v6)
 }
 
@@ -332,10 +364,9 @@ fn address_tables(
 /// only into hosts) none lies inside an exact entry: an exact entry answers for all its
 /// addresses, with the bits of the most specific prefix containing it.
 fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
-    entries: Vec<(N, RuleBits)>,
+    entries: Vec<(N, u32)>,
     budget: usize,
 ) -> AddressTable<N> {
-    // Indices, not entries: a million bit sets are worth not copying around.
     let mut cuttable: Vec<(u8, usize)> = entries
         .iter()
         .enumerate()
@@ -363,12 +394,12 @@ fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
             }
         }
     }
-    let mut exact: Vec<(N, RuleBits)> = pieces
+    let mut exact: Vec<(N, u32)> = pieces
         .into_iter()
         .map(|(piece, index)| (piece, entries[index].1))
         .collect();
     exact.sort_unstable_by_key(|(net, _)| *net);
-    let trie: Vec<(N, RuleBits)> = entries
+    let trie: Vec<(N, u32)> = entries
         .into_iter()
         .zip(is_cut)
         .filter_map(|(entry, cut)| (!cut).then_some(entry))
@@ -377,13 +408,14 @@ fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
     AddressTable { trie, exact }
 }
 
-/// For every named prefix (and the zero-length prefix), the union of the bits of itself and
-/// all its named ancestors, plus `wildcard`.
+/// For every named prefix (and the zero-length prefix), the class of the union of the rules of
+/// itself and all its named ancestors, plus `wildcard`'s.
 fn with_ancestors<N>(
-    named: &HashMap<N, RuleBits>,
-    wildcard: RuleBits,
+    named: &HashMap<N, u32>,
+    wildcard: u32,
+    classes: &mut Interner,
     ancestor: impl Fn(&N, u8) -> Option<N>,
-) -> Vec<(N, RuleBits)>
+) -> Vec<(N, u32)>
 where
     N: Copy + Eq + std::hash::Hash + Ord + Prefix,
 {
@@ -399,13 +431,13 @@ where
     prefixes
         .into_iter()
         .map(|prefix| {
-            let mut bits = wildcard;
+            let mut class = wildcard;
             for &len in lengths.iter().take_while(|&&len| len <= prefix.length()) {
-                if let Some(named_bits) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
-                    bits.union_with(named_bits);
+                if let Some(&named_class) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
+                    class = classes.union(class, named_class);
                 }
             }
-            (prefix, bits)
+            (prefix, class)
         })
         .collect()
 }
