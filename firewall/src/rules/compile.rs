@@ -569,11 +569,14 @@ mod tests {
     }
 
     /// Each prefix in the trie of `table`, as text, with the first word of its rule bits.
-    fn trie_words<N: ToString>(table: &AddressTable<N>) -> HashMap<String, u64> {
-        let words = table
-            .trie
-            .iter()
-            .map(|(net, bits)| (net.to_string(), bits.words[0]));
+    fn trie_words<N: ToString>(
+        compiled: &Compiled,
+        table: &AddressTable<N>,
+    ) -> HashMap<String, u64> {
+        let words = table.trie.iter().map(|(net, class)| {
+            let bits = compiled.address_classes[*class as usize];
+            (net.to_string(), bits.words[0])
+        });
         words.collect()
     }
 
@@ -587,25 +590,65 @@ mod tests {
             rule(Proto::Any, None, None),
             rule(Proto::Any, Some(&["2001:db8::/32"]), None),
         ]);
-        let v4 = trie_words(&compiled.src_v4);
+        let v4 = trie_words(&compiled, &compiled.src_v4);
         assert_eq!(v4["0.0.0.0/0"], 0b0100);
         assert_eq!(v4["10.0.0.0/8"], 0b0101);
         assert_eq!(v4["10.1.0.0/16"], 0b0111);
-        let v6 = trie_words(&compiled.src_v6);
+        let v6 = trie_words(&compiled, &compiled.src_v6);
         assert_eq!(v6["::/0"], 0b0100);
         assert_eq!(v6["2001:db8::/32"], 0b1110);
         // Destination: no rule names one, so only `/0` with every rule.
         assert_eq!(compiled.dst_v4.len(), 1);
-        assert_eq!(compiled.dst_v4.any().words[0], 0b1111);
+        let any = compiled.dst_v4.any() as usize;
+        assert_eq!(compiled.address_classes[any].words[0], 0b1111);
+        // Equal rule sets share a class whatever the field or family.
+        assert_eq!(compiled.dst_v4.any(), compiled.dst_v6.any());
+        assert_eq!(compiled.src_v4.any(), compiled.src_v6.any());
+    }
+
+    #[test]
+    fn a_blocklist_takes_a_handful_of_classes() {
+        let hosts: Vec<String> = (0..5000u32)
+            .map(|i| format!("{}/32", Ipv4Addr::from(0x0a00_0000 + 3 * i)))
+            .collect();
+        let mut nets: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        nets.extend(["192.0.2.0/24", "198.51.100.0/22", "2001:db8::/32"]);
+        let compiled = set(vec![
+            rule(Proto::Any, Some(&nets), None),
+            rule(Proto::Tcp, Some(&["10.0.0.0/8"]), Some(vec![22..=22])),
+            rule(Proto::Any, None, None),
+        ]);
+        assert!(compiled.src_v4.exact.len() > 5000);
+        // Listed hosts (all three rules: they lie in 10/8), the other listed networks (0, 2),
+        // the rest of 10/8 (1, 2), anywhere else (2); every destination (all three) shares
+        // the listed hosts' class.
+        let classes: Vec<u64> = compiled
+            .address_classes
+            .iter()
+            .map(|b| b.words[0])
+            .collect();
+        assert_eq!(classes.len(), 4, "{classes:?}");
+        for bits in [0b111, 0b101, 0b110, 0b100] {
+            assert!(classes.contains(&bits), "{bits:b} in {classes:?}");
+        }
+        // The same rule set compiles to the same ids: a reload rewrites nothing.
+        let again = set(vec![
+            rule(Proto::Any, Some(&nets), None),
+            rule(Proto::Tcp, Some(&["10.0.0.0/8"]), Some(vec![22..=22])),
+            rule(Proto::Any, None, None),
+        ]);
+        assert_eq!(again, compiled);
     }
 
     /// What the kernel does with an [`AddressTable`]: exact levels longest first, then the
     /// longest prefix in the trie.
-    fn kernel_lookup(table: &AddressTable<Ipv4Net>, addr: Ipv4Addr) -> RuleBits {
+    fn kernel_lookup(compiled: &Compiled, addr: Ipv4Addr) -> RuleBits {
+        let table = &compiled.src_v4;
+        let bits = |class: u32| compiled.address_classes[class as usize];
         for &level in &V4_LEVELS {
             let piece = Ipv4Net::new(addr, level).unwrap().trunc();
-            if let Some((_, bits)) = table.exact.iter().find(|(net, _)| *net == piece) {
-                return *bits;
+            if let Some((_, class)) = table.exact.iter().find(|(net, _)| *net == piece) {
+                return bits(*class);
             }
         }
         let longest = table
@@ -614,7 +657,7 @@ mod tests {
             .filter(|(net, _)| net.contains(&addr))
             .max_by_key(|(net, _)| net.prefix_len())
             .expect("/0 is in the trie");
-        longest.1
+        bits(longest.1)
     }
 
     #[test]
@@ -640,10 +683,10 @@ mod tests {
                 })
                 .collect();
             let set = RuleSet::new(Action::Deny, rules);
-            let whole = compile_with_budget(&set, 0).unwrap().src_v4;
-            assert!(whole.exact.is_empty());
+            let whole = compile_with_budget(&set, 0).unwrap();
+            assert!(whole.src_v4.exact.is_empty());
             let budget = [usize::MAX, rng.gen_range(0..300)][round % 2];
-            let cut = compile_with_budget(&set, budget).unwrap().src_v4;
+            let cut = compile_with_budget(&set, budget).unwrap();
             for _ in 0..500 {
                 let base = bases[rng.gen_range(0..bases.len())] ^ rng.gen_range(0..0x800);
                 let addr = Ipv4Addr::from(base);
@@ -667,7 +710,7 @@ mod tests {
             "10.3.0.0/26",
         ];
         let rules = vec![rule(Proto::Any, Some(&nets), None)];
-        let names = |entries: &[(Ipv4Net, RuleBits)]| {
+        let names = |entries: &[(Ipv4Net, u32)]| {
             entries
                 .iter()
                 .map(|(net, _)| net.to_string())
