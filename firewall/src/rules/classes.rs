@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use firewall_common::{RuleBits, GENERATIONS, MAX_ADDRESS_CLASSES};
 
+use crate::rules::compile::AddressTable;
+
 /// Bit sets under ids, equal sets under one id. While compiling, unions and single-rule
 /// additions are remembered by the ids involved, so a million entries cost a million small
 /// lookups, not a million hashes of 136-byte sets.
@@ -86,6 +88,18 @@ impl<'a> Renumber<'a> {
             self.classes.push(self.scratch.bits[id as usize]);
             self.classes.len() as u32 - 1
         })
+    }
+
+    /// `table` with the generation's ids in place of scratch ids.
+    pub fn table<N>(&mut self, table: AddressTable<N>) -> AddressTable<N> {
+        let mut renumber = |entries: Vec<(N, u32)>| -> Vec<(N, u32)> {
+            let entries = entries.into_iter();
+            entries.map(|(net, id)| (net, self.id(id))).collect()
+        };
+        AddressTable {
+            trie: renumber(table.trie),
+            exact: renumber(table.exact),
+        }
     }
 
     /// The classes, by id; an error (with the numbers) if the kernel's array cannot hold them.

@@ -127,10 +127,8 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
     let dst_v4 = layout(dst_v4, budget.saturating_sub(src_v4.exact.len()));
     let (src_v6, dst_v6) = (layout(src_v6, usize::MAX), layout(dst_v6, usize::MAX));
     let mut renumber = Renumber::new(&scratch);
-    let src_v4 = renumbered(src_v4, &mut renumber);
-    let dst_v4 = renumbered(dst_v4, &mut renumber);
-    let src_v6 = renumbered(src_v6, &mut renumber);
-    let dst_v6 = renumbered(dst_v6, &mut renumber);
+    let (src_v4, dst_v4) = (renumber.table(src_v4), renumber.table(dst_v4));
+    let (src_v6, dst_v6) = (renumber.table(src_v6), renumber.table(dst_v6));
     let address_classes = renumber.classes()?;
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
@@ -303,18 +301,6 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
         );
     }
     Ok((port_class, port_bits))
-}
-
-/// A table's entries with the generation's class ids in place of scratch ids.
-fn renumbered<N>(table: AddressTable<N>, renumber: &mut Renumber) -> AddressTable<N> {
-    let mut renumber_all = |entries: Vec<(N, u32)>| -> Vec<(N, u32)> {
-        let entries = entries.into_iter();
-        entries.map(|(net, id)| (net, renumber.id(id))).collect()
-    };
-    AddressTable {
-        trie: renumber_all(table.trie),
-        exact: renumber_all(table.exact),
-    }
 }
 
 /// IPv4 and IPv6 entries (each with its ancestors' rules, as a class id of `classes`) for the
