@@ -408,3 +408,34 @@ fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
     data[1..].copy_from_slice(&firewall_common::address_words(net.addr().into()));
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Up to `len` entries with distinct keys, sorted by key.
+    fn sorted_list(rng: &mut impl rand::Rng, len: usize) -> Vec<(u16, u8)> {
+        let map: std::collections::BTreeMap<u16, u8> = (0..len)
+            .map(|_| (rng.gen_range(0..64), rng.gen_range(0..3)))
+            .collect();
+        map.into_iter().collect()
+    }
+
+    #[test]
+    fn sorted_diff_finds_what_the_hash_diff_finds() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..200 {
+            let old_len = rng.gen_range(0..40);
+            let old = sorted_list(&mut rng, old_len);
+            let new_len = rng.gen_range(0..40);
+            let new = sorted_list(&mut rng, new_len);
+            let by_merge = sorted_diff(&old, &new);
+            let by_hash = diff(&old.iter().copied().collect(), &new);
+            let mut stale = by_hash.stale.clone();
+            stale.sort_unstable();
+            assert_eq!(by_merge.stale, stale, "{old:?} -> {new:?}");
+            assert_eq!(by_merge.changed, by_hash.changed, "{old:?} -> {new:?}");
+        }
+    }
+}
