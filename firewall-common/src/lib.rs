@@ -32,6 +32,12 @@ pub const fn proto_slot(v6: bool, proto: u8) -> u32 {
 }
 /// Distinct destination-port classes per generation. Class 0 is "packet has no port".
 pub const MAX_PORT_CLASSES: u32 = 4096;
+/// Distinct address rule bit sets per generation. The exact maps and tries store a class id
+/// (`u32`) instead of a [`RuleBits`], and [`map_names::ADDRESS_CLASSES`] holds each class's
+/// bits: a million-entry blocklist has a handful of classes. The array is preallocated:
+/// `GENERATIONS * MAX_ADDRESS_CLASSES * size_of::<RuleBits>()` = 2 * 16,384 * 136 bytes =
+/// 4.25 MiB of kernel memory, against 136 bytes saved per address entry.
+pub const MAX_ADDRESS_CLASSES: u32 = 16384;
 /// Entries per address trie (both generations together, so two full rule sets of up to a
 /// million networks). LPM tries allocate per entry, so unused capacity costs nothing.
 pub const MAX_TRIE_ENTRIES: u32 = 1 << 21;
@@ -401,6 +407,8 @@ pub mod map_names {
     pub const GEN_CONFIG: &str = "FW_GEN_CONFIG";
     pub const RULE_ACTIONS: &str = "FW_RULE_ACTIONS";
     pub const ANY_ADDRESS: &str = "FW_ANY_ADDRESS";
+    /// `gen * MAX_ADDRESS_CLASSES + class` -> the rules of the addresses of that class.
+    pub const ADDRESS_CLASSES: &str = "FW_ADDRESS_CLASSES";
     pub const EXACT_V4: &str = "FW_EXACT_V4";
     pub const EXACT_V6: &str = "FW_EXACT_V6";
     pub const SRC_V4: &str = "FW_SRC_V4";

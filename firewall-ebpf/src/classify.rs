@@ -10,14 +10,14 @@
 use aya_ebpf::maps::{lpm_trie::Key, LpmTrie};
 use firewall_common::{
     exact_word, proto_slot, GenerationConfig, RuleBits, V4KeyData, V6KeyData, ADDRESS_FIELDS,
-    CHECK_IFACES, EXACT_BITS_PER_FIELD, GEN_PREFIX_BITS, MAX_PORT_CLASSES, PORTS, PROTO_SLOTS,
-    RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, V4_LEVELS,
+    CHECK_IFACES, EXACT_BITS_PER_FIELD, GEN_PREFIX_BITS, MAX_ADDRESS_CLASSES, MAX_PORT_CLASSES,
+    PORTS, PROTO_SLOTS, RULE_WORDS, TRIE_DST_V4, TRIE_DST_V6, TRIE_SRC_V4, TRIE_SRC_V6, V4_LEVELS,
 };
 
 use crate::{
     maps::{
-        ANY_ADDRESS, DST_V4, DST_V6, EXACT_V4, EXACT_V6, IFACE_BITS, OTHER_IFACES, PORT_BITS,
-        PORT_CLASS, PROTO_BITS, SRC_V4, SRC_V6,
+        ADDRESS_CLASSES, ANY_ADDRESS, DST_V4, DST_V6, EXACT_V4, EXACT_V6, IFACE_BITS, OTHER_IFACES,
+        PORT_BITS, PORT_CLASS, PROTO_BITS, SRC_V4, SRC_V6,
     },
     parse::Packet,
 };
@@ -94,7 +94,7 @@ fn address_v4(
     gen: u32,
     config: &GenerationConfig,
     field: u32,
-    trie: &'static LpmTrie<V4KeyData, RuleBits>,
+    trie: &'static LpmTrie<V4KeyData, u32>,
     addr: u32,
 ) -> Option<&'static RuleBits> {
     let levels = (config.exact_in_use >> (field * EXACT_BITS_PER_FIELD)) & 0xff;
@@ -105,14 +105,15 @@ fn address_v4(
         }
         if levels & (1 << level) != 0 {
             let key = [exact_word(gen, field, level as u32).to_be(), addr & mask];
-            if let Some(bits) = EXACT_V4.get_ptr(key) {
+            if let Some(class) = EXACT_V4.get_ptr(key) {
                 // SAFETY: map values stay valid while the program runs (RCU).
-                return Some(unsafe { &*bits });
+                return class_bits(gen, unsafe { *class });
             }
         }
     }
     if config.tries_in_use & (1 << field) != 0 {
-        return trie.get(Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr]));
+        let class = trie.get(Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr]))?;
+        return class_bits(gen, *class);
     }
     ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
 }
@@ -123,7 +124,7 @@ fn address_v6(
     gen: u32,
     config: &GenerationConfig,
     field: u32,
-    trie: &'static LpmTrie<V6KeyData, RuleBits>,
+    trie: &'static LpmTrie<V6KeyData, u32>,
     addr: &[u32; 4],
 ) -> Option<&'static RuleBits> {
     if config.exact_in_use & (1 << (field * EXACT_BITS_PER_FIELD)) != 0 {
@@ -134,9 +135,9 @@ fn address_v6(
             addr[2],
             addr[3],
         ];
-        if let Some(bits) = EXACT_V6.get_ptr(key) {
+        if let Some(class) = EXACT_V6.get_ptr(key) {
             // SAFETY: as above.
-            return Some(unsafe { &*bits });
+            return class_bits(gen, unsafe { *class });
         }
     }
     if config.tries_in_use & (1 << field) != 0 {
@@ -144,7 +145,7 @@ fn address_v6(
             GEN_PREFIX_BITS + 128,
             [gen.to_be(), addr[0], addr[1], addr[2], addr[3]],
         );
-        return trie.get(key);
+        return class_bits(gen, *trie.get(key)?);
     }
     ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
 }
@@ -156,6 +157,16 @@ fn address_v6(
 fn holds(set: &RuleBits, rule: u32) -> bool {
     let word = core::hint::black_box(rule as usize / 64) % RULE_WORDS;
     set.words[word] & (1 << (rule % 64)) != 0
+}
+
+/// The rules of address class `class` in generation `gen` (the address maps store class ids).
+#[inline(always)]
+fn class_bits(gen: u32, class: u32) -> Option<&'static RuleBits> {
+    // An id past the limit would read the other generation's classes.
+    if class >= MAX_ADDRESS_CLASSES {
+        return None;
+    }
+    ADDRESS_CLASSES.get(gen * MAX_ADDRESS_CLASSES + class)
 }
 
 #[inline(always)]

@@ -9,8 +9,9 @@ use aya_ebpf::{
 use firewall_common::{
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, RateKey, RateLimit, RuleBits,
     RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, LOG_EVENTS_BYTES,
-    MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES, MAX_PORT_CLASSES,
-    MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS, PROTO_SLOTS, STAT_SLOTS,
+    MAX_ADDRESS_CLASSES, MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
+    MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS, PROTO_SLOTS,
+    STAT_SLOTS,
 };
 
 /// One element: the generation packets are classified with.
@@ -43,23 +44,29 @@ pub static RATE_BUCKETS: LruHashMap<RateKey, TokenBucket> =
 #[map(name = "FW_ANY_ADDRESS")]
 pub static ANY_ADDRESS: Array<RuleBits> = Array::with_max_entries(GENERATIONS * ADDRESS_FIELDS, 0);
 
-/// Source / destination prefix -> rules whose `from` / `to` contains it.
-#[map(name = "FW_SRC_V4")]
-pub static SRC_V4: LpmTrie<V4KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
-#[map(name = "FW_DST_V4")]
-pub static DST_V4: LpmTrie<V4KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
-#[map(name = "FW_SRC_V6")]
-pub static SRC_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
-#[map(name = "FW_DST_V6")]
-pub static DST_V6: LpmTrie<V6KeyData, RuleBits> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+/// `gen * MAX_ADDRESS_CLASSES + class` -> the rules of every address entry of that class
+/// (the tries and exact maps below store class ids: a blocklist has few distinct bit sets).
+#[map(name = "FW_ADDRESS_CLASSES")]
+pub static ADDRESS_CLASSES: Array<RuleBits> =
+    Array::with_max_entries(GENERATIONS * MAX_ADDRESS_CLASSES, 0);
 
-/// `(exact_word(gen, field, level), address cut to the level)` -> rules, looked up before the
+/// Source / destination prefix -> class of the rules whose `from` / `to` contains it.
+#[map(name = "FW_SRC_V4")]
+pub static SRC_V4: LpmTrie<V4KeyData, u32> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+#[map(name = "FW_DST_V4")]
+pub static DST_V4: LpmTrie<V4KeyData, u32> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+#[map(name = "FW_SRC_V6")]
+pub static SRC_V6: LpmTrie<V6KeyData, u32> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+#[map(name = "FW_DST_V6")]
+pub static DST_V6: LpmTrie<V6KeyData, u32> = LpmTrie::with_max_entries(MAX_TRIE_ENTRIES, 0);
+
+/// `(exact_word(gen, field, level), address cut to the level)` -> class, looked up before the
 /// tries. Allocated per entry like the tries.
 #[map(name = "FW_EXACT_V4")]
-pub static EXACT_V4: HashMap<V4KeyData, RuleBits> =
+pub static EXACT_V4: HashMap<V4KeyData, u32> =
     HashMap::with_max_entries(MAX_EXACT_V4, BPF_F_NO_PREALLOC);
 #[map(name = "FW_EXACT_V6")]
-pub static EXACT_V6: HashMap<V6KeyData, RuleBits> =
+pub static EXACT_V6: HashMap<V6KeyData, u32> =
     HashMap::with_max_entries(MAX_EXACT_V6, BPF_F_NO_PREALLOC);
 
 /// `(gen, ingress ifindex)` -> rules that apply on that interface (those without `iface` and

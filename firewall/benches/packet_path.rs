@@ -18,6 +18,9 @@ use firewall::testing::packet::{self, Frame, L4, TCP_ACK};
 use firewall_common::FlowState;
 
 /// Runs per measurement (the kernel averages them), and measurements per figure (median).
+#[path = "packet_path/memory.rs"]
+mod memory;
+
 const REPEAT: u32 = 200_000;
 const ROUNDS: usize = 7;
 
@@ -108,9 +111,12 @@ fn segments(
 }
 
 fn main() -> Result<()> {
-    // `FW_BENCH=sets` runs only the set figures.
-    if std::env::var("FW_BENCH").as_deref() == Ok("sets") {
-        return sets();
+    // `FW_BENCH=sets` runs only the set figures (memory included), `FW_BENCH=memory` only
+    // the memory figures.
+    match std::env::var("FW_BENCH").as_deref() {
+        Ok("sets") => return sets(),
+        Ok("memory") => return in_scratch_dir(|dir| memory::report(dir, mixed_list)),
+        _ => {}
     }
     let frames = mix();
     let mut floor_ebpf = aya::Ebpf::load(FLOOR_OBJECT)?;
@@ -220,9 +226,17 @@ fn main() -> Result<()> {
 /// `nft -f` loading the same list into an interval set (in a scratch network namespace, so the
 /// host's own ruleset is never touched); then ns/packet as the set grows to a million.
 fn sets() -> Result<()> {
+    in_scratch_dir(|dir| {
+        sets_in(dir)?;
+        memory::report(dir, mixed_list)
+    })
+}
+
+/// Runs `f` with a scratch directory, removed after.
+fn in_scratch_dir(f: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("fw-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = sets_in(&dir);
+    let result = f(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

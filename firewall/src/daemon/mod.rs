@@ -4,6 +4,7 @@
 
 pub mod control;
 mod control_server;
+mod heap;
 mod interfaces;
 mod reload;
 mod watch;
@@ -153,11 +154,13 @@ fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) ->
 
 /// `firewall run`: filters with the rule file until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<()> {
+    heap::map_large_blocks();
     // A broken file is reported before anything is loaded or attached.
     let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
     let pins = Pins::open(&options.pin_dir)?;
     let _lock = pins.lock()?;
     let (mut state, mut events) = start(options, prepared, &pins)?;
+    heap::release_freed();
     follow_events(&mut state, &mut events).await?;
     stop(state, &pins)
 }

@@ -11,7 +11,7 @@ use log::{error, info, warn};
 use tokio::time::Sleep;
 
 use super::watch::FileWatcher;
-use super::{prepare, prepare_text, Prepared, RunOptions};
+use super::{heap, prepare, prepare_text, Prepared, RunOptions};
 use crate::dataplane::packet_log::RuleNames;
 use crate::dataplane::pins::Pins;
 use crate::dataplane::Kernel;
@@ -250,12 +250,21 @@ impl State {
     }
 
     fn put_in_force(&mut self, prepared: Prepared) -> Result<Applied> {
-        let updates = self.kernel.apply(&prepared.compiled)?;
-        self.rule_names.set(&prepared.set);
-        self.in_force = prepared.set;
+        let Prepared {
+            set,
+            compiled,
+            files,
+            ..
+        } = prepared;
+        let updates = self.kernel.apply(&compiled)?;
+        let entries = address_entries(&compiled);
+        drop(compiled);
+        self.rule_names.set(&set);
+        self.in_force = set;
+        heap::release_freed();
         Ok(Applied {
-            files: prepared.files,
-            entries: address_entries(&prepared.compiled),
+            files,
+            entries,
             updates,
         })
     }
@@ -370,6 +379,7 @@ impl State {
                 trial.file
             ),
         }
+        heap::release_freed();
     }
 }
 

@@ -98,12 +98,14 @@ impl Kernel {
     ) -> Result<usize> {
         let mut updates = 0;
         let any_address = |c: &Compiled| {
-            vec![
+            [
                 c.src_v4.any(),
                 c.dst_v4.any(),
                 c.src_v6.any(),
                 c.dst_v6.any(),
             ]
+            .map(|class| c.address_classes[class as usize])
+            .to_vec()
         };
         let names = Contents {
             new: padded(&new.names, old.map(|o| o.names.len())).into(),
@@ -113,7 +115,11 @@ impl Kernel {
             new: any_address(new).into(),
             old: old.map(|o| any_address(o).into()),
         };
-        let arrays: [(&str, &dyn ArrayWrite); 7] = [
+        let arrays: [(&str, &dyn ArrayWrite); 8] = [
+            (
+                ADDRESS_CLASSES,
+                &Contents::of(new, old, |c| &c.address_classes),
+            ),
             (RULE_ACTIONS, &Contents::of(new, old, |c| &c.actions)),
             (RULE_LIMITS, &Contents::of(new, old, |c| &c.limits)),
             (RULE_NAMES, &names),
@@ -155,7 +161,7 @@ impl Kernel {
 
     /// One address field (`new`, and what the generation holds): exact entries into the
     /// family's exact map, the rest into the trie.
-    fn write_addresses<N: Prefix + Copy + Eq + Hash, K: Pod + AsMut<[u32]>>(
+    fn write_addresses<N: Prefix + Copy + Ord, K: Pod + AsMut<[u32]>>(
         &mut self,
         (trie, exact_map): (&str, &str),
         field: u32,
@@ -163,28 +169,28 @@ impl Kernel {
         (new, old): (&AddressTable<N>, Option<&AddressTable<N>>),
         key: fn(u32, &N) -> Key<K>,
     ) -> Result<usize> {
-        let prefixes = diff(&entries(old.map(|o| o.trie.as_slice())), &new.trie);
-        let mut map: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(self.map_mut(trie)?)?;
+        let prefixes = sorted_diff(old.map_or(&[], |o| o.trie.as_slice()), &new.trie);
+        let mut map: LpmTrie<&mut MapData, K, u32> = LpmTrie::try_from(self.map_mut(trie)?)?;
         for net in &prefixes.stale {
             map.remove(&key(gen, net))?;
         }
-        for (net, bits) in &prefixes.changed {
-            map.insert(&key(gen, net), *bits, 0)?;
+        for (net, class) in &prefixes.changed {
+            map.insert(&key(gen, net), *class, 0)?;
         }
         let exact_key = |net: &N| -> K {
             let mut data = key(gen, net).data();
             data.as_mut()[0] = exact_word(gen, field, level_index::<N>(net.length())).to_be();
             data
         };
-        let exact = diff(&entries(old.map(|o| o.exact.as_slice())), &new.exact);
+        let exact = sorted_diff(old.map_or(&[], |o| o.exact.as_slice()), &new.exact);
         let stale: Vec<K> = exact.stale.iter().map(exact_key).collect();
-        let changed: Vec<(K, RuleBits)> = exact
+        let changed: Vec<(K, u32)> = exact
             .changed
             .iter()
-            .map(|(net, bits)| (exact_key(net), *bits))
+            .map(|(net, class)| (exact_key(net), *class))
             .collect();
         let map = self.map_mut(exact_map)?;
-        batch::remove::<K, RuleBits>(map, &stale)?;
+        batch::remove::<K, u32>(map, &stale)?;
         batch::insert(map, &changed)?;
         Ok(prefixes.updates() + exact.updates())
     }
@@ -236,11 +242,6 @@ impl Kernel {
     }
 }
 
-/// The entries of a keyed map's generation, by key (none: `None`).
-fn entries<K: Copy + Eq + Hash, V: Copy>(list: Option<&[(K, V)]>) -> StdHashMap<K, V> {
-    list.unwrap_or_default().iter().copied().collect()
-}
-
 /// What turns the entries `old` into `new`.
 struct Diff<K, V> {
     /// Keys only `old` has: to remove.
@@ -288,6 +289,48 @@ impl<'a, V: Clone> Contents<'a, V> {
         Contents {
             new: values(new).as_slice().into(),
             old: old.map(|old| values(old).as_slice().into()),
+        }
+    }
+}
+
+/// [`diff`] of two lists sorted by key (address tables are), by one merge: no hash map of a
+/// million entries on the way.
+fn sorted_diff<K: Copy + Ord, V: Copy + PartialEq>(old: &[(K, V)], new: &[(K, V)]) -> Diff<K, V> {
+    let mut result = Diff {
+        stale: Vec::new(),
+        changed: Vec::new(),
+    };
+    let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some((old_key, old_value)), Some(&&(new_key, new_value))) => {
+                match old_key.cmp(&new_key) {
+                    std::cmp::Ordering::Less => {
+                        result.stale.push(*old_key);
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        result.changed.push((new_key, new_value));
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if *old_value != new_value {
+                            result.changed.push((new_key, new_value));
+                        }
+                        old.next();
+                        new.next();
+                    }
+                }
+            }
+            (Some((old_key, _)), None) => {
+                result.stale.push(*old_key);
+                old.next();
+            }
+            (None, Some(&&entry)) => {
+                result.changed.push(entry);
+                new.next();
+            }
+            (None, None) => return result,
         }
     }
 }
@@ -364,4 +407,35 @@ fn v6_key(gen: u32, net: &Ipv6Net) -> Key<V6KeyData> {
     let mut data = [gen.to_be(), 0, 0, 0, 0];
     data[1..].copy_from_slice(&firewall_common::address_words(net.addr().into()));
     Key::new(GEN_PREFIX_BITS + u32::from(net.prefix_len()), data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Up to `len` entries with distinct keys, sorted by key.
+    fn sorted_list(rng: &mut impl rand::Rng, len: usize) -> Vec<(u16, u8)> {
+        let map: std::collections::BTreeMap<u16, u8> = (0..len)
+            .map(|_| (rng.gen_range(0..64), rng.gen_range(0..3)))
+            .collect();
+        map.into_iter().collect()
+    }
+
+    #[test]
+    fn sorted_diff_finds_what_the_hash_diff_finds() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..200 {
+            let old_len = rng.gen_range(0..40);
+            let old = sorted_list(&mut rng, old_len);
+            let new_len = rng.gen_range(0..40);
+            let new = sorted_list(&mut rng, new_len);
+            let by_merge = sorted_diff(&old, &new);
+            let by_hash = diff(&old.iter().copied().collect(), &new);
+            let mut stale = by_hash.stale.clone();
+            stale.sort_unstable();
+            assert_eq!(by_merge.stale, stale, "{old:?} -> {new:?}");
+            assert_eq!(by_merge.changed, by_hash.changed, "{old:?} -> {new:?}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use aya::Pod;
 use firewall_common::map_names::*;
 use firewall_common::{
     IfaceKey, RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GEN_MASK,
-    MAX_PORT_CLASSES, MAX_RULES, PROTO_SLOTS,
+    MAX_ADDRESS_CLASSES, MAX_PORT_CLASSES, MAX_RULES, PROTO_SLOTS,
 };
 
 use crate::rules::compile::PORTS;
@@ -48,15 +48,16 @@ const fn array<V: Pod + Default>(slots: u32) -> Generations {
     }
 }
 
+/// A trie of address class ids.
 const fn trie<K: Pod + AsRef<[u32]>>() -> Generations {
     Generations::Keyed {
         clear: clear_trie::<K>,
     }
 }
 
-const fn hash<K: Pod + AsRef<[u32]>>() -> Generations {
+const fn hash<K: Pod + AsRef<[u32]>, V: Pod>() -> Generations {
     Generations::Keyed {
-        clear: clear_hash::<K>,
+        clear: clear_hash::<K, V>,
     }
 }
 
@@ -79,13 +80,14 @@ pub const MAPS: &[MapSpec] = &[
     map(RULE_LIMITS, array::<RateLimit>(RULES)),
     map(RATE_BUCKETS, Shared),
     map(ANY_ADDRESS, array::<RuleBits>(ADDRESS_FIELDS)),
+    map(ADDRESS_CLASSES, array::<RuleBits>(MAX_ADDRESS_CLASSES)),
     map(SRC_V4, trie::<V4KeyData>()),
     map(DST_V4, trie::<V4KeyData>()),
     map(SRC_V6, trie::<V6KeyData>()),
     map(DST_V6, trie::<V6KeyData>()),
-    map(EXACT_V4, hash::<V4KeyData>()),
-    map(EXACT_V6, hash::<V6KeyData>()),
-    map(IFACE_BITS, hash::<IfaceKey>()),
+    map(EXACT_V4, hash::<V4KeyData, u32>()),
+    map(EXACT_V6, hash::<V6KeyData, u32>()),
+    map(IFACE_BITS, hash::<IfaceKey, RuleBits>()),
     map(OTHER_IFACES, Slot),
     map(PROTO_BITS, array::<RuleBits>(PROTO_SLOTS)),
     map(PORT_CLASS, array::<u32>(PORTS as u32)),
@@ -142,7 +144,7 @@ fn of_gen(gen: u32, word: u32) -> bool {
 
 /// Deletes the entries of generation `gen` from a trie whose key data is `K`.
 fn clear_trie<K: Pod + AsRef<[u32]>>(map: &mut Map, gen: u32) -> Result<()> {
-    let mut trie: LpmTrie<&mut MapData, K, RuleBits> = LpmTrie::try_from(map)?;
+    let mut trie: LpmTrie<&mut MapData, K, u32> = LpmTrie::try_from(map)?;
     let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
     for key in keys
         .iter()
@@ -153,9 +155,9 @@ fn clear_trie<K: Pod + AsRef<[u32]>>(map: &mut Map, gen: u32) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the entries of generation `gen` from a hash map whose keys are `K`.
-fn clear_hash<K: Pod + AsRef<[u32]>>(map: &mut Map, gen: u32) -> Result<()> {
-    let mut hash: HashMap<&mut MapData, K, RuleBits> = HashMap::try_from(map)?;
+/// Deletes the entries of generation `gen` from a hash map whose keys are `K`, values `V`.
+fn clear_hash<K: Pod + AsRef<[u32]>, V: Pod>(map: &mut Map, gen: u32) -> Result<()> {
+    let mut hash: HashMap<&mut MapData, K, V> = HashMap::try_from(map)?;
     let keys: Vec<K> = hash.keys().collect::<Result<_, _>>()?;
     for key in keys.iter().filter(|key| of_gen(gen, key.as_ref()[0])) {
         hash.remove(key)?;

@@ -9,7 +9,8 @@
 //!   ancestor of (or equal to) that entry, so an entry's bits are the rules naming the entry or
 //!   one of its ancestors, plus the rules without that field.
 //!   In the kernel, hosts and (IPv4) prefixes cut into a few fixed lengths sit in a hash map
-//!   looked up before the trie; see [`AddressTable`] and [`layout`].
+//!   looked up before the trie; see [`AddressTable`] and [`layout`]. Entries hold the id of
+//!   their bit set, an address class (see [`crate::rules::classes`]).
 //! - protocols: a rule with ports can only match TCP and UDP.
 //! - ports: destination ports are cut into classes at every range boundary; class 0 is "the
 //!   packet has no port" and holds the rules without ports.
@@ -27,6 +28,7 @@ use firewall_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::rules::classes::{Interner, Renumber};
 use crate::rules::model::{Limit, Rule, RuleSet, Timeouts};
 
 /// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
@@ -56,6 +58,8 @@ pub struct Compiled {
     pub port_class: Vec<u32>,
     /// Indexed by port class; class 0 is "no port".
     pub port_bits: Vec<RuleBits>,
+    /// The address tables' classes: class id -> rules.
+    pub address_classes: Vec<RuleBits>,
     pub src_v4: AddressTable<Ipv4Net>,
     pub dst_v4: AddressTable<Ipv4Net>,
     pub src_v6: AddressTable<Ipv6Net>,
@@ -68,18 +72,19 @@ pub struct Compiled {
 
 /// One address field as the kernel holds it. A lookup tries the exact map at each level,
 /// longest first, then the trie; an exact entry is the complete answer for every address it
-/// covers, so the trie only holds what the exact levels cannot answer.
+/// covers, so the trie only holds what the exact levels cannot answer. Entries hold address
+/// class ids (`V`: scratch ids while compiling).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AddressTable<N> {
+pub struct AddressTable<N, V = u32> {
     /// Sorted; the first is always the zero-length prefix.
-    pub trie: Vec<(N, RuleBits)>,
+    pub trie: Vec<(N, V)>,
     /// Sorted; every prefix length is one of the family's exact levels.
-    pub exact: Vec<(N, RuleBits)>,
+    pub exact: Vec<(N, V)>,
 }
 
-impl<N> AddressTable<N> {
-    /// The bits of `/0`: the answer for an address no other entry covers.
-    pub fn any(&self) -> RuleBits {
+impl<N, V: Copy> AddressTable<N, V> {
+    /// The class of `/0`: the answer for an address no other entry covers.
+    pub fn any(&self) -> V {
         self.trie[0].1
     }
 
@@ -111,15 +116,20 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         );
     }
     let (port_class, port_bits) = port_tables(&set.rules)?;
+    let mut scratch = Interner::default();
     // Sources first: blocklists are mostly about them. Destination hosts are kept exact
     // whatever the sources used.
-    let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref());
+    let (dst_v4, dst_v6) = address_tables(&set.rules, |rule| rule.to.as_deref(), &mut scratch);
     let dst_hosts = dst_v4.iter().filter(|(net, _)| net.is_host()).count();
     let src_budget = budget.saturating_sub(dst_hosts);
-    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref());
+    let (src_v4, src_v6) = address_tables(&set.rules, |rule| rule.from.as_deref(), &mut scratch);
     let src_v4 = layout(src_v4, src_budget);
     let dst_v4 = layout(dst_v4, budget.saturating_sub(src_v4.exact.len()));
     let (src_v6, dst_v6) = (layout(src_v6, usize::MAX), layout(dst_v6, usize::MAX));
+    let mut renumber = Renumber::new(&scratch);
+    let (src_v4, dst_v4) = (renumber.table(src_v4), renumber.table(dst_v4));
+    let (src_v6, dst_v6) = (renumber.table(src_v6), renumber.table(dst_v6));
+    let address_classes = renumber.classes()?;
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
         default_action: set.default_policy.code(),
@@ -166,6 +176,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
         proto_bits: proto_table(&set.rules),
         port_class,
         port_bits,
+        address_classes,
         src_v4,
         dst_v4,
         src_v6,
@@ -303,7 +314,8 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
     Ok((port_class, port_bits))
 }
 
-/// IPv4 and IPv6 entries (each with its ancestors' bits) for the address field `field` selects.
+/// IPv4 and IPv6 entries (each with its ancestors' rules, as a class id of `classes`) for the
+/// address field `field` selects.
 #[expect(
     clippy::type_complexity,
     reason = "the two families' entry lists, each read once by the caller"
@@ -311,26 +323,32 @@ fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
 fn address_tables(
     rules: &[Rule],
     field: impl Fn(&Rule) -> Option<&[IpNet]>,
-) -> (Vec<(Ipv4Net, RuleBits)>, Vec<(Ipv6Net, RuleBits)>) {
-    let mut wildcard = RuleBits::EMPTY;
-    let mut named_v4: HashMap<Ipv4Net, RuleBits> = HashMap::new();
-    let mut named_v6: HashMap<Ipv6Net, RuleBits> = HashMap::new();
+    classes: &mut Interner,
+) -> (Vec<(Ipv4Net, u32)>, Vec<(Ipv6Net, u32)>) {
+    let empty = classes.intern(RuleBits::EMPTY);
+    let mut wildcard = empty;
+    let mut named_v4: HashMap<Ipv4Net, u32> = HashMap::new();
+    let mut named_v6: HashMap<Ipv6Net, u32> = HashMap::new();
     for (index, rule) in rules.iter().enumerate() {
         match field(rule) {
-            None => wildcard.set(index),
+            None => wildcard = classes.with_rule(wildcard, index),
             Some(nets) => {
                 for net in nets {
-                    match net {
-                        IpNet::V4(net) => named_v4.entry(*net).or_insert(RuleBits::EMPTY),
-                        IpNet::V6(net) => named_v6.entry(*net).or_insert(RuleBits::EMPTY),
-                    }
-                    .set(index);
+                    let class = match net {
+                        IpNet::V4(net) => named_v4.entry(*net).or_insert(empty),
+                        IpNet::V6(net) => named_v6.entry(*net).or_insert(empty),
+                    };
+                    *class = classes.with_rule(*class, index);
                 }
             }
         }
     }
-    let v4 = with_ancestors(&named_v4, wildcard, |net, len| Some(net.truncated(len)));
-    let v6 = with_ancestors(&named_v6, wildcard, |net, len| Some(net.truncated(len)));
+    let v4 = with_ancestors(&named_v4, wildcard, classes, |net, len| {
+        Some(net.truncated(len))
+    });
+    let v6 = with_ancestors(&named_v6, wildcard, classes, |net, len| {
+        Some(net.truncated(len))
+    });
     (v4, v6)
 }
 
@@ -343,10 +361,9 @@ fn address_tables(
 /// only into hosts) none lies inside an exact entry: an exact entry answers for all its
 /// addresses, with the bits of the most specific prefix containing it.
 fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
-    entries: Vec<(N, RuleBits)>,
+    entries: Vec<(N, u32)>,
     budget: usize,
 ) -> AddressTable<N> {
-    // Indices, not entries: a million bit sets are worth not copying around.
     let mut cuttable: Vec<(u8, usize)> = entries
         .iter()
         .enumerate()
@@ -374,12 +391,12 @@ fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
             }
         }
     }
-    let mut exact: Vec<(N, RuleBits)> = pieces
+    let mut exact: Vec<(N, u32)> = pieces
         .into_iter()
         .map(|(piece, index)| (piece, entries[index].1))
         .collect();
     exact.sort_unstable_by_key(|(net, _)| *net);
-    let trie: Vec<(N, RuleBits)> = entries
+    let trie: Vec<(N, u32)> = entries
         .into_iter()
         .zip(is_cut)
         .filter_map(|(entry, cut)| (!cut).then_some(entry))
@@ -388,13 +405,14 @@ fn layout<N: Prefix + Copy + Eq + Hash + Ord>(
     AddressTable { trie, exact }
 }
 
-/// For every named prefix (and the zero-length prefix), the union of the bits of itself and
-/// all its named ancestors, plus `wildcard`.
+/// For every named prefix (and the zero-length prefix), the class of the union of the rules of
+/// itself and all its named ancestors, plus `wildcard`'s.
 fn with_ancestors<N>(
-    named: &HashMap<N, RuleBits>,
-    wildcard: RuleBits,
+    named: &HashMap<N, u32>,
+    wildcard: u32,
+    classes: &mut Interner,
     ancestor: impl Fn(&N, u8) -> Option<N>,
-) -> Vec<(N, RuleBits)>
+) -> Vec<(N, u32)>
 where
     N: Copy + Eq + std::hash::Hash + Ord + Prefix,
 {
@@ -410,13 +428,13 @@ where
     prefixes
         .into_iter()
         .map(|prefix| {
-            let mut bits = wildcard;
+            let mut class = wildcard;
             for &len in lengths.iter().take_while(|&&len| len <= prefix.length()) {
-                if let Some(named_bits) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
-                    bits.union_with(named_bits);
+                if let Some(&named_class) = ancestor(&prefix, len).and_then(|a| named.get(&a)) {
+                    class = classes.union(class, named_class);
                 }
             }
-            (prefix, bits)
+            (prefix, class)
         })
         .collect()
 }
@@ -548,11 +566,14 @@ mod tests {
     }
 
     /// Each prefix in the trie of `table`, as text, with the first word of its rule bits.
-    fn trie_words<N: ToString>(table: &AddressTable<N>) -> HashMap<String, u64> {
-        let words = table
-            .trie
-            .iter()
-            .map(|(net, bits)| (net.to_string(), bits.words[0]));
+    fn trie_words<N: ToString>(
+        compiled: &Compiled,
+        table: &AddressTable<N>,
+    ) -> HashMap<String, u64> {
+        let words = table.trie.iter().map(|(net, class)| {
+            let bits = compiled.address_classes[*class as usize];
+            (net.to_string(), bits.words[0])
+        });
         words.collect()
     }
 
@@ -566,25 +587,65 @@ mod tests {
             rule(Proto::Any, None, None),
             rule(Proto::Any, Some(&["2001:db8::/32"]), None),
         ]);
-        let v4 = trie_words(&compiled.src_v4);
+        let v4 = trie_words(&compiled, &compiled.src_v4);
         assert_eq!(v4["0.0.0.0/0"], 0b0100);
         assert_eq!(v4["10.0.0.0/8"], 0b0101);
         assert_eq!(v4["10.1.0.0/16"], 0b0111);
-        let v6 = trie_words(&compiled.src_v6);
+        let v6 = trie_words(&compiled, &compiled.src_v6);
         assert_eq!(v6["::/0"], 0b0100);
         assert_eq!(v6["2001:db8::/32"], 0b1110);
         // Destination: no rule names one, so only `/0` with every rule.
         assert_eq!(compiled.dst_v4.len(), 1);
-        assert_eq!(compiled.dst_v4.any().words[0], 0b1111);
+        let any = compiled.dst_v4.any() as usize;
+        assert_eq!(compiled.address_classes[any].words[0], 0b1111);
+        // Equal rule sets share a class whatever the field or family.
+        assert_eq!(compiled.dst_v4.any(), compiled.dst_v6.any());
+        assert_eq!(compiled.src_v4.any(), compiled.src_v6.any());
+    }
+
+    #[test]
+    fn a_blocklist_takes_a_handful_of_classes() {
+        let hosts: Vec<String> = (0..5000u32)
+            .map(|i| format!("{}/32", Ipv4Addr::from(0x0a00_0000 + 3 * i)))
+            .collect();
+        let mut nets: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        nets.extend(["192.0.2.0/24", "198.51.100.0/22", "2001:db8::/32"]);
+        let compiled = set(vec![
+            rule(Proto::Any, Some(&nets), None),
+            rule(Proto::Tcp, Some(&["10.0.0.0/8"]), Some(vec![22..=22])),
+            rule(Proto::Any, None, None),
+        ]);
+        assert!(compiled.src_v4.exact.len() > 5000);
+        // Listed hosts (all three rules: they lie in 10/8), the other listed networks (0, 2),
+        // the rest of 10/8 (1, 2), anywhere else (2); every destination (all three) shares
+        // the listed hosts' class.
+        let classes: Vec<u64> = compiled
+            .address_classes
+            .iter()
+            .map(|b| b.words[0])
+            .collect();
+        assert_eq!(classes.len(), 4, "{classes:?}");
+        for bits in [0b111, 0b101, 0b110, 0b100] {
+            assert!(classes.contains(&bits), "{bits:b} in {classes:?}");
+        }
+        // The same rule set compiles to the same ids: a reload rewrites nothing.
+        let again = set(vec![
+            rule(Proto::Any, Some(&nets), None),
+            rule(Proto::Tcp, Some(&["10.0.0.0/8"]), Some(vec![22..=22])),
+            rule(Proto::Any, None, None),
+        ]);
+        assert_eq!(again, compiled);
     }
 
     /// What the kernel does with an [`AddressTable`]: exact levels longest first, then the
     /// longest prefix in the trie.
-    fn kernel_lookup(table: &AddressTable<Ipv4Net>, addr: Ipv4Addr) -> RuleBits {
+    fn kernel_lookup(compiled: &Compiled, addr: Ipv4Addr) -> RuleBits {
+        let table = &compiled.src_v4;
+        let bits = |class: u32| compiled.address_classes[class as usize];
         for &level in &V4_LEVELS {
             let piece = Ipv4Net::new(addr, level).unwrap().trunc();
-            if let Some((_, bits)) = table.exact.iter().find(|(net, _)| *net == piece) {
-                return *bits;
+            if let Some((_, class)) = table.exact.iter().find(|(net, _)| *net == piece) {
+                return bits(*class);
             }
         }
         let longest = table
@@ -593,7 +654,7 @@ mod tests {
             .filter(|(net, _)| net.contains(&addr))
             .max_by_key(|(net, _)| net.prefix_len())
             .expect("/0 is in the trie");
-        longest.1
+        bits(longest.1)
     }
 
     #[test]
@@ -619,10 +680,10 @@ mod tests {
                 })
                 .collect();
             let set = RuleSet::new(Action::Deny, rules);
-            let whole = compile_with_budget(&set, 0).unwrap().src_v4;
-            assert!(whole.exact.is_empty());
+            let whole = compile_with_budget(&set, 0).unwrap();
+            assert!(whole.src_v4.exact.is_empty());
             let budget = [usize::MAX, rng.gen_range(0..300)][round % 2];
-            let cut = compile_with_budget(&set, budget).unwrap().src_v4;
+            let cut = compile_with_budget(&set, budget).unwrap();
             for _ in 0..500 {
                 let base = bases[rng.gen_range(0..bases.len())] ^ rng.gen_range(0..0x800);
                 let addr = Ipv4Addr::from(base);
@@ -646,7 +707,7 @@ mod tests {
             "10.3.0.0/26",
         ];
         let rules = vec![rule(Proto::Any, Some(&nets), None)];
-        let names = |entries: &[(Ipv4Net, RuleBits)]| {
+        let names = |entries: &[(Ipv4Net, u32)]| {
             entries
                 .iter()
                 .map(|(net, _)| net.to_string())

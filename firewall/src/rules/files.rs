@@ -26,7 +26,57 @@ pub enum Trust {
 /// Reads `path` as text: a regular file of at most `limit` bytes that `trust` accepts. The
 /// error says what is wrong, without the path (callers name the file).
 pub fn read(path: &Path, limit: u64, trust: Trust) -> Result<String, String> {
-    let mut file = std::fs::OpenOptions::new()
+    let (file, len) = open(path, limit, trust)?;
+    // The file may grow while we read: read one byte past the limit to notice.
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| error.to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(limit));
+    }
+    String::from_utf8(bytes).map_err(|error| format!("not UTF-8 text: {error}"))
+}
+
+/// [`read`] line by line, for set files of a million lines: `line` gets each line (its number
+/// from 1, the text without its line end); an error of `line` stops the reading and comes
+/// back. Reading errors (the file outgrew `limit` meanwhile, a line is not UTF-8) come back
+/// as `Err(Err(message))`, with the line number where it makes sense.
+pub fn read_lines<E>(
+    path: &Path,
+    limit: u64,
+    trust: Trust,
+    mut line: impl FnMut(usize, &str) -> Result<(), E>,
+) -> Result<(), Result<E, String>> {
+    use std::io::BufRead as _;
+    let (file, _) = open(path, limit, trust).map_err(Err)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file.take(limit + 1));
+    let mut bytes = Vec::new();
+    let mut read = 0u64;
+    for number in 1.. {
+        bytes.clear();
+        let got = reader
+            .read_until(b'\n', &mut bytes)
+            .map_err(|error| Err(error.to_string()))?;
+        if got == 0 {
+            return Ok(());
+        }
+        read += got as u64;
+        if read > limit {
+            return Err(Err(too_large(limit)));
+        }
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|error| Err(format!("line {number}: not UTF-8 text: {error}")))?;
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        line(number, text.strip_suffix('\r').unwrap_or(text)).map_err(Ok)?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for [`read`]: a regular file of at most `limit` bytes (its length returned)
+/// that `trust` accepts.
+fn open(path: &Path, limit: u64, trust: Trust) -> Result<(std::fs::File, u64), String> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
         // A FIFO would block this open until a writer comes; a device could be a terminal.
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
@@ -62,16 +112,7 @@ pub fn read(path: &Path, limit: u64, trust: Trust) -> Result<String, String> {
     if meta.len() > limit {
         return Err(too_large(limit));
     }
-    // The file may grow while we read: read one byte past the limit to notice.
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    (&mut file)
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|error| error.to_string())?;
-    if bytes.len() as u64 > limit {
-        return Err(too_large(limit));
-    }
-    String::from_utf8(bytes).map_err(|error| format!("not UTF-8 text: {error}"))
+    Ok((file, meta.len()))
 }
 
 fn too_large(limit: u64) -> String {
@@ -149,6 +190,51 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         dir
+    }
+
+    #[test]
+    fn lines_come_one_by_one_with_their_numbers() {
+        let dir = scratch("lines");
+        let path = dir.join("set.txt");
+        std::fs::write(&path, b"10.0.0.1\r\n# comment\n\n192.0.2.0/24").unwrap();
+        let mut lines = Vec::new();
+        let read = read_lines::<()>(&path, 1 << 20, Trust::Anyone, |number, line| {
+            lines.push((number, line.to_string()));
+            Ok(())
+        });
+        assert!(read.is_ok());
+        let expected = [
+            (1, "10.0.0.1"),
+            (2, "# comment"),
+            (3, ""),
+            (4, "192.0.2.0/24"),
+        ];
+        assert_eq!(lines, expected.map(|(n, l)| (n, l.to_string())));
+        // The caller's error stops the reading at its line.
+        let mut seen = 0;
+        let stopped = read_lines(&path, 1 << 20, Trust::Anyone, |number, _| {
+            seen = number;
+            if number == 2 {
+                Err(number)
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!((stopped, seen), (Err(Ok(2)), 2));
+        // Text that is not UTF-8 is an error naming its line.
+        std::fs::write(&path, b"10.0.0.1\n\xff\xfe\n").unwrap();
+        let error = read_lines::<()>(&path, 1 << 20, Trust::Anyone, |_, _| Ok(())).unwrap_err();
+        assert!(
+            matches!(&error, Err(message) if message.starts_with("line 2: not UTF-8")),
+            "{error:?}"
+        );
+        // Over the limit: refused before reading.
+        let error = read_lines::<()>(&path, 4, Trust::Anyone, |_, _| Ok(())).unwrap_err();
+        assert!(
+            matches!(&error, Err(message) if message.contains("larger than")),
+            "{error:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -52,13 +52,22 @@ pub(super) fn resolve_sets(
         if let Some(files) = set.files {
             for file in files.get_ref() {
                 let path = dir.join(file.get_ref());
-                let text = files::read(&path, MAX_SET_FILE_BYTES, trust).map_err(|error| {
-                    located((
-                        file.span(),
-                        format!("cannot read set file {}: {error}", path.display()),
-                    ))
-                })?;
-                nets.extend(parse_set_file(&path.display().to_string(), &text)?);
+                // Line by line: a million-line file is never held whole.
+                let name = path.display().to_string();
+                let mut entries = SetFileEntries::new(&name, &mut nets);
+                let read = files::read_lines(&path, MAX_SET_FILE_BYTES, trust, |number, line| {
+                    entries.line(number, line)
+                });
+                match read {
+                    Ok(()) => {}
+                    Err(Ok(error)) => return Err(error),
+                    Err(Err(error)) => {
+                        return Err(located((
+                            file.span(),
+                            format!("cannot read set file {}: {error}", path.display()),
+                        )))
+                    }
+                }
                 set_files.push(path);
             }
         }
@@ -77,28 +86,50 @@ pub const MAX_SET_FILE_ENTRIES: usize = 4 * DEFAULT_MAX_ENTRIES as usize;
 /// One address or CIDR per line (FireHOL .netset and plain lists); `#` starts a comment.
 pub fn parse_set_file(file: &str, text: &str) -> Result<Vec<IpNet>, ConfigError> {
     let mut nets = Vec::new();
+    let mut entries = SetFileEntries::new(file, &mut nets);
     for (index, line) in text.lines().enumerate() {
-        let entry = line.split('#').next().unwrap_or("").trim();
-        if entry.is_empty() {
-            continue;
-        }
-        if nets.len() == MAX_SET_FILE_ENTRIES {
-            return Err(ConfigError {
-                file: file.to_string(),
-                line: index + 1,
-                col: 0,
-                message: format!("more than {MAX_SET_FILE_ENTRIES} entries in one set file"),
-            });
-        }
-        let net = network(&Spanned::new(0..0, entry.to_string())).map_err(|(_, message)| {
-            ConfigError {
-                file: file.to_string(),
-                line: index + 1,
-                col: 0,
-                message,
-            }
-        })?;
-        nets.push(net);
+        entries.line(index + 1, line)?;
     }
     Ok(nets)
+}
+
+/// The entries of one set file as its lines come, appended to a list.
+struct SetFileEntries<'a> {
+    file: &'a str,
+    nets: &'a mut Vec<IpNet>,
+    /// Entries of this file so far.
+    count: usize,
+}
+
+impl<'a> SetFileEntries<'a> {
+    fn new(file: &'a str, nets: &'a mut Vec<IpNet>) -> Self {
+        SetFileEntries {
+            file,
+            nets,
+            count: 0,
+        }
+    }
+
+    fn line(&mut self, number: usize, line: &str) -> Result<(), ConfigError> {
+        let entry = line.split('#').next().unwrap_or("").trim();
+        if entry.is_empty() {
+            return Ok(());
+        }
+        let error = |message| ConfigError {
+            file: self.file.to_string(),
+            line: number,
+            col: 0,
+            message,
+        };
+        if self.count == MAX_SET_FILE_ENTRIES {
+            return Err(error(format!(
+                "more than {MAX_SET_FILE_ENTRIES} entries in one set file"
+            )));
+        }
+        let net = network(&Spanned::new(0..0, entry.to_string()))
+            .map_err(|(_, message)| error(message))?;
+        self.nets.push(net);
+        self.count += 1;
+        Ok(())
+    }
 }
