@@ -883,19 +883,9 @@ fn exposure_lists_listening_sockets_and_who_reaches_them() {
 
 #[test]
 fn metrics_for_prometheus() {
-    use std::io::{Read as _, Write as _};
-
     let metrics = ["--metrics", "127.0.0.1:9469"];
     let (net, _pins, _file, daemon) = probed_daemon("metrics.toml", "", &metrics, 10);
-    let scrape = || {
-        TestNet::within(&net.a, || {
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9469").unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut page = String::new();
-            stream.read_to_string(&mut page).unwrap();
-            page
-        })
-    };
+    let scrape = || common::scrape_metrics(&net.a, 9469);
     let has = |page: &str, line: &str| page.lines().any(|l| l == line);
     let probes = "firewall_rule_packets_total{number=\"2\",name=\"probe\",action=\"deny\"} 10";
     // The veth delivers asynchronously: give the last datagrams a moment.
@@ -1350,8 +1340,6 @@ fn tun_devices_are_filtered_at_the_ip_header() {
 /// 300 ports of the peer, 300 live flows; past `udp_timeout` they are entries, none live.
 #[test]
 fn the_flow_tables_fill_is_shown() {
-    use std::io::{Read as _, Write as _};
-
     const FLOWS: u16 = 300;
     let net = TestNet::new();
     let pins = common::BpfMount::new();
@@ -1372,25 +1360,8 @@ fn the_flow_tables_fill_is_shown() {
                 .unwrap();
         }
     });
-    let stats = || {
-        let output = Command::new(firewall_exe())
-            .arg("stats")
-            .arg("--pin-dir")
-            .arg(pins.pin_dir())
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
-        String::from_utf8(output.stdout).unwrap()
-    };
-    let scrape = || {
-        TestNet::within(&net.a, || {
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9469").unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut page = String::new();
-            stream.read_to_string(&mut page).unwrap();
-            page
-        })
-    };
+    let stats = || pins.run("stats");
+    let scrape = || common::scrape_metrics(&net.a, 9469);
     let has = |page: &str, line: &str| page.lines().any(|l| l == line);
     let table = stats();
     let live = format!("flows: {FLOWS} live of 262144 ({FLOWS} entries with expired ones)");

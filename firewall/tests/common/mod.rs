@@ -248,14 +248,31 @@ impl BpfMount {
 
     /// Runs `firewall detach` on the pins, which must succeed.
     pub fn detach(&self) {
+        self.run("detach");
+    }
+
+    /// Runs `firewall COMMAND --pin-dir` on the pins, which must succeed; its output.
+    pub fn run(&self, command: &str) -> String {
         let output = Command::new(firewall_exe())
-            .arg("detach")
+            .arg(command)
             .arg("--pin-dir")
             .arg(self.pin_dir())
             .output()
             .unwrap();
         assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
     }
+}
+
+/// The metrics page a daemon in namespace `ns` serves on `127.0.0.1:port`.
+pub fn scrape_metrics(ns: &str, port: u16) -> String {
+    TestNet::within(ns, move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        page
+    })
 }
 
 impl Drop for BpfMount {
