@@ -208,9 +208,8 @@ pub fn rule_name(name: &str) -> RuleName {
     RuleName { bytes }
 }
 
-/// Per family (IPv4's protocols, then IPv6's, as [`proto_slot`] indexes them): the rules
-/// that can match each protocol there. A rule that names addresses of only the other family
-/// (in `from` or in `to`) can match nothing in this one.
+/// Per [`proto_slot`] (family, protocol): the rules that can match. A rule naming addresses
+/// of one family only (in `from` or `to`) is left out of the other's.
 fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
     let mut table = vec![RuleBits::EMPTY; PROTO_SLOTS as usize];
     for v6 in [false, true] {
