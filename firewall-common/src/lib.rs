@@ -195,6 +195,15 @@ pub const MAX_FLOWS: u32 = 262_144;
 /// its destination port was used that recently, so the XDP program skips the flow lookup for
 /// every other port: a flood to a port the host does not send from never pays for it.
 pub const LOCAL_PORT_TICK_SHIFT: u32 = 30;
+/// The `LOCAL_PORTS` tick of CLOCK_MONOTONIC `now_ns`, never 0 (which means never).
+pub const fn local_port_tick(now_ns: u64) -> u32 {
+    let tick = (now_ns >> LOCAL_PORT_TICK_SHIFT) as u32;
+    if tick == 0 {
+        1
+    } else {
+        tick
+    }
+}
 /// Slot of a local port in `LOCAL_PORTS`: TCP ports first, then UDP.
 pub const fn local_port_slot(udp: bool, port: u16) -> u32 {
     (udp as u32) * PORTS + port as u32

@@ -64,13 +64,13 @@ pub fn first_match(
     }
     let (src, dst) = if packet.v6 {
         (
-            address_v6(gen, config, TRIE_SRC_V6, &SRC_V6, &packet.src)?,
-            address_v6(gen, config, TRIE_DST_V6, &DST_V6, &packet.dst)?,
+            address_v6(gen, config, (TRIE_SRC_V6, any_src), &SRC_V6, &packet.src)?,
+            address_v6(gen, config, (TRIE_DST_V6, any_dst), &DST_V6, &packet.dst)?,
         )
     } else {
         (
-            address_v4(gen, config, TRIE_SRC_V4, &SRC_V4, packet.src[0])?,
-            address_v4(gen, config, TRIE_DST_V4, &DST_V4, packet.dst[0])?,
+            address_v4(gen, config, (TRIE_SRC_V4, any_src), &SRC_V4, packet.src[0])?,
+            address_v4(gen, config, (TRIE_DST_V4, any_dst), &DST_V4, packet.dst[0])?,
         )
     };
     lowest_common_rule([src, dst, proto, ports, iface])
@@ -88,12 +88,13 @@ const V4_LEVEL_MASKS: [u32; V4_LEVELS.len()] = {
 };
 
 /// Rules an IPv4 address satisfies: the entry of the longest exact level holding it, else the
-/// longest prefix in the trie, else (trie holding only `/0`) the `/0` bits.
+/// longest prefix in the trie, else (trie holding only `/0`) `any`, the field's `/0` bits
+/// (read once by the caller).
 #[inline(always)]
 fn address_v4(
     gen: u32,
     config: &GenerationConfig,
-    field: u32,
+    (field, any): (u32, &'static RuleBits),
     trie: &'static LpmTrie<V4KeyData, u32>,
     addr: u32,
 ) -> Option<&'static RuleBits> {
@@ -115,7 +116,7 @@ fn address_v4(
         let class = trie.get(Key::new(GEN_PREFIX_BITS + 32, [gen.to_be(), addr]))?;
         return class_bits(gen, *class);
     }
-    ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
+    Some(any)
 }
 
 /// As [`address_v4`], with hosts as the only exact level.
@@ -123,7 +124,7 @@ fn address_v4(
 fn address_v6(
     gen: u32,
     config: &GenerationConfig,
-    field: u32,
+    (field, any): (u32, &'static RuleBits),
     trie: &'static LpmTrie<V6KeyData, u32>,
     addr: &[u32; 4],
 ) -> Option<&'static RuleBits> {
@@ -147,7 +148,7 @@ fn address_v6(
         );
         return class_bits(gen, *trie.get(key)?);
     }
-    ANY_ADDRESS.get(gen * ADDRESS_FIELDS + field)
+    Some(any)
 }
 
 /// Whether `set` holds `rule`. The word index is bounded where the verifier sees it: Linux 6.1

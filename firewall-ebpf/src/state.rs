@@ -12,8 +12,8 @@
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use firewall_common::{
-    local_port_slot, FlowKey, FlowState, GenerationConfig, FLOW_CLOSING, LOCAL_PORT_SLACK_TICKS,
-    LOCAL_PORT_TICK_SHIFT,
+    local_port_slot, local_port_tick, FlowKey, FlowState, GenerationConfig, FLOW_CLOSING,
+    LOCAL_PORT_SLACK_TICKS, LOCAL_PORT_TICK_SHIFT,
 };
 
 use crate::{
@@ -115,8 +115,7 @@ pub fn record_outbound(packet: &Packet) {
 /// reply finds the flow but not its port).
 #[inline(always)]
 fn stamp_local_port(udp: bool, port: u16, now_ns: u64) {
-    // 0 stands for "never" (the first second after boot counts as the next).
-    let tick = ((now_ns >> LOCAL_PORT_TICK_SHIFT) as u32).max(1);
+    let tick = local_port_tick(now_ns);
     if let Some(stamp) = LOCAL_PORTS.get_ptr_mut(local_port_slot(udp, port)) {
         // SAFETY: a value of the map; a u32 store is atomic. Written once a tick at most, so
         // that busy ports do not bounce the cache line between CPUs.

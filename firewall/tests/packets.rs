@@ -22,6 +22,13 @@ fn kernel() -> Kernel {
     kernel
 }
 
+/// A kernel with `set` in force.
+fn kernel_with(set: &RuleSet) -> Kernel {
+    let mut kernel = Kernel::load().expect("load the XDP program");
+    kernel.apply(&compile(set).unwrap()).unwrap();
+    kernel
+}
+
 fn verdict(kernel: &Kernel, frame: &[u8]) -> u32 {
     kernel.test_run(frame, 1).expect("test run").0
 }
@@ -527,14 +534,10 @@ mod state {
     const PEER: &str = "198.51.100.7";
 
     fn deny_all(extra: &str) -> Kernel {
-        let mut kernel = Kernel::load().unwrap();
         let text = format!(
             "[defaults]\npolicy = \"deny\"\n{extra}\n[state]\nicmp_timeout = 3\ntcp_timeout = 6\n"
         );
-        kernel
-            .apply(&compile(&parse_rules("t.toml", &text).unwrap()).unwrap())
-            .unwrap();
-        kernel
+        kernel_with(&parse_rules("t.toml", &text).unwrap())
     }
 
     /// The flow the host starts by sending `frame`, last seen `age_secs` ago. Flows cannot
@@ -683,10 +686,9 @@ mod state {
     /// at every step, given the flows the kernel holds.
     #[test]
     fn only_the_hosts_fin_or_rst_starts_the_closing_timeout() {
-        let mut kernel = Kernel::load().unwrap();
         let text = "[defaults]\npolicy = \"deny\"\n[state]\ntcp_closing_timeout = 1\n";
         let set = parse_rules("t.toml", text).unwrap();
-        kernel.apply(&compile(&set).unwrap()).unwrap();
+        let kernel = kernel_with(&set);
         let host_ack = Frame::v4(HOST, PEER, L4::Tcp { dport: 443 })
             .tcp_flags(TCP_ACK)
             .tcp_seq_ack(1000, 5000);
@@ -946,10 +948,9 @@ mod l3 {
     /// Ethernet.
     #[test]
     fn connection_state() {
-        let mut kernel = Kernel::load().unwrap();
         let text = "[defaults]\npolicy = \"deny\"\n[state]\nudp_timeout = 5\n";
         let set = parse_rules("t.toml", text).unwrap();
-        kernel.apply(&compile(&set).unwrap()).unwrap();
+        let mut kernel = kernel_with(&set);
         let (host, peer) = ("10.0.0.1", "198.51.100.7");
         let out = Frame::v4(host, peer, L4::Udp { dport: 53 }).build_ip();
         let reply = Frame::v4(peer, host, L4::Udp { dport: SOURCE_PORT })
@@ -1014,12 +1015,8 @@ mod dhcp {
     const SECOND: u64 = 1_000_000_000;
 
     fn deny_all(extra: &str) -> Kernel {
-        let mut kernel = Kernel::load().unwrap();
         let text = format!("[defaults]\npolicy = \"deny\"\n{extra}\n");
-        kernel
-            .apply(&compile(&parse_rules("t.toml", &text).unwrap()).unwrap())
-            .unwrap();
-        kernel
+        kernel_with(&parse_rules("t.toml", &text).unwrap())
     }
 
     /// A UDP frame from `src`:`sport` to `dst`:`dport`.

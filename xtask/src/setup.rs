@@ -71,7 +71,7 @@ pub fn output(program: &str, args: &[&str]) -> Result<String> {
         bail!(
             "{program} {} failed: {}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -4,8 +4,8 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
-    local_port_slot, map_names, Counter, FlowKey, FlowState, GenerationConfig,
-    LOCAL_PORT_TICK_SHIFT, STAT_SLOTS,
+    local_port_slot, local_port_tick, map_names, Counter, FlowKey, FlowState, GenerationConfig,
+    STAT_SLOTS,
 };
 
 use crate::dataplane::sys::monotonic_now_ns;
@@ -44,7 +44,7 @@ impl Kernel {
                 _ => continue,
             };
             let slot = local_port_slot(udp, key.local_port);
-            let tick = ((last_seen_ns >> LOCAL_PORT_TICK_SHIFT) as u32).max(1);
+            let tick = local_port_tick(last_seen_ns);
             // The latest of the flows that share the port.
             if ports.get(&slot, 0)? < tick {
                 ports.set(slot, tick, 0)?;

@@ -23,7 +23,7 @@ pub struct FlowFill {
 }
 
 /// The idle timeout of a flow in state `state`, as the XDP program applies it.
-pub fn timeout_ns(config: &GenerationConfig, key: &FlowKey, state: &FlowState) -> u64 {
+fn timeout_ns(config: &GenerationConfig, key: &FlowKey, state: &FlowState) -> u64 {
     match key.proto {
         IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => config.tcp_closing_timeout_ns,
         IPPROTO_TCP => config.tcp_timeout_ns,

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 use super::bpf;
-use super::net::{self, run, Cleanup, Topology};
+use super::net::{self, Cleanup, Topology};
+use crate::setup::output;
 
 /// The UDP port every flood goes to, and that every filter denies.
 pub const DENIED_PORT: u16 = 7777;
@@ -68,7 +69,7 @@ pub fn load_xdp_filter(topology: &Topology) -> Result<Cleanup> {
     );
     let (ns, iface) = (topology.rx_ns.clone(), topology.rx_if);
     let cleanup = Cleanup::register("xdp-filter", move || {
-        let _ = run(
+        let _ = output(
             "ip",
             &["-n", &ns, "link", "set", "dev", iface, "xdp", "off"],
         );
@@ -89,7 +90,7 @@ pub fn load_nft(topology: &Topology, dir: &Path) -> Result<Cleanup> {
     )?;
     let ns = topology.rx_ns.clone();
     let cleanup = Cleanup::register("the nft table", move || {
-        let _ = run(
+        let _ = output(
             "ip",
             &[
                 "netns",
@@ -119,7 +120,7 @@ pub fn load_ip6tables(topology: &Topology) -> Result<Cleanup> {
     let cleanup = Cleanup::register("the ip6tables rule", move || {
         let mut args = vec!["netns", "exec", &ns];
         args.extend(delete.iter().map(String::as_str));
-        let _ = run("ip", &args);
+        let _ = output("ip", &args);
     });
     let add = rule("-A");
     topology.in_rx(&add.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -182,10 +183,10 @@ impl Daemon {
         let pins_mount = dir.join(format!("bpffs-{label}"));
         std::fs::create_dir_all(&pins_mount)?;
         // In this (the host's) mount namespace, which `ip netns exec`'s own one sees.
-        run("mount", &["-t", "bpf", "bpf", pins_mount.to_str().unwrap()])?;
+        output("mount", &["-t", "bpf", "bpf", pins_mount.to_str().unwrap()])?;
         let unmount = pins_mount.clone();
         let pins = Cleanup::register("the daemon's bpffs", move || {
-            let _ = run("umount", &["-l", unmount.to_str().unwrap()]);
+            let _ = output("umount", &["-l", unmount.to_str().unwrap()]);
             let _ = std::fs::remove_dir(&unmount);
         });
         let log_path = dir.join(format!("firewall-{label}.log"));
@@ -258,7 +259,7 @@ fn stop_child(child: &mut Child) {
 /// Instructions after the verifier's rewriting (xlated) and the JIT's bytes, of the XDP
 /// program attached to the receiving end, from `bpftool`.
 pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
-    let json = run(
+    let json = output(
         "ip",
         &[
             "-n",
@@ -275,7 +276,7 @@ pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
     let id = links[0]["xdp"]["prog"]["id"]
         .as_u64()
         .context("no XDP program on the receiving end")?;
-    let json = run("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?;
+    let json = output("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?;
     let info: serde_json::Value = serde_json::from_str(&json)?;
     let xlated = info["bytes_xlated"].as_u64().context("no bytes_xlated")?;
     let jited = info["bytes_jited"].as_u64().context("no bytes_jited")?;

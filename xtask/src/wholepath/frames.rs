@@ -85,19 +85,16 @@ mod tests {
         assert_eq!(&frame[56..58], &9u16.to_be_bytes());
         // A receiver sums pseudo-header and datagram, checksum included, to all ones.
         let datagram = &frame[54..];
-        let mut pseudo = Vec::new();
-        pseudo.extend(src.octets());
-        pseudo.extend(dst.octets());
-        pseudo.extend((datagram.len() as u32).to_be_bytes());
-        pseudo.extend([0, 0, 0, IPPROTO_UDP]);
-        assert_eq!(fold(ones_sum(&pseudo) + ones_sum(datagram)), 0xffff);
+        let sum_from = |src: Ipv6Addr| {
+            let mut pseudo = Vec::new();
+            pseudo.extend(src.octets());
+            pseudo.extend(dst.octets());
+            pseudo.extend((datagram.len() as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, IPPROTO_UDP]);
+            fold(ones_sum(&pseudo) + ones_sum(datagram))
+        };
+        assert_eq!(sum_from(src), 0xffff);
         // And a changed source breaks it.
-        let other: Ipv6Addr = "2001:db8:f000::1235".parse().unwrap();
-        let mut pseudo = Vec::new();
-        pseudo.extend(other.octets());
-        pseudo.extend(dst.octets());
-        pseudo.extend((datagram.len() as u32).to_be_bytes());
-        pseudo.extend([0, 0, 0, IPPROTO_UDP]);
-        assert_ne!(fold(ones_sum(&pseudo) + ones_sum(datagram)), 0xffff);
+        assert_ne!(sum_from("2001:db8:f000::1235".parse().unwrap()), 0xffff);
     }
 }

@@ -290,7 +290,7 @@ fn report(
     daemon_starts: &[f64; 2],
     cpus: usize,
 ) -> Result<()> {
-    let kernel = net::run("uname", &["-r"])?;
+    let kernel = crate::setup::output("uname", &["-r"])?;
     println!(
         "\nwhole path: kernel {}, {cpus} CPUs (one pinned sender each), {ROUNDS} rounds of {:.0} s \
          per row in turns, medians",

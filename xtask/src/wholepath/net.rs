@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -13,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use super::frames::Mac;
+use crate::setup::output;
 
 type Action = Box<dyn FnOnce() + Send>;
 
@@ -80,22 +80,6 @@ pub fn clean_up_on_signals() {
     });
 }
 
-/// Runs `program args` and returns its stdout; fails with its stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !output.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// A sending namespace and a receiving one, joined by a veth pair. Each row of the bench has
 /// its own, with its filter in place for the whole run.
 pub struct Topology {
@@ -125,7 +109,7 @@ impl Topology {
             // Deleting a namespace deletes its end of the veth pair, and so the pair, and
             // everything attached to or configured in it.
             for ns in &names {
-                let _ = run("ip", &["netns", "del", ns]);
+                let _ = output("ip", &["netns", "del", ns]);
             }
         });
         let topology = Topology {
@@ -146,8 +130,8 @@ impl Topology {
     fn build(mut self, queues: usize) -> Result<Topology> {
         let queues = queues.to_string();
         let (tx, rx) = (self.tx_ns.clone(), self.rx_ns.clone());
-        run("ip", &["netns", "add", &tx])?;
-        run("ip", &["netns", "add", &rx])?;
+        output("ip", &["netns", "add", &tx])?;
+        output("ip", &["netns", "add", &rx])?;
         let mac = |m: Mac| {
             m.iter()
                 .map(|b| format!("{b:02x}"))
@@ -155,7 +139,7 @@ impl Topology {
                 .join(":")
         };
         #[rustfmt::skip]
-        run("ip", &[
+        output("ip", &[
             "link", "add", self.tx_if, "netns", &tx, "address", &mac(self.tx_mac),
             "numtxqueues", &queues, "numrxqueues", &queues,
             "type", "veth", "peer", "name", self.rx_if, "netns", &rx, "address", &mac(self.rx_mac),
@@ -166,12 +150,12 @@ impl Topology {
             (&rx, self.rx_if, self.rx_addr),
         ] {
             let addr = format!("{addr}/64");
-            run(
+            output(
                 "ip",
                 &["-n", ns, "addr", "add", &addr, "dev", iface, "nodad"],
             )?;
-            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-            run("ip", &["-n", ns, "link", "set", iface, "up"])?;
+            output("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            output("ip", &["-n", ns, "link", "set", iface, "up"])?;
         }
         // veth takes frames redirected into it only through NAPI, which GRO (or an XDP
         // program on the receiving end) turns on; with GRO, the rows without XDP get NAPI too.
@@ -185,7 +169,7 @@ impl Topology {
     pub fn in_rx(&self, command: &[&str]) -> Result<String> {
         let mut args = vec!["netns", "exec", &self.rx_ns];
         args.extend(command);
-        run("ip", &args)
+        output("ip", &args)
     }
 
     /// The receiving end's counters, and the sending end's count of frames the receiving
@@ -209,7 +193,7 @@ impl Topology {
                 counters.reached_udp += value;
             }
         }
-        let sender = run(
+        let sender = output(
             "ip",
             &["netns", "exec", &self.tx_ns, "ethtool", "-S", self.tx_if],
         )?;
@@ -260,7 +244,7 @@ impl Counters {
 }
 
 fn ifindex(ns: &str, iface: &str) -> Result<u32> {
-    let json = run("ip", &["-n", ns, "-j", "link", "show", "dev", iface])?;
+    let json = output("ip", &["-n", ns, "-j", "link", "show", "dev", iface])?;
     let links: serde_json::Value = serde_json::from_str(&json)?;
     links[0]["ifindex"]
         .as_u64()
