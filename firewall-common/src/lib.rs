@@ -6,6 +6,7 @@
 //! the old rules or entirely by the new ones.
 #![no_std]
 
+pub mod bans;
 pub mod proto;
 
 /// Most rules a rule set can hold; one bit per rule in a [`RuleBits`].
@@ -71,7 +72,9 @@ pub const STAT_ESSENTIAL: u32 = STAT_RULES + 6;
 pub const STAT_RATE_LIMITED: u32 = STAT_RULES + 7;
 /// DHCP replies passed before the rules (the host asked on that interface just before).
 pub const STAT_DHCP: u32 = STAT_RULES + 8;
-pub const STAT_SLOTS: u32 = STAT_RULES + 9;
+/// Packets from banned sources (`firewall ban`), dropped before the rules.
+pub const STAT_BANNED: u32 = STAT_RULES + 9;
+pub const STAT_SLOTS: u32 = STAT_RULES + 10;
 
 /// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
 #[repr(C)]

@@ -4,6 +4,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod bans;
 mod classify;
 mod dhcp;
 mod log;
@@ -19,7 +20,7 @@ use aya_ebpf::{
 };
 use firewall_common::{
     proto, ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_DHCP,
-    CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
+    CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_BANNED, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 
@@ -74,6 +75,14 @@ fn judge<const L3: bool>(ctx: XdpContext) -> u32 {
     {
         count(STAT_DHCP, bytes);
         return xdp_action::XDP_PASS;
+    }
+    if bans::is_banned(&packet) {
+        count(STAT_BANNED, bytes);
+        return if config.checks & CHECK_AUDIT != 0 {
+            xdp_action::XDP_PASS
+        } else {
+            xdp_action::XDP_DROP
+        };
     }
     if config.checks & CHECK_ESTABLISHED != 0
         && state::is_established(config, &packet, ctx.data(), ctx.data_end())

@@ -7,6 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use firewall_common::{
+    bans::{self, Ban},
     Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, RateKey, RateLimit, RuleBits,
     RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, LOG_EVENTS_BYTES,
     MAX_ADDRESS_CLASSES, MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
@@ -113,6 +114,15 @@ pub static DHCP_REQUESTS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MA
 /// Log lines for the daemon ([`firewall_common::LogEvent`] records).
 #[map(name = "FW_LOG_EVENTS")]
 pub static LOG_EVENTS: RingBuf = RingBuf::with_byte_size(LOG_EVENTS_BYTES, 0);
+
+/// Runtime bans ([`firewall_common::bans`]): hosts, prefixes, and which of the two hold any.
+#[map(name = "FW_BAN_HOSTS")]
+pub static BAN_HOSTS: HashMap<[u32; 4], Ban> =
+    HashMap::with_max_entries(bans::MAX_HOSTS, BPF_F_NO_PREALLOC);
+#[map(name = "FW_BAN_PREFIXES")]
+pub static BAN_PREFIXES: LpmTrie<[u32; 4], Ban> = LpmTrie::with_max_entries(bans::MAX_PREFIXES, 0);
+#[map(name = "FW_BANS_IN_USE")]
+pub static BANS_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "FW_LOG_BUCKET")]
 pub static LOG_BUCKET: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);

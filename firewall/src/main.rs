@@ -79,6 +79,38 @@ enum Command {
         #[arg(long)]
         rules: PathBuf,
     },
+    /// Drop packets from these sources before the rules (also on connections they have),
+    /// at once and without a reload, until the timeout or `firewall unban`. Kept over reloads
+    /// and restarts. Without addresses, reads them from stdin (one or more per line).
+    Ban {
+        /// Addresses and CIDR prefixes (IPv4, IPv6).
+        targets: Vec<String>,
+        /// How long: `90s`, `30m`, `1h`, `7d` or seconds; default: until unbanned.
+        #[arg(long, value_parser = parse_seconds)]
+        timeout: Option<u64>,
+        /// Ban even the address this SSH session comes from.
+        #[arg(long)]
+        force: bool,
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Lift bans (exactly these addresses and prefixes); without any, reads them from stdin.
+    Unban {
+        targets: Vec<String>,
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// The bans in force and the time each has left.
+    Bans {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
     /// Which rule decides a packet, and why each rule before it does not match.
     Explain {
         /// Rule file (TOML); without it, the rules in force in the running daemon.
@@ -105,19 +137,25 @@ enum Command {
     },
 }
 
-/// `90s`, `5m`, `1h` or plain seconds; at least one second.
+/// `90s`, `5m`, `1h`, `2d` or plain seconds; at least one second.
 fn parse_seconds(text: &str) -> Result<u64, String> {
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((at, _)) => text.split_at(at),
         None => (text, "s"),
     };
-    let Some(scale) = unit_seconds(unit) else {
-        return Err(format!("{text:?}: use seconds, or a number with s, m or h"));
+    // Days, for bans; rule files stop at hours.
+    let scale = if unit == "d" {
+        Some(86_400)
+    } else {
+        unit_seconds(unit).map(u64::from)
+    };
+    let Some(scale) = scale else {
+        return Err(format!("{text:?}: use seconds, or a number with s, m, h or d"));
     };
     match number.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n * u64::from(scale)),
+        Ok(n) if n > 0 && n.checked_mul(scale).is_some_and(|s| s < 1 << 40) => Ok(n * scale),
         _ => Err(format!(
-            "{text:?}: a positive number of seconds, minutes or hours"
+            "{text:?}: a positive number of seconds, minutes, hours or days"
         )),
     }
 }
@@ -147,6 +185,32 @@ fn apply_request(file: &Path, confirm: Option<u64>) -> anyhow::Result<Request> {
         set_files: set.set_files,
         confirm_seconds: confirm,
     })
+}
+
+/// The targets of `ban`/`unban`, from the arguments or else stdin, checked here so that a bad
+/// one changes nothing; `ban` refuses the SSH client it runs under unless forced.
+fn ban_targets(targets: Vec<String>, banning: bool, force: bool) -> anyhow::Result<Vec<String>> {
+    use firewall::daemon::bans::{parse_target, read_targets, ssh_client};
+    let nets = if targets.is_empty() {
+        read_targets(std::io::stdin().lock())?
+    } else {
+        targets
+            .iter()
+            .map(|text| parse_target(text).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    if nets.is_empty() {
+        anyhow::bail!("no address or prefix given (as arguments or on stdin)");
+    }
+    if let Some(client) = ssh_client().filter(|_| banning && !force) {
+        if let Some(net) = nets.iter().find(|net| net.contains(&client)) {
+            anyhow::bail!(
+                "{net} holds {client}, the address this SSH session comes from: banning it \
+                 would cut this session (--force bans it anyway)"
+            );
+        }
+    }
+    Ok(nets.iter().map(ToString::to_string).collect())
 }
 
 /// Sends `request` to the daemon on `socket` and prints its answer.
@@ -209,6 +273,21 @@ fn main() -> ExitCode {
             print!("{}", firewall::analysis::exposure::report(&set, &listeners));
         }),
         Command::Reload { control } => ask(&control, Request::Reload),
+        Command::Ban {
+            targets,
+            timeout,
+            force,
+            control,
+        } => ban_targets(targets, true, force).and_then(|targets| {
+            let request = Request::Ban {
+                targets,
+                timeout_seconds: timeout,
+            };
+            ask(&control, request)
+        }),
+        Command::Unban { targets, control } => ban_targets(targets, false, false)
+            .and_then(|targets| ask(&control, Request::Unban { targets })),
+        Command::Bans { json, control } => ask(&control, Request::Bans { json }),
         Command::Run(options) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -41,6 +41,16 @@ pub enum Request {
     Confirm,
     /// Which rule of those in force decides this packet.
     Explain { question: Question },
+    /// Drop these sources (addresses, CIDR prefixes) before the rules, for `timeout_seconds`
+    /// or until unbanned.
+    Ban {
+        targets: Vec<String>,
+        timeout_seconds: Option<u64>,
+    },
+    /// Lift the bans of exactly these addresses and prefixes.
+    Unban { targets: Vec<String> },
+    /// The bans in force, as a table or JSON.
+    Bans { json: bool },
 }
 
 /// A request on the wire.
@@ -159,6 +169,14 @@ mod tests {
                 set_files: vec!["/etc/firewall/block.netset".into()],
                 confirm_seconds: Some(60),
             },
+            Request::Ban {
+                targets: vec!["192.0.2.7".into(), "2001:db8::/32".into()],
+                timeout_seconds: Some(3600),
+            },
+            Request::Unban {
+                targets: vec!["192.0.2.7".into()],
+            },
+            Request::Bans { json: true },
             Request::Explain {
                 question: Question {
                     proto: "tcp".into(),

@@ -9,6 +9,7 @@ use log::warn;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::bans;
 use super::control::{self, Request};
 use super::reload::State;
 
@@ -93,6 +94,20 @@ fn handle(request: Request, state: &mut State) -> Result<String, String> {
         Request::Explain { question } => {
             return crate::analysis::explain::explain(&state.in_force, &question)
                 .map_err(|error| format!("{error:#}"));
+        }
+        Request::Ban {
+            targets,
+            timeout_seconds,
+        } => {
+            let timeout = timeout_seconds.map(Duration::from_secs);
+            return bans::ban(&mut state.kernel, &targets, timeout)
+                .map_err(|error| format!("{error:#}"));
+        }
+        Request::Unban { targets } => {
+            return bans::unban(&mut state.kernel, &targets).map_err(|error| format!("{error:#}"));
+        }
+        Request::Bans { json } => {
+            return bans::list(&mut state.kernel, json).map_err(|error| format!("{error:#}"));
         }
     };
     outcome

@@ -2,6 +2,7 @@
 //! hands each event (signal, file change, control request, link change, kernel log line, the
 //! flow table check's tick) to its handler in `reload`, `control_server` or `interfaces`.
 
+pub mod bans;
 pub mod control;
 mod control_server;
 mod heap;
@@ -310,7 +311,10 @@ async fn follow_events(state: &mut State, events: &mut Events) -> Result<()> {
             _ = events.interrupt.recv() => return Ok(()),
             _ = events.terminate.recv() => return Ok(()),
             guard = readable(&mut events.logger) => drain(guard?),
-            _ = events.flow_check.tick() => check_flows(&state.kernel, &mut events.flow_alarm),
+            _ = events.flow_check.tick() => {
+                check_flows(&state.kernel, &mut events.flow_alarm);
+                sweep_bans(&mut state.kernel);
+            }
         }
     }
 }
@@ -324,6 +328,15 @@ fn check_flows(kernel: &Kernel, alarm: &mut FillAlarm) {
             }
         }
         Err(error) => warn!("counting the flow table: {error:#}"),
+    }
+}
+
+/// Frees the space of bans that ended (the kernel ignores them already).
+fn sweep_bans(kernel: &mut Kernel) {
+    match kernel.sweep_bans(crate::dataplane::monotonic_now_ns()) {
+        Ok(0) => {}
+        Ok(ended) => info!("{ended} bans ended"),
+        Err(error) => warn!("sweeping ended bans: {error:#}"),
     }
 }
 

@@ -59,7 +59,9 @@ impl Kernel {
         let build = pins.build_dir(object_id());
         let reused = build.join(map_names::ACTIVE_GENERATION).exists();
         std::fs::create_dir_all(&build).with_context(|| format!("creating {}", build.display()))?;
-        let mut kernel = Self::load_with(Some(&build))?;
+        let bans = pins.bans_dir();
+        std::fs::create_dir_all(&bans).with_context(|| format!("creating {}", bans.display()))?;
+        let mut kernel = Self::load_with(Some((&build, &bans)))?;
         kernel.pin_programs(LinkLayer::Ethernet, &build)?;
         if reused {
             // The live generation holds the old daemon's rules; neither is known to us.
@@ -86,15 +88,16 @@ impl Kernel {
     }
 
     /// Creates the maps and loads the Ethernet programs.
-    fn load_with(maps_dir: Option<&Path>) -> Result<Self> {
+    /// With `pin_dirs` (the build's, the bans'), maps are pinned there or reused from there.
+    fn load_with(pin_dirs: Option<(&Path, &Path)>) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!("this binary was built without its XDP object (AYA_BUILD_SKIP was set)");
         }
         sys::raise_memlock_limit();
         let mut loader = EbpfLoader::new();
-        if let Some(dir) = maps_dir {
-            for name in maps::pinned() {
-                loader.map_pin_path(name, dir.join(name));
+        if let Some((build, bans)) = pin_dirs {
+            for (name, path) in maps::pin_paths(build, bans) {
+                loader.map_pin_path(name, path);
             }
         }
         let ebpf = loader.load(OBJECT).context("loading the XDP object")?;

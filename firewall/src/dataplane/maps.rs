@@ -2,10 +2,13 @@
 //! each, whether it is pinned and how it splits into generations. Pinning at load and
 //! clearing a generation after an interrupted write both follow this table; a test checks it
 //! against the maps of the real object.
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::Pod;
+use firewall_common::bans::map_names as bans;
 use firewall_common::map_names::*;
 use firewall_common::{
     IfaceKey, RateLimit, RuleBits, RuleName, V4KeyData, V6KeyData, ADDRESS_FIELDS, GEN_MASK,
@@ -17,9 +20,18 @@ use crate::rules::compile::PORTS;
 /// One map of the kernel program.
 pub struct MapSpec {
     pub name: &'static str,
-    /// Pinned with the build's maps, so that a later daemon of the same build takes it over.
-    pub pinned: bool,
+    pub pin: Pin,
     pub generations: Generations,
+}
+
+/// Where a map is pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    Unpinned,
+    /// With the build's maps, so that a later daemon of the same build takes it over.
+    Build,
+    /// With the bans, which every build shares ([`firewall_common::bans`]).
+    Bans,
 }
 
 /// How a map holds the two generations of rules.
@@ -64,7 +76,7 @@ const fn hash<K: Pod + AsRef<[u32]>, V: Pod>() -> Generations {
 const fn map(name: &'static str, generations: Generations) -> MapSpec {
     MapSpec {
         name,
-        pinned: true,
+        pin: Pin::Build,
         generations,
     }
 }
@@ -97,24 +109,46 @@ pub const MAPS: &[MapSpec] = &[
     map(DHCP_REQUESTS, Shared),
     map(LOCAL_PORTS, Shared),
     map(LOG_BUCKET, Shared),
+    MapSpec {
+        name: bans::HOSTS,
+        pin: Pin::Bans,
+        generations: Shared,
+    },
+    MapSpec {
+        name: bans::PREFIXES,
+        pin: Pin::Bans,
+        generations: Shared,
+    },
+    MapSpec {
+        name: bans::IN_USE,
+        pin: Pin::Bans,
+        generations: Shared,
+    },
     // Not pinned: each daemon reads the log lines of its own program.
     MapSpec {
         name: LOG_EVENTS,
-        pinned: false,
+        pin: Pin::Unpinned,
         generations: Shared,
     },
     // The program's read-only data: the table LLVM makes of the lowest-set-bit count in
     // classification. Loaded afresh with the program, nothing to keep.
     MapSpec {
         name: ".rodata",
-        pinned: false,
+        pin: Pin::Unpinned,
         generations: Shared,
     },
 ];
 
-/// The maps to pin.
-pub fn pinned() -> impl Iterator<Item = &'static str> {
-    MAPS.iter().filter(|spec| spec.pinned).map(|spec| spec.name)
+/// The maps to pin, and where: in `build` or, for the bans, in `bans`.
+pub fn pin_paths<'a>(
+    build: &'a Path,
+    bans: &'a Path,
+) -> impl Iterator<Item = (&'static str, PathBuf)> + 'a {
+    MAPS.iter().filter_map(move |spec| match spec.pin {
+        Pin::Unpinned => None,
+        Pin::Build => Some((spec.name, build.join(spec.name))),
+        Pin::Bans => Some((spec.name, bans.join(spec.name))),
+    })
 }
 
 /// Entries per generation of the array map `name`. Panics when the inventory lists no such
@@ -197,12 +231,17 @@ mod tests {
         let mount = std::env::temp_dir().join(format!("fw-inventory-{}", std::process::id()));
         std::fs::create_dir_all(&mount).unwrap();
         let pins = Pins::open(&mount.join("firewall")).unwrap();
-        let build = pins.build_dir(object_id());
         let (kernel, _) = Kernel::load_pinned(pins.clone()).unwrap();
-        let listing: BTreeSet<String> = std::fs::read_dir(&build)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let listing = |dir: &Path| -> BTreeSet<String> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let (build, bans) = (
+            listing(&pins.build_dir(object_id())),
+            listing(&pins.bans_dir()),
+        );
         drop(kernel);
         pins.remove_if_unused().unwrap();
         let target = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes()).unwrap();
@@ -210,14 +249,13 @@ mod tests {
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         let _ = std::fs::remove_dir(&mount);
         for spec in MAPS {
-            assert_eq!(
-                listing.contains(spec.name),
-                spec.pinned,
-                "{}: pinned {}, expected {}",
-                spec.name,
-                listing.contains(spec.name),
-                spec.pinned
-            );
+            let found = match (build.contains(spec.name), bans.contains(spec.name)) {
+                (false, false) => Pin::Unpinned,
+                (true, false) => Pin::Build,
+                (false, true) => Pin::Bans,
+                (true, true) => panic!("{} is pinned twice", spec.name),
+            };
+            assert_eq!(found, spec.pin, "{}", spec.name);
         }
     }
 }

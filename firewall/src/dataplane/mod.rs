@@ -4,6 +4,7 @@
 //! through BPF_PROG_TEST_RUN. [`maps`] lists the maps, [`pins`] lays out the pinned state.
 
 pub mod attach;
+pub mod bans;
 pub mod batch;
 pub mod flows;
 pub mod generation;

@@ -5,6 +5,8 @@
 //!   build-<object id>/      per build of the XDP object (a new build brings new maps):
 //!     FW_*                  its maps
 //!     prog-<name>           its programs
+//!   bans-v1/FW_BAN*         the runtime bans, shared by every build (kept while they hold
+//!                           any ban, also when the daemon stops)
 //!   xdp-<iface>             the XDP link of an interface
 //!   tc-<iface>              the tc egress link (TCX, Linux 6.6+)
 //! ```
@@ -126,6 +128,11 @@ impl Pins {
             .collect())
     }
 
+    /// Where the ban maps are pinned ([`firewall_common::bans`]).
+    pub fn bans_dir(&self) -> PathBuf {
+        self.dir.join(firewall_common::bans::PIN_SUBDIR)
+    }
+
     pub fn link_path(&self, kind: LinkKind, iface: &str) -> PathBuf {
         self.dir.join(format!("{}{iface}", kind.prefix()))
     }
@@ -206,12 +213,24 @@ impl Pins {
         Ok(())
     }
 
-    /// With no link left: removes the builds and the directory itself. Returns whether it did.
+    /// With no link left: removes the builds, the ban maps unless they hold bans, and the
+    /// directory itself when nothing is left. Returns whether it removed the directory.
     pub fn remove_if_unused(&self) -> Result<bool> {
         if !self.links()?.is_empty() {
             return Ok(false);
         }
         self.remove_builds_except(None)?;
+        let bans = self.bans_dir();
+        if bans.is_dir() {
+            // Unreadable maps hold nothing worth keeping.
+            let now = crate::dataplane::monotonic_now_ns();
+            let held = crate::dataplane::bans::pinned_bans(&bans)
+                .map(|bans| crate::dataplane::bans::in_force(&bans, now) > 0);
+            if held.unwrap_or(false) {
+                return Ok(false);
+            }
+            remove_pinned_dir(&bans)?;
+        }
         std::fs::remove_dir(&self.dir)
             .with_context(|| format!("removing {}", self.dir.display()))?;
         Ok(true)

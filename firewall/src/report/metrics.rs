@@ -125,6 +125,7 @@ pub fn render(pins: &Pins, reloads: &Reloads) -> Result<String> {
             "Address map entries of the rules in force",
             reloads.address_entries,
         ),
+        ("bans", "Bans in force (firewall ban)", stats.bans as i64),
     ] {
         let gauge = Gauge::<i64>::default();
         gauge.set(value);

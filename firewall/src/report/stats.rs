@@ -7,11 +7,12 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
     map_names, Counter, GenerationConfig, RuleName, MAX_RULES, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
+    STAT_BANNED, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
     STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 use serde::Serialize;
 
+use crate::dataplane::bans;
 use crate::dataplane::pins::Pins;
 use crate::dataplane::{monotonic_now_ns, object_id};
 use crate::report::flows::{read_fill, FlowFill};
@@ -35,10 +36,14 @@ pub struct Stats {
     pub dhcp: Count,
     /// Packets of allow rules over their per-source rate limit: dropped.
     pub rate_limited: Count,
+    /// Packets from banned sources (`firewall ban`): dropped before the rules.
+    pub banned: Count,
     /// Log lines suppressed by the rate limit or lost to a full log buffer (no daemon reading).
     pub log_lines_suppressed: u64,
     /// How full the table of the host's flows is.
     pub flows: FlowFill,
+    /// Bans in force (`firewall ban`).
+    pub bans: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -79,7 +84,7 @@ pub struct Decided {
 
 impl Stats {
     /// Every count of packets decided without a rule, in the order they are shown.
-    pub fn decided(&self) -> [Decided; 8] {
+    pub fn decided(&self) -> [Decided; 9] {
         let policy = &self.default_policy;
         let default = format!("default policy ({})", policy.policy);
         let default = default.as_str();
@@ -94,6 +99,7 @@ impl Stats {
             ("essential ICMPv6", "essential", "pass", self.essential),
             ("DHCP replies (host asked)", "dhcp", "pass", self.dhcp),
             ("over a rule's rate limit", "rate_limit", "drop", self.rate_limited),
+            ("banned (firewall ban)", "banned", "drop", self.banned),
         ];
         rows.map(|(what, reason, verdict, count)| Decided {
             what: what.to_string(),
@@ -140,6 +146,10 @@ pub fn read(pins: &Pins) -> Result<Stats> {
 
     let flows = Map::LruHashMap(open(map_names::FLOWS)?);
     let flows = read_fill(&flows, &config, monotonic_now_ns())?;
+    let bans = match pins.bans_dir() {
+        dir if dir.is_dir() => bans::in_force(&bans::pinned_bans(&dir)?, monotonic_now_ns()),
+        _ => 0,
+    };
 
     let mut rules = Vec::new();
     for index in 0..MAX_RULES as u32 {
@@ -175,8 +185,10 @@ pub fn read(pins: &Pins) -> Result<Stats> {
         essential: counter(STAT_ESSENTIAL)?.into(),
         dhcp: counter(STAT_DHCP)?.into(),
         rate_limited: counter(STAT_RATE_LIMITED)?.into(),
+        banned: counter(STAT_BANNED)?.into(),
         log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets,
         flows,
+        bans,
     })
 }
 
@@ -228,5 +240,6 @@ pub fn table(stats: &Stats) -> String {
         "flows: {} live of {} ({} entries with expired ones)",
         flows.live, flows.capacity, flows.entries
     );
+    let _ = writeln!(out, "bans in force: {}", stats.bans);
     out
 }
