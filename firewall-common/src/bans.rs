@@ -65,16 +65,3 @@ pub mod map_names {
 #[cfg(feature = "user")]
 // SAFETY: a `repr(C)` u64 without padding.
 unsafe impl aya::Pod for Ban {}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ipv4_keys_are_ipv4_mapped_ipv6() {
-        let v4: std::net::Ipv4Addr = "192.0.2.7".parse().unwrap();
-        let words = [u32::from_ne_bytes(v4.octets()), 0, 0, 0];
-        let mapped = super::key(false, words);
-        let octets: Vec<u8> = mapped.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        assert_eq!(octets, v4.to_ipv6_mapped().octets());
-        assert_eq!(super::key_prefix_len(false, 24), 120);
-    }
-}

@@ -20,7 +20,7 @@ pub fn is_banned(packet: &Packet) -> bool {
     let addr = bans::key(packet.v6, packet.src);
     if in_use & IN_USE_HOSTS != 0 {
         // SAFETY: a map value, copied out.
-        if let Some(ban) = unsafe { BAN_HOSTS.get(&addr) } {
+        if let Some(ban) = unsafe { BAN_HOSTS.get(addr) } {
             if holds(ban) {
                 return true;
             }
@@ -28,7 +28,7 @@ pub fn is_banned(packet: &Packet) -> bool {
     }
     // A host whose own ban expired may still be in a banned prefix.
     if in_use & IN_USE_PREFIXES != 0 {
-        if let Some(ban) = BAN_PREFIXES.get(&Key::new(128, addr)) {
+        if let Some(ban) = BAN_PREFIXES.get(Key::new(128, addr)) {
             return holds(ban);
         }
     }

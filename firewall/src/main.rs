@@ -150,7 +150,9 @@ fn parse_seconds(text: &str) -> Result<u64, String> {
         unit_seconds(unit).map(u64::from)
     };
     let Some(scale) = scale else {
-        return Err(format!("{text:?}: use seconds, or a number with s, m, h or d"));
+        return Err(format!(
+            "{text:?}: use seconds, or a number with s, m, h or d"
+        ));
     };
     match number.parse::<u64>() {
         Ok(n) if n > 0 && n.checked_mul(scale).is_some_and(|s| s < 1 << 40) => Ok(n * scale),

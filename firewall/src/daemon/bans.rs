@@ -135,7 +135,7 @@ pub fn list(kernel: &mut Kernel, json: bool) -> Result<String> {
             )
         })
         .collect();
-    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    listed.sort_by_key(|(net, _)| *net);
     let listed: Vec<Listed> = listed.into_iter().map(|(_, listed)| listed).collect();
     if json {
         return Ok(serde_json::to_string_pretty(&listed)?);
@@ -153,13 +153,17 @@ pub fn list(kernel: &mut Kernel, json: bool) -> Result<String> {
 
 /// `1h 2m 3s`, without the zero parts.
 pub fn duration_text(seconds: u64) -> String {
-    let parts = [(seconds / 86_400, "d"), (seconds / 3600 % 24, "h"), (seconds / 60 % 60, "m")];
+    let parts = [
+        (seconds / 86_400, "d"),
+        (seconds / 3600 % 24, "h"),
+        (seconds / 60 % 60, "m"),
+    ];
     let mut text: Vec<String> = parts
         .iter()
         .filter(|(n, _)| *n > 0)
         .map(|(n, unit)| format!("{n}{unit}"))
         .collect();
-    if seconds % 60 > 0 || text.is_empty() {
+    if !seconds.is_multiple_of(60) || text.is_empty() {
         text.push(format!("{}s", seconds % 60));
     }
     text.join(" ")
@@ -178,13 +182,20 @@ mod tests {
 
     #[test]
     fn targets_are_addresses_or_clean_prefixes() {
-        assert_eq!(parse_target("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(
+            parse_target("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
         assert_eq!(parse_target("2001:db8::/32").unwrap().prefix_len(), 32);
         let error = parse_target("192.0.2.7/24").unwrap_err();
         assert!(error.contains("did you mean 192.0.2.0/24"), "{error}");
-        assert!(parse_target("0.0.0.0/0").unwrap_err().contains("every source"));
+        assert!(parse_target("0.0.0.0/0")
+            .unwrap_err()
+            .contains("every source"));
         assert!(parse_target("::/0").unwrap_err().contains("every source"));
-        assert!(parse_target("example.com").unwrap_err().contains("no address"));
+        assert!(parse_target("example.com")
+            .unwrap_err()
+            .contains("no address"));
         assert!(parse_target("192.0.2.300").is_err());
     }
 
@@ -193,10 +204,7 @@ mod tests {
         let input = "192.0.2.1 192.0.2.2\n# a comment\n2001:db8::1, 198.51.100.0/24\n";
         assert_eq!(read_targets(input.as_bytes()).unwrap().len(), 4);
         let error = read_targets("192.0.2.1\n\nnot-an-address\n".as_bytes()).unwrap_err();
-        assert!(
-            error.to_string().starts_with("stdin:3: "),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with("stdin:3: "), "{error}");
     }
 
     #[test]

@@ -121,7 +121,12 @@ impl Kernel {
         let ended: Vec<IpNet> = self
             .bans()?
             .into_iter()
-            .filter(|entry| !Ban { expires_ns: entry.expires_ns }.holds(now_ns))
+            .filter(|entry| {
+                !Ban {
+                    expires_ns: entry.expires_ns,
+                }
+                .holds(now_ns)
+            })
             .map(|entry| entry.net)
             .collect();
         if ended.is_empty() {
@@ -197,8 +202,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ipv4_keys_are_ipv4_mapped_ipv6() {
+        let v4: std::net::Ipv4Addr = "192.0.2.7".parse().unwrap();
+        let mapped = bans::key(false, address_words(IpAddr::V4(v4)));
+        let octets: Vec<u8> = mapped.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(octets, v4.to_ipv6_mapped().octets());
+        assert_eq!(bans::key_prefix_len(false, 24), 120);
+    }
+
+    #[test]
     fn keys_unmap_to_the_nets_they_came_from() {
-        for text in ["192.0.2.7/32", "2001:db8::9/128", "198.51.100.0/24", "2001:db8::/32"] {
+        for text in [
+            "192.0.2.7/32",
+            "2001:db8::9/128",
+            "198.51.100.0/24",
+            "2001:db8::/32",
+        ] {
             let net: IpNet = text.parse().unwrap();
             let back = match slot(&net) {
                 Slot::Host(key) => unmap(key, 128).unwrap(),

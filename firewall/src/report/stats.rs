@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, RuleName, MAX_RULES, STAT_DEFAULT_ALLOW,
-    STAT_BANNED, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
+    map_names, Counter, GenerationConfig, RuleName, MAX_RULES, STAT_BANNED, STAT_DEFAULT_ALLOW,
+    STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
     STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 use serde::Serialize;

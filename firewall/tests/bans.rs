@@ -1,0 +1,182 @@
+//! End to end: `firewall ban`, `unban` and `bans` against a running daemon, with real
+//! connections from a peer namespace.
+#[expect(dead_code, reason = "these tests use a part of the shared test hosts")]
+mod common;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{firewall_exe, serve, tcp_reaches, BpfMount, Daemon, RuleFile, TestNet};
+
+/// `firewall ARGS --control SOCKET`, with `stdin` piped in when given.
+fn firewall(control: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(firewall_exe());
+    command
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("SSH_CONNECTION");
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+/// As [`firewall`], which must succeed; its stdout.
+fn ok(control: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let output = firewall(control, args, stdin);
+    assert!(output.status.success(), "firewall {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn listed(control: &Path) -> Vec<serde_json::Value> {
+    let text = ok(control, &["bans", "--json"], None);
+    serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap()
+}
+
+/// Bans take effect when the command returns, hold over reloads and restarts, end by
+/// themselves, and a bad list changes nothing.
+#[test]
+fn bans_drop_at_once_and_outlive_reloads_and_restarts() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4, net.a6], vec![8080]);
+    let (to4, to6) = (SocketAddr::new(net.a4, 8080), SocketAddr::new(net.a6, 8080));
+    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
+    let pins = BpfMount::new();
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
+    let control = daemon.control.clone();
+    assert!(tcp_reaches(&net.b, to4) && tcp_reaches(&net.b, to6));
+
+    let started = Instant::now();
+    let (b4, b6) = (net.b4.to_string(), net.b6.to_string());
+    let said = ok(&control, &["ban", &b4, &b6], None);
+    let took = started.elapsed();
+    assert!(said.contains("banned 2 addresses"), "{said}");
+    assert!(!tcp_reaches(&net.b, to4), "IPv4 peer banned");
+    assert!(!tcp_reaches(&net.b, to6), "IPv6 peer banned");
+    println!("ban of 2 addresses in force after {took:?} (command start to return)");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let bans = listed(&control);
+    assert_eq!(bans.len(), 2, "{bans:?}");
+    assert!(bans.iter().all(|ban| ban["expires_in_seconds"].is_null()));
+
+    daemon.reload();
+    assert!(!tcp_reaches(&net.b, to4), "a reload keeps the bans");
+    let stats = pins.run("stats");
+    assert!(stats.contains("banned (firewall ban)"), "{stats}");
+    assert!(stats.contains("bans in force: 2"), "{stats}");
+
+    // Stopped (detached: the peer gets through) and started again: the bans are back.
+    assert!(daemon.terminate().success());
+    assert!(tcp_reaches(&net.b, to4), "no daemon, nothing attached");
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
+    let control = daemon.control.clone();
+    assert!(!tcp_reaches(&net.b, to4), "the bans outlive the daemon");
+    assert_eq!(listed(&control).len(), 2);
+
+    let said = ok(&control, &["unban", &b4], None);
+    assert!(said.contains("(1 of them were banned)"), "{said}");
+    assert!(tcp_reaches(&net.b, to4), "unbanned");
+    assert!(!tcp_reaches(&net.b, to6), "the other ban stays");
+    ok(&control, &["unban", &b6], None);
+
+    // A bad entry anywhere: non-zero exit, the position named, nothing banned.
+    let list = format!("{b4}\n192.0.2.1 192.0.2.300\n");
+    let output = firewall(&control, &["ban"], Some(&list));
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("stdin:2: \"192.0.2.300\" is no address"),
+        "{error}"
+    );
+    let output = firewall(&control, &["ban", &b4, "--timeout", "soon"], None);
+    assert!(!output.status.success());
+    assert!(listed(&control).is_empty());
+    assert!(tcp_reaches(&net.b, to4));
+
+    // A timed ban ends by itself (the kernel reads its end; no sweep needed).
+    ok(&control, &["ban", &b4, "--timeout", "2s"], None);
+    assert!(!tcp_reaches(&net.b, to4), "banned for 2 s");
+    let left = listed(&control)[0]["expires_in_seconds"].as_u64().unwrap();
+    assert!((1..=2).contains(&left), "{left}");
+    std::thread::sleep(Duration::from_millis(2300));
+    assert!(tcp_reaches(&net.b, to4), "the ban ended");
+    assert!(listed(&control).is_empty(), "ended bans are not listed");
+    assert!(daemon.terminate().success());
+}
+
+/// 10,000 addresses on stdin in one call each way, with the peer among them.
+#[test]
+fn ten_thousand_bans_in_one_call() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let to4 = SocketAddr::new(net.a4, 8080);
+    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let mut list: String = (0..9_999u32)
+        .map(|i| format!("2001:db8:{:x}:{:x}::1\n", i / 256, i % 256))
+        .collect();
+    list.push_str(&format!("{}\n", net.b4));
+
+    let started = Instant::now();
+    ok(&daemon.control, &["ban"], Some(&list));
+    let banned = started.elapsed();
+    assert!(!tcp_reaches(&net.b, to4));
+    assert_eq!(listed(&daemon.control).len(), 10_000);
+    let started = Instant::now();
+    let said = ok(&daemon.control, &["unban"], Some(&list));
+    let unbanned = started.elapsed();
+    assert!(said.contains("(10000 of them were banned)"), "{said}");
+    assert!(tcp_reaches(&net.b, to4));
+    println!("10,000 bans in {banned:?}, 10,000 unbans in {unbanned:?} (whole commands)");
+    assert!(banned < Duration::from_secs(2) && unbanned < Duration::from_secs(2));
+}
+
+/// `ban` refuses the address the operator's SSH session comes from, unless forced; no
+/// daemon needed to say so.
+#[test]
+fn ban_refuses_to_cut_the_operators_own_session() {
+    let output = Command::new(firewall_exe())
+        .args([
+            "ban",
+            "203.0.113.0/24",
+            "--control",
+            "/nonexistent/control.sock",
+        ])
+        .env("SSH_CONNECTION", "203.0.113.5 50022 192.0.2.1 22")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("203.0.113.0/24 holds 203.0.113.5, the address this SSH session comes from"),
+        "{error}"
+    );
+    // Forced, it goes on to the daemon (here: none).
+    let output = Command::new(firewall_exe())
+        .args([
+            "ban",
+            "203.0.113.0/24",
+            "--force",
+            "--control",
+            "/nonexistent/control.sock",
+        ])
+        .env("SSH_CONNECTION", "203.0.113.5 50022 192.0.2.1 22")
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("no firewall daemon answers"), "{error}");
+}
