@@ -18,8 +18,10 @@ use crate::setup::output;
 
 /// The UDP port every flood goes to, and that every filter denies.
 pub const DENIED_PORT: u16 = 7777;
-/// Rules before the deny rule, as `firewall/benches/packet_path.rs`'s `rule_set(1024)`.
-const FILLER_RULES: usize = 1023;
+/// Rules before the two deny rules: with them, the firewall's maximum of 1,024 rules (one
+/// filler fewer than `firewall/benches/packet_path.rs`'s `rule_set(1024)`, whose last rule is
+/// the only one for the port).
+pub const FILLER_RULES: usize = 1022;
 /// The firewall takes at most 1,000,000 distinct source networks in all rules together
 /// (`[limits] max_entries`); the fillers name two each, the set has the rest.
 const SOURCE_ENTRIES: usize = 1_000_000;
@@ -180,7 +182,7 @@ pub fn write_rule_files(dir: &Path, peer: Ipv6Addr) -> Result<(PathBuf, PathBuf)
         )?;
     }
     rules.push_str(&deny("from = [\"@flood\"]\n"));
-    // Rule 1,026: the port from anywhere, so that a flood from outside the set is dropped too,
+    // The last rule (1,024): the port from anywhere, so that a flood from outside the set is dropped too,
     // after every address lookup has missed. It names no network, so it takes no entry.
     write!(
         rules,

@@ -3,11 +3,25 @@
 
 use anyhow::{bail, Result};
 
+use super::filters::FILLER_RULES;
 use super::net::Counters;
 use super::{
     Anchor, Row, Verdict, BATCH, DENIED_PORT, FLOOD_SOURCES, FLOOR, FRAMES_PER_CALL, INTERVAL,
-    PASS_ANCHOR, ROUNDS, SET_ENTRIES, XDP_FILTER,
+    PASS_ANCHOR, ROUNDS, SET_ENTRIES, WARMUP, XDP_FILTER,
 };
+
+/// `997956` as `997,956`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
+}
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -36,10 +50,12 @@ pub(super) fn print(
          to a bound socket: the same frames to a socket bound to the port, no flow"
     );
     println!(
-        "1,024 rules: 1,023 fillers, a deny rule from a set of {SET_ENTRIES} IPv6 hosts \
-         (1,000,000 source entries, the firewall's maximum), and (rule 1,026) a deny rule for \
-         the port from anywhere, which drops the random sources after the address lookups \
-         missed\n"
+        "1,024 rules (the firewall's maximum): {} fillers, a deny rule for the port from a set \
+         of {} IPv6 hosts (with the fillers' networks, 1,000,000 source entries, the most it \
+         takes), and last a deny rule for the port from anywhere, which drops the random \
+         sources after every address lookup missed\n",
+        thousands(FILLER_RULES),
+        thousands(SET_ENTRIES)
     );
     let medians: Vec<f64> = rows
         .iter()
@@ -117,7 +133,8 @@ pub(super) fn print(
          queue full: frames the sending end could not queue (its tx_queue_N_xdp_xmit_errors), \
          relative to those handled; rule counted: the packets the firewall's `stats` counted \
          for the rule that should drop the row's frames, relative to the XDP drops (its \
-         reads enclose the interval, so a little over 100 %)"
+         reads enclose the warm-up too, so about {:.0} %)",
+        (WARMUP + INTERVAL).as_secs_f64() / INTERVAL.as_secs_f64() * 100.0
     );
     for (name, (insns, jited)) in sizes {
         println!("{name}: {insns} instructions after the verifier, {jited} bytes JIT-compiled");
@@ -133,4 +150,17 @@ pub(super) fn print(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(7), "7");
+        assert_eq!(thousands(1022), "1,022");
+        assert_eq!(thousands(997_956), "997,956");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+    }
 }
