@@ -18,9 +18,8 @@ use crate::setup::output;
 
 /// The UDP port every flood goes to, and that every filter denies.
 pub const DENIED_PORT: u16 = 7777;
-/// Rules before the two deny rules: with them, the firewall's maximum of 1,024 rules (one
-/// filler fewer than `firewall/benches/packet_path.rs`'s `rule_set(1024)`, whose last rule is
-/// the only one for the port).
+/// Rules before the two deny rules, which with them make the firewall's maximum of 1,024: the
+/// fillers of `firewall/benches/packet_path.rs`'s `rule_set`, one fewer than its 1,024 has.
 pub const FILLER_RULES: usize = 1022;
 /// The firewall takes at most 1,000,000 distinct source networks in all rules together
 /// (`[limits] max_entries`); the fillers name two each, the set has the rest.
