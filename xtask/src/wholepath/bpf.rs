@@ -1,5 +1,6 @@
-//! The traffic generator's two tiny programs and the bpf(2) calls that load, run and attach
-//! them, made directly: aya 0.14's `TestRun` has no `flags`, so it cannot ask for live frames.
+//! The bench's tiny programs (the generator's redirect, the bare drop and pass anchors) and
+//! the bpf(2) calls that load, run and attach them, made directly: aya 0.14's `TestRun` has no
+//! `flags`, so it cannot ask for live frames.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,6 +19,7 @@ const XDP_FLAGS_DRV_MODE: u32 = 4;
 pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 2;
 const BPF_FUNC_REDIRECT: i32 = 23;
 pub const XDP_DROP: i32 = 1;
+pub const XDP_PASS: i32 = 2;
 #[cfg(test)]
 const XDP_REDIRECT: u32 = 4;
 
@@ -77,6 +79,12 @@ pub fn redirect_program(ifindex: u32) -> [Insn; 4] {
 /// `return XDP_DROP`: what firewall-ebpf's `floor.rs` compiles to.
 pub fn drop_program() -> [Insn; 2] {
     [Insn::mov64_imm(0, XDP_DROP), Insn::exit()]
+}
+
+/// `return XDP_PASS`: an XDP program that costs next to nothing and hands every frame to the
+/// stack, the anchor of rows whose frames pass.
+pub fn pass_program() -> [Insn; 2] {
+    [Insn::mov64_imm(0, XDP_PASS), Insn::exit()]
 }
 
 /// The BPF_PROG_LOAD part of `union bpf_attr`, up to `expected_attach_type`.
@@ -276,6 +284,11 @@ mod tests {
             bytes(&drop_program()),
             [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0]
         );
+        // `r0 = 2; exit`.
+        assert_eq!(
+            bytes(&pass_program()),
+            [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0]
+        );
     }
 
     #[test]
@@ -296,7 +309,7 @@ mod tests {
     /// The programs as the kernel runs them (as root, like the project's other kernel tests):
     /// an ordinary test run returns their verdicts.
     #[test]
-    fn the_kernel_runs_both_programs() {
+    fn the_kernel_runs_the_programs() {
         let frame = [0u8; 64];
         let redirect = load_xdp("test_redirect", &redirect_program(1)).unwrap();
         assert_eq!(
@@ -307,6 +320,11 @@ mod tests {
         assert_eq!(
             test_run(&drop, &frame, 0, 1, 0, false).unwrap(),
             XDP_DROP as u32
+        );
+        let pass = load_xdp("test_pass", &pass_program()).unwrap();
+        assert_eq!(
+            test_run(&pass, &frame, 0, 1, 0, false).unwrap(),
+            XDP_PASS as u32
         );
     }
 }

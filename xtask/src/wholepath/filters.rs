@@ -18,26 +18,45 @@ use crate::setup::output;
 
 /// The UDP port every flood goes to, and that every filter denies.
 pub const DENIED_PORT: u16 = 7777;
-/// Rules before the deny rule, as `firewall/benches/packet_path.rs`'s `rule_set(1024)`.
-const FILLER_RULES: usize = 1023;
+/// Rules before the two deny rules, which with them make the firewall's maximum of 1,024: the
+/// fillers of `firewall/benches/packet_path.rs`'s `rule_set`, one fewer than its 1,024 has.
+pub const FILLER_RULES: usize = 1022;
 /// The firewall takes at most 1,000,000 distinct source networks in all rules together
 /// (`[limits] max_entries`); the fillers name two each, the set has the rest.
 const SOURCE_ENTRIES: usize = 1_000_000;
 pub const SET_ENTRIES: usize = SOURCE_ENTRIES - 2 * FILLER_RULES;
+/// The rule that denies the port (from the set, in the large file).
+pub const DENY_RULE: &str = "deny-bench-port";
+/// The large file's last rule: the port from anywhere.
+pub const DENY_ANY_RULE: &str = "deny-bench-port-any";
 
-/// The `i`th address of the large set: scattered over 2001:db8:f000::/64 by a bijective mix,
-/// with the last bit set so that no two entries are neighbours (nothing merges).
+/// The `i`th address of the large set: scattered over 2001:db8:f000::/64, with the last bit
+/// set so that no two entries are neighbours (nothing merges).
 pub fn set_address(i: u64) -> Ipv6Addr {
+    let high: u128 = 0x2001_0db8_f000_0000 << 64;
+    Ipv6Addr::from(high | u128::from(scatter(i) | 1))
+}
+
+/// The `k`th random flood source: scattered from another seed over 2001:db8:e000::/64, which
+/// neither the set (2001:db8:f000::/64) nor the fillers (2001:db8:1::/48 to 2001:db8:3ff::/48)
+/// cover, so the 1,024-rule firewall's address lookups all miss and the packet falls through
+/// to the last rule: a flood's shape, and the expensive one.
+pub fn random_source(k: u64) -> Ipv6Addr {
+    const SEED: u64 = 0x5eed_5eed_5eed_5eed;
+    let high: u128 = 0x2001_0db8_e000_0000 << 64;
+    Ipv6Addr::from(high | u128::from(scatter(k ^ SEED)))
+}
+
+/// A bijective mix of `i` (splitmix64's finaliser): fixed, so every run sends the same frames.
+fn scatter(i: u64) -> u64 {
     let mut x = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    let high: u128 = 0x2001_0db8_f000_0000 << 64;
-    Ipv6Addr::from(high | u128::from(x | 1))
+    x ^ (x >> 31)
 }
 
-/// The bare `XDP_DROP` program attached to the receiving end while the link lives.
-pub fn attach_floor(topology: &Topology, program: &Arc<OwnedFd>) -> Result<OwnedFd> {
+/// A bare program (`XDP_DROP` or `XDP_PASS`) attached to the receiving end while the link lives.
+pub fn attach_bare(topology: &Topology, program: &Arc<OwnedFd>) -> Result<OwnedFd> {
     let (ns, iface, program) = (topology.rx_ns.clone(), topology.rx_if, program.clone());
     std::thread::spawn(move || -> Result<OwnedFd> {
         net::enter(&ns)?;
@@ -131,7 +150,7 @@ pub fn load_ip6tables(topology: &Topology) -> Result<Cleanup> {
 pub fn write_rule_files(dir: &Path, peer: Ipv6Addr) -> Result<(PathBuf, PathBuf)> {
     let deny = |from: &str| {
         format!(
-            "[[rules]]\nname = \"deny-bench-port\"\naction = \"deny\"\nproto = \"udp\"\n{from}ports = [{DENIED_PORT}]\n"
+            "[[rules]]\nname = \"{DENY_RULE}\"\naction = \"deny\"\nproto = \"udp\"\n{from}ports = [{DENIED_PORT}]\n"
         )
     };
     let one = dir.join("one-rule.toml");
@@ -162,6 +181,12 @@ pub fn write_rule_files(dir: &Path, peer: Ipv6Addr) -> Result<(PathBuf, PathBuf)
         )?;
     }
     rules.push_str(&deny("from = [\"@flood\"]\n"));
+    // The last rule (1,024): the port from anywhere, so that a flood from outside the set is dropped too,
+    // after every address lookup has missed. It names no network, so it takes no entry.
+    write!(
+        rules,
+        "\n[[rules]]\nname = \"{DENY_ANY_RULE}\"\naction = \"deny\"\nproto = \"udp\"\nports = [{DENIED_PORT}]\n"
+    )?;
     let large = dir.join("large.toml");
     std::fs::write(&large, rules)?;
     Ok((one, large))
@@ -172,6 +197,8 @@ pub fn write_rule_files(dir: &Path, peer: Ipv6Addr) -> Result<(PathBuf, PathBuf)
 pub struct Daemon {
     _stop: Cleanup,
     _pins: Cleanup,
+    /// Its `--pin-dir`, where `firewall stats` reads the counters.
+    pin_dir: PathBuf,
     pub start_seconds: f64,
 }
 
@@ -190,13 +217,14 @@ impl Daemon {
             let _ = std::fs::remove_dir(&unmount);
         });
         let log_path = dir.join(format!("firewall-{label}.log"));
+        let pin_dir = pins_mount.join("firewall");
         let child = Command::new("ip")
             .args(["netns", "exec", &topology.rx_ns])
             .arg(firewall)
             .args(["run", "--rules"])
             .arg(rules)
             .args(["--iface", topology.rx_if, "--pin-dir"])
-            .arg(pins_mount.join("firewall"))
+            .arg(&pin_dir)
             .arg("--control")
             .arg(dir.join(format!("control-{label}.sock")))
             .env("RUST_LOG", "info")
@@ -213,6 +241,7 @@ impl Daemon {
         let daemon = Daemon {
             _stop: stop,
             _pins: pins,
+            pin_dir,
             start_seconds: 0.0,
         };
         // The daemon logs "filtering; " once the program is attached with the rules in force.
@@ -234,6 +263,30 @@ impl Daemon {
             start_seconds: started.elapsed().as_secs_f64(),
             ..daemon
         })
+    }
+}
+
+impl Daemon {
+    /// The packets the rule named `rule` has counted since the rules were applied, from
+    /// `firewall stats` (which reads the pinned per-CPU counters).
+    pub fn rule_packets(&self, firewall: &Path, rule: &str) -> Result<u64> {
+        let json = output(
+            firewall.to_str().context("firewall path")?,
+            &[
+                "stats",
+                "--json",
+                "--pin-dir",
+                self.pin_dir.to_str().unwrap(),
+            ],
+        )?;
+        let stats: serde_json::Value = serde_json::from_str(&json)?;
+        stats["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|entry| entry["name"] == rule)
+            .and_then(|entry| entry["packets"].as_u64())
+            .with_context(|| format!("no counter for rule {rule:?} in the firewall's stats"))
     }
 }
 
@@ -281,4 +334,45 @@ pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
     let xlated = info["bytes_xlated"].as_u64().context("no bytes_xlated")?;
     let jited = info["bytes_jited"].as_u64().context("no bytes_jited")?;
     Ok((xlated / 8, jited))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// Whether `address` is in `network`/`len`.
+    fn within(address: Ipv6Addr, network: &str, len: u32) -> bool {
+        let network: Ipv6Addr = network.parse().unwrap();
+        (u128::from(address) ^ u128::from(network)) >> (128 - len) == 0
+    }
+
+    #[test]
+    fn random_sources_are_distinct_and_outside_the_set_and_the_fillers() {
+        let sources: HashSet<Ipv6Addr> = (0..64).map(random_source).collect();
+        assert_eq!(sources.len(), 64);
+        for &source in &sources {
+            assert!(
+                !within(source, "2001:db8:f000::", 64),
+                "{source} in the set's /64"
+            );
+            for i in 0..FILLER_RULES {
+                let filler = format!("2001:db8:{:x}::", i + 1);
+                assert!(!within(source, &filler, 48), "{source} in {filler}/48");
+            }
+        }
+        // The check itself: the set's addresses are in its /64, a filler's in its /48.
+        assert!(within(set_address(0), "2001:db8:f000::", 64));
+        assert!(within(
+            set_address(SET_ENTRIES as u64 - 2),
+            "2001:db8:f000::",
+            64
+        ));
+        assert!(within(
+            "2001:db8:3ff::9".parse().unwrap(),
+            "2001:db8:3ff::",
+            48
+        ));
+    }
 }

@@ -12,13 +12,15 @@
 //! Sender and receiver share the CPUs (the receiving NAPI runs in the softirq that each batch's
 //! flush raises on the sending CPU), so a figure is the rate of "generate + receive": the
 //! generator's share is the same in every row, and the floor row (bare `XDP_DROP`) shows what
-//! it leaves.
+//! it leaves. Rows whose frames pass to a socket are measured against a bare `XDP_PASS` row
+//! with frames of the same shape to a bound socket instead: the stack's share is theirs too.
 mod bpf;
 mod filters;
 mod frames;
 mod net;
+mod report;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +28,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use filters::{Daemon, DENIED_PORT, SET_ENTRIES};
+use filters::{Daemon, DENIED_PORT, DENY_ANY_RULE, DENY_RULE, SET_ENTRIES};
 use net::{Cleanup, Counters, Topology};
 
 const ROUNDS: usize = 10;
@@ -45,6 +47,17 @@ const BATCH: u32 = 64;
 /// The sending side's port for the established flow.
 const PEER_PORT: u16 = 40999;
 
+// The veth pairs, one per filter on the receiving end (the index names the namespaces).
+const NO_FILTER: usize = 0;
+const FLOOR: usize = 1;
+const XDP_FILTER: usize = 2;
+const NFT: usize = 3;
+const IP6TABLES: usize = 4;
+const ONE_RULE: usize = 5;
+const LARGE: usize = 6;
+const PASS_ANCHOR: usize = 7;
+const PAIRS: usize = 8;
+
 /// What a row's filter should do with its frames: checked on the receiving end's counters, so
 /// a filter that is not in place fails the bench instead of measuring the wrong thing.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,10 +66,126 @@ enum Verdict {
     Drop,
 }
 
-struct Row {
+/// The row a row's figure is divided by in the "× anchor" column: the bare program that gives
+/// the same verdict to frames of the same kind at next to no cost.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Anchor {
+    /// None comparable: no filter hands a flood to the stack, where no socket takes it.
+    None,
+    /// The bare `XDP_DROP` row: for rows that drop.
+    Floor,
+    /// The bare `XDP_PASS` row: for rows that pass frames up to a bound UDP socket.
+    Pass,
+}
+
+/// A row's frames: all IPv6 UDP to [`DENIED_PORT`] on the receiving end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    /// From [`FLOOD_SOURCES`] addresses of the large set, in turn.
+    SetMembers,
+    /// From [`FLOOD_SOURCES`] pseudo-random addresses outside the set and the fillers.
+    RandomSources,
+    /// From the peer's [`PEER_PORT`]: replies on the flow the receiving host opened.
+    Established,
+    /// The same frames where no flow was opened, to a socket bound to the port.
+    ToBoundSocket,
+}
+
+impl Traffic {
+    fn label(self) -> &'static str {
+        match self {
+            Traffic::SetMembers => "set members",
+            Traffic::RandomSources => "random sources",
+            Traffic::Established => "established",
+            Traffic::ToBoundSocket => "to a bound socket",
+        }
+    }
+
+    fn frames(self, pair: &Topology) -> Vec<Vec<u8>> {
+        let flood = |source: fn(usize) -> Ipv6Addr| {
+            (0..FLOOD_SOURCES)
+                .map(|k| {
+                    let sport = 40000 + k as u16;
+                    frames::udp6(
+                        pair.rx_mac,
+                        pair.tx_mac,
+                        source(k),
+                        pair.rx_addr,
+                        sport,
+                        DENIED_PORT,
+                    )
+                })
+                .collect()
+        };
+        match self {
+            // Spread over the set, each from its own source port.
+            Traffic::SetMembers => {
+                flood(|k| filters::set_address((k * (SET_ENTRIES - 1) / FLOOD_SOURCES) as u64))
+            }
+            Traffic::RandomSources => flood(|k| filters::random_source(k as u64)),
+            Traffic::Established | Traffic::ToBoundSocket => vec![frames::udp6(
+                pair.rx_mac,
+                pair.tx_mac,
+                pair.tx_addr,
+                pair.rx_addr,
+                PEER_PORT,
+                DENIED_PORT,
+            )],
+        }
+    }
+}
+
+/// What one row is: a name, its frames, the pair it runs on, and what must become of them.
+struct Spec {
     name: &'static str,
+    traffic: Traffic,
+    pair: usize,
     verdict: Verdict,
-    frames: &'static str,
+    anchor: Anchor,
+    /// The large firewall's rule that must count this row's frames (read from its stats).
+    rule: Option<&'static str>,
+}
+
+const LARGE_NAME: &str = "firewall, 1,024 rules + 1M set";
+
+#[rustfmt::skip]
+static SPECS: [Spec; 10] = {
+    use {Anchor as A, Traffic as T, Verdict as V};
+    [
+        // Only the pair without a filter lets the flood through.
+        spec("no filter", T::SetMembers, NO_FILTER, V::Pass, A::None, None),
+        spec("bare XDP_DROP (floor)", T::SetMembers, FLOOR, V::Drop, A::Floor, None),
+        spec("xdp-filter, port denied", T::SetMembers, XDP_FILTER, V::Drop, A::Floor, None),
+        spec("nft netdev ingress drop", T::SetMembers, NFT, V::Drop, A::Floor, None),
+        spec("ip6tables raw PREROUTING drop", T::SetMembers, IP6TABLES, V::Drop, A::Floor, None),
+        spec("firewall, 1 rule", T::SetMembers, ONE_RULE, V::Drop, A::Floor, None),
+        spec(LARGE_NAME, T::SetMembers, LARGE, V::Drop, A::Floor, Some(DENY_RULE)),
+        spec(LARGE_NAME, T::RandomSources, LARGE, V::Drop, A::Floor, Some(DENY_ANY_RULE)),
+        spec("bare XDP_PASS", T::ToBoundSocket, PASS_ANCHOR, V::Pass, A::Pass, None),
+        spec(LARGE_NAME, T::Established, LARGE, V::Pass, A::Pass, None),
+    ]
+};
+
+const fn spec(
+    name: &'static str,
+    traffic: Traffic,
+    pair: usize,
+    verdict: Verdict,
+    anchor: Anchor,
+    rule: Option<&'static str>,
+) -> Spec {
+    Spec {
+        name,
+        traffic,
+        pair,
+        verdict,
+        anchor,
+        rule,
+    }
+}
+
+struct Row {
+    spec: &'static Spec,
     generator: Generator,
     samples: Vec<Sample>,
 }
@@ -64,6 +193,9 @@ struct Row {
 struct Sample {
     mpps: f64,
     counters: Counters,
+    /// Packets the row's firewall rule counted from just before the senders started to just
+    /// after they stopped (so at least those of the measured interval); 0 without a rule.
+    rule_packets: u64,
 }
 
 /// Runs the bench with the daemon at `firewall`; cleans up on every way out.
@@ -87,85 +219,74 @@ fn bench(firewall: &Path) -> Result<()> {
     let _dir = Cleanup::register("the rule files", move || {
         let _ = std::fs::remove_dir_all(&removed);
     });
-    // One veth pair per row, its filter in place for the whole run, so that rows can take
-    // short turns: the machine's load then falls on all rows alike.
-    let names = [
-        "no filter",
-        "bare XDP_DROP (floor)",
-        "xdp-filter, port denied",
-        "nft netdev ingress drop",
-        "ip6tables raw PREROUTING drop",
-        "firewall, 1 rule",
-        "firewall, 1,024 rules + 1M set",
-    ];
-    let pairs = (0..names.len())
+    // One veth pair per filter, in place for the whole run, so that rows can take short
+    // turns: the machine's load then falls on all rows alike.
+    let pairs = (0..PAIRS)
         .map(|index| Topology::new(index, cpus))
         .collect::<Result<Vec<_>>>()?;
     let timer = Instant::now();
-    let (one_rule, large) = filters::write_rule_files(&dir, pairs[6].tx_addr)?;
+    let (one_rule, large) = filters::write_rule_files(&dir, pairs[LARGE].tx_addr)?;
     eprintln!(
         "wholepath: rule files written in {:.1} s",
         timer.elapsed().as_secs_f64()
     );
 
     let floor = Arc::new(bpf::load_xdp("wholepath_floor", &bpf::drop_program())?);
-    let _floor = filters::attach_floor(&pairs[1], &floor)?;
-    let _xdp_filter = filters::load_xdp_filter(&pairs[2])?;
-    let _nft = filters::load_nft(&pairs[3], &dir)?;
-    let _ip6tables = filters::load_ip6tables(&pairs[4])?;
-    let small = Daemon::start(firewall, &pairs[5], &one_rule, &dir)?;
-    let large_daemon = Daemon::start(firewall, &pairs[6], &large, &dir)?;
+    let _floor = filters::attach_bare(&pairs[FLOOR], &floor)?;
+    let pass = Arc::new(bpf::load_xdp("wholepath_pass", &bpf::pass_program())?);
+    let _pass = filters::attach_bare(&pairs[PASS_ANCHOR], &pass)?;
+    let _xdp_filter = filters::load_xdp_filter(&pairs[XDP_FILTER])?;
+    let _nft = filters::load_nft(&pairs[NFT], &dir)?;
+    let _ip6tables = filters::load_ip6tables(&pairs[IP6TABLES])?;
+    let small = Daemon::start(firewall, &pairs[ONE_RULE], &one_rule, &dir)?;
+    let large_daemon = Daemon::start(firewall, &pairs[LARGE], &large, &dir)?;
     let sizes = [
-        ("bare XDP_DROP", filters::attached_program_size(&pairs[1])?),
-        ("firewall", filters::attached_program_size(&pairs[5])?),
+        (
+            "bare XDP_DROP",
+            filters::attached_program_size(&pairs[FLOOR])?,
+        ),
+        (
+            "firewall",
+            filters::attached_program_size(&pairs[ONE_RULE])?,
+        ),
     ];
-    // The host behind the large firewall opens the flow whose replies the last row sends.
-    let flow = open_flow(&pairs[6])?;
+    // The host behind the large firewall opens the flow whose replies the established row
+    // sends; the XDP_PASS row's frames go to a socket bound alike, but without a flow.
+    let flow = open_flow(&pairs[LARGE])?;
+    let _bound = bind_in_rx(&pairs[PASS_ANCHOR], DENIED_PORT)?;
 
-    let mut rows = names
+    let mut rows = SPECS
         .iter()
-        .zip(&pairs)
-        .map(|(&name, pair)| {
+        .map(|spec| {
+            let pair = &pairs[spec.pair];
+            let frames = Arc::new(spec.traffic.frames(pair));
             Ok(Row {
-                name,
-                // Only the pair without a filter lets the flood through.
-                verdict: if std::ptr::eq(pair, &pairs[0]) {
-                    Verdict::Pass
-                } else {
-                    Verdict::Drop
-                },
-                frames: "flood",
-                generator: Generator::new(pair, cpus, Arc::new(flood_frames(pair)))?,
+                spec,
+                generator: Generator::new(pair, cpus, frames)?,
                 samples: Vec::new(),
             })
         })
         .collect::<Result<Vec<Row>>>()?;
-    let replies = vec![frames::udp6(
-        pairs[6].rx_mac,
-        pairs[6].tx_mac,
-        pairs[6].tx_addr,
-        pairs[6].rx_addr,
-        PEER_PORT,
-        DENIED_PORT,
-    )];
-    rows.push(Row {
-        name: names[6],
-        verdict: Verdict::Pass,
-        frames: "established",
-        generator: Generator::new(&pairs[6], cpus, Arc::new(replies))?,
-        samples: Vec::new(),
-    });
 
     for round in 0..ROUNDS {
         let timer = Instant::now();
-        for (row, pair) in rows.iter_mut().zip(pairs.iter().chain([&pairs[6]])) {
-            if row.frames == "established" {
+        for row in &mut rows {
+            let spec = row.spec;
+            let pair = &pairs[spec.pair];
+            if spec.traffic == Traffic::Established {
                 // Keeps the flow fresh (its idle timeout is 60 s): a datagram seen by the
                 // firewall's tc egress program on its way out.
                 flow.send_to(b"again", (pair.tx_addr, PEER_PORT))?;
                 thread::sleep(Duration::from_millis(20));
             }
-            row.samples.push(row.generator.measure(pair)?);
+            let rule_packets = || match spec.rule {
+                Some(rule) => large_daemon.rule_packets(firewall, rule),
+                None => Ok(0),
+            };
+            let before = rule_packets()?;
+            let mut sample = row.generator.measure(pair)?;
+            sample.rule_packets = rule_packets()? - before;
+            row.samples.push(sample);
         }
         eprintln!(
             "wholepath: round {}/{ROUNDS} in {:.0} s",
@@ -174,40 +295,27 @@ fn bench(firewall: &Path) -> Result<()> {
         );
     }
     let starts = [small.start_seconds, large_daemon.start_seconds];
-    report(&rows, &sizes, &starts, cpus)
+    report::print(&rows, &sizes, &starts, cpus)
 }
 
-/// UDP to the denied port from [`FLOOD_SOURCES`] addresses of the large set (so the
-/// 1,024-rule firewall drops them by the set rule), each from its own source port.
-fn flood_frames(topology: &Topology) -> Vec<Vec<u8>> {
-    (0..FLOOD_SOURCES)
-        .map(|k| {
-            let index = (k * (SET_ENTRIES - 1) / FLOOD_SOURCES) as u64;
-            frames::udp6(
-                topology.rx_mac,
-                topology.tx_mac,
-                filters::set_address(index),
-                topology.rx_addr,
-                40000 + k as u16,
-                DENIED_PORT,
-            )
-        })
-        .collect()
+/// A UDP socket bound to `port` on the receiving end's address, made in its namespace.
+fn bind_in_rx(topology: &Topology, port: u16) -> Result<UdpSocket> {
+    let (ns, local) = (
+        topology.rx_ns.clone(),
+        SocketAddr::new(topology.rx_addr.into(), port),
+    );
+    thread::spawn(move || -> Result<UdpSocket> {
+        net::enter(&ns)?;
+        Ok(UdpSocket::bind(local)?)
+    })
+    .join()
+    .expect("socket thread")
 }
 
 /// A socket in the receiving namespace bound to the denied port, which sends one datagram to
 /// the peer: the flow whose replies the established row sends.
 fn open_flow(topology: &Topology) -> Result<UdpSocket> {
-    let (ns, local) = (
-        topology.rx_ns.clone(),
-        SocketAddr::new(topology.rx_addr.into(), DENIED_PORT),
-    );
-    let socket = thread::spawn(move || -> Result<UdpSocket> {
-        net::enter(&ns)?;
-        Ok(UdpSocket::bind(local)?)
-    })
-    .join()
-    .expect("socket thread")?;
+    let socket = bind_in_rx(topology, DENIED_PORT)?;
     let peer = SocketAddr::new(topology.tx_addr.into(), PEER_PORT);
     socket
         .send_to(b"open", peer)
@@ -269,6 +377,7 @@ impl Generator {
             Ok(Sample {
                 mpps: counters.napi_frames as f64 / seconds / 1e6,
                 counters,
+                rule_packets: 0,
             })
         })();
         stop.store(true, Ordering::Relaxed);
@@ -277,92 +386,4 @@ impl Generator {
         }
         measured
     }
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn report(
-    rows: &[Row],
-    sizes: &[(&str, (u64, u64))],
-    daemon_starts: &[f64; 2],
-    cpus: usize,
-) -> Result<()> {
-    let kernel = crate::setup::output("uname", &["-r"])?;
-    println!(
-        "\nwhole path: kernel {}, {cpus} CPUs (one pinned sender each), {ROUNDS} rounds of {:.0} s \
-         per row in turns, medians",
-        kernel.trim(),
-        INTERVAL.as_secs_f64()
-    );
-    println!(
-        "flood: IPv6 UDP to port {DENIED_PORT} from {FLOOD_SOURCES} source addresses of the \
-         set, one per test-run call of {FRAMES_PER_CALL} live frames, in turn (round-robin); \
-         established: replies from the peer to the host's own UDP flow"
-    );
-    println!(
-        "1,024 rules: 1,023 fillers + a deny rule from a set of {SET_ENTRIES} IPv6 hosts \
-         (1,000,000 source entries, the firewall's maximum)\n"
-    );
-    let medians: Vec<f64> = rows
-        .iter()
-        .map(|row| median(&mut row.samples.iter().map(|s| s.mpps).collect::<Vec<_>>()))
-        .collect();
-    let (floor, xdp_filter) = (medians[1], medians[2]);
-    println!(
-        "| row | frames | Mpps | min–max | × floor | × xdp-filter | XDP drops | reached UDP | queue full |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let mut wrong = Vec::new();
-    for (row, median) in rows.iter().zip(&medians) {
-        let min = row
-            .samples
-            .iter()
-            .map(|s| s.mpps)
-            .fold(f64::INFINITY, f64::min);
-        let max = row.samples.iter().map(|s| s.mpps).fold(0.0, f64::max);
-        let total =
-            |f: fn(&Counters) -> u64| row.samples.iter().map(|s| f(&s.counters)).sum::<u64>();
-        let frames = total(|c| c.napi_frames).max(1) as f64;
-        let dropped = total(|c| c.xdp_drops) as f64 / frames * 100.0;
-        let reached = total(|c| c.reached_udp) as f64 / frames * 100.0;
-        let queue_full = total(|c| c.queue_full) as f64 / frames * 100.0;
-        println!(
-            "| {} | {} | {median:.2} | {min:.2}–{max:.2} | {:.2} | {:.2} | {dropped:.0} % | {reached:.0} % | {queue_full:.0} % |",
-            row.name,
-            row.frames,
-            median / floor,
-            median / xdp_filter,
-        );
-        let right = match row.verdict {
-            Verdict::Pass => reached >= 95.0,
-            Verdict::Drop => reached <= 1.0,
-        };
-        if !right {
-            wrong.push(row.name);
-        }
-    }
-    println!(
-        "\nMpps: frames the receiving veth's NAPI took off its queues (ethtool -S \
-         rx_queue_N_xdp_packets), whatever their fate; XDP drops: rx_queue_N_xdp_drops; \
-         reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace \
-         (read just after the NAPI counters, so a few % either way); \
-         queue full: frames the sending end could not queue (its tx_queue_N_xdp_xmit_errors), \
-         relative to those handled"
-    );
-    for (name, (insns, jited)) in sizes {
-        println!("{name}: {insns} instructions after the verifier, {jited} bytes JIT-compiled");
-    }
-    for (label, seconds) in ["1 rule", "1,024 rules + set"].iter().zip(daemon_starts) {
-        println!("firewall start to filtering, {label}: {seconds:.1} s");
-    }
-    if !wrong.is_empty() {
-        bail!(
-            "these rows' frames did not meet the expected verdict (filter not in force?): {}",
-            wrong.join(", ")
-        );
-    }
-    Ok(())
 }
