@@ -180,3 +180,171 @@ fn ban_refuses_to_cut_the_operators_own_session() {
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("no firewall daemon answers"), "{error}");
 }
+
+/// The shipped fail2ban action (`firewall/dist/fail2ban/firewall.conf`) run by the real
+/// fail2ban (Debian package): a jail on a log file gets three failed logins from the peer,
+/// bans it through `firewall ban`, and after its bantime unbans it.
+#[test]
+fn fail2ban_bans_and_unbans_through_the_action() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let to4 = SocketAddr::new(net.a4, 8080);
+    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    assert!(tcp_reaches(&net.b, to4));
+
+    let dir = tempdir("fail2ban");
+    let config = FailToBan::config(&dir, &daemon.control);
+    let server = FailToBan::start(&config);
+    server.wait_for_log("Jail 'firewall-test' started");
+    let log = dir.join("auth.log");
+    for _ in 0..3 {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(file, "failed login from {}", net.b4).unwrap();
+    }
+    let banned = wait_until(Duration::from_secs(15), || !tcp_reaches(&net.b, to4));
+    assert!(banned, "fail2ban did not ban the peer:\n{}", server.log());
+    server.wait_for_log(&format!("Ban {}", net.b4));
+    let bans = listed(&daemon.control);
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    assert_eq!(bans[0]["address"], format!("{}/32", net.b4));
+    assert!(
+        bans[0]["expires_in_seconds"].as_u64().unwrap() <= 4,
+        "the jail's bantime travels with the ban: {bans:?}"
+    );
+    // The jail's bantime is 4 s: fail2ban unbans (and the kernel would end it anyway).
+    let unbanned = wait_until(Duration::from_secs(15), || tcp_reaches(&net.b, to4));
+    assert!(unbanned, "the peer stayed banned:\n{}", server.log());
+    server.wait_for_log(&format!("Unban {}", net.b4));
+    assert!(
+        !server.log().contains("ERROR"),
+        "fail2ban logged errors:\n{}",
+        server.log()
+    );
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// A directory of this test's own under the temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
+    let path = std::env::temp_dir().join(format!("fwt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    TempDir(path)
+}
+
+/// A fail2ban server in the foreground with a configuration of the test's own (its own socket,
+/// an in-memory database, one jail); stopped on drop.
+struct FailToBan {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl FailToBan {
+    /// Writes the configuration into `dir`: the shipped action, a filter for `failed login
+    /// from <HOST>` lines without dates, and a jail on `dir/auth.log` (3 tries, 4 s bans).
+    fn config(dir: &Path, control: &Path) -> std::path::PathBuf {
+        for sub in ["action.d", "filter.d"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let action = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/fail2ban/firewall.conf");
+        std::fs::copy(action, dir.join("action.d/firewall.conf")).unwrap();
+        let d = dir.display();
+        let files = [
+            (
+                "fail2ban.conf",
+                format!(
+                    "[Definition]\nloglevel = INFO\nlogtarget = {d}/fail2ban.log\n\
+                     socket = {d}/fail2ban.sock\npidfile = {d}/fail2ban.pid\ndbfile = :memory:\n"
+                ),
+            ),
+            (
+                "filter.d/firewall-test.conf",
+                "[Definition]\nfailregex = ^failed login from <HOST>$\ndatepattern = {NONE}\n"
+                    .to_string(),
+            ),
+            (
+                "jail.conf",
+                format!(
+                    "[DEFAULT]\nbackend = polling\n\n[firewall-test]\nenabled = true\n\
+                     filter = firewall-test\nlogpath = {d}/auth.log\nmaxretry = 3\n\
+                     findtime = 60\nbantime = 4\n\
+                     action = firewall[firewall={}, control={}]\n",
+                    firewall_exe(),
+                    control.display()
+                ),
+            ),
+            ("auth.log", String::new()),
+        ];
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir.to_path_buf()
+    }
+
+    fn start(config: &Path) -> FailToBan {
+        let child = Command::new("fail2ban-server")
+            .args(["-f", "-x", "-c"])
+            .arg(config)
+            .arg("start")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run fail2ban-server (Debian package fail2ban)");
+        FailToBan {
+            child,
+            log: config.join("fail2ban.log"),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        let found = wait_until(Duration::from_secs(20), || self.log().contains(needle));
+        assert!(found, "fail2ban never logged {needle:?}:\n{}", self.log());
+    }
+}
+
+impl Drop for FailToBan {
+    fn drop(&mut self) {
+        // SIGTERM: fail2ban stops its jails (unbanning) and exits.
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

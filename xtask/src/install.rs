@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 
 pub const UNIT: &str = include_str!("../../firewall/dist/firewall.service");
+/// The fail2ban action that bans through `firewall ban`.
+pub const FAIL2BAN_ACTION: &str = include_str!("../../firewall/dist/fail2ban/firewall.conf");
 
 /// Installs under `root` (`/` for the real thing). Existing rule and environment files are
 /// kept: they are the operator's. Returns what it did, a line each.
@@ -29,6 +31,15 @@ pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> R
     fs::write(&unit, UNIT)?;
     fs::set_permissions(&unit, fs::Permissions::from_mode(0o644))?;
     done.push(format!("installed {}", unit.display()));
+
+    // fail2ban reads it when a jail names `action = firewall` (whether or not fail2ban is
+    // installed yet); the operator's changes go in firewall.local, as fail2ban has it.
+    let actions = root.join("etc/fail2ban/action.d");
+    fs::create_dir_all(&actions).with_context(|| format!("creating {}", actions.display()))?;
+    let action = actions.join("firewall.conf");
+    fs::write(&action, FAIL2BAN_ACTION)?;
+    fs::set_permissions(&action, fs::Permissions::from_mode(0o644))?;
+    done.push(format!("installed {}", action.display()));
 
     let rule_file = etc.join("rules.toml");
     if rule_file.exists() {
@@ -115,6 +126,7 @@ mod tests {
         let mode = |path: &str| fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode("usr/local/sbin/firewall"), 0o755);
         assert_eq!(mode("etc/firewall/rules.toml"), 0o644);
+        assert_eq!(mode("etc/fail2ban/action.d/firewall.conf"), 0o644);
         let unit = fs::read_to_string(root.join("etc/systemd/system/firewall.service")).unwrap();
         assert!(unit.contains("Type=notify") && unit.contains("FileDescriptorStoreMax="));
         let exec_start = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();

@@ -8,11 +8,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use, by the command that proves each is there.
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 /// What the tests add: a DHCP server (dnsmasq-base has no service to start) and client for
-/// the end-to-end DHCP test, and hping3 for the SYN flood test.
+/// the end-to-end DHCP test, hping3 for the SYN flood test, fail2ban for the bans' action.
 pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("dhclient", "isc-dhcp-client"),
     ("hping3", "hping3"),
+    ("fail2ban-server", "fail2ban"),
 ];
 /// What the tests in the VMs take from the host (copied into the guest with their libraries).
 pub const GUEST_TEST_PACKAGES: &[(&str, &str)] = &[("hping3", "hping3")];
