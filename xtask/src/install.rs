@@ -122,7 +122,7 @@ mod tests {
         fs::write(&rules, "[[rules]]\naction = \"allow\"\n").unwrap();
 
         let done = install_files(&root, &binary, &rules, "eth9").unwrap();
-        assert_eq!(done.len(), 4, "{done:?}");
+        assert_eq!(done.len(), 5, "{done:?}");
         let mode = |path: &str| fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode("usr/local/sbin/firewall"), 0o755);
         assert_eq!(mode("etc/firewall/rules.toml"), 0o644);
