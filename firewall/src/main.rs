@@ -34,6 +34,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What is in force: the daemon (pid, uptime, interfaces and how XDP runs there, rule
+    /// file, a trial), the default policies, the rules with their counters, bans and flows.
+    /// Without a daemon, says so and shows what the pins still hold.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
+        control: PathBuf,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Detach the pinned programs (left by `run --persist` or a daemon that died) and remove
     /// the pins.
     Detach {
@@ -215,6 +228,21 @@ fn ban_targets(targets: Vec<String>, banning: bool, force: bool) -> anyhow::Resu
     Ok(nets.iter().map(ToString::to_string).collect())
 }
 
+/// `firewall status`: the daemon's answer (or why there is none) and the pins.
+fn status(control: &Path, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
+    use firewall::report::status::{gather, text, DaemonStatus};
+    let daemon = control::send(control, Request::Status).and_then(|answer| {
+        serde_json::from_str::<DaemonStatus>(&answer).map_err(anyhow::Error::from)
+    });
+    let status = gather(daemon, pin_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", text(&status));
+    }
+    Ok(())
+}
+
 /// Sends `request` to the daemon on `socket` and prints its answer.
 fn ask(socket: &Path, request: Request) -> anyhow::Result<()> {
     control::send(socket, request).map(|message| println!("{message}"))
@@ -264,6 +292,11 @@ fn main() -> ExitCode {
                 Ok(())
             }),
         Command::Detach { iface, pin_dir } => detach(&pin_dir, iface.as_deref()),
+        Command::Status {
+            json,
+            control,
+            pin_dir,
+        } => status(&control, &pin_dir, json),
         Command::Apply {
             file,
             confirm,

@@ -712,6 +712,89 @@ fn stats_count_per_rule_from_the_pins() {
     pins.detach();
 }
 
+/// `firewall status`: the daemon's part over the control socket, the kernel's from the pins;
+/// a trial shows; without a daemon it says so and names what the pins still filter.
+#[test]
+fn status_shows_the_daemon_the_interfaces_and_the_rules() {
+    let deny = "[defaults]\npolicy = \"deny\"\n\n";
+    let (net, pins, file, daemon) = probed_daemon("status.toml", deny, &["--persist"], 3);
+    let status = |json: bool| {
+        let mut command = Command::new(firewall_exe());
+        command
+            .arg("status")
+            .arg("--control")
+            .arg(&daemon.control)
+            .arg("--pin-dir")
+            .arg(pins.pin_dir());
+        if json {
+            command.arg("--json");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    let held = &json["daemon"];
+    assert_eq!(held["pid"], daemon.pid(), "{json}");
+    assert_eq!(held["rule_file"], file.path.display().to_string());
+    assert_eq!(held["interfaces"][0]["name"], net.veth_a.as_str(), "{json}");
+    // veth runs XDP in its driver.
+    assert_eq!(held["interfaces"][0]["xdp_mode"], "native", "{json}");
+    assert_eq!(held["interfaces"][0]["link_type"], "ether");
+    assert!(held["trial"].is_null());
+    assert_eq!(json["policy_in"], "deny");
+    assert_eq!(json["policy_out"], "allow");
+    assert_eq!(json["kernel"]["rules"][1]["name"], "probe");
+    let text = status(false);
+    for line in [
+        "Status: active (pid ",
+        "Default: deny (incoming), allow (outgoing)",
+        "   2 probe",
+        "Bans: 0; flows: ",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+
+    let trial = file.path.with_file_name("trial.toml");
+    common::write_file(&trial, deny);
+    let output = Command::new(firewall_exe())
+        .arg("apply")
+        .arg(&trial)
+        .args(["--confirm", "60s", "--control"])
+        .arg(&daemon.control)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let json: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    let left = json["daemon"]["trial"]["seconds_left"].as_u64().unwrap();
+    assert!((50..=60).contains(&left), "{json}");
+    assert!(status(false).contains("is on trial, rolled back in "));
+
+    // --persist: the program stays; status says there is no daemon and what still filters.
+    assert!(daemon.terminate().success());
+    let output = Command::new(firewall_exe())
+        .args([
+            "status",
+            "--control",
+            "/nonexistent/control.sock",
+            "--pin-dir",
+        ])
+        .arg(pins.pin_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("Status: no daemon (no firewall daemon answers on"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("Still filtering (pinned): {}", net.veth_a)),
+        "{text}"
+    );
+    pins.detach();
+}
+
 #[test]
 fn tells_systemd_when_the_rules_are_in_force() {
     let net = TestNet::new();

@@ -51,6 +51,8 @@ pub enum Request {
     Unban { targets: Vec<String> },
     /// The bans in force, as a table or JSON.
     Bans { json: bool },
+    /// What the daemon holds, as [`crate::report::status::DaemonStatus`] JSON.
+    Status,
 }
 
 /// A request on the wire.
@@ -177,6 +179,7 @@ mod tests {
                 targets: vec!["192.0.2.7".into()],
             },
             Request::Bans { json: true },
+            Request::Status,
             Request::Explain {
                 question: Question {
                     proto: "tcp".into(),

@@ -106,6 +106,9 @@ fn handle(request: Request, state: &mut State) -> Result<String, String> {
         Request::Unban { targets } => {
             return bans::unban(&mut state.kernel, &targets).map_err(|error| format!("{error:#}"));
         }
+        Request::Status => {
+            return serde_json::to_string(&state.status()).map_err(|error| error.to_string());
+        }
         Request::Bans { json } => {
             return bans::list(&mut state.kernel, json).map_err(|error| format!("{error:#}"));
         }

@@ -8,6 +8,7 @@ mod control_server;
 mod heap;
 mod interfaces;
 mod reload;
+mod status;
 mod watch;
 
 use std::path::{Path, PathBuf};
@@ -263,6 +264,8 @@ fn start(options: RunOptions, prepared: Prepared, pins: &Pins) -> Result<(State,
         trial: None,
         reloads,
         rule_names,
+        started,
+        applied: started,
     };
     Ok((state, events))
 }

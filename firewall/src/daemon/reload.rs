@@ -37,6 +37,10 @@ pub(super) struct State {
     pub(super) reloads: SharedReloads,
     /// For the kernel log.
     pub(super) rule_names: RuleNames,
+    /// For `firewall status`: when the daemon started, and when the rules in force were put
+    /// in force.
+    pub(super) started: Instant,
+    pub(super) applied: Instant,
 }
 
 /// Rules on trial: in force until confirmed, else rolled back at the deadline.
@@ -54,6 +58,16 @@ impl Trial {
     /// The moment it is rolled back unless confirmed.
     pub(super) fn deadline(&mut self) -> &mut Pin<Box<Sleep>> {
         &mut self.deadline
+    }
+
+    /// Where the caller read the rules on trial.
+    pub(super) fn file(&self) -> &str {
+        &self.file
+    }
+
+    pub(super) fn seconds_left(&self) -> u64 {
+        let left = self.deadline.deadline() - tokio::time::Instant::now();
+        left.as_secs()
     }
 }
 
@@ -261,6 +275,7 @@ impl State {
         drop(compiled);
         self.rule_names.set(&set);
         self.in_force = set;
+        self.applied = Instant::now();
         heap::release_freed();
         Ok(Applied {
             files,

@@ -128,6 +128,13 @@ impl Held {
         self.held.keys().cloned().collect()
     }
 
+    /// The interfaces held, by name, with their index.
+    pub fn held(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.held
+            .iter()
+            .map(|(name, &index)| (name.as_str(), index))
+    }
+
     /// Named interfaces that are not there (yet).
     pub fn missing(&self) -> Vec<String> {
         self.specs

@@ -124,6 +124,100 @@ pub fn check(iface: &str, arphrd: u16) -> Result<LinkLayer> {
     })
 }
 
+/// How XDP runs on interface `ifindex`, as the kernel reports it (`IFLA_XDP_ATTACHED` of an
+/// RTM_GETLINK answer): `native` (in the driver), `skb` (generic), `offload`, `multi`; `None`
+/// when no XDP program is attached.
+pub fn xdp_mode(ifindex: u32) -> std::io::Result<Option<&'static str>> {
+    use std::io::Error;
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    const NLA_F_NESTED: u16 = 1 << 15;
+    #[repr(C)]
+    struct Request {
+        header: libc::nlmsghdr,
+        info: libc::ifinfomsg,
+    }
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero netlink headers are valid; the fields that matter are set below.
+    let mut request: Request = unsafe { std::mem::zeroed() };
+    request.header.nlmsg_len = size_of::<Request>() as u32;
+    request.header.nlmsg_type = libc::RTM_GETLINK;
+    request.header.nlmsg_flags = libc::NLM_F_REQUEST as u16;
+    request.header.nlmsg_seq = 1;
+    request.info.ifi_family = libc::AF_UNSPEC as u8;
+    request.info.ifi_index = ifindex as i32;
+    // SAFETY: sends the request struct, of the size given.
+    let sent = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            (&request as *const Request).cast(),
+            size_of::<Request>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(Error::last_os_error());
+    }
+    fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+    }
+    /// Attributes (length, type, value padded to 4 bytes).
+    fn attributes(bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let len = usize::from(u16_at(bytes, at)?);
+            let kind = u16_at(bytes, at + 2)? & !NLA_F_NESTED;
+            let value = bytes.get(at + 4..at + len)?;
+            at += len.div_ceil(4) * 4;
+            (len >= 4).then_some((kind, value))
+        })
+    }
+    let mut buffer = vec![0u8; 65536];
+    // SAFETY: receives into a buffer we own, of the size given.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+    if got < 0 {
+        return Err(Error::last_os_error());
+    }
+    let message = &buffer[..got as usize];
+    let header = size_of::<libc::nlmsghdr>();
+    if u16_at(message, 4) == Some(libc::NLMSG_ERROR as u16) {
+        let code = i32::from_ne_bytes(message[header..header + 4].try_into().unwrap());
+        return Err(Error::from_raw_os_error(-code));
+    }
+    let body = message
+        .get(header + size_of::<libc::ifinfomsg>()..)
+        .unwrap_or(&[]);
+    for (kind, value) in attributes(body) {
+        if kind != libc::IFLA_XDP {
+            continue;
+        }
+        for (kind, value) in attributes(value) {
+            if kind == IFLA_XDP_ATTACHED {
+                return Ok(match value.first() {
+                    Some(1) => Some("native"),
+                    Some(2) => Some("skb"),
+                    Some(3) => Some("offload"),
+                    Some(4) => Some("multi"),
+                    _ => None,
+                });
+            }
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +251,12 @@ mod tests {
         }
         assert_eq!(LinkLayer::Ip.xdp_program(), XDP_PROGRAM_L3);
         assert_eq!(LinkLayer::Ethernet.egress_program(), EGRESS_PROGRAM);
+    }
+
+    #[test]
+    fn loopback_has_no_xdp_and_missing_interfaces_are_errors() {
+        assert_eq!(xdp_mode(1).unwrap(), None);
+        assert!(xdp_mode(u32::MAX - 1).is_err());
     }
 
     #[test]

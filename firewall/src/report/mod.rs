@@ -1,5 +1,6 @@
 //! The counters of the rules in force, for `firewall stats` ([`stats`]) and Prometheus
-//! ([`metrics`]).
+//! ([`metrics`]), and what `firewall status` shows ([`status`]).
 pub mod flows;
 pub mod metrics;
 pub mod stats;
+pub mod status;
