@@ -461,6 +461,58 @@ fn reloads_on_file_changes_and_on_request() {
     );
 }
 
+/// A rule directory laid out as Kubernetes mounts a ConfigMap (`rules.toml ->
+/// ..data/rules.toml`, `..data -> ..<timestamp>/`) and updated as the kubelet does it: a new
+/// timestamped directory, a new `..data` link renamed over the old one, the old directory
+/// removed. Each of three updates in a row is in force within a second.
+#[test]
+fn configmap_updates_by_link_swap_reload() {
+    use std::os::unix::fs::symlink;
+    use std::time::{Duration, Instant};
+    let allow_only = |port: u16| {
+        format!(
+            "[defaults]\npolicy = \"deny\"\n\n[[rules]]\naction = \"allow\"\nproto = \"tcp\"\n\
+             ports = [{port}]\n"
+        )
+    };
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080, 8081, 8082, 8083]);
+    let holder = RuleFile::new("unused.toml", "");
+    let dir = holder.path.parent().unwrap().to_path_buf();
+    let version = |n: u16| {
+        let data = dir.join(format!("..2026_12_07_00_00_0{n}.{}", 1000 + n));
+        std::fs::create_dir(&data).unwrap();
+        common::write_file(&data.join("rules.toml"), &allow_only(8080 + n));
+        data
+    };
+    let first = version(0);
+    symlink(first.file_name().unwrap(), dir.join("..data")).unwrap();
+    symlink("..data/rules.toml", dir.join("rules.toml")).unwrap();
+    let daemon = Daemon::builder(&net.a, &dir.join("rules.toml"), &net.veth_a).start();
+    let reaches = |port| tcp_reaches(&net.b, SocketAddr::new(net.a4, port));
+    assert!(reaches(8080) && !reaches(8081));
+
+    let mut previous = first;
+    for n in 1..=3u16 {
+        let data = version(n);
+        symlink(data.file_name().unwrap(), dir.join("..data_tmp")).unwrap();
+        let swapped = Instant::now();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(&previous).unwrap();
+        previous = data;
+        daemon.wait_for("reloaded", n as usize);
+        let took = swapped.elapsed();
+        println!("update {n}: reloaded {took:?} after the swap");
+        assert!(took < Duration::from_secs(1), "update {n} took {took:?}");
+        assert!(reaches(8080 + n), "update {n}: port {} closed", 8080 + n);
+        assert!(
+            !reaches(8080 + n - 1),
+            "update {n}: port {} open",
+            8080 + n - 1
+        );
+    }
+}
+
 /// A rule naming the firewalled interface applies there; one naming another interface does
 /// not.
 #[test]

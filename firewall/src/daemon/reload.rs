@@ -212,6 +212,15 @@ impl State {
             self.watcher = FileWatcher::new(&applied.files)?;
             Ok(applied)
         });
+        if result.is_err() {
+            // Follow the links again all the same: a broken file that came with a swapped
+            // link is fixed by editing where the link points now.
+            let mut files = vec![path.clone()];
+            files.extend(self.in_force.set_files.iter().cloned());
+            if let Ok(watcher) = FileWatcher::new(&files) {
+                self.watcher = watcher;
+            }
+        }
         self.count_reload(started, &result);
         let outcome = match result {
             Ok(Applied {
