@@ -104,6 +104,9 @@ enum Command {
         /// Ban even the address this SSH session comes from.
         #[arg(long)]
         force: bool,
+        /// Add them to this dynamic set (`[sets.NAME] dynamic = true`) instead of banning.
+        #[arg(long)]
+        set: Option<String>,
         /// The daemon's control socket.
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
@@ -111,6 +114,9 @@ enum Command {
     /// Lift bans (exactly these addresses and prefixes); without any, reads them from stdin.
     Unban {
         targets: Vec<String>,
+        /// Remove them from this dynamic set instead.
+        #[arg(long)]
+        set: Option<String>,
         /// The daemon's control socket.
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
@@ -120,6 +126,9 @@ enum Command {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// This dynamic set's members instead.
+        #[arg(long)]
+        set: Option<String>,
         /// The daemon's control socket.
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
@@ -312,17 +321,23 @@ fn main() -> ExitCode {
             targets,
             timeout,
             force,
+            set,
             control,
-        } => ban_targets(targets, true, force).and_then(|targets| {
+        } => ban_targets(targets, set.is_none(), force).and_then(|targets| {
             let request = Request::Ban {
                 targets,
                 timeout_seconds: timeout,
+                set,
             };
             ask(&control, request)
         }),
-        Command::Unban { targets, control } => ban_targets(targets, false, false)
-            .and_then(|targets| ask(&control, Request::Unban { targets })),
-        Command::Bans { json, control } => ask(&control, Request::Bans { json }),
+        Command::Unban {
+            targets,
+            set,
+            control,
+        } => ban_targets(targets, false, false)
+            .and_then(|targets| ask(&control, Request::Unban { targets, set })),
+        Command::Bans { json, set, control } => ask(&control, Request::Bans { json, set }),
         Command::Run(options) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

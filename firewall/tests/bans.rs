@@ -348,3 +348,62 @@ impl Drop for FailToBan {
         let _ = self.child.wait();
     }
 }
+
+/// A dynamic set (`[sets.NAME] dynamic = true`) filled by `firewall ban --set NAME`: here an
+/// allow-list, as a script would manage it; its members outlive reloads and restarts and
+/// may end by themselves.
+#[test]
+fn dynamic_sets_are_filled_at_run_time() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let to4 = SocketAddr::new(net.a4, 8080);
+    let file = RuleFile::new(
+        "dynamic.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[sets.admins]\ndynamic = true\n\n[[rules]]\n\
+         name = \"admin-web\"\naction = \"allow\"\nproto = \"tcp\"\nfrom = [\"@admins\"]\n\
+         ports = [8080]\n",
+    );
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let control = daemon.control.clone();
+    assert!(
+        !tcp_reaches(&net.b, to4),
+        "an empty dynamic set admits nobody"
+    );
+
+    let b4 = net.b4.to_string();
+    let started = Instant::now();
+    let said = ok(&control, &["ban", "--set", "admins", &b4], None);
+    println!("member added and in force after {:?}", started.elapsed());
+    assert!(said.contains("added"), "{said}");
+    assert!(tcp_reaches(&net.b, to4), "a member of @admins");
+    let members: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&control, &["bans", "--set", "admins", "--json"], None)).unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert!(listed(&control).is_empty(), "a member is no ban");
+
+    daemon.reload();
+    assert!(tcp_reaches(&net.b, to4), "a reload keeps the members");
+    assert!(daemon.terminate().success());
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let control = daemon.control.clone();
+    assert!(tcp_reaches(&net.b, to4), "a restart keeps the members");
+
+    let said = ok(&control, &["unban", "--set", "admins", &b4], None);
+    assert!(said.contains("(1 of them were members)"), "{said}");
+    assert!(!tcp_reaches(&net.b, to4), "removed");
+
+    ok(
+        &control,
+        &["ban", "--set", "admins", &b4, "--timeout", "2s"],
+        None,
+    );
+    assert!(tcp_reaches(&net.b, to4), "a member for 2 s");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!tcp_reaches(&net.b, to4), "its membership ended");
+    daemon.assert_logged("members of dynamic sets ended");
+
+    let output = firewall(&control, &["ban", "--set", "nosuch", &b4], None);
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("no dynamic set \"nosuch\""), "{error}");
+}

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use log::info;
 use serde::Serialize;
 
+use super::reload::State;
 use crate::dataplane::bans::BanEntry;
 use crate::dataplane::{monotonic_now_ns, Kernel};
 
@@ -89,6 +90,69 @@ pub fn unban(kernel: &mut Kernel, targets: &[String]) -> Result<String> {
     );
     info!("{message}");
     Ok(message)
+}
+
+/// The dynamic set `set` of the rules in force, or an error saying there is none.
+fn dynamic_set<'a>(state: &State, set: &'a str) -> Result<&'a str> {
+    if !state.in_force.dynamic_sets.iter().any(|name| name == set) {
+        bail!(
+            "the rules in force declare no dynamic set {set:?} (`[sets.{set}]` with \
+             `dynamic = true`)"
+        );
+    }
+    Ok(set)
+}
+
+/// The daemon's side of `firewall ban --set NAME`: members of a dynamic set, then the rules
+/// put in force again with them.
+pub(super) fn add_to_set(
+    state: &mut State,
+    set: &str,
+    targets: &[String],
+    timeout: Option<Duration>,
+) -> Result<String> {
+    let set = dynamic_set(state, set)?;
+    let nets = parse_all(targets)?;
+    state.members.add(set, &nets, timeout)?;
+    state.refill()?;
+    let message = format!("added {} to @{set}", count_text(&nets));
+    info!("{message}");
+    Ok(message)
+}
+
+/// The daemon's side of `firewall unban --set NAME`.
+pub(super) fn remove_from_set(state: &mut State, set: &str, targets: &[String]) -> Result<String> {
+    let set = dynamic_set(state, set)?;
+    let nets = parse_all(targets)?;
+    let removed = state.members.remove(set, &nets)?;
+    state.refill()?;
+    let message = format!(
+        "removed {} from @{set} ({removed} of them were members)",
+        count_text(&nets)
+    );
+    info!("{message}");
+    Ok(message)
+}
+
+/// The daemon's side of `firewall bans --set NAME`.
+pub(super) fn list_set(state: &State, set: &str, json: bool) -> Result<String> {
+    let set = dynamic_set(state, set)?;
+    let members = state.members.list(set);
+    if json {
+        return Ok(serde_json::to_string_pretty(&members)?);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let mut text = format!("@{set}: {} members\n", members.len());
+    for member in &members {
+        let left = match member.ends {
+            Some(ends) => format!("{} left", duration_text(ends.saturating_sub(now))),
+            None => "until removed".to_string(),
+        };
+        text.push_str(&format!("{:<43} {left}\n", member.address.to_string()));
+    }
+    Ok(text.trim_end().to_string())
 }
 
 fn parse_all(targets: &[String]) -> Result<Vec<IpNet>> {

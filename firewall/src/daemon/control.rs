@@ -43,14 +43,26 @@ pub enum Request {
     Explain { question: Question },
     /// Drop these sources (addresses, CIDR prefixes) before the rules, for `timeout_seconds`
     /// or until unbanned.
+    /// With `set`, add them to that dynamic set instead.
     Ban {
         targets: Vec<String>,
         timeout_seconds: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<String>,
     },
-    /// Lift the bans of exactly these addresses and prefixes.
-    Unban { targets: Vec<String> },
-    /// The bans in force, as a table or JSON.
-    Bans { json: bool },
+    /// Lift the bans of exactly these addresses and prefixes (with `set`: remove them from
+    /// that dynamic set).
+    Unban {
+        targets: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<String>,
+    },
+    /// The bans in force (with `set`: that dynamic set's members), as a table or JSON.
+    Bans {
+        json: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<String>,
+    },
     /// What the daemon holds, as [`crate::report::status::DaemonStatus`] JSON.
     Status,
 }
@@ -174,11 +186,21 @@ mod tests {
             Request::Ban {
                 targets: vec!["192.0.2.7".into(), "2001:db8::/32".into()],
                 timeout_seconds: Some(3600),
+                set: None,
+            },
+            Request::Ban {
+                targets: vec!["192.0.2.8".into()],
+                timeout_seconds: None,
+                set: Some("ops".into()),
             },
             Request::Unban {
                 targets: vec!["192.0.2.7".into()],
+                set: None,
             },
-            Request::Bans { json: true },
+            Request::Bans {
+                json: true,
+                set: Some("ops".into()),
+            },
             Request::Status,
             Request::Explain {
                 question: Question {

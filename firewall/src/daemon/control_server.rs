@@ -98,19 +98,31 @@ fn handle(request: Request, state: &mut State) -> Result<String, String> {
         Request::Ban {
             targets,
             timeout_seconds,
+            set,
         } => {
             let timeout = timeout_seconds.map(Duration::from_secs);
-            return bans::ban(&mut state.kernel, &targets, timeout)
-                .map_err(|error| format!("{error:#}"));
+            let done = match set {
+                Some(set) => bans::add_to_set(state, &set, &targets, timeout),
+                None => bans::ban(&mut state.kernel, &targets, timeout),
+            };
+            return done.map_err(|error| format!("{error:#}"));
         }
-        Request::Unban { targets } => {
-            return bans::unban(&mut state.kernel, &targets).map_err(|error| format!("{error:#}"));
+        Request::Unban { targets, set } => {
+            let done = match set {
+                Some(set) => bans::remove_from_set(state, &set, &targets),
+                None => bans::unban(&mut state.kernel, &targets),
+            };
+            return done.map_err(|error| format!("{error:#}"));
         }
         Request::Status => {
             return serde_json::to_string(&state.status()).map_err(|error| error.to_string());
         }
-        Request::Bans { json } => {
-            return bans::list(&mut state.kernel, json).map_err(|error| format!("{error:#}"));
+        Request::Bans { json, set } => {
+            let listed = match set {
+                Some(set) => bans::list_set(state, &set, json),
+                None => bans::list(&mut state.kernel, json),
+            };
+            return listed.map_err(|error| format!("{error:#}"));
         }
     };
     outcome

@@ -5,6 +5,7 @@
 pub mod bans;
 pub mod control;
 mod control_server;
+pub mod dynamic;
 mod heap;
 mod interfaces;
 mod reload;
@@ -33,6 +34,7 @@ use crate::rules::config::{load_rules_trusting, parse_rules_with};
 use crate::rules::files::Trust;
 use crate::rules::model::RuleSet;
 use control_server::ControlSocket;
+use dynamic::Members;
 use interfaces::Dataplane;
 use reload::{address_entries, State, Trial};
 use watch::FileWatcher;
@@ -76,7 +78,13 @@ pub struct RunOptions {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469); off by default.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where the members of dynamic sets are kept (`dynamic-sets.json`), created if missing.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
+
+/// Default of `run --state-dir` (systemd's `StateDirectory=firewall`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/firewall";
 
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL: &str = control::DEFAULT_SOCKET;
@@ -108,9 +116,14 @@ fn trust(insecure_files: bool) -> Trust {
 }
 
 /// Reads and compiles a rule file; nothing touches the kernel.
-pub fn prepare(path: &Path, insecure_files: bool, audit: bool) -> Result<Prepared> {
+pub fn prepare(
+    path: &Path,
+    insecure_files: bool,
+    audit: bool,
+    members: &Members,
+) -> Result<Prepared> {
     let (set, text) = load_rules_trusting(path, trust(insecure_files))?;
-    finish_preparing(path, set, text, audit)
+    finish_preparing(path, set, text, audit, members)
 }
 
 /// [`prepare`] for a rule file's text that arrived over the control socket, to become the
@@ -121,14 +134,23 @@ fn prepare_text(
     path: &Path,
     insecure_files: bool,
     audit: bool,
+    members: &Members,
 ) -> Result<Prepared> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let set = parse_rules_with(name, &text, dir, trust(insecure_files))?;
-    finish_preparing(Path::new(name), set, text, audit)
+    finish_preparing(Path::new(name), set, text, audit, members)
 }
 
-fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) -> Result<Prepared> {
+/// Audit from the command line, the dynamic sets' members, warnings, compile.
+fn finish_preparing(
+    path: &Path,
+    mut set: RuleSet,
+    text: String,
+    audit: bool,
+    members: &Members,
+) -> Result<Prepared> {
     set.audit |= audit;
+    set.fill_dynamic(|name| members.nets(name));
     let mut files = vec![path.to_path_buf()];
     files.extend(set.set_files.iter().cloned());
     for warning in crate::rules::lint::warnings(&set) {
@@ -158,10 +180,18 @@ fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) ->
 pub async fn run(options: RunOptions) -> Result<()> {
     heap::map_large_blocks();
     // A broken file is reported before anything is loaded or attached.
-    let prepared = prepare(&options.rules, options.insecure_files, options.audit)?;
+    std::fs::create_dir_all(&options.state_dir)
+        .with_context(|| format!("creating {}", options.state_dir.display()))?;
+    let members = Members::load(&options.state_dir)?;
+    let prepared = prepare(
+        &options.rules,
+        options.insecure_files,
+        options.audit,
+        &members,
+    )?;
     let pins = Pins::open(&options.pin_dir)?;
     let _lock = pins.lock()?;
-    let (mut state, mut events) = start(options, prepared, &pins)?;
+    let (mut state, mut events) = start(options, prepared, members, &pins)?;
     heap::release_freed();
     follow_events(&mut state, &mut events).await?;
     stop(state, &pins)
@@ -184,7 +214,12 @@ struct Events {
 
 /// Loads the programs, puts `prepared` in force and attaches to the interfaces: the daemon
 /// filters when this returns.
-fn start(options: RunOptions, prepared: Prepared, pins: &Pins) -> Result<(State, Events)> {
+fn start(
+    options: RunOptions,
+    prepared: Prepared,
+    members: Members,
+    pins: &Pins,
+) -> Result<(State, Events)> {
     let specs: Vec<IfaceSpec> = options.ifaces.iter().map(|s| IfaceSpec::parse(s)).collect();
     interfaces::check_link_types(&specs)?;
     interfaces::adopt_stored_links(pins);
@@ -266,7 +301,11 @@ fn start(options: RunOptions, prepared: Prepared, pins: &Pins) -> Result<(State,
         rule_names,
         started,
         applied: started,
+        member_end: None,
+        members,
     };
+    let mut state = state;
+    state.time_member_ends();
     Ok((state, events))
 }
 
@@ -306,6 +345,7 @@ async fn follow_events(state: &mut State, events: &mut Events) -> Result<()> {
                 let _ = state.reload();
             }
             () = elapsed(state.trial.as_mut().map(Trial::deadline)) => state.roll_back(),
+            () = elapsed(state.member_end.as_mut()) => state.end_members(),
             request = events.control.accept() => control_server::answer(request, state).await,
             changed = events.link_events.changed() => {
                 changed.context("reading link events")?;

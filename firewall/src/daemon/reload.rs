@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 use log::{error, info, warn};
 use tokio::time::Sleep;
 
+use super::dynamic::Members;
 use super::watch::FileWatcher;
 use super::{heap, prepare, prepare_text, Prepared, RunOptions};
 use crate::dataplane::packet_log::RuleNames;
@@ -41,6 +42,9 @@ pub(super) struct State {
     /// in force.
     pub(super) started: Instant,
     pub(super) applied: Instant,
+    /// The members of dynamic sets, and when the next one ends.
+    pub(super) members: Members,
+    pub(super) member_end: Option<Pin<Box<Sleep>>>,
 }
 
 /// Rules on trial: in force until confirmed, else rolled back at the deadline.
@@ -268,7 +272,12 @@ impl State {
 
     /// Prepares `path` and puts it in force.
     fn apply_file(&mut self, path: &Path) -> Result<Applied> {
-        let prepared = prepare(path, self.options.insecure_files, self.options.audit)?;
+        let prepared = prepare(
+            path,
+            self.options.insecure_files,
+            self.options.audit,
+            &self.members,
+        )?;
         self.put_in_force(prepared)
     }
 
@@ -313,6 +322,7 @@ impl State {
             &self.options.rules,
             self.options.insecure_files,
             self.options.audit,
+            &self.members,
         )
         .map_err(ReloadError::ApplyFailed)?;
         self.check_movable(name, set_files, &prepared.set.set_files)?;
@@ -371,6 +381,40 @@ impl State {
             .map_err(ReloadError::Adopting)
     }
 
+    /// Fills the dynamic sets' members into the rules in force and puts them in force again
+    /// (only the changed map entries are written).
+    pub(super) fn refill(&mut self) -> Result<()> {
+        let members = &self.members;
+        self.in_force.fill_dynamic(|name| members.nets(name));
+        let compiled = compile(&self.in_force)?;
+        self.kernel.apply(&compiled)?;
+        self.time_member_ends();
+        Ok(())
+    }
+
+    /// Sets the timer for the next member of a dynamic set to end.
+    pub(super) fn time_member_ends(&mut self) {
+        self.member_end = self
+            .members
+            .next_end()
+            .map(|wait| Box::pin(tokio::time::sleep(wait)));
+    }
+
+    /// A member's end came: drop the ended members and put the rules in force again.
+    pub(super) fn end_members(&mut self) {
+        let result = self.members.sweep().and_then(|ended| {
+            if ended {
+                info!("members of dynamic sets ended; rules filled in again");
+            }
+            self.refill()
+        });
+        if let Err(error) = result {
+            error!("ending members of dynamic sets: {error:#}");
+            // Try again in a second rather than spin.
+            self.member_end = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+        }
+    }
+
     /// `firewall confirm`: the rules on trial stay, and become the rule file.
     pub(super) fn confirm(&mut self) -> Result<Outcome, ReloadError> {
         let Some(trial) = self.trial.take() else {
@@ -387,7 +431,9 @@ impl State {
 
     /// The deadline passed without a confirmation: the rules from before come back.
     pub(super) fn roll_back(&mut self) {
-        let trial = self.trial.take().expect("a trial to roll back");
+        let mut trial = self.trial.take().expect("a trial to roll back");
+        // Dynamic sets may have changed since.
+        trial.previous.fill_dynamic(|name| self.members.nets(name));
         let applied = compile(&trial.previous).and_then(|compiled| self.kernel.apply(&compiled));
         match applied {
             Ok(_) => {

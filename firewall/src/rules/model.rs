@@ -264,6 +264,25 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Set files the rules were read from (the daemon watches them).
     pub set_files: Vec<std::path::PathBuf>,
+    /// Sets declared `dynamic = true`: filled at run time (`firewall ban --set NAME`).
+    pub dynamic_sets: Vec<String>,
+    /// The rule fields that name dynamic sets; [`RuleSet::fill_dynamic`] writes their members
+    /// in. Until then such a field holds only its other entries (an empty dynamic set
+    /// matches nothing).
+    pub dynamic_uses: Vec<DynamicUse>,
+}
+
+/// A rule's `from` or `to` naming dynamic sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DynamicUse {
+    /// 0-based rule index.
+    pub rule: usize,
+    /// `to` when true, else `from`.
+    pub to: bool,
+    /// The dynamic sets the field names.
+    pub sets: Vec<String>,
+    /// Its entries besides the dynamic sets' members (addresses and static sets).
+    pub fixed: Vec<IpNet>,
 }
 
 impl RuleSet {
@@ -279,6 +298,26 @@ impl RuleSet {
             log_rate: LogRate::default(),
             rules,
             set_files: Vec::new(),
+            dynamic_sets: Vec::new(),
+            dynamic_uses: Vec::new(),
+        }
+    }
+
+    /// Writes the current members of the dynamic sets (`members(NAME)`) into the rule fields
+    /// that name them; idempotent (each field is rebuilt from its fixed entries).
+    pub fn fill_dynamic(&mut self, members: impl Fn(&str) -> Vec<IpNet>) {
+        for use_ in &self.dynamic_uses {
+            let mut nets = use_.fixed.clone();
+            for set in &use_.sets {
+                nets.extend(members(set));
+            }
+            let rule = &mut self.rules[use_.rule];
+            let field = if use_.to {
+                &mut rule.to
+            } else {
+                &mut rule.from
+            };
+            *field = Some(IpNet::aggregate(&nets));
         }
     }
 }

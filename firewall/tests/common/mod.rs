@@ -136,6 +136,8 @@ impl Drop for TestNet {
         // Deleting a namespace deletes the veth pair with it.
         for ns in [&self.a, &self.b] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            // The state directory of daemons run in it (see `DaemonBuilder::start`).
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{ns}.state")));
         }
     }
 }
@@ -352,6 +354,9 @@ impl DaemonBuilder {
         };
         let log = std::env::temp_dir().join(format!("{label}.log"));
         let control = std::env::temp_dir().join(format!("{label}.sock"));
+        // Dynamic sets' members: a directory of this daemon's own, kept across its restarts
+        // in one test (the same label), never the host's /var/lib/firewall.
+        let state_dir = std::env::temp_dir().join(format!("{label}.state"));
         let mut command = if ns.is_empty() {
             Command::new(firewall_exe())
         } else {
@@ -367,6 +372,8 @@ impl DaemonBuilder {
             .arg(&control)
             .arg("--pin-dir")
             .arg(&pin_dir)
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

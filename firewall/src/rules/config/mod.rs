@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES};
-use crate::rules::model::{Action, ListStyle, RuleSet};
+use crate::rules::model::{Action, DynamicUse, ListStyle, RuleSet};
 
 mod sets;
 mod validate;
@@ -94,10 +94,29 @@ pub fn parse_rules_with(
         trust,
         &located,
         &mut set.set_files,
+        &mut set.dynamic_sets,
     )?;
     validate::defaults(&mut set, raw.defaults).map_err(located)?;
     validate::timeouts(&mut set.timeouts, raw.state).map_err(located)?;
-    let (rules, spans) = validate::rules(raw.rules.unwrap_or_default(), &sets).map_err(located)?;
+    let raw_rules = raw.rules.unwrap_or_default();
+    let dynamic = validate::dynamic_names(&raw_rules, &set.dynamic_sets);
+    let (rules, spans) = validate::rules(raw_rules, &sets).map_err(located)?;
+    set.dynamic_uses = dynamic
+        .into_iter()
+        .map(|(rule, to, sets)| {
+            let field = if to {
+                &rules[rule].to
+            } else {
+                &rules[rule].from
+            };
+            DynamicUse {
+                rule,
+                to,
+                sets,
+                fixed: field.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
     validate::limits(raw.limits, &rules, &spans).map_err(located)?;
     validate::log_rate(&mut set.log_rate, raw.log).map_err(located)?;
     set.rules = rules;
@@ -250,6 +269,7 @@ mod tests {
             ("[sets.s]\ncidr = []\n", 2, 1, "unknown key `cidr`"),
             ("[sets.\"a b\"]\ncidrs = [\"10.0.0.0/8\"]\n", 1, 1, "invalid set name"),
             ("[sets.s]\ncidrs = []\n", 1, 1, "is empty"),
+            ("[sets.s]\ndynamic = true\ncidrs = [\"10.0.0.0/8\"]\n", 1, 1, "is dynamic"),
             ("[limits]\nmax_entries = 0\n", 2, 15, "max_entries must be"),
             (
                 "[limits]\nmax_entries = 2\n[[rules]]\naction = \"deny\"\nfrom = [\"10.0.0.1\", \"10.0.0.3\", \"10.0.0.5\"]\n",
@@ -334,6 +354,34 @@ mod tests {
             error.message.ends_with("a device, not a regular file"),
             "{error}"
         );
+    }
+
+    /// A dynamic set parses empty (its rules match none of it) and is filled in later,
+    /// next to the field's other entries; filling again replaces the members.
+    #[test]
+    fn dynamic_sets_are_filled_in_next_to_fixed_entries() {
+        let text = "[sets.ops]\ndynamic = true\n\n[[rules]]\naction = \"allow\"\n\
+                    from = [\"@ops\", \"192.0.2.0/24\"]\n\n[[rules]]\naction = \"deny\"\n";
+        let mut set = parse_rules("t.toml", text).unwrap();
+        assert_eq!(set.dynamic_sets, vec!["ops".to_string()]);
+        assert_eq!(nets(&set, 0), vec!["192.0.2.0/24"]);
+        let members = |list: &'static [&'static str]| {
+            move |name: &str| -> Vec<ipnet::IpNet> {
+                assert_eq!(name, "ops");
+                list.iter().map(|net| net.parse().unwrap()).collect()
+            }
+        };
+        set.fill_dynamic(members(&["198.51.100.7/32"]));
+        assert_eq!(nets(&set, 0), vec!["192.0.2.0/24", "198.51.100.7/32"]);
+        set.fill_dynamic(members(&["203.0.113.0/24"]));
+        assert_eq!(nets(&set, 0), vec!["192.0.2.0/24", "203.0.113.0/24"]);
+        // A field naming only an empty dynamic set matches nothing (not everything).
+        let only = parse_rules(
+            "t.toml",
+            "[sets.ops]\ndynamic = true\n\n[[rules]]\naction = \"allow\"\nfrom = [\"@ops\"]\n",
+        )
+        .unwrap();
+        assert_eq!(only.rules[0].from, Some(vec![]));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub(super) struct RawSet {
     cidrs: Option<Spanned<Vec<Spanned<String>>>>,
     /// Files of one address or CIDR per line; `#` comments and blank lines allowed.
     files: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Filled at run time by `firewall ban --set NAME`, not from the file.
+    dynamic: Option<Spanned<bool>>,
 }
 
 /// Expands every set into its merged networks. Inline errors point into the rule file; set
@@ -28,6 +30,7 @@ pub(super) fn resolve_sets(
     trust: Trust,
     located: &dyn Fn(Located) -> ConfigError,
     set_files: &mut Vec<PathBuf>,
+    dynamic: &mut Vec<String>,
 ) -> Result<HashMap<String, Vec<IpNet>>, ConfigError> {
     let mut sets = HashMap::new();
     for (name, set) in raw {
@@ -43,6 +46,25 @@ pub(super) fn resolve_sets(
             )));
         }
         let set = set.into_inner();
+        if set
+            .dynamic
+            .as_ref()
+            .is_some_and(|dynamic| *dynamic.get_ref())
+        {
+            if set.cidrs.is_some() || set.files.is_some() {
+                return Err(located((
+                    span,
+                    format!(
+                        "set {name:?} is dynamic: it takes no `cidrs` or `files` (`firewall ban \
+                         --set {name}` fills it)"
+                    ),
+                )));
+            }
+            // Rules naming it match none of its (run-time) members until they are filled in.
+            dynamic.push(name.clone());
+            sets.insert(name, Vec::new());
+            continue;
+        }
         let mut nets = Vec::new();
         if let Some(cidrs) = set.cidrs {
             for entry in cidrs.get_ref() {

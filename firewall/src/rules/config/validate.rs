@@ -259,6 +259,30 @@ fn rule(
     })
 }
 
+/// Per rule (0-based) and field (`to` when true), the dynamic sets it names, in file order.
+pub(super) fn dynamic_names(
+    raw_rules: &[Spanned<RawRule>],
+    dynamic: &[String],
+) -> Vec<(usize, bool, Vec<String>)> {
+    let mut uses = Vec::new();
+    for (index, raw_rule) in raw_rules.iter().enumerate() {
+        let raw_rule = raw_rule.get_ref();
+        for (to, list) in [(false, &raw_rule.from), (true, &raw_rule.to)] {
+            let names: Vec<String> = list
+                .iter()
+                .flat_map(|list| list.get_ref())
+                .filter_map(|entry| entry.get_ref().strip_prefix('@'))
+                .filter(|name| dynamic.iter().any(|set| set == name))
+                .map(str::to_string)
+                .collect();
+            if !names.is_empty() {
+                uses.push((index, to, names));
+            }
+        }
+    }
+    uses
+}
+
 /// The distinct networks of all `from` lists, and of all `to` lists, must each fit the
 /// limit; the first rule that goes over it is reported.
 fn check_capacity(
