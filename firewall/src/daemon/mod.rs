@@ -207,7 +207,7 @@ fn start(options: RunOptions, prepared: Prepared, pins: &Pins) -> Result<(State,
         ..Reloads::default()
     }));
     if let Some(addr) = options.metrics {
-        crate::report::metrics::serve(addr, pins.clone(), reloads.clone())?;
+        crate::report::metrics_server::serve(addr, pins.clone(), reloads.clone())?;
         info!("metrics on http://{addr}/metrics");
     }
     let watcher = FileWatcher::new(&prepared.files)?;

@@ -2,4 +2,5 @@
 //! ([`metrics`]).
 pub mod flows;
 pub mod metrics;
+pub mod metrics_server;
 pub mod stats;
