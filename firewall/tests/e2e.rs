@@ -2,6 +2,7 @@
 //! UDP datagrams (IPv4 and IPv6) come from a peer namespace.
 mod common;
 
+use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::process::Command;
 
@@ -911,6 +912,154 @@ fn metrics_for_prometheus() {
         "{page}"
     );
     assert!(page.contains("firewall_decided_packets_total{reason=\"malformed\",verdict=\"drop\"}"));
+
+    // Only GET, only /metrics.
+    let answer = |request: &str| common::http_exchange(&net.a, 9469, request);
+    let other_path = answer("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(other_path.starts_with("HTTP/1.1 404"), "{other_path}");
+    let other_method = answer("POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+    assert!(other_method.starts_with("HTTP/1.1 405"), "{other_method}");
+    assert!(
+        other_method
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get\r\n"),
+        "{other_method}"
+    );
+}
+
+/// Idle connections to the metrics port stop neither scrapes nor the daemon: with 2,000 of
+/// them open (every other one having sent part of a request head), scrapes answer at once,
+/// `firewall reload` puts an edited file in force and the filter follows it; then every idle
+/// connection is closed, the newest ones by the 10 s limit on the request head (the others
+/// made room for newer connections). Prints the scrape latency with and without them.
+#[test]
+fn idle_metrics_connections_stop_neither_scrapes_nor_the_daemon() {
+    const IDLE: usize = 2_000;
+    raise_open_files(IDLE as u64 + 1_000);
+    let port = 9469;
+    let deny = "[defaults]\npolicy = \"allow\"\n\n[[rules]]\naction = \"deny\"\nproto = \"tcp\"\n\
+                ports = [8080]\n";
+    let (net, file) = serving_on_a4(&[8080], "idle.toml", deny);
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .args(&["--metrics", &format!("127.0.0.1:{port}")])
+        .start();
+    let web = SocketAddr::new(net.a4, 8080);
+    assert!(!tcp_reaches(&net.b, web), "denied before the reload");
+    let scrapes = |label: &str| {
+        let mut took = Vec::new();
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            let page = common::scrape_metrics(&net.a, port);
+            took.push(started.elapsed());
+            assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+            assert!(
+                page.lines().any(|line| line == "firewall_rules 1"),
+                "{page}"
+            );
+        }
+        took.sort();
+        eprintln!(
+            "scrape latency {label}: median {:?}, max {:?}",
+            took[took.len() / 2],
+            took[took.len() - 1]
+        );
+        took[took.len() - 1]
+    };
+    scrapes("without idle connections");
+    let sockets_before = open_sockets(daemon.pid());
+
+    let idle: Vec<std::net::TcpStream> = TestNet::within(&net.a, move || {
+        (0..IDLE)
+            .map(|n| {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                if n % 2 == 1 {
+                    stream
+                        .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n")
+                        .unwrap();
+                }
+                stream
+            })
+            .collect()
+    });
+    let opened = std::time::Instant::now();
+    // The daemon holds at most 64 of them (and frees the rest).
+    let held = open_sockets(daemon.pid()) - sockets_before;
+    assert!(held <= 64, "the daemon holds {held} connections");
+    let slowest = scrapes(&format!("with {IDLE} idle connections"));
+    assert!(
+        slowest < std::time::Duration::from_secs(5),
+        "a scrape took {slowest:?} beside the idle connections"
+    );
+    // The newest idle connections are held, and open still.
+    for stream in &idle[IDLE - 10..] {
+        stream.set_nonblocking(true).unwrap();
+        let read = (&*stream).read(&mut [0u8; 1]);
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "an idle connection held by the daemon: {read:?}"
+        );
+        stream.set_nonblocking(false).unwrap();
+    }
+
+    file.write(&deny.replace("\"deny\"\nproto", "\"allow\"\nproto"));
+    daemon.reload();
+    assert!(tcp_reaches(&net.b, web), "the reload was not applied");
+    assert!(
+        opened.elapsed() < std::time::Duration::from_secs(10),
+        "too slow to test beside the idle connections: {:?}",
+        opened.elapsed()
+    );
+
+    // The head timeout (10 s) closes the rest.
+    let deadline = opened + std::time::Duration::from_secs(20);
+    for (n, mut stream) in idle.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .unwrap();
+        let read = stream.read(&mut [0u8; 512]);
+        let closed = match &read {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(closed, "idle connection {n} not closed: {read:?}");
+    }
+    eprintln!(
+        "all {IDLE} idle connections closed {:?} after they were opened",
+        opened.elapsed()
+    );
+    scrapes("after the idle connections closed");
+}
+
+/// Sockets open in process `pid`.
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// Lifts this process's soft limit on open files to `wanted`, or fails if its hard limit is lower.
+fn raise_open_files(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            assert!(
+                limit.rlim_max >= wanted,
+                "RLIMIT_NOFILE's hard limit is {}",
+                limit.rlim_max
+            );
+            limit.rlim_cur = wanted;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
 }
 
 #[test]

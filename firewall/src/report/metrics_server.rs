@@ -197,7 +197,10 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// The connections still waiting for their request head, oldest first, each with the signal
 /// that closes it. At most [`MAX_CONNECTIONS`] long, so a linear search is cheap.
 #[derive(Clone, Default)]
-struct Waiting(Arc<Mutex<VecDeque<(u64, Arc<Notify>)>>>);
+struct Waiting(Arc<Mutex<VecDeque<Idle>>>);
+
+/// A connection's id, and the signal that closes it.
+type Idle = (u64, Arc<Notify>);
 
 impl Waiting {
     fn add(&self, id: u64) -> Arc<Notify> {
@@ -218,7 +221,7 @@ impl Waiting {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         // Nothing here can panic while holding the lock; a poisoned one is as good.
         self.0
             .lock()
