@@ -927,6 +927,36 @@ fn metrics_for_prometheus() {
     );
 }
 
+/// A metrics page far beyond the server's 8 KiB buffer (1,000 rules, over 100 KiB) arrives
+/// whole, with its length, to an HTTP/1.1 client, and the connection closes after it.
+#[test]
+fn a_big_metrics_page_arrives_whole() {
+    let rules: String = (0..1_000)
+        .map(|n| {
+            format!(
+                "[[rules]]\nname = \"rule-{n}\"\naction = \"allow\"\nproto = \"tcp\"\nports = [{}]\n\n",
+                10_000 + n
+            )
+        })
+        .collect();
+    let (net, file) = serving_on_a4(&[], "big.toml", &rules);
+    let _daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .args(&["--metrics", "127.0.0.1:9469"])
+        .start();
+    let answer = common::http_exchange(&net.a, 9469, "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+    let (head, page) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(
+        head.contains(&format!("\r\ncontent-length: {}", page.len())),
+        "{head}"
+    );
+    assert!(page.len() > 100 * 1024, "{} bytes", page.len());
+    assert!(page.contains("name=\"rule-999\""));
+    assert!(page.ends_with("# EOF\n"), "{}", &page[page.len() - 200..]);
+}
+
 /// Idle connections to the metrics port stop neither scrapes nor the daemon: with 2,000 of
 /// them open (every other one having sent part of a request head), scrapes answer at once,
 /// `firewall reload` puts an edited file in force and the filter follows it; then every idle
