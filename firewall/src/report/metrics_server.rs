@@ -35,8 +35,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Head, rendering and response must be done this long after the connection was accepted.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
-/// Pages rendered at once, each on a thread of the runtime's blocking pool.
-pub const MAX_RENDERS: usize = 2;
+/// Pages rendered at once, each on a thread of the runtime's blocking pool. One: a render of
+/// a full flow table keeps a core busy for 0.2 s, and the event loop needs one too.
+pub const MAX_RENDERS: usize = 1;
 /// hyper's smallest read buffer limit: a request head beyond it is refused.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 
