@@ -243,7 +243,7 @@ fn start(
         ..Reloads::default()
     }));
     if let Some(addr) = options.metrics {
-        crate::report::metrics::serve(addr, pins.clone(), reloads.clone())?;
+        crate::report::metrics_server::serve(addr, pins.clone(), reloads.clone())?;
         info!("metrics on http://{addr}/metrics");
     }
     let watcher = FileWatcher::new(&prepared.files)?;

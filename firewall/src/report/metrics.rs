@@ -1,9 +1,9 @@
 //! Prometheus metrics on `firewall run --metrics ADDR`: the counters `firewall stats` shows,
-//! read from the pinned maps at each scrape, plus reloads and what is loaded.
-use std::net::SocketAddr;
+//! read from the pinned maps at each scrape, plus reloads and what is loaded; served by
+//! [`metrics_server`](super::metrics_server).
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -159,33 +159,4 @@ fn register_counts<Labels>(
         packets,
     );
     registry.register(format!("{prefix}_bytes"), format!("Bytes {help}"), bytes);
-}
-
-/// Serves `GET /metrics` on `addr` from a thread of its own.
-pub fn serve(addr: SocketAddr, pins: Pins, reloads: SharedReloads) -> Result<()> {
-    let server =
-        tiny_http::Server::http(addr).map_err(|error| anyhow!("metrics on {addr}: {error}"))?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let response = if request.url() != "/metrics" {
-                tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-            } else {
-                let reloads = reloads.lock().map(|r| r.clone()).unwrap_or_default();
-                match render(&pins, &reloads) {
-                    Ok(page) => {
-                        let header = tiny_http::Header::from_bytes(
-                            "Content-Type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .expect("a valid header");
-                        tiny_http::Response::from_string(page).with_header(header)
-                    }
-                    Err(error) => tiny_http::Response::from_string(format!("{error:#}\n"))
-                        .with_status_code(500),
-                }
-            };
-            let _ = request.respond(response);
-        }
-    });
-    Ok(())
 }

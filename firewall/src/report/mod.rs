@@ -2,5 +2,6 @@
 //! ([`metrics`]), and what `firewall status` shows ([`status`]).
 pub mod flows;
 pub mod metrics;
+pub mod metrics_server;
 pub mod stats;
 pub mod status;

@@ -268,12 +268,19 @@ impl BpfMount {
 
 /// The metrics page a daemon in namespace `ns` serves on `127.0.0.1:port`.
 pub fn scrape_metrics(ns: &str, port: u16) -> String {
+    http_exchange(ns, port, "GET /metrics HTTP/1.0\r\n\r\n")
+}
+
+/// From namespace `ns`: sends `request` to `127.0.0.1:port` and reads the answer until the
+/// server closes the connection.
+pub fn http_exchange(ns: &str, port: u16, request: &str) -> String {
+    let request = request.to_string();
     TestNet::within(ns, move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut page = String::new();
-        stream.read_to_string(&mut page).unwrap();
-        page
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
     })
 }
 
