@@ -1099,6 +1099,9 @@ fn a_big_metrics_page_arrives_whole() {
 /// made room for newer connections). Prints the scrape latency with and without them.
 #[test]
 fn idle_metrics_connections_stop_neither_scrapes_nor_the_daemon() {
+    if common::in_emulated_guest("idle_metrics_connections_stop_neither_scrapes_nor_the_daemon") {
+        return;
+    }
     const IDLE: usize = 2_000;
     raise_open_files(IDLE as u64 + 1_000);
     let port = 9469;
@@ -1212,6 +1215,9 @@ fn open_sockets(pid: u32) -> usize {
 /// event loop it waited for the renders, 0.57-1.0 s. Prints both medians.
 #[test]
 fn scrapes_of_a_full_flow_table_do_not_hold_up_reloads() {
+    if common::in_emulated_guest("scrapes_of_a_full_flow_table_do_not_hold_up_reloads") {
+        return;
+    }
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
     let net = TestNet::new();
