@@ -227,7 +227,7 @@ fn main() -> ExitCode {
         Command::Check { file } => load_rules(&file).map(|set| {
             print!("{}", summary(&set));
             for warning in firewall::rules::lint::warnings(&set) {
-                eprintln!("warning: {}: {warning}", file.display());
+                eprintln!("warning: {}", warning.located(&file.display().to_string()));
             }
         }),
         Command::Explain {

@@ -131,7 +131,7 @@ fn finish_preparing(path: &Path, mut set: RuleSet, text: String, audit: bool) ->
     let mut files = vec![path.to_path_buf()];
     files.extend(set.set_files.iter().cloned());
     for warning in crate::rules::lint::warnings(&set) {
-        warn!("{}: {warning}", path.display());
+        warn!("{}", warning.located(&path.display().to_string()));
     }
     let compiled = compile(&set).with_context(|| format!("{}", path.display()))?;
     info!(

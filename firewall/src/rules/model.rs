@@ -264,6 +264,16 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Set files the rules were read from (the daemon watches them).
     pub set_files: Vec<std::path::PathBuf>,
+    /// Where each rule's `[[rules]]` header is in the rule file, for messages; empty for
+    /// rule sets not read from a file.
+    pub rule_positions: Vec<Position>,
+}
+
+/// A 1-based line and column (in characters) in a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub col: usize,
 }
 
 impl RuleSet {
@@ -279,6 +289,7 @@ impl RuleSet {
             log_rate: LogRate::default(),
             rules,
             set_files: Vec::new(),
+            rule_positions: Vec::new(),
         }
     }
 }
