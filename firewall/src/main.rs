@@ -68,15 +68,23 @@ enum Command {
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
     },
-    /// Validate a rule file and summarise what would be loaded.
+    /// Validate a rule file and summarise what would be loaded; warn about rules that can
+    /// never match and about a default deny that shuts out SSH.
     Check {
+        /// Rule file (TOML); the same as --rules.
+        #[arg(conflicts_with = "rules")]
+        file: Option<PathBuf>,
         /// Rule file (TOML).
-        file: PathBuf,
+        #[arg(long, default_value = daemon::DEFAULT_RULES)]
+        rules: PathBuf,
+        /// Exit non-zero when there is any warning (for CI).
+        #[arg(long)]
+        strict: bool,
     },
     /// The host's listening TCP and UDP sockets, and who the rules let reach each.
     Exposure {
         /// Rule file (TOML).
-        #[arg(long)]
+        #[arg(long, default_value = daemon::DEFAULT_RULES)]
         rules: PathBuf,
     },
     /// Drop packets from these sources before the rules (also on connections they have),
@@ -113,7 +121,8 @@ enum Command {
     },
     /// Which rule decides a packet, and why each rule before it does not match.
     Explain {
-        /// Rule file (TOML); without it, the rules in force in the running daemon.
+        /// Rule file (TOML); without it, the rules in force in the running daemon, or
+        /// /etc/firewall/rules.toml when no daemon has its control socket.
         #[arg(long)]
         rules: Option<PathBuf>,
         /// The daemon's control socket, when there is no --rules.
@@ -160,6 +169,24 @@ fn parse_seconds(text: &str) -> Result<u64, String> {
             "{text:?}: a positive number of seconds, minutes, hours or days"
         )),
     }
+}
+
+/// `firewall check`: the summary, then the warnings; with `strict`, any warning fails.
+fn check(file: &Path, strict: bool) -> anyhow::Result<()> {
+    let set = load_rules(file)?;
+    print!("{}", summary(&set));
+    let warnings = firewall::rules::lint::warnings(&set);
+    for warning in &warnings {
+        eprintln!("warning: {}", warning.located(&file.display().to_string()));
+    }
+    if strict && !warnings.is_empty() {
+        anyhow::bail!(
+            "{}: {} warning(s), and --strict makes them errors",
+            file.display(),
+            warnings.len()
+        );
+    }
+    Ok(())
 }
 
 fn detach(pin_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
@@ -224,12 +251,11 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { file } => load_rules(&file).map(|set| {
-            print!("{}", summary(&set));
-            for warning in firewall::rules::lint::warnings(&set) {
-                eprintln!("warning: {}", warning.located(&file.display().to_string()));
-            }
-        }),
+        Command::Check {
+            file,
+            rules,
+            strict,
+        } => check(&file.unwrap_or(rules), strict),
         Command::Explain {
             rules,
             control,
@@ -246,6 +272,9 @@ fn main() -> ExitCode {
                 port,
                 iface,
             };
+            // The daemon's rules are the ones in force; with no daemon, the default file.
+            let rules =
+                rules.or_else(|| (!control.exists()).then(|| PathBuf::from(daemon::DEFAULT_RULES)));
             match rules {
                 Some(rules) => load_rules(&rules)
                     .and_then(|set| explain(&set, &question))
@@ -302,5 +331,57 @@ fn main() -> ExitCode {
             eprintln!("{error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["firewall"], args].concat())
+            .unwrap_or_else(|error| panic!("{args:?}: {error}"))
+            .command
+    }
+
+    #[test]
+    fn the_rule_file_defaults_to_etc() {
+        let default = Path::new(daemon::DEFAULT_RULES);
+        assert_eq!(default, Path::new("/etc/firewall/rules.toml"));
+        match parse(&["run", "--iface", "eth0"]) {
+            Command::Run(options) => assert_eq!(options.rules, default),
+            _ => unreachable!(),
+        }
+        match parse(&["check"]) {
+            Command::Check {
+                file,
+                rules,
+                strict,
+            } => {
+                assert_eq!(file.unwrap_or(rules), default);
+                assert!(!strict);
+            }
+            _ => unreachable!(),
+        }
+        match parse(&["exposure"]) {
+            Command::Exposure { rules } => assert_eq!(rules, default),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn check_takes_the_file_as_argument_or_option() {
+        for args in [
+            &["check", "a.toml"][..],
+            &["check", "--rules", "a.toml", "--strict"],
+        ] {
+            match parse(args) {
+                Command::Check { file, rules, .. } => {
+                    assert_eq!(file.unwrap_or(rules), Path::new("a.toml"));
+                }
+                _ => unreachable!(),
+            }
+        }
+        assert!(Cli::try_parse_from(["firewall", "check", "a.toml", "--rules", "b.toml"]).is_err());
     }
 }

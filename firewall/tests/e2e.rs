@@ -162,6 +162,52 @@ fn check_reports_errors_with_positions() {
 }
 
 #[test]
+fn check_strict_fails_on_warnings() {
+    let check = |file: &RuleFile, extra: &[&str]| {
+        Command::new(firewall_exe())
+            .arg("check")
+            .args(extra)
+            .arg(&file.path)
+            .output()
+            .unwrap()
+    };
+    let shadowed = RuleFile::new(
+        "shadowed.toml",
+        "[[rules]]\nname = \"web\"\naction = \"allow\"\nproto = \"tcp\"\nports = [\"80-443\"]\n\
+         [[rules]]\nname = \"https\"\naction = \"deny\"\nproto = \"tcp\"\nports = [443]\n",
+    );
+    let lenient = check(&shadowed, &[]);
+    assert!(lenient.status.success(), "{lenient:?}");
+    let stderr = String::from_utf8_lossy(&lenient.stderr);
+    let expected = format!(
+        "warning: {}:6:1: rule 2 (https) can never match: rule 1 (web) matches everything it would",
+        shadowed.path.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr:?} lacks {expected:?}");
+
+    let strict = check(&shadowed, &["--strict"]);
+    assert_eq!(strict.status.code(), Some(1), "{strict:?}");
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("1 warning(s)"));
+    let as_option = Command::new(firewall_exe())
+        .args(["check", "--strict", "--rules"])
+        .arg(&shadowed.path)
+        .output()
+        .unwrap();
+    assert_eq!(as_option.status.code(), Some(1), "{as_option:?}");
+
+    // The SSH warning counts too; a file without warnings passes.
+    let no_ssh = RuleFile::new("no-ssh.toml", "[defaults]\npolicy = \"deny\"\n");
+    assert!(!check(&no_ssh, &["--strict"]).status.success());
+    let clean = RuleFile::new(
+        "clean.toml",
+        "[defaults]\npolicy = \"deny\"\n[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [22]\n",
+    );
+    let output = check(&clean, &["--strict"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(output.stderr.is_empty(), "{output:?}");
+}
+
+#[test]
 fn a_broken_file_at_start_attaches_nothing() {
     let net = TestNet::new();
     let file = RuleFile::new("broken.toml", "[defaults]\npolicy = \"maybe\"\n");

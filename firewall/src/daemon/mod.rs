@@ -40,7 +40,7 @@ use watch::FileWatcher;
 #[derive(clap::Args)]
 pub struct RunOptions {
     /// Rule file (TOML).
-    #[arg(long)]
+    #[arg(long, default_value = DEFAULT_RULES)]
     pub rules: PathBuf,
     /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
     /// `all` (every interface but lo, also those that appear later); repeat for several.
@@ -76,6 +76,9 @@ pub struct RunOptions {
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
 }
+
+/// Default path of the rule file, for `run`, `check`, `explain` and `exposure`.
+pub const DEFAULT_RULES: &str = "/etc/firewall/rules.toml";
 
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL: &str = control::DEFAULT_SOCKET;
