@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use firewall::analysis::explain::{explain, Question};
 use firewall::daemon::control::{self, Request};
 use firewall::daemon::{self, RunOptions};
@@ -144,6 +144,39 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+    /// Print the shell completion script (bash, zsh, fish, ...) generated from this command
+    /// line's definition; for packaging.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (firewall.8 and firewall-SUBCOMMAND.8) into DIR; for packaging.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+}
+
+/// Man pages in section 8 (system administration) for the command and each visible
+/// subcommand, into `dir`; returns the files written.
+fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    fn pages(
+        command: &clap::Command,
+        dir: &Path,
+        written: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        let man = clap_mangen::Man::new(command.clone())
+            .section("8")
+            .manual("System Administration");
+        written.push(man.generate_to(dir)?);
+        for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+            pages(sub, dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut command = Cli::command().disable_help_subcommand(true);
+    // Builds the subcommands' display names (`firewall-run`), which name their pages.
+    command.build();
+    let mut written = Vec::new();
+    pages(&command, dir, &mut written)?;
+    Ok(written)
 }
 
 /// `90s`, `5m`, `1h`, `2d` or plain seconds; at least one second.
@@ -319,6 +352,17 @@ fn main() -> ExitCode {
         Command::Unban { targets, control } => ban_targets(targets, false, false)
             .and_then(|targets| ask(&control, Request::Unban { targets })),
         Command::Bans { json, control } => ask(&control, Request::Bans { json }),
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "firewall", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
+        }
+        Command::Manpages { dir } => write_man_pages(&dir).map(|written| {
+            for path in written {
+                println!("{}", path.display());
+            }
+        }),
         Command::Run(options) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -336,12 +380,63 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap_complete::Shell;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Command {
         Cli::try_parse_from([&["firewall"], args].concat())
             .unwrap_or_else(|error| panic!("{args:?}: {error}"))
             .command
+    }
+
+    #[test]
+    fn completions_name_the_subcommands_and_their_options() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "firewall", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for word in ["explain", "exposure", "strict", "rules", "pin-dir"] {
+                assert!(script.contains(word), "{shell}: no {word}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_visible_subcommand_and_render() {
+        let dir = std::env::temp_dir().join(format!("fw-man-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let written = write_man_pages(&dir).unwrap();
+        let names: Vec<String> = written
+            .iter()
+            .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names[0], "firewall.8");
+        for sub in ["run", "check", "explain", "exposure", "ban", "stats"] {
+            assert!(names.contains(&format!("firewall-{sub}.8")), "{names:?}");
+        }
+        assert!(!names
+            .iter()
+            .any(|name| name.contains("manpages") || name.contains("help")));
+        let check = std::fs::read_to_string(dir.join("firewall-check.8")).unwrap();
+        assert!(
+            check.starts_with(".ie") || check.contains(".TH firewall-check 8"),
+            "{check}"
+        );
+        assert!(check.contains("strict"));
+        // man(1) renders it, where it is installed.
+        if let Ok(output) = std::process::Command::new("man")
+            .arg("-l")
+            .arg(dir.join("firewall.8"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+        {
+            let text = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "{output:?}");
+            assert!(text.contains("firewall-check(8)"), "{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
