@@ -809,7 +809,13 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
         .start();
     daemon.assert_logged("AUDIT MODE");
     assert!(tcp_reaches(&net.b, web), "audit mode dropped a packet");
-    daemon.wait_for("audit rule=1 (no-web) proto=6", 1);
+    daemon.wait_for(
+        &format!(
+            "audit rule=1 name=no-web iface={} proto=6 src={}",
+            net.veth_a, net.b4
+        ),
+        1,
+    );
     drop(daemon);
 
     // The same file enforced: dropped.
@@ -821,7 +827,13 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
         "the deny rule does not drop: {}",
         daemon.log()
     );
-    daemon.wait_for("drop rule=1 (no-web) proto=6", 1);
+    daemon.wait_for(
+        &format!(
+            "drop rule=1 name=no-web iface={} proto=6 src={}",
+            net.veth_a, net.b4
+        ),
+        1,
+    );
 }
 
 #[test]
@@ -970,7 +982,18 @@ fn logged_rules_and_rate_limits_on_real_connections() {
     );
     let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     assert!(tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080)));
-    daemon.wait_for(&format!("pass rule=1 (web) proto=6 {}:", net.b4), 1);
+    let pass = format!(
+        "pass rule=1 name=web iface={} proto=6 src={} sport=",
+        net.veth_a, net.b4
+    );
+    daemon.wait_for(&pass, 1);
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("dst={} dport=8080\n", net.a4)),
+        "{}",
+        daemon.log()
+    );
     // One connection a minute from a source: the second is dropped and logged.
     let limited = SocketAddr::new(net.a4, 8081);
     assert!(
@@ -978,7 +1001,10 @@ fn logged_rules_and_rate_limits_on_real_connections() {
         "the first connection is within the rate"
     );
     assert!(!tcp_reaches(&net.b, limited), "the second is over it");
-    daemon.wait_for("limit rule=2 (limited) proto=6", 1);
+    daemon.wait_for(
+        &format!("limit rule=2 name=limited iface={} proto=6", net.veth_a),
+        1,
+    );
 }
 
 /// On a real NIC driver: the firewall attaches natively (driver-mode XDP) to the VM's virtio
