@@ -1,4 +1,5 @@
 //! Warnings about rule files that are valid but probably not what the operator wants.
+use std::cell::OnceCell;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
@@ -86,10 +87,17 @@ struct MatchShape<'a> {
     /// Destination port ranges, merged and sorted; `None`: no port needed (so also packets
     /// without one: other protocols, non-first fragments).
     ports: Option<Vec<RangeInclusive<u16>>>,
-    /// Source and destination networks, aggregated and sorted; `None` is any address.
-    from: Option<Vec<IpNet>>,
-    to: Option<Vec<IpNet>>,
+    from: Networks<'a>,
+    to: Networks<'a>,
     iface: Option<&'a [String]>,
+}
+
+/// A rule's `from` or `to` list; `None` is any address.
+struct Networks<'a> {
+    listed: Option<&'a [IpNet]>,
+    /// `listed` aggregated and sorted, made when a later rule is first checked against it
+    /// (only rules that pass the cheaper fields are: a set can hold a million networks).
+    aggregated: OnceCell<Vec<IpNet>>,
 }
 
 impl<'a> MatchShape<'a> {
@@ -112,11 +120,15 @@ impl<'a> MatchShape<'a> {
             (Proto::Any, Some(_)) => Some(vec![IPPROTO_TCP, IPPROTO_UDP]),
             (proto, _) => proto.number().map(|number| vec![number]),
         };
+        let networks = |listed: &'a Option<Vec<IpNet>>| Networks {
+            listed: listed.as_deref(),
+            aggregated: OnceCell::new(),
+        };
         MatchShape {
             protos,
             ports: ports.as_deref().map(merged_ranges),
-            from: from.as_deref().map(aggregated),
-            to: to.as_deref().map(aggregated),
+            from: networks(from),
+            to: networks(to),
             iface: iface.as_deref(),
         }
     }
@@ -128,21 +140,41 @@ impl<'a> MatchShape<'a> {
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => theirs.iter().all(|proto| mine.contains(proto)),
         };
-        let ports = match (&self.ports, &later.ports) {
+        let ports = || match (&self.ports, &later.ports) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => theirs.iter().all(|range| range_covered(mine, range)),
         };
-        let iface = match (self.iface, later.iface) {
+        let iface = || match (self.iface, later.iface) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => theirs.iter().all(|name| mine.contains(name)),
         };
-        protos
-            && ports
-            && iface
-            && networks_cover(&self.from, &later.from)
-            && networks_cover(&self.to, &later.to)
+        protos && ports() && iface() && self.from.cover(&later.from) && self.to.cover(&later.to)
+    }
+}
+
+impl Networks<'_> {
+    /// Whether the addresses `later` matches (`None`: every address of both families) lie
+    /// in these.
+    fn cover(&self, later: &Networks) -> bool {
+        let Some(listed) = self.listed else {
+            return true;
+        };
+        let everything = [
+            IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).expect("/0 is a valid prefix"),
+            IpNet::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0).expect("/0 is a valid prefix"),
+        ];
+        let later = later.listed.unwrap_or(&everything);
+        if listed == later {
+            return true;
+        }
+        let mine = self.aggregated.get_or_init(|| aggregated(listed));
+        later.iter().all(|net| {
+            // The last prefix starting at or before `net` is the only one that can hold it.
+            let after = mine.partition_point(|candidate| candidate <= net);
+            after > 0 && mine[after - 1].contains(net)
+        })
     }
 }
 
@@ -175,27 +207,6 @@ fn aggregated(nets: &[IpNet]) -> Vec<IpNet> {
     let mut nets = IpNet::aggregate(&nets.to_vec());
     nets.sort();
     nets
-}
-
-/// Whether the networks `later` matches (`None`: every address of both families) lie in those
-/// of `earlier`.
-fn networks_cover(earlier: &Option<Vec<IpNet>>, later: &Option<Vec<IpNet>>) -> bool {
-    let everything = [
-        IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).expect("/0 is a valid prefix"),
-        IpNet::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0).expect("/0 is a valid prefix"),
-    ];
-    let Some(earlier) = earlier else {
-        return true;
-    };
-    let later = later.as_deref().unwrap_or(&everything);
-    if earlier.as_slice() == later {
-        return true;
-    }
-    later.iter().all(|net| {
-        // The last prefix starting at or before `net` is the only one that can hold it.
-        let after = earlier.partition_point(|candidate| candidate <= net);
-        after > 0 && earlier[after - 1].contains(net)
-    })
 }
 
 /// Tries an SSH connection attempt from and to every network the rules name (and from and to
