@@ -66,19 +66,25 @@ fn shadowed_rules(set: &RuleSet) -> Vec<Warning> {
         else {
             continue;
         };
-        let (rule, earlier) = (&set.rules[index], &set.rules[cover]);
         warnings.push(Warning {
             position: set.rule_positions.get(index).copied(),
             message: format!(
-                "rule {} ({}) can never match: rule {} ({}) matches everything it would",
-                index + 1,
-                rule.name,
-                cover + 1,
-                earlier.name
+                "{} can never match: {} matches everything it would",
+                label(set, index),
+                label(set, cover)
             ),
         });
     }
     warnings
+}
+
+/// `rule 3 (web)`, or `rule 3` for a rule without a name of its own.
+fn label(set: &RuleSet, index: usize) -> String {
+    let number = format!("rule {}", index + 1);
+    match &set.rules[index].name {
+        name if *name == number => number,
+        name => format!("{number} ({name})"),
+    }
 }
 
 /// What a rule matches, in a form where coverage is a field-by-field check.
@@ -411,8 +417,12 @@ mod tests {
             "action = \"deny\"\nproto = \"tcp\"\nports = [22]",
         ]);
         assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found[0].contains("rule 2 (rule 2) can never match: rule 1 (rule 1)"));
-        assert!(found[1].contains("rule 3 (rule 3) can never match: rule 1 (rule 1)"));
+        assert!(
+            found[0].ends_with(":4:1: rule 2 can never match: rule 1 matches everything it would")
+        );
+        assert!(
+            found[1].ends_with(":8:1: rule 3 can never match: rule 1 matches everything it would")
+        );
     }
 
     #[test]
