@@ -204,6 +204,12 @@ fn parse_seconds(text: &str) -> Result<u64, String> {
     }
 }
 
+/// The rule file `explain` reads: `--rules`, else none (the daemon's rules in force are
+/// asked for) while a daemon's control socket exists, else the default file.
+fn explained_file(rules: Option<PathBuf>, control: &Path) -> Option<PathBuf> {
+    rules.or_else(|| (!control.exists()).then(|| PathBuf::from(daemon::DEFAULT_RULES)))
+}
+
 /// `firewall check`: the summary, then the warnings; with `strict`, any warning fails.
 fn check(file: &Path, strict: bool) -> anyhow::Result<()> {
     let set = load_rules(file)?;
@@ -305,10 +311,7 @@ fn main() -> ExitCode {
                 port,
                 iface,
             };
-            // The daemon's rules are the ones in force; with no daemon, the default file.
-            let rules =
-                rules.or_else(|| (!control.exists()).then(|| PathBuf::from(daemon::DEFAULT_RULES)));
-            match rules {
+            match explained_file(rules, &control) {
                 Some(rules) => load_rules(&rules)
                     .and_then(|set| explain(&set, &question))
                     .map(|answer| print!("{answer}")),
@@ -462,6 +465,23 @@ mod tests {
             Command::Exposure { rules } => assert_eq!(rules, default),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn explain_asks_the_daemon_if_there_is_one_else_reads_the_default_file() {
+        let socket = std::env::temp_dir().join(format!("fw-control-{}", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let given = Some(PathBuf::from("a.toml"));
+        assert_eq!(explained_file(given.clone(), &socket), given);
+        assert_eq!(
+            explained_file(None, &socket).as_deref(),
+            Some(Path::new(daemon::DEFAULT_RULES))
+        );
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(explained_file(None, &socket), None);
+        assert_eq!(explained_file(given.clone(), &socket), given);
+        drop(listener);
+        std::fs::remove_file(&socket).unwrap();
     }
 
     #[test]
