@@ -353,6 +353,8 @@ pub struct LogEvent {
     pub dst: [u32; 4],
     /// 1-based rule number; 0 for the default policy.
     pub rule: u32,
+    /// Interface index the packet arrived on.
+    pub ifindex: u32,
     /// Ports, 0 for packets without them.
     pub sport: u16,
     pub dport: u16,
@@ -362,6 +364,10 @@ pub struct LogEvent {
     pub outcome: u8,
     pub _pad: u8,
 }
+
+// Every byte is a named field: the kernel writes the record from its stack, where the
+// verifier rejects reads of bytes never written (implicit padding would be such bytes).
+const _: () = assert!(core::mem::size_of::<LogEvent>() == 48);
 
 /// [`LogEvent::outcome`]: passed, dropped, dropped over an allow rule's rate limit, or a drop
 /// that audit mode let through.

@@ -32,14 +32,15 @@ fn take_token(config: &GenerationConfig) -> bool {
     true
 }
 
-/// Logs a packet: `rule` is the 1-based rule number, 0 for the default policy; ports are 0
-/// for packets without them. The daemon formats the line; its first word is the verdict:
-/// `pass`, `drop`, `limit` (over an allow rule's rate), or `audit` for a drop that audit mode
-/// let through.
+/// Logs a packet that arrived on interface `ifindex`: `rule` is the 1-based rule number, 0
+/// for the default policy; ports are 0 for packets without them. The daemon formats the line;
+/// its first word is the verdict: `pass`, `drop`, `limit` (over an allow rule's rate), or
+/// `audit` for a drop that audit mode let through.
 #[inline(always)]
 pub fn log_packet(
     config: &GenerationConfig,
     packet: &Packet,
+    ifindex: u32,
     rule: u32,
     verdict: Verdict,
     audit: bool,
@@ -57,6 +58,7 @@ pub fn log_packet(
         src: packet.src,
         dst: packet.dst,
         rule,
+        ifindex,
         // Both 0 for packets without ports (`Packet::new` zeroes the source port).
         sport: packet.sport,
         dport: packet.dport().unwrap_or(0),

@@ -117,7 +117,8 @@ fn judge<const L3: bool>(ctx: XdpContext) -> u32 {
         verdict = Verdict::Limit;
     }
     if action & ACTION_LOG != 0 || verdict == Verdict::Limit {
-        log::log_packet(config, &packet, rule_number, verdict, audit);
+        let ifindex = ctx.ingress_ifindex() as u32;
+        log::log_packet(config, &packet, ifindex, rule_number, verdict, audit);
     }
     match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,

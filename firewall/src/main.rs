@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use firewall::analysis::explain::{explain, Question};
 use firewall::daemon::control::{self, Request};
 use firewall::daemon::{self, RunOptions};
@@ -81,15 +81,23 @@ enum Command {
         #[arg(long, default_value = daemon::DEFAULT_CONTROL)]
         control: PathBuf,
     },
-    /// Validate a rule file and summarise what would be loaded.
+    /// Validate a rule file and summarise what would be loaded; warn about rules that can
+    /// never match and about a default deny that shuts out SSH.
     Check {
+        /// Rule file (TOML); the same as --rules.
+        #[arg(conflicts_with = "rules")]
+        file: Option<PathBuf>,
         /// Rule file (TOML).
-        file: PathBuf,
+        #[arg(long, default_value = daemon::DEFAULT_RULES)]
+        rules: PathBuf,
+        /// Exit non-zero when there is any warning (for CI).
+        #[arg(long)]
+        strict: bool,
     },
     /// The host's listening TCP and UDP sockets, and who the rules let reach each.
     Exposure {
         /// Rule file (TOML).
-        #[arg(long)]
+        #[arg(long, default_value = daemon::DEFAULT_RULES)]
         rules: PathBuf,
     },
     /// Drop packets from these sources before the rules (also on connections they have),
@@ -135,7 +143,8 @@ enum Command {
     },
     /// Which rule decides a packet, and why each rule before it does not match.
     Explain {
-        /// Rule file (TOML); without it, the rules in force in the running daemon.
+        /// Rule file (TOML); without it, the rules in force in the running daemon, or
+        /// /etc/firewall/rules.toml when no daemon has its control socket.
         #[arg(long)]
         rules: Option<PathBuf>,
         /// The daemon's control socket, when there is no --rules.
@@ -157,6 +166,39 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+    /// Print the shell completion script (bash, zsh, fish, ...) generated from this command
+    /// line's definition; for packaging.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (firewall.8 and firewall-SUBCOMMAND.8) into DIR; for packaging.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+}
+
+/// Man pages in section 8 (system administration) for the command and each visible
+/// subcommand, into `dir`; returns the files written.
+fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    fn pages(
+        command: &clap::Command,
+        dir: &Path,
+        written: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        let man = clap_mangen::Man::new(command.clone())
+            .section("8")
+            .manual("System Administration");
+        written.push(man.generate_to(dir)?);
+        for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+            pages(sub, dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut command = Cli::command().disable_help_subcommand(true);
+    // Builds the subcommands' display names (`firewall-run`), which name their pages.
+    command.build();
+    let mut written = Vec::new();
+    pages(&command, dir, &mut written)?;
+    Ok(written)
 }
 
 /// `90s`, `5m`, `1h`, `2d` or plain seconds; at least one second.
@@ -182,6 +224,30 @@ fn parse_seconds(text: &str) -> Result<u64, String> {
             "{text:?}: a positive number of seconds, minutes, hours or days"
         )),
     }
+}
+
+/// The rule file `explain` reads: `--rules`, else none (the daemon's rules in force are
+/// asked for) while a daemon's control socket exists, else the default file.
+fn explained_file(rules: Option<PathBuf>, control: &Path) -> Option<PathBuf> {
+    rules.or_else(|| (!control.exists()).then(|| PathBuf::from(daemon::DEFAULT_RULES)))
+}
+
+/// `firewall check`: the summary, then the warnings; with `strict`, any warning fails.
+fn check(file: &Path, strict: bool) -> anyhow::Result<()> {
+    let set = load_rules(file)?;
+    print!("{}", summary(&set));
+    let warnings = firewall::rules::lint::warnings(&set);
+    for warning in &warnings {
+        eprintln!("warning: {}", warning.located(&file.display().to_string()));
+    }
+    if strict && !warnings.is_empty() {
+        anyhow::bail!(
+            "{}: {} warning(s), and --strict makes them errors",
+            file.display(),
+            warnings.len()
+        );
+    }
+    Ok(())
 }
 
 fn detach(pin_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
@@ -261,12 +327,11 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { file } => load_rules(&file).map(|set| {
-            print!("{}", summary(&set));
-            for warning in firewall::rules::lint::warnings(&set) {
-                eprintln!("warning: {}: {warning}", file.display());
-            }
-        }),
+        Command::Check {
+            file,
+            rules,
+            strict,
+        } => check(&file.unwrap_or(rules), strict),
         Command::Explain {
             rules,
             control,
@@ -283,7 +348,7 @@ fn main() -> ExitCode {
                 port,
                 iface,
             };
-            match rules {
+            match explained_file(rules, &control) {
                 Some(rules) => load_rules(&rules)
                     .and_then(|set| explain(&set, &question))
                     .map(|answer| print!("{answer}")),
@@ -338,6 +403,17 @@ fn main() -> ExitCode {
         } => ban_targets(targets, false, false)
             .and_then(|targets| ask(&control, Request::Unban { targets, set })),
         Command::Bans { json, set, control } => ask(&control, Request::Bans { json, set }),
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "firewall", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
+        }
+        Command::Manpages { dir } => write_man_pages(&dir).map(|written| {
+            for path in written {
+                println!("{}", path.display());
+            }
+        }),
         Command::Run(options) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -350,5 +426,125 @@ fn main() -> ExitCode {
             eprintln!("{error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap_complete::Shell;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["firewall"], args].concat())
+            .unwrap_or_else(|error| panic!("{args:?}: {error}"))
+            .command
+    }
+
+    #[test]
+    fn completions_name_the_subcommands_and_their_options() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "firewall", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for word in ["explain", "exposure", "strict", "rules", "pin-dir"] {
+                assert!(script.contains(word), "{shell}: no {word}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_visible_subcommand_and_render() {
+        let dir = std::env::temp_dir().join(format!("fw-man-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let written = write_man_pages(&dir).unwrap();
+        let names: Vec<String> = written
+            .iter()
+            .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names[0], "firewall.8");
+        for sub in ["run", "check", "explain", "exposure", "ban", "stats"] {
+            assert!(names.contains(&format!("firewall-{sub}.8")), "{names:?}");
+        }
+        assert!(!names
+            .iter()
+            .any(|name| name.contains("manpages") || name.contains("help")));
+        let check = std::fs::read_to_string(dir.join("firewall-check.8")).unwrap();
+        assert!(
+            check.starts_with(".ie") || check.contains(".TH firewall-check 8"),
+            "{check}"
+        );
+        assert!(check.contains("strict"));
+        // man(1) renders it, where it is installed.
+        if let Ok(output) = std::process::Command::new("man")
+            .arg("-l")
+            .arg(dir.join("firewall.8"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+        {
+            let text = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "{output:?}");
+            assert!(text.contains("firewall-check(8)"), "{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_rule_file_defaults_to_etc() {
+        let default = Path::new(daemon::DEFAULT_RULES);
+        assert_eq!(default, Path::new("/etc/firewall/rules.toml"));
+        match parse(&["run", "--iface", "eth0"]) {
+            Command::Run(options) => assert_eq!(options.rules, default),
+            _ => unreachable!(),
+        }
+        match parse(&["check"]) {
+            Command::Check {
+                file,
+                rules,
+                strict,
+            } => {
+                assert_eq!(file.unwrap_or(rules), default);
+                assert!(!strict);
+            }
+            _ => unreachable!(),
+        }
+        match parse(&["exposure"]) {
+            Command::Exposure { rules } => assert_eq!(rules, default),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn explain_asks_the_daemon_if_there_is_one_else_reads_the_default_file() {
+        let socket = std::env::temp_dir().join(format!("fw-control-{}", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let given = Some(PathBuf::from("a.toml"));
+        assert_eq!(explained_file(given.clone(), &socket), given);
+        assert_eq!(
+            explained_file(None, &socket).as_deref(),
+            Some(Path::new(daemon::DEFAULT_RULES))
+        );
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(explained_file(None, &socket), None);
+        assert_eq!(explained_file(given.clone(), &socket), given);
+        drop(listener);
+        std::fs::remove_file(&socket).unwrap();
+    }
+
+    #[test]
+    fn check_takes_the_file_as_argument_or_option() {
+        for args in [
+            &["check", "a.toml"][..],
+            &["check", "--rules", "a.toml", "--strict"],
+        ] {
+            match parse(args) {
+                Command::Check { file, rules, .. } => {
+                    assert_eq!(file.unwrap_or(rules), Path::new("a.toml"));
+                }
+                _ => unreachable!(),
+            }
+        }
+        assert!(Cli::try_parse_from(["firewall", "check", "a.toml", "--rules", "b.toml"]).is_err());
     }
 }

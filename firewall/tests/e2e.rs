@@ -163,6 +163,52 @@ fn check_reports_errors_with_positions() {
 }
 
 #[test]
+fn check_strict_fails_on_warnings() {
+    let check = |file: &RuleFile, extra: &[&str]| {
+        Command::new(firewall_exe())
+            .arg("check")
+            .args(extra)
+            .arg(&file.path)
+            .output()
+            .unwrap()
+    };
+    let shadowed = RuleFile::new(
+        "shadowed.toml",
+        "[[rules]]\nname = \"web\"\naction = \"allow\"\nproto = \"tcp\"\nports = [\"80-443\"]\n\
+         [[rules]]\nname = \"https\"\naction = \"deny\"\nproto = \"tcp\"\nports = [443]\n",
+    );
+    let lenient = check(&shadowed, &[]);
+    assert!(lenient.status.success(), "{lenient:?}");
+    let stderr = String::from_utf8_lossy(&lenient.stderr);
+    let expected = format!(
+        "warning: {}:6:1: rule 2 (https) can never match: rule 1 (web) matches everything it would",
+        shadowed.path.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr:?} lacks {expected:?}");
+
+    let strict = check(&shadowed, &["--strict"]);
+    assert_eq!(strict.status.code(), Some(1), "{strict:?}");
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("1 warning(s)"));
+    let as_option = Command::new(firewall_exe())
+        .args(["check", "--strict", "--rules"])
+        .arg(&shadowed.path)
+        .output()
+        .unwrap();
+    assert_eq!(as_option.status.code(), Some(1), "{as_option:?}");
+
+    // The SSH warning counts too; a file without warnings passes.
+    let no_ssh = RuleFile::new("no-ssh.toml", "[defaults]\npolicy = \"deny\"\n");
+    assert!(!check(&no_ssh, &["--strict"]).status.success());
+    let clean = RuleFile::new(
+        "clean.toml",
+        "[defaults]\npolicy = \"deny\"\n[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [22]\n",
+    );
+    let output = check(&clean, &["--strict"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(output.stderr.is_empty(), "{output:?}");
+}
+
+#[test]
 fn a_broken_file_at_start_attaches_nothing() {
     let net = TestNet::new();
     let file = RuleFile::new("broken.toml", "[defaults]\npolicy = \"maybe\"\n");
@@ -899,7 +945,13 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
         .start();
     daemon.assert_logged("AUDIT MODE");
     assert!(tcp_reaches(&net.b, web), "audit mode dropped a packet");
-    daemon.wait_for("audit rule=1 (no-web) proto=6", 1);
+    daemon.wait_for(
+        &format!(
+            "audit rule=1 name=no-web iface={} proto=6 src={}",
+            net.veth_a, net.b4
+        ),
+        1,
+    );
     drop(daemon);
 
     // The same file enforced: dropped.
@@ -911,7 +963,13 @@ fn audit_mode_logs_what_it_would_drop_and_lets_it_through() {
         "the deny rule does not drop: {}",
         daemon.log()
     );
-    daemon.wait_for("drop rule=1 (no-web) proto=6", 1);
+    daemon.wait_for(
+        &format!(
+            "drop rule=1 name=no-web iface={} proto=6 src={}",
+            net.veth_a, net.b4
+        ),
+        1,
+    );
 }
 
 #[test]
@@ -1360,7 +1418,18 @@ fn logged_rules_and_rate_limits_on_real_connections() {
     );
     let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
     assert!(tcp_reaches(&net.b, SocketAddr::new(net.a4, 8080)));
-    daemon.wait_for(&format!("pass rule=1 (web) proto=6 {}:", net.b4), 1);
+    let pass = format!(
+        "pass rule=1 name=web iface={} proto=6 src={} sport=",
+        net.veth_a, net.b4
+    );
+    daemon.wait_for(&pass, 1);
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("dst={} dport=8080\n", net.a4)),
+        "{}",
+        daemon.log()
+    );
     // One connection a minute from a source: the second is dropped and logged.
     let limited = SocketAddr::new(net.a4, 8081);
     assert!(
@@ -1368,7 +1437,10 @@ fn logged_rules_and_rate_limits_on_real_connections() {
         "the first connection is within the rate"
     );
     assert!(!tcp_reaches(&net.b, limited), "the second is over it");
-    daemon.wait_for("limit rule=2 (limited) proto=6", 1);
+    daemon.wait_for(
+        &format!("limit rule=2 name=limited iface={} proto=6", net.veth_a),
+        1,
+    );
 }
 
 /// On a real NIC driver: the firewall attaches natively (driver-mode XDP) to the VM's virtio

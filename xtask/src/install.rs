@@ -1,9 +1,11 @@
-//! `cargo xtask install`: the daemon, its systemd unit and a starting rule file.
+//! `cargo xtask install`: the daemon, its systemd unit, a starting rule file, and the shell
+//! completions and man pages the daemon's binary generates from its command line.
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::process::Command;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 pub const UNIT: &str = include_str!("../../firewall/dist/firewall.service");
 /// The fail2ban action that bans through `firewall ban`.
@@ -26,6 +28,7 @@ pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> R
     fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
     fs::rename(&staged, &target)?;
     done.push(format!("installed {}", target.display()));
+    done.extend(install_docs(root, &target)?);
 
     let unit = units.join("firewall.service");
     fs::write(&unit, UNIT)?;
@@ -73,6 +76,67 @@ pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> R
     Ok(done)
 }
 
+/// Where each shell looks for the completions of packages, under the root.
+const COMPLETIONS: [(&str, &str); 3] = [
+    ("bash", "usr/share/bash-completion/completions/firewall"),
+    ("zsh", "usr/share/zsh/vendor-completions/_firewall"),
+    ("fish", "usr/share/fish/vendor_completions.d/firewall.fish"),
+];
+
+/// Man pages' directory under the root (section 8: system administration).
+const MAN_DIR: &str = "usr/share/man/man8";
+
+/// Has the installed `binary` write its shell completions and man pages under `root`.
+fn install_docs(root: &Path, binary: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for (shell, path) in COMPLETIONS {
+        let output = Command::new(binary)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("running {}", binary.display()))?;
+        if !output.status.success() || output.stdout.is_empty() {
+            bail!(
+                "{} completions {shell}: {}",
+                binary.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let file = root.join(path);
+        fs::create_dir_all(file.parent().expect("a path under the root"))?;
+        fs::write(&file, &output.stdout)?;
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644))?;
+        done.push(format!("installed {}", file.display()));
+    }
+    let man_dir = root.join(MAN_DIR);
+    fs::create_dir_all(&man_dir)?;
+    let output = Command::new(binary)
+        .arg("manpages")
+        .arg(&man_dir)
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} manpages: {}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The binary prints each page it wrote.
+    let pages: Vec<&str> = std::str::from_utf8(&output.stdout)?.lines().collect();
+    for page in &pages {
+        fs::set_permissions(page, fs::Permissions::from_mode(0o644))?;
+    }
+    if pages.is_empty() {
+        bail!("{} manpages wrote no page", binary.display());
+    }
+    done.push(format!(
+        "installed {} man pages in {}",
+        pages.len(),
+        man_dir.display()
+    ));
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,17 +180,38 @@ mod tests {
         let root = std::env::temp_dir().join(format!("fw-install-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
+        // Stands in for the daemon's binary: answers the two generating subcommands the way
+        // it does (firewall's own tests check what it generates).
         let binary = root.join("built");
-        fs::write(&binary, "binary").unwrap();
+        fs::write(
+            &binary,
+            "#!/bin/sh\ncase \"$1\" in\n\
+             completions) echo \"# $2 completions\" ;;\n\
+             manpages) for page in firewall firewall-run; do echo .TH $page 8 > \"$2/$page.8\"; \
+             echo \"$2/$page.8\"; done ;;\n\
+             *) exit 2 ;;\nesac\n",
+        )
+        .unwrap();
+        fs::set_permissions(&binary, fs::Permissions::from_mode(0o755)).unwrap();
         let rules = root.join("default.toml");
         fs::write(&rules, "[[rules]]\naction = \"allow\"\n").unwrap();
 
         let done = install_files(&root, &binary, &rules, "eth9").unwrap();
-        assert_eq!(done.len(), 5, "{done:?}");
+        assert_eq!(done.len(), 9, "{done:?}");
         let mode = |path: &str| fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode("usr/local/sbin/firewall"), 0o755);
         assert_eq!(mode("etc/firewall/rules.toml"), 0o644);
         assert_eq!(mode("etc/fail2ban/action.d/firewall.conf"), 0o644);
+        for (shell, path) in COMPLETIONS {
+            let script = fs::read_to_string(root.join(path)).unwrap();
+            assert_eq!(script, format!("# {shell} completions\n"), "{path}");
+            assert_eq!(mode(path), 0o644);
+        }
+        for page in ["firewall.8", "firewall-run.8"] {
+            let path = format!("{MAN_DIR}/{page}");
+            assert!(fs::metadata(root.join(&path)).unwrap().len() > 0, "{path}");
+            assert_eq!(mode(&path), 0o644);
+        }
         let unit = fs::read_to_string(root.join("etc/systemd/system/firewall.service")).unwrap();
         assert!(unit.contains("Type=notify") && unit.contains("FileDescriptorStoreMax="));
         let exec_start = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();

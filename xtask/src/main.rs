@@ -251,8 +251,8 @@ fn main() -> Result<()> {
                 check(status, "systemctl daemon-reload")?;
             }
             println!(
-                "next: edit /etc/firewall/rules.toml and firewall.env, `firewall check \
-                 /etc/firewall/rules.toml`, then `systemctl enable --now firewall`"
+                "next: edit /etc/firewall/rules.toml and firewall.env, `firewall check`, then \
+                 `systemctl enable --now firewall`"
             );
             Ok(())
         }

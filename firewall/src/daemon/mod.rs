@@ -43,7 +43,7 @@ use watch::FileWatcher;
 #[derive(clap::Args)]
 pub struct RunOptions {
     /// Rule file (TOML).
-    #[arg(long)]
+    #[arg(long, default_value = DEFAULT_RULES)]
     pub rules: PathBuf,
     /// Interface to filter: a name (waited for if absent), a pattern (`en*`, `wg?`) or
     /// `all` (every interface but lo, also those that appear later); repeat for several.
@@ -85,6 +85,9 @@ pub struct RunOptions {
 
 /// Default of `run --state-dir` (systemd's `StateDirectory=firewall`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/firewall";
+
+/// Default path of the rule file, for `run`, `check`, `explain` and `exposure`.
+pub const DEFAULT_RULES: &str = "/etc/firewall/rules.toml";
 
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL: &str = control::DEFAULT_SOCKET;
@@ -154,7 +157,7 @@ fn finish_preparing(
     let mut files = vec![path.to_path_buf()];
     files.extend(set.set_files.iter().cloned());
     for warning in crate::rules::lint::warnings(&set) {
-        warn!("{}: {warning}", path.display());
+        warn!("{}", warning.located(&path.display().to_string()));
     }
     let compiled = compile(&set).with_context(|| format!("{}", path.display()))?;
     info!(

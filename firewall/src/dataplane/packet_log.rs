@@ -1,9 +1,10 @@
 //! The kernel's log lines: the XDP program writes a fixed [`LogEvent`] record per logged
 //! packet into a ring buffer; the daemon turns each into a line for its logger, with the
 //! rule's name.
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use aya::maps::{MapData, RingBuf};
@@ -38,10 +39,39 @@ impl RuleNames {
     }
 }
 
+/// Interface names by index, as log lines show them: looked up with `if_indextoname` and
+/// kept for a few seconds, so a burst of lines costs one lookup and a renamed interface shows
+/// its new name soon after.
+#[derive(Default)]
+struct IfaceNames {
+    known: HashMap<u32, (String, Instant)>,
+}
+
+/// How long a looked-up interface name is used before it is looked up again.
+const IFACE_NAME_FRESH: Duration = Duration::from_secs(5);
+
+impl IfaceNames {
+    /// The name of interface `ifindex`, or `#INDEX` when there is none (it is gone).
+    fn name(&mut self, ifindex: u32) -> String {
+        if let Some((name, since)) = self.known.get(&ifindex) {
+            if since.elapsed() < IFACE_NAME_FRESH {
+                return name.clone();
+            }
+        }
+        let name = crate::host::ifaces::name_of(ifindex).unwrap_or_else(|| format!("#{ifindex}"));
+        self.known.insert(ifindex, (name.clone(), Instant::now()));
+        name
+    }
+}
+
+/// The log target of packet lines: `RUST_LOG=firewall::packet=off` silences them.
+pub const LOG_TARGET: &str = "firewall::packet";
+
 /// The ring buffer the XDP program logs into, read whenever its fd is readable.
 pub struct KernelLog {
     ring: RingBuf<MapData>,
     names: RuleNames,
+    ifaces: IfaceNames,
 }
 
 impl KernelLog {
@@ -53,6 +83,7 @@ impl KernelLog {
         Ok(KernelLog {
             ring: RingBuf::try_from(map)?,
             names,
+            ifaces: IfaceNames::default(),
         })
     }
 
@@ -65,7 +96,8 @@ impl KernelLog {
             // SAFETY: the record is a LogEvent written by our program (length checked above);
             // read_unaligned makes no alignment assumption about the ring's bytes.
             let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<LogEvent>()) };
-            info!("{}", log_line(&event, &self.names));
+            let iface = self.ifaces.name(event.ifindex);
+            info!(target: LOG_TARGET, "{}", log_line(&event, &self.names, &iface));
         }
     }
 }
@@ -76,9 +108,12 @@ impl AsRawFd for KernelLog {
     }
 }
 
-/// `drop rule=2 (no-web) proto=6 10.0.0.1:40000 -> 10.0.0.2:80`; IPv6 addresses in brackets.
-/// A rule number the names do not know (the rules changed meanwhile) goes without a name.
-pub fn log_line(event: &LogEvent, names: &RuleNames) -> String {
+/// One `key=value` line after the verdict, for people and for parsers (fail2ban, CrowdSec):
+/// `drop rule=2 name=no-web iface=eth0 proto=6 src=10.0.0.1 sport=40000 dst=10.0.0.2
+/// dport=80`. The keys are always there, in that order; a value with spaces, quotes, `=` or
+/// backslashes (a rule name like `rule 3`) is quoted, `"` and `\` escaped. A rule number the
+/// names do not know (the rules changed meanwhile) has `name=?`.
+pub fn log_line(event: &LogEvent, names: &RuleNames, iface: &str) -> String {
     let outcome = match event.outcome {
         LOGGED_PASS => "pass",
         LOGGED_DROP => "drop",
@@ -86,19 +121,43 @@ pub fn log_line(event: &LogEvent, names: &RuleNames) -> String {
         LOGGED_AUDIT => "audit",
         _ => "?",
     };
-    let rule = match names.name(event.rule) {
-        Some(name) => format!("rule={} ({name})", event.rule),
-        None => format!("rule={}", event.rule),
-    };
+    let name = names.name(event.rule).unwrap_or_else(|| "?".into());
     let v6 = event.v6 != 0;
-    let endpoint =
-        |words: &[u32; 4], port: u16| SocketAddr::new(words_address(words, v6), port).to_string();
     format!(
-        "{outcome} {rule} proto={} {} -> {}",
+        "{outcome} rule={} name={} iface={} proto={} src={} sport={} dst={} dport={}",
+        event.rule,
+        value(&name),
+        value(iface),
         event.proto,
-        endpoint(&event.src, event.sport),
-        endpoint(&event.dst, event.dport)
+        words_address(&event.src, v6),
+        event.sport,
+        words_address(&event.dst, v6),
+        event.dport
     )
+}
+
+/// `text` as a value of a `key=value` line: as it is, or quoted when it would not read back
+/// as one value.
+fn value(text: &str) -> String {
+    let plain = !text.is_empty()
+        && !text.contains(|c: char| c.is_whitespace() || c.is_control() || "\"=\\".contains(c));
+    if plain {
+        return text.to_string();
+    }
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_control() => quoted.extend(c.escape_default()),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 #[cfg(test)]
@@ -116,12 +175,13 @@ mod tests {
     }
 
     #[test]
-    fn lines_name_their_rules() {
-        let names = names(&["ssh", "no-web"]);
+    fn lines_are_key_value_pairs_after_the_verdict() {
+        let names = names(&["ssh", "no-web", "rule 3"]);
         let mut event = LogEvent {
             src: words("10.0.0.1"),
             dst: words("10.0.0.2"),
             rule: 2,
+            ifindex: 4,
             sport: 40000,
             dport: 80,
             proto: 6,
@@ -129,26 +189,27 @@ mod tests {
             ..LogEvent::default()
         };
         assert_eq!(
-            log_line(&event, &names),
-            "drop rule=2 (no-web) proto=6 10.0.0.1:40000 -> 10.0.0.2:80"
+            log_line(&event, &names, "eth0"),
+            "drop rule=2 name=no-web iface=eth0 proto=6 src=10.0.0.1 sport=40000 dst=10.0.0.2 dport=80"
         );
         event.rule = 0;
         event.outcome = LOGGED_AUDIT;
         assert_eq!(
-            log_line(&event, &names),
-            "audit rule=0 (default policy) proto=6 10.0.0.1:40000 -> 10.0.0.2:80"
+            log_line(&event, &names, "eth0"),
+            "audit rule=0 name=\"default policy\" iface=eth0 proto=6 src=10.0.0.1 sport=40000 \
+             dst=10.0.0.2 dport=80"
         );
-        // Unknown numbers (the rules changed meanwhile) go without a name.
+        event.rule = 3;
+        event.outcome = LOGGED_PASS;
+        assert!(log_line(&event, &names, "eth0").starts_with("pass rule=3 name=\"rule 3\" "));
+        // Unknown numbers (the rules changed meanwhile) have no name.
         event.rule = 9;
         event.outcome = LOGGED_LIMIT;
-        assert_eq!(
-            log_line(&event, &names),
-            "limit rule=9 proto=6 10.0.0.1:40000 -> 10.0.0.2:80"
-        );
+        assert!(log_line(&event, &names, "#4").starts_with("limit rule=9 name=? iface=#4 "));
     }
 
     #[test]
-    fn ipv6_addresses_are_bracketed() {
+    fn ipv6_addresses_are_bare() {
         let event = LogEvent {
             src: words("2001:db8::7"),
             dst: words("fd00::1"),
@@ -161,8 +222,28 @@ mod tests {
             ..LogEvent::default()
         };
         assert_eq!(
-            log_line(&event, &names(&["dns"])),
-            "pass rule=1 (dns) proto=17 [2001:db8::7]:5353 -> [fd00::1]:53"
+            log_line(&event, &names(&["dns"]), "wg0"),
+            "pass rule=1 name=dns iface=wg0 proto=17 src=2001:db8::7 sport=5353 dst=fd00::1 dport=53"
         );
+    }
+
+    #[test]
+    fn values_that_would_not_read_back_are_quoted() {
+        assert_eq!(value("web-1.2"), "web-1.2");
+        assert_eq!(value("rule 3"), "\"rule 3\"");
+        assert_eq!(value("a=b"), "\"a=b\"");
+        assert_eq!(value("say \"hi\""), "\"say \\\"hi\\\"\"");
+        assert_eq!(value("back\\slash"), "\"back\\\\slash\"");
+        assert_eq!(value("tab\there"), "\"tab\\there\"");
+        assert_eq!(value(""), "\"\"");
+    }
+
+    #[test]
+    fn interface_names_are_looked_up_by_index() {
+        let mut ifaces = IfaceNames::default();
+        // Index 1 is loopback in every network namespace.
+        assert_eq!(ifaces.name(1), "lo");
+        assert_eq!(ifaces.name(1), "lo");
+        assert_eq!(ifaces.name(u32::MAX), format!("#{}", u32::MAX));
     }
 }

@@ -270,6 +270,9 @@ pub struct RuleSet {
     /// in. Until then such a field holds only its other entries (an empty dynamic set
     /// matches nothing).
     pub dynamic_uses: Vec<DynamicUse>,
+    /// Where each rule's `[[rules]]` header is in the rule file, for messages; empty for
+    /// rule sets not read from a file.
+    pub rule_positions: Vec<Position>,
 }
 
 /// A rule's `from` or `to` naming dynamic sets.
@@ -283,6 +286,13 @@ pub struct DynamicUse {
     pub sets: Vec<String>,
     /// Its entries besides the dynamic sets' members (addresses and static sets).
     pub fixed: Vec<IpNet>,
+}
+
+/// A 1-based line and column (in characters) in a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub col: usize,
 }
 
 impl RuleSet {
@@ -300,6 +310,7 @@ impl RuleSet {
             set_files: Vec::new(),
             dynamic_sets: Vec::new(),
             dynamic_uses: Vec::new(),
+            rule_positions: Vec::new(),
         }
     }
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES};
-use crate::rules::model::{Action, DynamicUse, ListStyle, RuleSet};
+use crate::rules::model::{Action, DynamicUse, ListStyle, Position, RuleSet};
 
 mod sets;
 mod validate;
@@ -120,6 +120,13 @@ pub fn parse_rules_with(
     validate::limits(raw.limits, &rules, &spans).map_err(located)?;
     validate::log_rate(&mut set.log_rate, raw.log).map_err(located)?;
     set.rules = rules;
+    set.rule_positions = spans
+        .iter()
+        .map(|span| {
+            let (line, col) = line_col(text, span.start);
+            Position { line, col }
+        })
+        .collect();
     Ok(set)
 }
 
