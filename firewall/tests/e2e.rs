@@ -1075,6 +1075,55 @@ fn exposure_lists_listening_sockets_and_who_reaches_them() {
     assert!(line("udp", 5353).ends_with("everyone"), "{report}");
 }
 
+/// The probes on the metrics listener: `/healthz` answers while the daemon runs; `/readyz`
+/// only while the rules are in force on every interface the daemon should hold and the last
+/// reload was good, and says why not otherwise.
+#[test]
+fn health_and_readiness_probes() {
+    let net = TestNet::new();
+    let file = RuleFile::new("probes.toml", "[defaults]\npolicy = \"allow\"\n");
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .args(&["--metrics", "127.0.0.1:9470", "--iface", "fwghost0"])
+        .start();
+    let get =
+        |path: &str| common::http_exchange(&net.a, 9470, &format!("GET {path} HTTP/1.0\r\n\r\n"));
+    let status = |answer: &str| answer.split_whitespace().nth(1).unwrap_or("").to_string();
+    let healthz = get("/healthz");
+    assert_eq!(status(&healthz), "200", "{healthz}");
+    let readyz = get("/readyz");
+    assert_eq!(status(&readyz), "503", "{readyz}");
+    assert!(
+        readyz.contains("not ready: not filtering fwghost0"),
+        "{readyz}"
+    );
+
+    // The awaited interface appears: attached, ready.
+    let added = Command::new("ip")
+        .args(["-n", &net.a, "link", "add", "fwghost0", "type", "veth"])
+        .args(["peer", "name", "fwghost0p"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    daemon.wait_for("fwghost0", 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status(&get("/readyz")) != "200" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let readyz = get("/readyz");
+    assert_eq!(status(&readyz), "200", "{readyz}");
+
+    // A broken file: the old rules stay, and readiness says the reload failed.
+    file.write("[defaults]\npolicy = \"sideways\"\n");
+    daemon.wait_for("reload failed", 1);
+    let readyz = get("/readyz");
+    assert_eq!(status(&readyz), "503", "{readyz}");
+    assert!(readyz.contains("the last reload failed"), "{readyz}");
+    file.write("[defaults]\npolicy = \"allow\"\n");
+    daemon.wait_for("reloaded", 1);
+    assert_eq!(status(&get("/readyz")), "200");
+    assert_eq!(status(&get("/healthz")), "200");
+}
+
 #[test]
 fn metrics_for_prometheus() {
     let metrics = ["--metrics", "127.0.0.1:9469"];

@@ -134,6 +134,9 @@ impl State {
                 mode: self.options.mode,
             },
         );
+        if let Ok(mut reloads) = self.reloads.lock() {
+            reloads.not_filtered = self.held.not_filtered();
+        }
         if !changes.any() {
             return;
         }

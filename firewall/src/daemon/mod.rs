@@ -271,6 +271,10 @@ fn start(
     )?;
     // Maps of other builds: the links run our program now.
     pins.remove_builds_except(Some(&pins.build_dir(crate::dataplane::object_id())))?;
+    if let Ok(mut reloads) = reloads.lock() {
+        reloads.filtering = true;
+        reloads.not_filtered = held.not_filtered();
+    }
     info!(
         "filtering; SIGHUP, `firewall reload --control {}` or editing {} reloads",
         options.control.display(),

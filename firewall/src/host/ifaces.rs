@@ -148,6 +148,16 @@ impl Held {
             .map(|(name, &index)| (name.as_str(), index))
     }
 
+    /// Interfaces that should be filtered and are not: named ones that are absent, and any
+    /// that could not be attached (for readiness).
+    pub fn not_filtered(&self) -> Vec<String> {
+        let mut names = self.missing();
+        names.extend(self.failed.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Named interfaces that are not there (yet).
     pub fn missing(&self) -> Vec<String> {
         self.specs

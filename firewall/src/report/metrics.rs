@@ -25,6 +25,32 @@ pub struct Reloads {
     /// Of the rules in force.
     pub rules: i64,
     pub address_entries: i64,
+    /// For `/readyz`: whether the daemon has started filtering, and the interfaces it should
+    /// filter and does not (absent, or refused).
+    pub filtering: bool,
+    pub not_filtered: Vec<String>,
+}
+
+impl Reloads {
+    /// `/readyz`: `Ok` when the rules are in force on every interface the daemon should hold
+    /// and the last reload was good; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut not = Vec::new();
+        if !self.filtering {
+            not.push("starting".to_string());
+        }
+        if !self.last_succeeded {
+            not.push("the last reload failed (the rules from before are in force)".to_string());
+        }
+        if !self.not_filtered.is_empty() {
+            not.push(format!("not filtering {}", self.not_filtered.join(", ")));
+        }
+        if not.is_empty() {
+            Ok(())
+        } else {
+            Err(not.join("; "))
+        }
+    }
 }
 
 pub type SharedReloads = Arc<Mutex<Reloads>>;

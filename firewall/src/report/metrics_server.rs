@@ -1,6 +1,6 @@
-//! The HTTP side of `firewall run --metrics ADDR`: `GET /metrics` served by hyper on the
-//! daemon's own runtime, bounded so that idle or slow clients can neither lock scrapes out
-//! nor stall the daemon's event loop.
+//! The HTTP side of `firewall run --metrics ADDR`: `GET /metrics` and the probes `/healthz`
+//! and `/readyz`, served by hyper on the daemon's own runtime, bounded so that idle or slow
+//! clients can neither lock scrapes out nor stall the daemon's event loop.
 //!
 //! Each connection serves one request and closes (no keep-alive: a scrape every few seconds
 //! gains nothing from one, and a connection is then either waiting for its request head or
@@ -167,8 +167,12 @@ async fn connection(
 }
 
 async fn respond(request: &Request<Incoming>, page: &Page) -> Response<Full<Bytes>> {
-    if request.uri().path() != "/metrics" {
-        return text(StatusCode::NOT_FOUND, "see /metrics\n".into());
+    let path = request.uri().path();
+    if !["/metrics", "/healthz", "/readyz"].contains(&path) {
+        return text(
+            StatusCode::NOT_FOUND,
+            "see /metrics, /healthz, /readyz\n".into(),
+        );
     }
     if request.method() != Method::GET {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
@@ -176,6 +180,26 @@ async fn respond(request: &Request<Incoming>, page: &Page) -> Response<Full<Byte
             .headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET"));
         return response;
+    }
+    match path {
+        // Answered by the daemon's own runtime, so a daemon whose event loop is stuck does
+        // not answer: liveness.
+        "/healthz" => return text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let readiness = page
+                .reloads
+                .lock()
+                .map_err(|_| "the daemon's state is poisoned".to_string())
+                .and_then(|reloads| reloads.readiness());
+            return match readiness {
+                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            };
+        }
+        _ => {}
     }
     match page.render().await {
         Ok(page) => {
