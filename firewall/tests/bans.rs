@@ -407,3 +407,39 @@ fn dynamic_sets_are_filled_at_run_time() {
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("no dynamic set \"nosuch\""), "{error}");
 }
+
+/// The CrowdSec custom-bouncer script (`firewall/dist/crowdsec/firewall-bouncer`), run the way
+/// crowdsec-custom-bouncer runs it for a decision and for its deletion.
+#[test]
+fn the_crowdsec_bouncer_script_bans_and_unbans() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let to4 = SocketAddr::new(net.a4, 8080);
+    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/crowdsec/firewall-bouncer"
+    );
+    let bouncer = |args: &[&str]| {
+        let output = Command::new(script)
+            .args(args)
+            .env("FIREWALL", firewall_exe())
+            .env("FIREWALL_CONTROL", &daemon.control)
+            .env_remove("SSH_CONNECTION")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {output:?}");
+    };
+    let b4 = net.b4.to_string();
+    let decision = r#"{"origin":"crowdsec","scenario":"crowdsecurity/ssh-bf"}"#;
+    bouncer(&["add", &b4, "3599", "crowdsecurity/ssh-bf", decision]);
+    assert!(!tcp_reaches(&net.b, to4), "banned by the decision");
+    let bans = listed(&daemon.control);
+    let left = bans[0]["expires_in_seconds"].as_u64().unwrap();
+    assert!((3590..=3599).contains(&left), "{bans:?}");
+    bouncer(&["del", &b4, "3599", "crowdsecurity/ssh-bf", decision]);
+    assert!(tcp_reaches(&net.b, to4), "the decision was deleted");
+    let wrong = Command::new(script).arg("block").arg(&b4).output().unwrap();
+    assert_eq!(wrong.status.code(), Some(2));
+}

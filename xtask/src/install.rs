@@ -10,6 +10,8 @@ use anyhow::{bail, Context as _, Result};
 pub const UNIT: &str = include_str!("../../firewall/dist/firewall.service");
 /// The fail2ban action that bans through `firewall ban`.
 pub const FAIL2BAN_ACTION: &str = include_str!("../../firewall/dist/fail2ban/firewall.conf");
+/// The script crowdsec-custom-bouncer runs for each decision.
+pub const CROWDSEC_BOUNCER: &str = include_str!("../../firewall/dist/crowdsec/firewall-bouncer");
 
 /// Installs under `root` (`/` for the real thing). Existing rule and environment files are
 /// kept: they are the operator's. Returns what it did, a line each.
@@ -43,6 +45,13 @@ pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> R
     fs::write(&action, FAIL2BAN_ACTION)?;
     fs::set_permissions(&action, fs::Permissions::from_mode(0o644))?;
     done.push(format!("installed {}", action.display()));
+
+    let libexec = root.join("usr/local/libexec/firewall");
+    fs::create_dir_all(&libexec).with_context(|| format!("creating {}", libexec.display()))?;
+    let bouncer = libexec.join("firewall-bouncer");
+    fs::write(&bouncer, CROWDSEC_BOUNCER)?;
+    fs::set_permissions(&bouncer, fs::Permissions::from_mode(0o755))?;
+    done.push(format!("installed {}", bouncer.display()));
 
     let rule_file = etc.join("rules.toml");
     if rule_file.exists() {
@@ -197,11 +206,12 @@ mod tests {
         fs::write(&rules, "[[rules]]\naction = \"allow\"\n").unwrap();
 
         let done = install_files(&root, &binary, &rules, "eth9").unwrap();
-        assert_eq!(done.len(), 9, "{done:?}");
+        assert_eq!(done.len(), 10, "{done:?}");
         let mode = |path: &str| fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode("usr/local/sbin/firewall"), 0o755);
         assert_eq!(mode("etc/firewall/rules.toml"), 0o644);
         assert_eq!(mode("etc/fail2ban/action.d/firewall.conf"), 0o644);
+        assert_eq!(mode("usr/local/libexec/firewall/firewall-bouncer"), 0o755);
         for (shell, path) in COMPLETIONS {
             let script = fs::read_to_string(root.join(path)).unwrap();
             assert_eq!(script, format!("# {shell} completions\n"), "{path}");
