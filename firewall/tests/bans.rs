@@ -43,6 +43,16 @@ fn listed(control: &Path) -> Vec<serde_json::Value> {
     serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap()
 }
 
+/// A host serving TCP 8080 on its IPv4 address under an allow-all rule file, with its daemon.
+fn open_host() -> (TestNet, SocketAddr, RuleFile, Daemon) {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4], vec![8080]);
+    let to4 = SocketAddr::new(net.a4, 8080);
+    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    (net, to4, file, daemon)
+}
+
 /// Bans take effect when the command returns, hold over reloads and restarts, end by
 /// themselves, and a bad list changes nothing.
 #[test]
@@ -121,11 +131,7 @@ fn bans_drop_at_once_and_outlive_reloads_and_restarts() {
 /// 10,000 addresses on stdin in one call each way, with the peer among them.
 #[test]
 fn ten_thousand_bans_in_one_call() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080]);
-    let to4 = SocketAddr::new(net.a4, 8080);
-    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
-    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let (net, to4, _file, daemon) = open_host();
     let mut list: String = (0..9_999u32)
         .map(|i| format!("2001:db8:{:x}:{:x}::1\n", i / 256, i % 256))
         .collect();
@@ -186,11 +192,7 @@ fn ban_refuses_to_cut_the_operators_own_session() {
 /// bans it through `firewall ban`, and after its bantime unbans it.
 #[test]
 fn fail2ban_bans_and_unbans_through_the_action() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080]);
-    let to4 = SocketAddr::new(net.a4, 8080);
-    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
-    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let (net, to4, _file, daemon) = open_host();
     assert!(tcp_reaches(&net.b, to4));
 
     let dir = tempdir("fail2ban");
@@ -412,11 +414,7 @@ fn dynamic_sets_are_filled_at_run_time() {
 /// crowdsec-custom-bouncer runs it for a decision and for its deletion.
 #[test]
 fn the_crowdsec_bouncer_script_bans_and_unbans() {
-    let net = TestNet::new();
-    serve(&net.a, vec![net.a4], vec![8080]);
-    let to4 = SocketAddr::new(net.a4, 8080);
-    let file = RuleFile::new("bans.toml", "[defaults]\npolicy = \"allow\"\n");
-    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a).start();
+    let (net, to4, _file, daemon) = open_host();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/dist/crowdsec/firewall-bouncer"

@@ -32,26 +32,29 @@ pub fn install_files(root: &Path, binary: &Path, rules: &Path, iface: &str) -> R
     done.push(format!("installed {}", target.display()));
     done.extend(install_docs(root, &target)?);
 
-    let unit = units.join("firewall.service");
-    fs::write(&unit, UNIT)?;
-    fs::set_permissions(&unit, fs::Permissions::from_mode(0o644))?;
-    done.push(format!("installed {}", unit.display()));
-
-    // fail2ban reads it when a jail names `action = firewall` (whether or not fail2ban is
-    // installed yet); the operator's changes go in firewall.local, as fail2ban has it.
-    let actions = root.join("etc/fail2ban/action.d");
-    fs::create_dir_all(&actions).with_context(|| format!("creating {}", actions.display()))?;
-    let action = actions.join("firewall.conf");
-    fs::write(&action, FAIL2BAN_ACTION)?;
-    fs::set_permissions(&action, fs::Permissions::from_mode(0o644))?;
-    done.push(format!("installed {}", action.display()));
-
-    let libexec = root.join("usr/local/libexec/firewall");
-    fs::create_dir_all(&libexec).with_context(|| format!("creating {}", libexec.display()))?;
-    let bouncer = libexec.join("firewall-bouncer");
-    fs::write(&bouncer, CROWDSEC_BOUNCER)?;
-    fs::set_permissions(&bouncer, fs::Permissions::from_mode(0o755))?;
-    done.push(format!("installed {}", bouncer.display()));
+    // The unit; the fail2ban action, which fail2ban reads when a jail names `action = firewall`
+    // (whether or not fail2ban is installed yet; the operator's changes go in firewall.local,
+    // as fail2ban has it); the script crowdsec-custom-bouncer runs.
+    for (path, text, mode) in [
+        ("etc/systemd/system/firewall.service", UNIT, 0o644),
+        (
+            "etc/fail2ban/action.d/firewall.conf",
+            FAIL2BAN_ACTION,
+            0o644,
+        ),
+        (
+            "usr/local/libexec/firewall/firewall-bouncer",
+            CROWDSEC_BOUNCER,
+            0o755,
+        ),
+    ] {
+        let path = root.join(path);
+        let dir = path.parent().expect("a file in a directory");
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::write(&path, text)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        done.push(format!("installed {}", path.display()));
+    }
 
     let rule_file = etc.join("rules.toml");
     if rule_file.exists() {

@@ -62,16 +62,20 @@ impl Members {
         Ok(members)
     }
 
-    /// The members of `set` that have not ended.
-    pub fn nets(&self, set: &str) -> Vec<IpNet> {
+    /// The members of `set` that have not ended, with their ends.
+    fn live(&self, set: &str) -> impl Iterator<Item = (IpNet, Option<u64>)> + '_ {
         let now = unix_now();
         self.sets
             .get(set)
             .into_iter()
             .flatten()
-            .filter(|(_, ends)| ends.is_none_or(|ends| ends > now))
-            .map(|(net, _)| *net)
-            .collect()
+            .filter(move |(_, ends)| ends.is_none_or(|ends| ends > now))
+            .map(|(net, ends)| (*net, *ends))
+    }
+
+    /// The members of `set` that have not ended.
+    pub fn nets(&self, set: &str) -> Vec<IpNet> {
+        self.live(set).map(|(net, _)| net).collect()
     }
 
     /// Adds `nets` to `set` until `timeout` from now (`None`: until removed) and saves.
@@ -134,16 +138,8 @@ impl Members {
 
     /// The members of `set`, as listed.
     pub fn list(&self, set: &str) -> Vec<Member> {
-        let now = unix_now();
-        self.sets
-            .get(set)
-            .into_iter()
-            .flatten()
-            .filter(|(_, ends)| ends.is_none_or(|ends| ends > now))
-            .map(|(net, ends)| Member {
-                address: *net,
-                ends: *ends,
-            })
+        self.live(set)
+            .map(|(address, ends)| Member { address, ends })
             .collect()
     }
 
