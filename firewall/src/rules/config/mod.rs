@@ -11,10 +11,12 @@ use toml::Spanned;
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES};
 use crate::rules::model::{Action, ListStyle, RuleSet};
 
+mod services;
 mod sets;
 mod validate;
 mod values;
 
+pub use services::SERVICES_PATH;
 pub use sets::{parse_set_file, MAX_SET_FILE_ENTRIES};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
@@ -72,6 +74,18 @@ pub fn parse_rules_with(
     dir: &Path,
     trust: Trust,
 ) -> Result<RuleSet, ConfigError> {
+    parse_rules_using(file, text, dir, trust, Path::new(SERVICES_PATH))
+}
+
+/// Like [`parse_rules_with`], with port names looked up in `services` (read once, and only if
+/// a rule names a port) instead of `/etc/services`.
+pub fn parse_rules_using(
+    file: &str,
+    text: &str,
+    dir: &Path,
+    trust: Trust,
+    services: &Path,
+) -> Result<RuleSet, ConfigError> {
     let located = |(span, message): Located| {
         let (line, col) = line_col(text, span.start);
         ConfigError {
@@ -97,7 +111,9 @@ pub fn parse_rules_with(
     )?;
     validate::defaults(&mut set, raw.defaults).map_err(located)?;
     validate::timeouts(&mut set.timeouts, raw.state).map_err(located)?;
-    let (rules, spans) = validate::rules(raw.rules.unwrap_or_default(), &sets).map_err(located)?;
+    let services = services::Services::new(services);
+    let (rules, spans) =
+        validate::rules(raw.rules.unwrap_or_default(), &sets, &services).map_err(located)?;
     validate::limits(raw.limits, &rules, &spans).map_err(located)?;
     validate::log_rate(&mut set.log_rate, raw.log).map_err(located)?;
     set.rules = rules;
@@ -442,6 +458,88 @@ mod tests {
         assert_eq!(
             (second.proto, &second.from, &second.ports),
             (Proto::Any, &None, &None)
+        );
+    }
+
+    /// Rules naming ports, parsed against a services file of the test's own.
+    fn with_services(rules: &str) -> Result<RuleSet, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "fw-config-services-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let services = dir.join("services");
+        std::fs::write(
+            &services,
+            "ssh 22/tcp\nhttps 443/tcp\nhttps 443/udp\nntp 123/udp\nhttp 80/tcp www\n",
+        )
+        .unwrap();
+        let result = parse_rules_using("r.toml", rules, &dir, Trust::Anyone, &services);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn port_names_are_looked_up_for_the_rules_protocol() {
+        let set = with_services(
+            "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"ssh\", \"www\", 8080, \"9000-9001\"]\n\
+             [[rules]]\naction = \"allow\"\nports = [\"https\"]\n\
+             [[rules]]\naction = \"allow\"\nproto = \"udp\"\nports = [\" ntp \"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            set.rules[0].ports,
+            Some(vec![22..=22, 80..=80, 8080..=8080, 9000..=9001])
+        );
+        assert_eq!(set.rules[1].ports, Some(vec![443..=443]));
+        assert_eq!(set.rules[2].ports, Some(vec![123..=123]));
+
+        let cases: &[(&str, usize, usize, &str)] = &[
+            (
+                "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [22, \"foo\"]\n",
+                4,
+                14,
+                "unknown service name \"foo\" (not in ",
+            ),
+            (
+                "[[rules]]\naction = \"allow\"\nproto = \"udp\"\nports = [\"ssh\"]\n",
+                4,
+                10,
+                "\"ssh\" is tcp only",
+            ),
+            (
+                "[[rules]]\naction = \"allow\"\nports = [\"ssh\"]\n",
+                3,
+                10,
+                "set proto = \"tcp\"",
+            ),
+            (
+                "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"ssh-https\"]\n",
+                4,
+                10,
+                "unknown service name \"ssh-https\"",
+            ),
+        ];
+        for &(text, line, col, message) in cases {
+            let error = with_services(text).expect_err(text);
+            assert_eq!((error.line, error.col), (line, col), "{error}");
+            assert!(error.message.contains(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn port_names_come_from_etc_services_by_default() {
+        let set = parse_rules(
+            "t.toml",
+            "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"ssh\", \"https\"]\n",
+        )
+        .unwrap();
+        assert_eq!(set.rules[0].ports, Some(vec![22..=22, 443..=443]));
+        let error = error("[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"no-such-service\"]\n");
+        assert_eq!(
+            error.to_string(),
+            "t.toml:4:10: unknown service name \"no-such-service\" (not in /etc/services)"
         );
     }
 

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::services::Services;
 use super::values::{action, address_list, interface_list, port_list, proto, rate_limit};
 use super::{Located, DEFAULT_MAX_ENTRIES};
 use crate::rules::model::{Action, LogRate, Proto, Rule, RuleSet, Timeouts};
@@ -148,10 +149,12 @@ pub(super) struct RawRule {
     log: Option<bool>,
 }
 
-/// `[[rules]]`, in order, using the resolved `sets`; with the span of each in the file.
+/// `[[rules]]`, in order, using the resolved `sets` and port names from `services`; with the
+/// span of each in the file.
 pub(super) fn rules(
     raw_rules: Vec<Spanned<RawRule>>,
     sets: &HashMap<String, Vec<IpNet>>,
+    services: &Services,
 ) -> Result<(Vec<Rule>, Vec<Range<usize>>), Located> {
     if raw_rules.len() > MAX_RULES {
         let span = raw_rules[MAX_RULES].span();
@@ -165,7 +168,7 @@ pub(super) fn rules(
     let mut rule_spans = Vec::with_capacity(raw_rules.len());
     for (index, raw_rule) in raw_rules.into_iter().enumerate() {
         rule_spans.push(raw_rule.span());
-        rules.push(rule(index, raw_rule, &mut names, sets)?);
+        rules.push(rule(index, raw_rule, &mut names, sets, services)?);
     }
     Ok((rules, rule_spans))
 }
@@ -176,6 +179,7 @@ fn rule(
     raw_rule: Spanned<RawRule>,
     names: &mut HashMap<String, usize>,
     sets: &HashMap<String, Vec<IpNet>>,
+    services: &Services,
 ) -> Result<Rule, Located> {
     let span = raw_rule.span();
     let raw_rule = raw_rule.into_inner();
@@ -220,7 +224,7 @@ fn rule(
                     "`ports` only apply to tcp and udp, not to icmp/icmpv6".into(),
                 ));
             }
-            Some(port_list(ports)?)
+            Some(port_list(ports, proto, services)?)
         }
     };
     let limit = match raw_rule.limit {

@@ -8,6 +8,7 @@ use std::ops::RangeInclusive;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::services::Services;
 use super::Located;
 use crate::rules::model::{unit_seconds, Action, Limit, Proto};
 
@@ -149,19 +150,39 @@ pub(super) fn network(entry: &Spanned<String>) -> Result<IpNet, Located> {
     Ok(net)
 }
 
+/// The ports of a rule of protocol `proto`, names looked up in `services`.
 pub(super) fn port_list(
     list: Spanned<Vec<Spanned<toml::Value>>>,
+    proto: Proto,
+    services: &Services,
 ) -> Result<Vec<RangeInclusive<u16>>, Located> {
     not_empty(&list, "port", "any port")?;
-    list.into_inner().iter().map(port_entry).collect()
+    list.into_inner()
+        .iter()
+        .map(|entry| port_entry(entry, proto, services))
+        .collect()
 }
 
-/// `22`, `"22"` or `"8000-8100"`.
-fn port_entry(entry: &Spanned<toml::Value>) -> Result<RangeInclusive<u16>, Located> {
+/// `22`, `"22"`, `"8000-8100"` or a service name (`"ssh"`: anything but digits and `-`).
+fn port_entry(
+    entry: &Spanned<toml::Value>,
+    proto: Proto,
+    services: &Services,
+) -> Result<RangeInclusive<u16>, Located> {
     let span = entry.span();
     match entry.get_ref() {
         toml::Value::Integer(port) => {
             let port = port_number(*port).map_err(|message| (span.clone(), message))?;
+            Ok(port..=port)
+        }
+        toml::Value::String(name)
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '-' || c.is_whitespace()) =>
+        {
+            let port = services
+                .port(name.trim(), proto)
+                .map_err(|message| (span, message))?;
             Ok(port..=port)
         }
         toml::Value::String(text) => {
