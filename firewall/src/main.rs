@@ -131,6 +131,9 @@ enum Command {
         /// Destination port (tcp, udp).
         #[arg(long)]
         port: Option<u16>,
+        /// ICMP type (icmp, icmpv6): a name as nftables spells it (echo-request) or a number.
+        #[arg(long)]
+        icmp_type: Option<String>,
         /// Interface the packet arrives on.
         #[arg(long)]
         iface: Option<String>,
@@ -237,6 +240,7 @@ fn main() -> ExitCode {
             from,
             to,
             port,
+            icmp_type,
             iface,
         } => {
             let question = Question {
@@ -244,6 +248,7 @@ fn main() -> ExitCode {
                 from,
                 to,
                 port,
+                icmp_type,
                 iface,
             };
             match rules {

@@ -188,9 +188,13 @@ pub fn summary(set: &RuleSet) -> String {
             ),
             None => String::new(),
         };
+        let types = match &text.icmp_types {
+            Some(types) => format!(" types {types}"),
+            None => String::new(),
+        };
         let log = if rule.log { " log" } else { "" };
         out += &format!(
-            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{iface}{limit}{log}\n",
+            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{types}{iface}{limit}{log}\n",
             index + 1,
             rule.name,
             text.action,
@@ -240,6 +244,13 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\nports = [true]\n", 3, 10, "invalid port true"),
             ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nports = [22]\n", 4, 9, "only apply to tcp and udp"),
             ("[[rules]]\naction = \"allow\"\nname = 7\n", 3, 8, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\nicmp_types = [8]\n", 3, 14, "apply to rules with proto = \"icmp\""),
+            ("[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nicmp_types = [\"echo-request\"]\n", 4, 14, "apply to rules with proto"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = []\n", 4, 14, "empty icmp type list"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = [8, 256]\n", 4, 18, "icmp type 256 is out of range"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = [\"echo\"]\n", 4, 15, "unknown icmp type \"echo\""),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = [\"nd-neighbor-solicit\"]\n", 4, 15, "is an icmpv6 type, and this rule is icmp"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmpv6\"\nicmp_types = [true]\n", 4, 15, "invalid icmpv6 type true"),
             ("[[rules]]\nname = \"a\"\naction = \"allow\"\n[[rules]]\nname = \"a\"\naction = \"deny\"\n", 5, 8, "duplicate rule name \"a\""),
             ("rules = 5\n", 1, 9, "invalid type"),
             ("[[rules]]\naction = \"allow\"\niface = []\n", 3, 9, "empty interface list"),
@@ -536,10 +547,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(set.rules[0].ports, Some(vec![22..=22, 443..=443]));
-        let error = error("[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"no-such-service\"]\n");
+        let error = error(
+            "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"no-such-service\"]\n",
+        );
         assert_eq!(
             error.to_string(),
             "t.toml:4:10: unknown service name \"no-such-service\" (not in /etc/services)"
+        );
+    }
+
+    #[test]
+    fn icmp_types_take_nftables_names_and_numbers() {
+        let set = parse_rules(
+            "t.toml",
+            r#"
+            [[rules]]
+            action = "allow"
+            proto = "icmp"
+            icmp_types = ["echo-request", "destination-unreachable", 3, 200]
+
+            [[rules]]
+            action = "allow"
+            proto = "icmpv6"
+            icmp_types = ["nd-neighbor-solicit", "echo-request", "mld-listener-reduction"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(set.rules[0].icmp_types, Some(vec![3, 8, 200]));
+        assert_eq!(set.rules[1].icmp_types, Some(vec![128, 132, 135]));
+        assert_eq!(set.rules[0].ports, None);
+        let summary = summary(&set);
+        assert!(
+            summary.contains("types destination-unreachable,echo-request,200"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("types echo-request,mld-listener-done,nd-neighbor-solicit"),
+            "{summary}"
         );
     }
 

@@ -13,11 +13,14 @@ pub const SERVICES_PATH: &str = "/etc/services";
 /// Largest services file read (Debian's is 13 KB).
 const MAX_SERVICES_BYTES: u64 = 4 << 20;
 
+/// (name or alias, protocol as the file writes it) -> port.
+type ServiceTable = HashMap<(String, String), u16>;
+
 /// `/etc/services` (or a stand-in), read on first use.
 pub struct Services {
     path: PathBuf,
-    /// (name or alias, "tcp" | "udp") -> port; or why the file could not be read.
-    table: OnceCell<Result<HashMap<(String, String), u16>, String>>,
+    /// The table, or why the file could not be read.
+    table: OnceCell<Result<ServiceTable, String>>,
 }
 
 impl Services {
@@ -71,7 +74,7 @@ impl Services {
     }
 }
 
-fn read_services(path: &Path) -> Result<HashMap<(String, String), u16>, String> {
+fn read_services(path: &Path) -> Result<ServiceTable, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|error| error.to_string())?;
     let mut text = String::new();
@@ -83,7 +86,7 @@ fn read_services(path: &Path) -> Result<HashMap<(String, String), u16>, String> 
 
 /// `name port/proto [aliases...] [# comment]` lines; the first entry of a name and protocol
 /// wins (as `getservbyname`); lines that do not parse are skipped.
-pub fn parse_services(text: &str) -> HashMap<(String, String), u16> {
+pub fn parse_services(text: &str) -> ServiceTable {
     let mut table = HashMap::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");

@@ -9,7 +9,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::services::Services;
-use super::values::{action, address_list, interface_list, port_list, proto, rate_limit};
+use super::values::{
+    action, address_list, icmp_type_list, interface_list, port_list, proto, rate_limit,
+};
 use super::{Located, DEFAULT_MAX_ENTRIES};
 use crate::rules::model::{Action, LogRate, Proto, Rule, RuleSet, Timeouts};
 
@@ -142,6 +144,8 @@ pub(super) struct RawRule {
     from: Option<Spanned<Vec<Spanned<String>>>>,
     to: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    /// ICMP or ICMPv6 type names (as nftables spells them) and numbers.
+    icmp_types: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     iface: Option<Spanned<Vec<Spanned<String>>>>,
     /// `"COUNT/s"`, `"COUNT/m"` or `"COUNT/h"`, per source address.
     limit: Option<Spanned<String>>,
@@ -227,6 +231,10 @@ fn rule(
             Some(port_list(ports, proto, services)?)
         }
     };
+    let icmp_types = raw_rule
+        .icmp_types
+        .map(|list| icmp_type_list(list, proto))
+        .transpose()?;
     let limit = match raw_rule.limit {
         None => {
             if let Some(burst) = &raw_rule.burst {
@@ -259,6 +267,7 @@ fn rule(
             .map(|list| address_list(list, sets))
             .transpose()?,
         ports,
+        icmp_types,
         iface: raw_rule.iface.map(interface_list).transpose()?,
     })
 }

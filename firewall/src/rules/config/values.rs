@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
+use firewall_common::proto::icmp_type_names;
 use ipnet::IpNet;
 use toml::Spanned;
 
@@ -223,4 +224,70 @@ fn port_number(port: i64) -> Result<u16, String> {
         0 => Err("port 0 is not a valid destination port (use 1-65535)".into()),
         _ => Err(format!("port {port} is out of range 1-65535")),
     }
+}
+
+/// `icmp_types` of a rule of ICMP protocol `proto`: names as nftables spells them for the
+/// rule's family (`nft describe icmp_type` / `icmpv6_type`) or numbers 0-255; sorted, each
+/// once.
+pub(super) fn icmp_type_list(
+    list: Spanned<Vec<Spanned<toml::Value>>>,
+    proto: Proto,
+) -> Result<Vec<u8>, Located> {
+    not_empty(&list, "icmp type", "every type")?;
+    let Some(v6) = proto.icmp_family_v6() else {
+        return Err((
+            list.span(),
+            "`icmp_types` apply to rules with proto = \"icmp\" or \"icmpv6\"".into(),
+        ));
+    };
+    let family = proto.name();
+    let mut types = Vec::new();
+    for entry in list.get_ref() {
+        let kind = match entry.get_ref() {
+            toml::Value::Integer(number) => u8::try_from(*number).map_err(|_| {
+                (
+                    entry.span(),
+                    format!("{family} type {number} is out of range 0-255"),
+                )
+            })?,
+            toml::Value::String(name) => {
+                let find = |v6| {
+                    icmp_type_names(v6)
+                        .iter()
+                        .find(|(known, _)| known == name)
+                        .map(|&(_, kind)| kind)
+                };
+                match (find(v6), find(!v6)) {
+                    (Some(kind), _) => kind,
+                    (None, Some(_)) => {
+                        let other = if v6 { "icmp" } else { "icmpv6" };
+                        return Err((
+                            entry.span(),
+                            format!("{name:?} is an {other} type, and this rule is {family}"),
+                        ));
+                    }
+                    (None, None) => {
+                        return Err((
+                            entry.span(),
+                            format!(
+                                "unknown {family} type {name:?}: expected a name as `nft \
+                                 describe {family}_type` lists them (echo-request, ...) or a \
+                                 number 0-255"
+                            ),
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err((
+                    entry.span(),
+                    format!("invalid {family} type {other}: expected a name or a number 0-255"),
+                ))
+            }
+        };
+        types.push(kind);
+    }
+    types.sort_unstable();
+    types.dedup();
+    Ok(types)
 }
