@@ -143,6 +143,7 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
         to: nets(rng),
         ports,
         icmp_types,
+        comment: None,
         // BPF_PROG_TEST_RUN delivers frames on the loopback device: rules on "lo" apply,
         // rules on an interface that does not exist never do.
         iface: rng.gen_bool(0.2).then(|| match rng.gen_range(0..3) {

@@ -108,9 +108,8 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
     for (index, rule) in set.rules.iter().enumerate().take(decided_at) {
         writeln!(
             out,
-            "  rule {} {:?}: does not match: {}",
-            index + 1,
-            rule.name,
+            "  rule {}: does not match: {}",
+            rule_title(index, rule),
             mismatch(rule, &packet, iface).unwrap_or("?")
         )?;
     }
@@ -123,9 +122,8 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
             let rule = &set.rules[index];
             writeln!(
                 out,
-                "  rule {} {:?}: matches ({})",
-                index + 1,
-                rule.name,
+                "  rule {}: matches ({})",
+                rule_title(index, rule),
                 describe(rule)
             )?;
             writeln!(
@@ -155,6 +153,14 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
         )?;
     }
     Ok(out)
+}
+
+/// `2 "ssh"`, with the rule's comment after its name: `2 "ssh" [admins only]`.
+fn rule_title(index: usize, rule: &Rule) -> String {
+    match &rule.comment {
+        Some(comment) => format!("{} {:?} [{comment}]", index + 1, rule.name),
+        None => format!("{} {:?}", index + 1, rule.name),
+    }
 }
 
 /// The first condition of `rule` that `packet` fails.
@@ -271,6 +277,7 @@ mod tests {
             action = "allow"
             proto = "icmp"
             icmp_types = ["echo-request", 3]
+            comment = "pings from anywhere"
             [[rules]]
             name = "ping6"
             action = "allow"
@@ -299,12 +306,14 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("rule 1 \"ping\": matches (allow: proto icmp, from any, to any, ports any, icmp types destination-unreachable, echo-request)"),
+            out.contains("rule 1 \"ping\" [pings from anywhere]: matches (allow: proto icmp, from any, to any, ports any, icmp types destination-unreachable, echo-request)"),
             "{out}"
         );
         let out = ask_icmp("icmp", "192.0.2.7", "192.0.2.1", "13").unwrap();
         assert!(
-            out.contains("rule 1 \"ping\": does not match: ICMP type not in its icmp_types"),
+            out.contains(
+                "rule 1 \"ping\" [pings from anywhere]: does not match: ICMP type not in its icmp_types"
+            ),
             "{out}"
         );
         assert!(out.contains("verdict: drop (no rule matches"), "{out}");

@@ -471,6 +471,7 @@ mod tests {
             to: None,
             ports,
             icmp_types: None,
+            comment: None,
             iface: None,
             limit: None,
             log: false,

@@ -162,7 +162,13 @@ pub struct Rule {
     pub limit: Option<Limit>,
     /// Matches are logged (rate-limited): by default deny rules log, allow rules do not.
     pub log: bool,
+    /// The operator's note on the rule (one line, at most [`MAX_COMMENT_CHARS`]); shown by
+    /// `check` and `explain`, no part of matching.
+    pub comment: Option<String>,
 }
+
+/// Longest `comment` accepted, in characters.
+pub const MAX_COMMENT_CHARS: usize = 256;
 
 impl Limit {
     /// The unit of the rate as written (`s`, `m`, `h`); `h` for a period not in the table.

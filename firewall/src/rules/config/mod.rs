@@ -193,8 +193,12 @@ pub fn summary(set: &RuleSet) -> String {
             None => String::new(),
         };
         let log = if rule.log { " log" } else { "" };
+        let comment = match &rule.comment {
+            Some(comment) => format!("  # {comment}"),
+            None => String::new(),
+        };
         out += &format!(
-            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{types}{iface}{limit}{log}\n",
+            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{types}{iface}{limit}{log}{comment}\n",
             index + 1,
             rule.name,
             text.action,
@@ -210,7 +214,7 @@ pub fn summary(set: &RuleSet) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::model::Proto;
+    use crate::rules::model::{Proto, MAX_COMMENT_CHARS};
     use firewall_common::MAX_RULES;
 
     fn error(text: &str) -> ConfigError {
@@ -244,6 +248,8 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\nports = [true]\n", 3, 10, "invalid port true"),
             ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nports = [22]\n", 4, 9, "only apply to tcp and udp"),
             ("[[rules]]\naction = \"allow\"\nname = 7\n", 3, 8, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\ncomment = 7\n", 3, 11, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\ncomment = \"a\\nb\"\n", 3, 11, "comment must be one line"),
             ("[[rules]]\naction = \"allow\"\nicmp_types = [8]\n", 3, 14, "apply to rules with proto = \"icmp\""),
             ("[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nicmp_types = [\"echo-request\"]\n", 4, 14, "apply to rules with proto"),
             ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = []\n", 4, 14, "empty icmp type list"),
@@ -584,6 +590,35 @@ mod tests {
         assert!(
             summary.contains("types echo-request,mld-listener-done,nd-neighbor-solicit"),
             "{summary}"
+        );
+    }
+
+    #[test]
+    fn comments_are_kept_shown_and_limited() {
+        let set = parse_rules(
+            "t.toml",
+            "[[rules]]\nname = \"ssh\"\naction = \"allow\"\ncomment = \"admins only — ticket 42\"\n\
+             [[rules]]\naction = \"deny\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            set.rules[0].comment.as_deref(),
+            Some("admins only — ticket 42")
+        );
+        assert_eq!(set.rules[1].comment, None);
+        let summary = summary(&set);
+        let line = summary.lines().nth(1).unwrap();
+        assert!(line.ends_with("  # admins only — ticket 42"), "{summary}");
+        // The limit counts characters, not bytes.
+        let longest = "é".repeat(MAX_COMMENT_CHARS);
+        let text = format!("[[rules]]\naction = \"allow\"\ncomment = \"{longest}\"\n");
+        assert!(parse_rules("t.toml", &text).is_ok());
+        let text = format!("[[rules]]\naction = \"allow\"\ncomment = \"{longest}x\"\n");
+        let error = error(&text);
+        assert_eq!((error.line, error.col), (3, 11));
+        assert_eq!(
+            error.message,
+            format!("comment is 257 characters long; at most {MAX_COMMENT_CHARS}")
         );
     }
 

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::services::Services;
 use super::values::{
-    action, address_list, icmp_type_list, interface_list, port_list, proto, rate_limit,
+    action, address_list, comment, icmp_type_list, interface_list, port_list, proto, rate_limit,
 };
 use super::{Located, DEFAULT_MAX_ENTRIES};
 use crate::rules::model::{Action, LogRate, Proto, Rule, RuleSet, Timeouts};
@@ -151,6 +151,7 @@ pub(super) struct RawRule {
     limit: Option<Spanned<String>>,
     burst: Option<Spanned<i64>>,
     log: Option<bool>,
+    comment: Option<Spanned<String>>,
 }
 
 /// `[[rules]]`, in order, using the resolved `sets` and port names from `services`; with the
@@ -253,6 +254,7 @@ fn rule(
         }
     };
     Ok(Rule {
+        comment: raw_rule.comment.as_ref().map(comment).transpose()?,
         log: raw_rule.log.unwrap_or(action == Action::Deny),
         limit,
         name,

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::services::Services;
 use super::Located;
-use crate::rules::model::{unit_seconds, Action, Limit, Proto};
+use crate::rules::model::{unit_seconds, Action, Limit, Proto, MAX_COMMENT_CHARS};
 
 /// `Ok` unless the list of `what` is empty (leaving the key out matches `omitted`).
 fn not_empty<T>(list: &Spanned<Vec<T>>, what: &str, omitted: &str) -> Result<(), Located> {
@@ -41,6 +41,26 @@ pub(super) fn interface_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<
         names.push(name.get_ref().clone());
     }
     Ok(names)
+}
+
+/// A rule's `comment`: one line of at most [`MAX_COMMENT_CHARS`] characters, as it is shown on
+/// one line of `check` and `explain`.
+pub(super) fn comment(value: &Spanned<String>) -> Result<String, Located> {
+    let text = value.get_ref();
+    let chars = text.chars().count();
+    if chars > MAX_COMMENT_CHARS {
+        return Err((
+            value.span(),
+            format!("comment is {chars} characters long; at most {MAX_COMMENT_CHARS}"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err((
+            value.span(),
+            "comment must be one line, without control characters".into(),
+        ));
+    }
+    Ok(text.clone())
 }
 
 pub(super) fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
