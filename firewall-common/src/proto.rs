@@ -79,3 +79,56 @@ impl Echo {
         }
     }
 }
+
+/// ICMP (IPv4) message types by the names nftables gives them (`nft describe icmp_type`), as
+/// rule files write them in `icmp_types`.
+pub const ICMP_TYPE_NAMES: &[(&str, u8)] = &[
+    ("echo-reply", ICMP_ECHO_REPLY),
+    ("destination-unreachable", 3),
+    ("source-quench", 4),
+    ("redirect", 5),
+    ("echo-request", ICMP_ECHO_REQUEST),
+    ("router-advertisement", 9),
+    ("router-solicitation", 10),
+    ("time-exceeded", 11),
+    ("parameter-problem", 12),
+    ("timestamp-request", 13),
+    ("timestamp-reply", 14),
+    ("info-request", 15),
+    ("info-reply", 16),
+    ("address-mask-request", 17),
+    ("address-mask-reply", 18),
+];
+
+/// ICMPv6 message types by the names nftables gives them (`nft describe icmpv6_type`;
+/// `mld-listener-reduction` is another name of `mld-listener-done`).
+pub const ICMPV6_TYPE_NAMES: &[(&str, u8)] = &[
+    ("destination-unreachable", 1),
+    ("packet-too-big", 2),
+    ("time-exceeded", 3),
+    ("parameter-problem", 4),
+    ("echo-request", ICMPV6_ECHO_REQUEST),
+    ("echo-reply", ICMPV6_ECHO_REPLY),
+    ("mld-listener-query", 130),
+    ("mld-listener-report", 131),
+    ("mld-listener-done", 132),
+    ("mld-listener-reduction", 132),
+    ("nd-router-solicit", 133),
+    ("nd-router-advert", 134),
+    ("nd-neighbor-solicit", 135),
+    ("nd-neighbor-advert", 136),
+    ("nd-redirect", 137),
+    ("router-renumbering", 138),
+    ("ind-neighbor-solicit", 141),
+    ("ind-neighbor-advert", 142),
+    ("mld2-listener-report", 143),
+];
+
+/// The names of ICMPv6 types if `v6`, else of ICMP types.
+pub fn icmp_type_names(v6: bool) -> &'static [(&'static str, u8)] {
+    if v6 {
+        ICMPV6_TYPE_NAMES
+    } else {
+        ICMP_TYPE_NAMES
+    }
+}

@@ -1,5 +1,5 @@
-//! Classification by bit vectors: one lookup per packet field returns the set of rules that
-//! field matches; the lowest rule in the intersection is the first match. The cost is five
+//! Classification by bit vectors: one lookup per packet field (the port field is an ICMP
+//! message's type for ICMP) returns the set of rules that field matches; the lowest rule in the intersection is the first match. The cost is five
 //! lookups (an address can take a few) plus an AND of the sets' word summaries and of the
 //! words they all allow, whatever the number of rules.
 //!
@@ -31,8 +31,9 @@ pub fn first_match(
     ifindex: u32,
 ) -> Option<u32> {
     let proto = PROTO_BITS.get(gen * PROTO_SLOTS + proto_slot(packet.v6, packet.proto))?;
-    let class = match packet.dport() {
-        Some(port) => *PORT_CLASS.get(gen * PORTS + u32::from(port))?,
+    // A TCP/UDP destination port or an ICMP type: both index the same class table.
+    let class = match packet.port_class_key() {
+        Some(key) => *PORT_CLASS.get(gen * PORTS + u32::from(key))?,
         None => 0,
     };
     if class >= MAX_PORT_CLASSES {

@@ -85,6 +85,20 @@ impl Packet {
         }
     }
 
+    /// The value the rules' port classes are looked up by: the destination port of TCP/UDP,
+    /// the type of ICMP (of the packet's family), else `None` (class 0). The protocol set keeps
+    /// port rules from ICMP packets and type rules from TCP/UDP.
+    #[inline(always)]
+    pub fn port_class_key(&self) -> Option<u16> {
+        if self.has_ports {
+            Some(self.dst_port)
+        } else if self.has_icmp {
+            Some(u16::from(self.icmp.kind))
+        } else {
+            None
+        }
+    }
+
     /// ICMP/ICMPv6 header of an unfragmented packet or first fragment, of the packet's family.
     #[inline(always)]
     pub fn icmp(&self) -> Option<Icmp> {

@@ -162,6 +162,9 @@ enum Command {
         /// Destination port (tcp, udp).
         #[arg(long)]
         port: Option<u16>,
+        /// ICMP type (icmp, icmpv6): a name as nftables spells it (echo-request) or a number.
+        #[arg(long)]
+        icmp_type: Option<String>,
         /// Interface the packet arrives on.
         #[arg(long)]
         iface: Option<String>,
@@ -339,6 +342,7 @@ fn main() -> ExitCode {
             from,
             to,
             port,
+            icmp_type,
             iface,
         } => {
             let question = Question {
@@ -346,6 +350,7 @@ fn main() -> ExitCode {
                 from,
                 to,
                 port,
+                icmp_type,
                 iface,
             };
             match explained_file(rules, &control) {

@@ -1,6 +1,7 @@
 //! Differential test: the XDP program (through BPF_PROG_TEST_RUN on the real kernel) and the
 //! reference evaluator must give the same verdict for every packet under random rule sets.
 //!
+//! Rules include ICMP and ICMPv6 rules with `icmp_types`, and ports equal to ICMP types.
 //! Frames are drawn to hit the parser's edges: VLAN stacks (up to three tags), IPv4 options,
 //! fragments, IPv6 extension-header chains (up to nine), truncations and corrupted bytes, with
 //! addresses and ports from small pools so that rules and packets overlap. A quarter of the
@@ -45,9 +46,13 @@ const V6_POOL: &[[u16; 8]] = &[
     [0, 0, 0, 0, 0, 0, 0, 1],
     [0xffff; 8],
 ];
+/// Ports, among them ICMP and ICMPv6 type numbers (3, 8, 128, 135): a port rule must never
+/// match an ICMP message whose type equals its port.
 const PORT_POOL: &[u16] = &[
-    1, 22, 53, 67, 68, 80, 443, 546, 547, 999, 1000, 2000, 2001, 8080, 65535,
+    1, 3, 8, 22, 53, 67, 68, 80, 128, 135, 443, 546, 547, 999, 1000, 2000, 2001, 8080, 65535,
 ];
+/// ICMP and ICMPv6 types for `icmp_types`: echo, errors, neighbour discovery.
+const ICMP_TYPE_POOL: &[u8] = &[0, 1, 2, 3, 4, 8, 11, 12, 128, 129, 133, 135, 136];
 
 fn pool_addr(rng: &mut StdRng, v6: bool) -> IpAddr {
     if v6 {
@@ -113,6 +118,19 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
             })
             .collect::<Vec<RangeInclusive<u16>>>()
     });
+    // Mostly types of the pool, a few edges or anything.
+    let icmp_types = (!ports_allowed && rng.gen_bool(0.6)).then(|| {
+        let mut types: Vec<u8> = (0..rng.gen_range(1..=3))
+            .map(|_| match rng.gen_range(0..8) {
+                0 => rng.gen(),
+                1 => [0, 255][rng.gen_range(0..2)],
+                _ => ICMP_TYPE_POOL[rng.gen_range(0..ICMP_TYPE_POOL.len())],
+            })
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    });
     Rule {
         name: format!("rule {}", index + 1),
         action: if rng.gen_bool(0.5) {
@@ -124,6 +142,8 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
         from: nets(rng),
         to: nets(rng),
         ports,
+        icmp_types,
+        comment: None,
         // BPF_PROG_TEST_RUN delivers frames on the loopback device: rules on "lo" apply,
         // rules on an interface that does not exist never do.
         iface: rng.gen_bool(0.2).then(|| match rng.gen_range(0..3) {
@@ -232,10 +252,10 @@ fn l4_bytes(rng: &mut StdRng, proto: u8) -> Vec<u8> {
         }
         1 | 58 if rng.gen_bool(0.5) => return icmp_message(rng, proto == 58),
         _ => {
-            let kind = if rng.gen_bool(0.5) {
-                [8, 0, 128, 129][rng.gen_range(0..4)]
-            } else {
-                rng.gen()
+            let kind = match rng.gen_range(0..4) {
+                0 | 1 => [8, 0, 128, 129][rng.gen_range(0..4)],
+                2 => ICMP_TYPE_POOL[rng.gen_range(0..ICMP_TYPE_POOL.len())],
+                _ => rng.gen(),
             };
             l4.extend_from_slice(&[kind, 0, 0, 0, 0, rng.gen_range(0..3), 0, 1]);
         }

@@ -409,6 +409,189 @@ fn later_fragments_match_only_rules_without_ports() {
     ]);
 }
 
+/// Echo requests allowed by `icmp_types`, other types denied; ports equal to ICMP types (a TCP
+/// rule's port 8, a proto-less rule's ports 13 and 129) never match ICMP messages.
+const ICMP_TYPE_RULES: &str = r#"
+[defaults]
+policy = "deny"
+
+[[rules]]
+name = "ping"
+action = "allow"
+proto = "icmp"
+icmp_types = ["echo-request"]
+
+[[rules]]
+name = "ping6"
+action = "allow"
+proto = "icmpv6"
+icmp_types = ["echo-request", "destination-unreachable"]
+
+[[rules]]
+name = "tcp-ports-like-types"
+action = "allow"
+proto = "tcp"
+ports = [8, 128]
+
+[[rules]]
+name = "tcp-and-udp-ports-like-types"
+action = "allow"
+ports = [13, 129]
+"#;
+
+#[test]
+fn icmp_types_select_messages_and_ports_never_match_them() {
+    let set = parse_rules("icmp.toml", ICMP_TYPE_RULES).unwrap();
+    let mut without_essentials = set.clone();
+    without_essentials.essentials = false;
+    let v4 = |l4| Frame::v4("192.0.2.9", "10.0.0.1", l4);
+    let v6 = |l4| Frame::v6("2001:db9::7", "fd00::1", l4);
+    let rows = [
+        ("icmp echo-request", v4(L4::Icmp), XDP_PASS, XDP_PASS),
+        (
+            "icmp echo-reply",
+            v4(L4::Icmp).icmp_type(0),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmp destination-unreachable",
+            v4(L4::Icmp).icmp_type(3),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmp timestamp-request (a tcp/udp port)",
+            v4(L4::Icmp).icmp_type(13),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmp type 128 (a tcp port)",
+            v4(L4::Icmp).icmp_type(128),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmp echo-request, later fragment",
+            v4(L4::Icmp).fragment(3, false),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmp echo-request, first fragment",
+            v4(L4::Icmp).fragment(0, true),
+            XDP_PASS,
+            XDP_PASS,
+        ),
+        ("icmpv6 echo-request", v6(L4::Icmpv6), XDP_PASS, XDP_PASS),
+        (
+            "icmpv6 destination-unreachable",
+            v6(L4::Icmpv6).icmp_type(1),
+            XDP_PASS,
+            XDP_PASS,
+        ),
+        (
+            "icmpv6 echo-reply (a tcp/udp port)",
+            v6(L4::Icmpv6).icmp_type(129),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmpv6 type 8 (a tcp port)",
+            v6(L4::Icmpv6).icmp_type(8),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmpv6 type 13 (a tcp/udp port)",
+            v6(L4::Icmpv6).icmp_type(13),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        // Essential ICMPv6 passes before the rules; without essentials the rules drop it.
+        (
+            "icmpv6 nd-neighbor-solicit",
+            v6(L4::Icmpv6).icmp_type(135),
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "icmpv6 packet-too-big",
+            v6(L4::Icmpv6).icmp_type(2),
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "icmpv6 mld2-listener-report",
+            v6(L4::Icmpv6).icmp_type(143),
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        // ICMP fields count only in their own family.
+        (
+            "icmp (v4) echo-request in IPv6",
+            v6(L4::Icmp),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "icmpv6 echo-request in IPv4",
+            v4(L4::Icmpv6),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+        (
+            "tcp to port 8",
+            v4(L4::Tcp { dport: 8 }),
+            XDP_PASS,
+            XDP_PASS,
+        ),
+        (
+            "udp to port 13",
+            v4(L4::Udp { dport: 13 }),
+            XDP_PASS,
+            XDP_PASS,
+        ),
+        (
+            "udp6 to port 129",
+            v6(L4::Udp { dport: 129 }),
+            XDP_PASS,
+            XDP_PASS,
+        ),
+        (
+            "udp to port 8: the rule is tcp",
+            v4(L4::Udp { dport: 8 }),
+            XDP_DROP,
+            XDP_DROP,
+        ),
+    ];
+    for (set, essentials) in [(&set, true), (&without_essentials, false)] {
+        let mut kernel = Kernel::load().expect("load the XDP program");
+        kernel.apply(&compile(set).unwrap()).unwrap();
+        for (name, frame, with, without) in &rows {
+            let want = if essentials { *with } else { *without };
+            for layer in [LinkLayer::Ethernet, LinkLayer::Ip] {
+                let bytes = match layer {
+                    LinkLayer::Ethernet => frame.build(),
+                    LinkLayer::Ip => frame.build_ip(),
+                };
+                let (got, _) = kernel.test_run_on(layer, &bytes, 1).expect("test run");
+                assert_eq!(
+                    got, want,
+                    "{name} ({layer:?}, essentials {essentials}): kernel gave {got}"
+                );
+                let reference = evaluate_layer(set, layer, &bytes, None, &FlowTable::default());
+                assert_eq!(
+                    xdp_action(reference.verdict),
+                    want,
+                    "{name} ({layer:?}, essentials {essentials}): the reference disagrees"
+                );
+            }
+        }
+    }
+}
+
 /// Every prefix of valid frames: the kernel must give the reference's verdict for each length
 /// (headers cut short are malformed and dropped; a cut in the payload is not).
 #[test]

@@ -5,11 +5,14 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests use, by the command that proves each is there.
+/// Debian packages the tests use, by the command (or, starting with `/`, the file) that proves
+/// each is there.
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 /// What the tests add: a DHCP server (dnsmasq-base has no service to start) and client for
-/// the end-to-end DHCP test, hping3 for the SYN flood test, fail2ban for the bans' action.
+/// the end-to-end DHCP test, hping3 for the SYN flood test, fail2ban for the bans' action,
+/// and `/etc/services` for the port names of rule files.
 pub const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("/etc/services", "netbase"),
     ("dnsmasq", "dnsmasq-base"),
     ("dhclient", "isc-dhcp-client"),
     ("hping3", "hping3"),
@@ -186,7 +189,13 @@ fn find_libllvm(lib: &Path) -> Result<PathBuf> {
 pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
-        .filter(|(command, _)| which(command).is_none())
+        .filter(|(probe, _)| {
+            if probe.starts_with('/') {
+                !Path::new(probe).exists()
+            } else {
+                which(probe).is_none()
+            }
+        })
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {

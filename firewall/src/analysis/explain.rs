@@ -5,10 +5,12 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Result};
 
-use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_SYN};
+use firewall_common::proto::{
+    icmp_type_names, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN,
+};
 
 use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{Action, ListStyle, Proto, Rule, RuleSet};
+use crate::rules::model::{icmp_type_text, Action, ListStyle, Proto, Rule, RuleSet};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -19,6 +21,10 @@ pub struct Question {
     pub to: IpAddr,
     /// Destination port (TCP and UDP).
     pub port: Option<u16>,
+    /// ICMP type (ICMP over IPv4, ICMPv6 over IPv6): a name as nftables spells it, or a
+    /// number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<String>,
     /// Interface the packet arrives on; `None`: one no rule names.
     pub iface: Option<String>,
 }
@@ -39,6 +45,10 @@ impl Question {
         if has_ports && self.port.is_none() {
             bail!("--port is needed with --proto tcp or udp");
         }
+        let icmp = match &self.icmp_type {
+            None => None,
+            Some(kind) => Some((self.icmp_type(proto, kind)?, 0)),
+        };
         Ok(PacketInfo {
             src: self.from,
             dst: self.to,
@@ -47,9 +57,26 @@ impl Question {
             // A new connection's first packet: what the rules, not connection state, decide.
             sport: self.port.map(|_| 40000),
             tcp_flags: TCP_SYN,
-            icmp: None,
+            icmp,
             quoted: None,
         })
+    }
+
+    /// The type number `kind` names for a packet of IP protocol `proto`.
+    fn icmp_type(&self, proto: u8, kind: &str) -> Result<u8> {
+        let v6 = self.from.is_ipv6();
+        let own = if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+        if proto != own {
+            bail!("--icmp-type needs --proto icmp with IPv4 addresses, or icmpv6 with IPv6");
+        }
+        let named = icmp_type_names(v6)
+            .iter()
+            .find(|(name, _)| *name == kind)
+            .map(|&(_, number)| number);
+        match named.or_else(|| kind.parse().ok()) {
+            Some(number) => Ok(number),
+            None => bail!("unknown ICMP type {kind:?}: a name as nftables spells it, or 0-255"),
+        }
     }
 }
 
@@ -59,9 +86,13 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
     let iface = question.iface.as_deref();
     let decision = classify_on(set, &packet, iface);
     let mut out = String::new();
-    let port = question
-        .port
-        .map_or(String::new(), |port| format!(" port {port}"));
+    let port = match (question.port, &packet.icmp) {
+        (Some(port), _) => format!(" port {port}"),
+        (None, Some((kind, _))) => {
+            format!(" type {}", icmp_type_text(question.from.is_ipv6(), *kind))
+        }
+        (None, None) => String::new(),
+    };
     let on = iface.map_or("any interface no rule names".to_string(), |name| {
         name.to_string()
     });
@@ -77,9 +108,8 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
     for (index, rule) in set.rules.iter().enumerate().take(decided_at) {
         writeln!(
             out,
-            "  rule {} {:?}: does not match: {}",
-            index + 1,
-            rule.name,
+            "  rule {}: does not match: {}",
+            rule_title(index, rule),
             mismatch(rule, &packet, iface).unwrap_or("?")
         )?;
     }
@@ -92,9 +122,8 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
             let rule = &set.rules[index];
             writeln!(
                 out,
-                "  rule {} {:?}: matches ({})",
-                index + 1,
-                rule.name,
+                "  rule {}: matches ({})",
+                rule_title(index, rule),
                 describe(rule)
             )?;
             writeln!(
@@ -126,6 +155,14 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
     Ok(out)
 }
 
+/// `2 "ssh"`, with the rule's comment after its name: `2 "ssh" [admins only]`.
+fn rule_title(index: usize, rule: &Rule) -> String {
+    match &rule.comment {
+        Some(comment) => format!("{} {:?} [{comment}]", index + 1, rule.name),
+        None => format!("{} {:?}", index + 1, rule.name),
+    }
+}
+
 /// The first condition of `rule` that `packet` fails.
 fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'static str> {
     if let Some(names) = &rule.iface {
@@ -142,6 +179,11 @@ fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'s
             .is_some_and(|port| ranges.iter().any(|range| range.contains(&port)));
         if !port_ok {
             return Some("destination port not in its ports");
+        }
+    }
+    if let Some(types) = &rule.icmp_types {
+        if !packet.icmp.is_some_and(|(kind, _)| types.contains(&kind)) {
+            return Some("ICMP type not in its icmp_types");
         }
     }
     let contains = |nets: &Option<Vec<ipnet::IpNet>>, addr: IpAddr| {
@@ -161,8 +203,11 @@ fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'s
 fn describe(rule: &Rule) -> String {
     let text = rule.text(ListStyle::SENTENCE);
     let (action, proto, ports) = (text.action, text.proto, text.ports);
+    let types = text
+        .icmp_types
+        .map_or(String::new(), |types| format!(", icmp types {types}"));
     format!(
-        "{action}: proto {proto}, from {}, to {}, ports {ports}",
+        "{action}: proto {proto}, from {}, to {}, ports {ports}{types}",
         text.from, text.to
     )
 }
@@ -182,6 +227,7 @@ mod tests {
                 from: from.parse()?,
                 to: "192.0.2.1".parse()?,
                 port,
+                icmp_type: None,
                 iface: None,
             },
         )
@@ -218,5 +264,64 @@ mod tests {
         assert!(ask("tcp", "198.51.100.7", None).is_err());
         assert!(ask("sctp", "198.51.100.7", None).is_err());
         assert!(ask("132", "198.51.100.7", None).is_ok());
+    }
+
+    fn ask_icmp(proto: &str, from: &str, to: &str, kind: &str) -> Result<String> {
+        let set = parse_rules(
+            "rules.toml",
+            r#"
+            [defaults]
+            policy = "deny"
+            [[rules]]
+            name = "ping"
+            action = "allow"
+            proto = "icmp"
+            icmp_types = ["echo-request", 3]
+            comment = "pings from anywhere"
+            [[rules]]
+            name = "ping6"
+            action = "allow"
+            proto = "icmpv6"
+            icmp_types = ["echo-request"]
+            "#,
+        )?;
+        explain(
+            &set,
+            &Question {
+                proto: proto.into(),
+                from: from.parse()?,
+                to: to.parse()?,
+                port: None,
+                icmp_type: Some(kind.into()),
+                iface: None,
+            },
+        )
+    }
+
+    #[test]
+    fn icmp_types_are_asked_about_and_shown() {
+        let out = ask_icmp("icmp", "192.0.2.7", "192.0.2.1", "echo-request").unwrap();
+        assert!(
+            out.starts_with("icmp 192.0.2.7 -> 192.0.2.1 type echo-request,"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rule 1 \"ping\" [pings from anywhere]: matches (allow: proto icmp, from any, to any, ports any, icmp types destination-unreachable, echo-request)"),
+            "{out}"
+        );
+        let out = ask_icmp("icmp", "192.0.2.7", "192.0.2.1", "13").unwrap();
+        assert!(
+            out.contains(
+                "rule 1 \"ping\" [pings from anywhere]: does not match: ICMP type not in its icmp_types"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("verdict: drop (no rule matches"), "{out}");
+        let out = ask_icmp("icmpv6", "2001:db8::7", "2001:db8::1", "echo-request").unwrap();
+        assert!(out.contains("verdict: pass (rule 2 \"ping6\")"), "{out}");
+        // Names of the other family, and types of the other family's protocol, are refused.
+        assert!(ask_icmp("icmp", "192.0.2.7", "192.0.2.1", "nd-neighbor-solicit").is_err());
+        assert!(ask_icmp("icmp", "2001:db8::7", "2001:db8::1", "echo-request").is_err());
+        assert!(ask_icmp("tcp", "192.0.2.7", "192.0.2.1", "8").is_err());
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::explain::Question;
 
 /// Bumped whenever a request or response changes shape.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Default path of the control socket (in its own directory, so a hardened service can be
 /// given write access to it alone).
@@ -208,7 +208,18 @@ mod tests {
                     from: "2001:db8::1".parse().unwrap(),
                     to: "2001:db8::2".parse().unwrap(),
                     port: Some(22),
+                    icmp_type: None,
                     iface: None,
+                },
+            },
+            Request::Explain {
+                question: Question {
+                    proto: "icmpv6".into(),
+                    from: "2001:db8::1".parse().unwrap(),
+                    to: "2001:db8::2".parse().unwrap(),
+                    port: None,
+                    icmp_type: Some("echo-request".into()),
+                    iface: Some("eth0".into()),
                 },
             },
         ];

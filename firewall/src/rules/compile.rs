@@ -11,25 +11,32 @@
 //!   In the kernel, hosts and (IPv4) prefixes cut into a few fixed lengths sit in a hash map
 //!   looked up before the trie; see [`AddressTable`] and [`layout`]. Entries hold the id of
 //!   their bit set, an address class (see [`crate::rules::classes`]).
-//! - protocols: a rule with ports can only match TCP and UDP.
-//! - ports: destination ports are cut into classes at every range boundary; class 0 is "the
-//!   packet has no port" and holds the rules without ports.
+//! - protocols: a rule with ports can only match TCP and UDP; a rule with ICMP types only
+//!   ICMP in IPv4 or ICMPv6 in IPv6 (its own protocol and family).
+//! - ports: the kernel looks up one value per packet: a TCP/UDP packet's destination port, an
+//!   ICMP message's type (ICMP in IPv4, ICMPv6 in IPv6), or none. Values are cut into classes
+//!   at every boundary of the rules' port ranges and ICMP types alike; class 0 is "the packet
+//!   has neither" and holds the rules with neither. A port and a type of the same value share
+//!   a class, so a TCP rule's port 8 is in the class of an ICMP echo request: the protocol
+//!   set, which holds port rules only for TCP and UDP and type rules only for ICMP, is what
+//!   keeps them apart.
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
-use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
+use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
     proto_slot, RateLimit, RuleBits, RuleName, ACTION_LIMITED, ACTION_LOG, CHECK_AUDIT, CHECK_DHCP,
-    CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_PORT_CLASSES, MAX_RULES,
-    PROTO_SLOTS, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_RULES, PROTO_SLOTS,
+    RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::rules::classes::{Interner, Renumber};
 use crate::rules::model::{Limit, Rule, RuleSet, Timeouts};
+use crate::rules::ports::port_tables;
 
 /// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
 pub const PORTS: usize = firewall_common::PORTS as usize;
@@ -221,8 +228,12 @@ fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
             let bits = &mut table[proto_slot(v6, proto) as usize];
             for (index, rule) in rules.iter().enumerate() {
                 let port_ok = rule.ports.is_none() || proto == IPPROTO_TCP || proto == IPPROTO_UDP;
+                // ICMP fields count only in their own family (as the parser reads them).
+                let own_icmp = (proto == IPPROTO_ICMP && !v6) || (proto == IPPROTO_ICMPV6 && v6);
+                let types_ok = rule.icmp_types.is_none() || own_icmp;
                 if rule.proto.matches(proto)
                     && port_ok
+                    && types_ok
                     && has_family(&rule.from)
                     && has_family(&rule.to)
                 {
@@ -259,58 +270,6 @@ fn interface_table(rules: &[Rule]) -> (RuleBits, Vec<(String, RuleBits)>) {
         })
         .collect();
     (everywhere, ifaces)
-}
-
-/// Port -> class, and class -> rules. Identical bit sets share a class.
-fn port_tables(rules: &[Rule]) -> Result<(Vec<u32>, Vec<RuleBits>)> {
-    let mut portless = RuleBits::EMPTY;
-    // Ports where some rule's membership changes.
-    let mut cuts = vec![0usize];
-    for (index, rule) in rules.iter().enumerate() {
-        match &rule.ports {
-            None => portless.set(index),
-            Some(ranges) => {
-                for range in ranges {
-                    cuts.push(usize::from(*range.start()));
-                    cuts.push(usize::from(*range.end()) + 1);
-                }
-            }
-        }
-    }
-    cuts.retain(|&cut| cut < PORTS);
-    cuts.sort_unstable();
-    cuts.dedup();
-
-    // Bits per segment [cuts[i], cuts[i+1]).
-    let mut segment_bits = vec![portless; cuts.len()];
-    for (index, rule) in rules.iter().enumerate() {
-        for range in rule.ports.iter().flatten() {
-            let first = cuts.partition_point(|&cut| cut <= usize::from(*range.start())) - 1;
-            let last = cuts.partition_point(|&cut| cut <= usize::from(*range.end())) - 1;
-            for bits in &mut segment_bits[first..=last] {
-                bits.set(index);
-            }
-        }
-    }
-
-    let mut class_of: HashMap<RuleBits, u32> = HashMap::from([(portless, 0)]);
-    let mut port_bits = vec![portless];
-    let mut port_class = vec![0u32; PORTS];
-    for (segment, bits) in segment_bits.iter().enumerate() {
-        let class = *class_of.entry(*bits).or_insert_with(|| {
-            port_bits.push(*bits);
-            port_bits.len() as u32 - 1
-        });
-        let end = cuts.get(segment + 1).copied().unwrap_or(PORTS);
-        port_class[cuts[segment]..end].fill(class);
-    }
-    if port_bits.len() > MAX_PORT_CLASSES as usize {
-        bail!(
-            "the rules' ports form {} distinct port classes; at most {MAX_PORT_CLASSES} are supported",
-            port_bits.len()
-        );
-    }
-    Ok((port_class, port_bits))
 }
 
 /// IPv4 and IPv6 entries (each with its ancestors' rules, as a class id of `classes`) for the
@@ -511,6 +470,8 @@ mod tests {
             from: from.map(|nets| nets.iter().map(|n| n.parse().unwrap()).collect()),
             to: None,
             ports,
+            icmp_types: None,
+            comment: None,
             iface: None,
             limit: None,
             log: false,
@@ -521,6 +482,26 @@ mod tests {
 
     fn set(rules: Vec<Rule>) -> Compiled {
         compile(&RuleSet::new(Action::Deny, rules)).unwrap()
+    }
+
+    #[test]
+    fn icmp_type_rules_share_port_classes_but_only_icmp_of_their_family() {
+        let mut ping = rule(Proto::Icmp, None, None);
+        ping.icmp_types = Some(vec![8]);
+        let mut ping6 = rule(Proto::Icmpv6, None, None);
+        ping6.icmp_types = Some(vec![128]);
+        let compiled = set(vec![ping, ping6, rule(Proto::Tcp, None, Some(vec![8..=8]))]);
+        let slot = |v6, proto| proto_slot(v6, proto) as usize;
+        assert!(compiled.proto_bits[slot(false, 1)].contains(0));
+        assert!(!compiled.proto_bits[slot(true, 1)].contains(0));
+        assert!(compiled.proto_bits[slot(true, 58)].contains(1));
+        assert!(!compiled.proto_bits[slot(false, 58)].contains(1));
+        assert!(!compiled.proto_bits[slot(false, 1)].contains(2));
+        // Type 8 and port 8 share a class; 128 has its own; class 0 holds none of the three.
+        let class_8 = compiled.port_class[8] as usize;
+        assert!(compiled.port_bits[class_8].contains(0) && compiled.port_bits[class_8].contains(2));
+        assert!(compiled.port_bits[compiled.port_class[128] as usize].contains(1));
+        assert_eq!(compiled.port_bits[0], RuleBits::EMPTY);
     }
 
     #[test]

@@ -103,6 +103,8 @@ struct MatchShape<'a> {
     from: Networks<'a>,
     to: Networks<'a>,
     iface: Option<&'a [String]>,
+    /// ICMP types (sorted); `None`: any.
+    icmp_types: Option<&'a [u8]>,
 }
 
 /// A rule's `from` or `to` list; `None` is any address.
@@ -125,8 +127,10 @@ impl<'a> MatchShape<'a> {
             to,
             ports,
             iface,
+            icmp_types,
             limit: _,
             log: _,
+            comment: _,
         } = rule;
         let protos = match (proto, ports) {
             // Ports match only TCP and UDP: "any" with ports means those two.
@@ -143,6 +147,7 @@ impl<'a> MatchShape<'a> {
             from: networks(from),
             to: networks(to),
             iface: iface.as_deref(),
+            icmp_types: icmp_types.as_deref(),
         }
     }
 
@@ -163,7 +168,17 @@ impl<'a> MatchShape<'a> {
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => theirs.iter().all(|name| mine.contains(name)),
         };
-        protos && ports() && iface() && self.from.cover(&later.from) && self.to.cover(&later.to)
+        let icmp_types = || match (self.icmp_types, later.icmp_types) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|kind| mine.contains(kind)),
+        };
+        protos
+            && ports()
+            && iface()
+            && icmp_types()
+            && self.from.cover(&later.from)
+            && self.to.cover(&later.to)
     }
 }
 
@@ -298,6 +313,17 @@ mod tests {
         let found = shadowed(&[first, second]);
         assert!(found.len() <= 1, "{found:?}");
         found.len() == 1
+    }
+
+    #[test]
+    fn icmp_types_narrow_what_a_rule_covers() {
+        let echo = "action = \"allow\"\nproto = \"icmp\"\nicmp_types = [\"echo-request\"]";
+        let unreachable = "action = \"deny\"\nproto = \"icmp\"\nicmp_types = [3]";
+        let any_icmp = "action = \"deny\"\nproto = \"icmp\"";
+        assert!(second_shadowed(echo, echo));
+        assert!(!second_shadowed(echo, unreachable));
+        assert!(!second_shadowed(echo, any_icmp));
+        assert!(second_shadowed(any_icmp, unreachable));
     }
 
     /// A rule naming a dynamic set matches what the set holds at run time: empty when the file

@@ -7,3 +7,4 @@ pub mod config;
 pub mod files;
 pub mod lint;
 pub mod model;
+mod ports;

@@ -7,11 +7,16 @@
 //!   `Any` matches every protocol.
 //! - `ports`: the destination port lies in one of the ranges; only TCP and UDP packets that
 //!   carry a port (not non-first fragments) can match a rule with ports.
+//! - `icmp_types` (rules of `proto` icmp or icmpv6 only): the packet is ICMP in IPv4 (icmp) or
+//!   ICMPv6 in IPv6 (icmpv6), carries its ICMP header (not a non-first fragment), and its
+//!   type is one of the list.
 //! - `from` / `to`: the source / destination address lies in one of the networks of the
 //!   packet's family; a list with no network of that family never matches.
 use std::ops::RangeInclusive;
 
-use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use firewall_common::proto::{
+    icmp_type_names, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
 use firewall_common::{ACTION_ALLOW, ACTION_DENY, ACTION_MASK};
 use ipnet::IpNet;
 
@@ -104,6 +109,24 @@ impl Proto {
     pub fn matches(self, ip_proto: u8) -> bool {
         self.number().is_none_or(|number| number == ip_proto)
     }
+
+    /// For ICMP and ICMPv6: whether its messages travel in IPv6 (its type numbers are
+    /// ICMPv6's). `None` for other protocols.
+    pub fn icmp_family_v6(self) -> Option<bool> {
+        match self {
+            Proto::Icmp => Some(false),
+            Proto::Icmpv6 => Some(true),
+            _ => None,
+        }
+    }
+}
+
+/// The name nftables gives ICMP type `kind` (ICMPv6 if `v6`), or its number.
+pub fn icmp_type_text(v6: bool, kind: u8) -> String {
+    icmp_type_names(v6)
+        .iter()
+        .find(|&&(_, number)| number == kind)
+        .map_or_else(|| kind.to_string(), |(name, _)| name.to_string())
 }
 
 /// Units of durations and rates, in rule files (`limit = "6/m"`) and on the command line
@@ -130,13 +153,22 @@ pub struct Rule {
     pub to: Option<Vec<IpNet>>,
     /// `None`: any port (and any protocol). `Some`: destination port in one of these ranges.
     pub ports: Option<Vec<RangeInclusive<u16>>>,
+    /// `None`: any ICMP type (and any protocol). `Some` (only with `proto` icmp or icmpv6):
+    /// ICMP messages of the rule's family with one of these types, sorted, no duplicates.
+    pub icmp_types: Option<Vec<u8>>,
     /// `None`: every interface the daemon manages. `Some`: packets arriving on one of these.
     pub iface: Option<Vec<String>>,
     /// Allow rules only: per source address, matches beyond this rate are dropped.
     pub limit: Option<Limit>,
     /// Matches are logged (rate-limited): by default deny rules log, allow rules do not.
     pub log: bool,
+    /// The operator's note on the rule (one line, at most [`MAX_COMMENT_CHARS`]); shown by
+    /// `check` and `explain`, no part of matching.
+    pub comment: Option<String>,
 }
+
+/// Longest `comment` accepted, in characters.
+pub const MAX_COMMENT_CHARS: usize = 256;
 
 impl Limit {
     /// The unit of the rate as written (`s`, `m`, `h`); `h` for a period not in the table.
@@ -178,6 +210,8 @@ pub struct RuleText {
     pub from: String,
     pub to: String,
     pub ports: String,
+    /// `echo-request,3`; `None` when the rule has no `icmp_types`.
+    pub icmp_types: Option<String>,
 }
 
 impl Rule {
@@ -198,6 +232,14 @@ impl Rule {
             from: nets(&self.from),
             to: nets(&self.to),
             ports: self.ports_text(style.separator),
+            icmp_types: self.icmp_types.as_ref().map(|types| {
+                let v6 = self.proto.icmp_family_v6().unwrap_or(false);
+                types
+                    .iter()
+                    .map(|&kind| icmp_type_text(v6, kind))
+                    .collect::<Vec<_>>()
+                    .join(style.separator)
+            }),
         }
     }
 

@@ -294,9 +294,19 @@ pub fn matches(rule: &Rule, packet: &PacketInfo) -> bool {
                     .is_some_and(|port| ranges.iter().any(|range| range.contains(&port)))
         }
     };
+    // The parser reads ICMP types only from ICMP in IPv4 and ICMPv6 in IPv6, and not from
+    // later fragments: any other packet has no type a list could hold.
+    let types_ok = match &rule.icmp_types {
+        None => true,
+        Some(types) => packet.icmp.is_some_and(|(kind, _)| types.contains(&kind)),
+    };
     let in_any = |nets: &Option<Vec<ipnet::IpNet>>, addr: IpAddr| match nets {
         None => true,
         Some(nets) => nets.iter().any(|net| net.contains(&addr)),
     };
-    proto_ok && ports_ok && in_any(&rule.from, packet.src) && in_any(&rule.to, packet.dst)
+    proto_ok
+        && ports_ok
+        && types_ok
+        && in_any(&rule.from, packet.src)
+        && in_any(&rule.to, packet.dst)
 }

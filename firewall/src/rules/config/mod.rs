@@ -11,10 +11,12 @@ use toml::Spanned;
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES};
 use crate::rules::model::{Action, DynamicUse, ListStyle, Position, RuleSet};
 
+mod services;
 mod sets;
 mod validate;
 mod values;
 
+pub use services::SERVICES_PATH;
 pub use sets::{parse_set_file, MAX_SET_FILE_ENTRIES};
 
 /// A mistake in a rule file, with its 1-based position (column in characters).
@@ -72,6 +74,18 @@ pub fn parse_rules_with(
     dir: &Path,
     trust: Trust,
 ) -> Result<RuleSet, ConfigError> {
+    parse_rules_using(file, text, dir, trust, Path::new(SERVICES_PATH))
+}
+
+/// Like [`parse_rules_with`], with port names looked up in `services` (read once, and only if
+/// a rule names a port) instead of `/etc/services`.
+pub fn parse_rules_using(
+    file: &str,
+    text: &str,
+    dir: &Path,
+    trust: Trust,
+    services: &Path,
+) -> Result<RuleSet, ConfigError> {
     let located = |(span, message): Located| {
         let (line, col) = line_col(text, span.start);
         ConfigError {
@@ -100,7 +114,8 @@ pub fn parse_rules_with(
     validate::timeouts(&mut set.timeouts, raw.state).map_err(located)?;
     let raw_rules = raw.rules.unwrap_or_default();
     let dynamic = validate::dynamic_names(&raw_rules, &set.dynamic_sets);
-    let (rules, spans) = validate::rules(raw_rules, &sets).map_err(located)?;
+    let services = services::Services::new(services);
+    let (rules, spans) = validate::rules(raw_rules, &sets, &services).map_err(located)?;
     set.dynamic_uses = dynamic
         .into_iter()
         .map(|(rule, to, sets)| {
@@ -198,9 +213,17 @@ pub fn summary(set: &RuleSet) -> String {
             ),
             None => String::new(),
         };
+        let types = match &text.icmp_types {
+            Some(types) => format!(" types {types}"),
+            None => String::new(),
+        };
         let log = if rule.log { " log" } else { "" };
+        let comment = match &rule.comment {
+            Some(comment) => format!("  # {comment}"),
+            None => String::new(),
+        };
         out += &format!(
-            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{iface}{limit}{log}\n",
+            "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{types}{iface}{limit}{log}{comment}\n",
             index + 1,
             rule.name,
             text.action,
@@ -216,7 +239,7 @@ pub fn summary(set: &RuleSet) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::model::Proto;
+    use crate::rules::model::{Proto, MAX_COMMENT_CHARS};
     use firewall_common::MAX_RULES;
 
     fn error(text: &str) -> ConfigError {
@@ -250,6 +273,15 @@ mod tests {
             ("[[rules]]\naction = \"allow\"\nports = [true]\n", 3, 10, "invalid port true"),
             ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nports = [22]\n", 4, 9, "only apply to tcp and udp"),
             ("[[rules]]\naction = \"allow\"\nname = 7\n", 3, 8, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\ncomment = 7\n", 3, 11, "invalid type"),
+            ("[[rules]]\naction = \"allow\"\ncomment = \"a\\nb\"\n", 3, 11, "comment must be one line"),
+            ("[[rules]]\naction = \"allow\"\nicmp_types = [8]\n", 3, 14, "apply to rules with proto = \"icmp\""),
+            ("[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nicmp_types = [\"echo-request\"]\n", 4, 14, "apply to rules with proto"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = []\n", 4, 14, "empty icmp type list"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = [8, 256]\n", 4, 18, "icmp type 256 is out of range"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = [\"echo\"]\n", 4, 15, "unknown icmp type \"echo\""),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmp\"\nicmp_types = [\"nd-neighbor-solicit\"]\n", 4, 15, "is an icmpv6 type, and this rule is icmp"),
+            ("[[rules]]\naction = \"allow\"\nproto = \"icmpv6\"\nicmp_types = [true]\n", 4, 15, "invalid icmpv6 type true"),
             ("[[rules]]\nname = \"a\"\naction = \"allow\"\n[[rules]]\nname = \"a\"\naction = \"deny\"\n", 5, 8, "duplicate rule name \"a\""),
             ("rules = 5\n", 1, 9, "invalid type"),
             ("[[rules]]\naction = \"allow\"\niface = []\n", 3, 9, "empty interface list"),
@@ -497,6 +529,150 @@ mod tests {
         assert_eq!(
             (second.proto, &second.from, &second.ports),
             (Proto::Any, &None, &None)
+        );
+    }
+
+    /// Rules naming ports, parsed against a services file of the test's own.
+    fn with_services(rules: &str) -> Result<RuleSet, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "fw-config-services-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let services = dir.join("services");
+        std::fs::write(
+            &services,
+            "ssh 22/tcp\nhttps 443/tcp\nhttps 443/udp\nntp 123/udp\nhttp 80/tcp www\n",
+        )
+        .unwrap();
+        let result = parse_rules_using("r.toml", rules, &dir, Trust::Anyone, &services);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn port_names_are_looked_up_for_the_rules_protocol() {
+        let set = with_services(
+            "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"ssh\", \"www\", 8080, \"9000-9001\"]\n\
+             [[rules]]\naction = \"allow\"\nports = [\"https\"]\n\
+             [[rules]]\naction = \"allow\"\nproto = \"udp\"\nports = [\" ntp \"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            set.rules[0].ports,
+            Some(vec![22..=22, 80..=80, 8080..=8080, 9000..=9001])
+        );
+        assert_eq!(set.rules[1].ports, Some(vec![443..=443]));
+        assert_eq!(set.rules[2].ports, Some(vec![123..=123]));
+
+        let cases: &[(&str, usize, usize, &str)] = &[
+            (
+                "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [22, \"foo\"]\n",
+                4,
+                14,
+                "unknown service name \"foo\" (not in ",
+            ),
+            (
+                "[[rules]]\naction = \"allow\"\nproto = \"udp\"\nports = [\"ssh\"]\n",
+                4,
+                10,
+                "\"ssh\" is tcp only",
+            ),
+            (
+                "[[rules]]\naction = \"allow\"\nports = [\"ssh\"]\n",
+                3,
+                10,
+                "set proto = \"tcp\"",
+            ),
+            (
+                "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"ssh-https\"]\n",
+                4,
+                10,
+                "unknown service name \"ssh-https\"",
+            ),
+        ];
+        for &(text, line, col, message) in cases {
+            let error = with_services(text).expect_err(text);
+            assert_eq!((error.line, error.col), (line, col), "{error}");
+            assert!(error.message.contains(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn port_names_come_from_etc_services_by_default() {
+        let set = parse_rules(
+            "t.toml",
+            "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"ssh\", \"https\"]\n",
+        )
+        .unwrap();
+        assert_eq!(set.rules[0].ports, Some(vec![22..=22, 443..=443]));
+        let error = error(
+            "[[rules]]\naction = \"allow\"\nproto = \"tcp\"\nports = [\"no-such-service\"]\n",
+        );
+        assert_eq!(
+            error.to_string(),
+            "t.toml:4:10: unknown service name \"no-such-service\" (not in /etc/services)"
+        );
+    }
+
+    #[test]
+    fn icmp_types_take_nftables_names_and_numbers() {
+        let set = parse_rules(
+            "t.toml",
+            r#"
+            [[rules]]
+            action = "allow"
+            proto = "icmp"
+            icmp_types = ["echo-request", "destination-unreachable", 3, 200]
+
+            [[rules]]
+            action = "allow"
+            proto = "icmpv6"
+            icmp_types = ["nd-neighbor-solicit", "echo-request", "mld-listener-reduction"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(set.rules[0].icmp_types, Some(vec![3, 8, 200]));
+        assert_eq!(set.rules[1].icmp_types, Some(vec![128, 132, 135]));
+        assert_eq!(set.rules[0].ports, None);
+        let summary = summary(&set);
+        assert!(
+            summary.contains("types destination-unreachable,echo-request,200"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("types echo-request,mld-listener-done,nd-neighbor-solicit"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn comments_are_kept_shown_and_limited() {
+        let set = parse_rules(
+            "t.toml",
+            "[[rules]]\nname = \"ssh\"\naction = \"allow\"\ncomment = \"admins only — ticket 42\"\n\
+             [[rules]]\naction = \"deny\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            set.rules[0].comment.as_deref(),
+            Some("admins only — ticket 42")
+        );
+        assert_eq!(set.rules[1].comment, None);
+        let summary = summary(&set);
+        let line = summary.lines().nth(1).unwrap();
+        assert!(line.ends_with("  # admins only — ticket 42"), "{summary}");
+        // The limit counts characters, not bytes.
+        let longest = "é".repeat(MAX_COMMENT_CHARS);
+        let text = format!("[[rules]]\naction = \"allow\"\ncomment = \"{longest}\"\n");
+        assert!(parse_rules("t.toml", &text).is_ok());
+        let text = format!("[[rules]]\naction = \"allow\"\ncomment = \"{longest}x\"\n");
+        let error = error(&text);
+        assert_eq!((error.line, error.col), (3, 11));
+        assert_eq!(
+            error.message,
+            format!("comment is 257 characters long; at most {MAX_COMMENT_CHARS}")
         );
     }
 

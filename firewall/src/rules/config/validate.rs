@@ -8,7 +8,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::values::{action, address_list, interface_list, port_list, proto, rate_limit};
+use super::services::Services;
+use super::values::{
+    action, address_list, comment, icmp_type_list, interface_list, port_list, proto, rate_limit,
+};
 use super::{Located, DEFAULT_MAX_ENTRIES};
 use crate::rules::model::{Action, LogRate, Proto, Rule, RuleSet, Timeouts};
 
@@ -141,17 +144,22 @@ pub(super) struct RawRule {
     from: Option<Spanned<Vec<Spanned<String>>>>,
     to: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    /// ICMP or ICMPv6 type names (as nftables spells them) and numbers.
+    icmp_types: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     iface: Option<Spanned<Vec<Spanned<String>>>>,
     /// `"COUNT/s"`, `"COUNT/m"` or `"COUNT/h"`, per source address.
     limit: Option<Spanned<String>>,
     burst: Option<Spanned<i64>>,
     log: Option<bool>,
+    comment: Option<Spanned<String>>,
 }
 
-/// `[[rules]]`, in order, using the resolved `sets`; with the span of each in the file.
+/// `[[rules]]`, in order, using the resolved `sets` and port names from `services`; with the
+/// span of each in the file.
 pub(super) fn rules(
     raw_rules: Vec<Spanned<RawRule>>,
     sets: &HashMap<String, Vec<IpNet>>,
+    services: &Services,
 ) -> Result<(Vec<Rule>, Vec<Range<usize>>), Located> {
     if raw_rules.len() > MAX_RULES {
         let span = raw_rules[MAX_RULES].span();
@@ -165,7 +173,7 @@ pub(super) fn rules(
     let mut rule_spans = Vec::with_capacity(raw_rules.len());
     for (index, raw_rule) in raw_rules.into_iter().enumerate() {
         rule_spans.push(raw_rule.span());
-        rules.push(rule(index, raw_rule, &mut names, sets)?);
+        rules.push(rule(index, raw_rule, &mut names, sets, services)?);
     }
     Ok((rules, rule_spans))
 }
@@ -176,6 +184,7 @@ fn rule(
     raw_rule: Spanned<RawRule>,
     names: &mut HashMap<String, usize>,
     sets: &HashMap<String, Vec<IpNet>>,
+    services: &Services,
 ) -> Result<Rule, Located> {
     let span = raw_rule.span();
     let raw_rule = raw_rule.into_inner();
@@ -220,9 +229,13 @@ fn rule(
                     "`ports` only apply to tcp and udp, not to icmp/icmpv6".into(),
                 ));
             }
-            Some(port_list(ports)?)
+            Some(port_list(ports, proto, services)?)
         }
     };
+    let icmp_types = raw_rule
+        .icmp_types
+        .map(|list| icmp_type_list(list, proto))
+        .transpose()?;
     let limit = match raw_rule.limit {
         None => {
             if let Some(burst) = &raw_rule.burst {
@@ -241,6 +254,7 @@ fn rule(
         }
     };
     Ok(Rule {
+        comment: raw_rule.comment.as_ref().map(comment).transpose()?,
         log: raw_rule.log.unwrap_or(action == Action::Deny),
         limit,
         name,
@@ -255,6 +269,7 @@ fn rule(
             .map(|list| address_list(list, sets))
             .transpose()?,
         ports,
+        icmp_types,
         iface: raw_rule.iface.map(interface_list).transpose()?,
     })
 }

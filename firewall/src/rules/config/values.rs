@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
+use firewall_common::proto::icmp_type_names;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::services::Services;
 use super::Located;
-use crate::rules::model::{unit_seconds, Action, Limit, Proto};
+use crate::rules::model::{unit_seconds, Action, Limit, Proto, MAX_COMMENT_CHARS};
 
 /// `Ok` unless the list of `what` is empty (leaving the key out matches `omitted`).
 fn not_empty<T>(list: &Spanned<Vec<T>>, what: &str, omitted: &str) -> Result<(), Located> {
@@ -39,6 +41,26 @@ pub(super) fn interface_list(list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<
         names.push(name.get_ref().clone());
     }
     Ok(names)
+}
+
+/// A rule's `comment`: one line of at most [`MAX_COMMENT_CHARS`] characters, as it is shown on
+/// one line of `check` and `explain`.
+pub(super) fn comment(value: &Spanned<String>) -> Result<String, Located> {
+    let text = value.get_ref();
+    let chars = text.chars().count();
+    if chars > MAX_COMMENT_CHARS {
+        return Err((
+            value.span(),
+            format!("comment is {chars} characters long; at most {MAX_COMMENT_CHARS}"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err((
+            value.span(),
+            "comment must be one line, without control characters".into(),
+        ));
+    }
+    Ok(text.clone())
 }
 
 pub(super) fn action(value: &Spanned<String>, key: &str) -> Result<Action, Located> {
@@ -149,19 +171,39 @@ pub(super) fn network(entry: &Spanned<String>) -> Result<IpNet, Located> {
     Ok(net)
 }
 
+/// The ports of a rule of protocol `proto`, names looked up in `services`.
 pub(super) fn port_list(
     list: Spanned<Vec<Spanned<toml::Value>>>,
+    proto: Proto,
+    services: &Services,
 ) -> Result<Vec<RangeInclusive<u16>>, Located> {
     not_empty(&list, "port", "any port")?;
-    list.into_inner().iter().map(port_entry).collect()
+    list.into_inner()
+        .iter()
+        .map(|entry| port_entry(entry, proto, services))
+        .collect()
 }
 
-/// `22`, `"22"` or `"8000-8100"`.
-fn port_entry(entry: &Spanned<toml::Value>) -> Result<RangeInclusive<u16>, Located> {
+/// `22`, `"22"`, `"8000-8100"` or a service name (`"ssh"`: anything but digits and `-`).
+fn port_entry(
+    entry: &Spanned<toml::Value>,
+    proto: Proto,
+    services: &Services,
+) -> Result<RangeInclusive<u16>, Located> {
     let span = entry.span();
     match entry.get_ref() {
         toml::Value::Integer(port) => {
             let port = port_number(*port).map_err(|message| (span.clone(), message))?;
+            Ok(port..=port)
+        }
+        toml::Value::String(name)
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '-' || c.is_whitespace()) =>
+        {
+            let port = services
+                .port(name.trim(), proto)
+                .map_err(|message| (span, message))?;
             Ok(port..=port)
         }
         toml::Value::String(text) => {
@@ -202,4 +244,70 @@ fn port_number(port: i64) -> Result<u16, String> {
         0 => Err("port 0 is not a valid destination port (use 1-65535)".into()),
         _ => Err(format!("port {port} is out of range 1-65535")),
     }
+}
+
+/// `icmp_types` of a rule of ICMP protocol `proto`: names as nftables spells them for the
+/// rule's family (`nft describe icmp_type` / `icmpv6_type`) or numbers 0-255; sorted, each
+/// once.
+pub(super) fn icmp_type_list(
+    list: Spanned<Vec<Spanned<toml::Value>>>,
+    proto: Proto,
+) -> Result<Vec<u8>, Located> {
+    not_empty(&list, "icmp type", "every type")?;
+    let Some(v6) = proto.icmp_family_v6() else {
+        return Err((
+            list.span(),
+            "`icmp_types` apply to rules with proto = \"icmp\" or \"icmpv6\"".into(),
+        ));
+    };
+    let family = proto.name();
+    let mut types = Vec::new();
+    for entry in list.get_ref() {
+        let kind = match entry.get_ref() {
+            toml::Value::Integer(number) => u8::try_from(*number).map_err(|_| {
+                (
+                    entry.span(),
+                    format!("{family} type {number} is out of range 0-255"),
+                )
+            })?,
+            toml::Value::String(name) => {
+                let find = |v6| {
+                    icmp_type_names(v6)
+                        .iter()
+                        .find(|(known, _)| known == name)
+                        .map(|&(_, kind)| kind)
+                };
+                match (find(v6), find(!v6)) {
+                    (Some(kind), _) => kind,
+                    (None, Some(_)) => {
+                        let other = if v6 { "icmp" } else { "icmpv6" };
+                        return Err((
+                            entry.span(),
+                            format!("{name:?} is an {other} type, and this rule is {family}"),
+                        ));
+                    }
+                    (None, None) => {
+                        return Err((
+                            entry.span(),
+                            format!(
+                                "unknown {family} type {name:?}: expected a name as `nft \
+                                 describe {family}_type` lists them (echo-request, ...) or a \
+                                 number 0-255"
+                            ),
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err((
+                    entry.span(),
+                    format!("invalid {family} type {other}: expected a name or a number 0-255"),
+                ))
+            }
+        };
+        types.push(kind);
+    }
+    types.sort_unstable();
+    types.dedup();
+    Ok(types)
 }
