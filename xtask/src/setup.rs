@@ -28,6 +28,8 @@ pub const WHOLEPATH_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("bpftool", "bpftool"),
 ];
+/// What `cargo xtask image` adds: podman builds the image and runs it in its test.
+pub const IMAGE_PACKAGES: &[(&str, &str)] = &[("podman", "podman")];
 /// What `cargo xtask vm` adds: QEMU, dpkg-deb for the kernel packages, xz for their modules.
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),

@@ -1,0 +1,265 @@
+//! The OCI image of `cargo xtask image`, run by podman as the DaemonSet runs it: in a network
+//! namespace of the test's (`--network ns:`), with only CAP_BPF, CAP_NET_ADMIN and
+//! CAP_PERFMON, a read-only root, no seccomp profile, a bpffs and a control-socket directory
+//! from the host.
+//! Real connections from the peer namespace; the image's own `rules/default.toml`.
+//!
+//! Ignored by plain `cargo test`: it needs the image, whose name `cargo xtask test` (or
+//! `cargo xtask image --test`) passes in `FW_IMAGE` after building it.
+#[expect(dead_code, reason = "these tests use a part of the shared test hosts")]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{firewall_exe, scrape_metrics, serve, tcp_reaches, udp_reaches, BpfMount, TestNet};
+
+fn image() -> String {
+    std::env::var("FW_IMAGE")
+        .expect("FW_IMAGE names the image under test: run `cargo xtask image --test`")
+}
+
+/// `podman` with the flags this kind of machine needs, none of which the image or the
+/// DaemonSet depend on: cgroupfs where systemd is not PID 1; runc, since crun 1.8 refuses a
+/// hybrid cgroup hierarchy whose v2 part holds a controller; and limits within the machine's
+/// own, since podman's defaults (1,048,576 files, 4,194,304 processes) may exceed them.
+fn podman() -> Command {
+    let mut command = Command::new("podman");
+    if !Path::new("/run/systemd/system").exists() {
+        command.arg("--cgroup-manager=cgroupfs");
+    }
+    command.args(["--runtime", "runc"]);
+    command
+}
+
+const LIMITS: [&str; 4] = [
+    "--ulimit",
+    "nofile=4096:4096",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+fn podman_output(args: &[&str]) -> Output {
+    podman().args(args).output().expect("run podman")
+}
+
+/// A container of the image, removed on drop (also when the test fails).
+struct Container {
+    name: String,
+}
+
+impl Container {
+    /// Starts `firewall ARGS` in the background as the DaemonSet does; waits until it filters.
+    fn start(name: &str, net: &TestNet, bpffs: &Path, run_dir: &Path, args: &[&str]) -> Container {
+        let _ = podman_output(&["rm", "--force", name]);
+        let container = Container {
+            name: name.to_string(),
+        };
+        let output = podman()
+            .args(["run", "--detach", "--name", name])
+            .arg(format!("--network=ns:/run/netns/{}", net.a))
+            .args([
+                "--cap-drop",
+                "all",
+                "--cap-add",
+                "CAP_BPF,CAP_NET_ADMIN,CAP_PERFMON",
+            ])
+            .args(["--read-only", "--security-opt", "no-new-privileges"])
+            // As the DaemonSet: podman's default profile allows bpf(2) and perf_event_open(2)
+            // only with CAP_SYS_ADMIN (map creation fails with EPERM).
+            .args(["--security-opt", "seccomp=unconfined"])
+            .args(LIMITS)
+            .arg(format!("--volume={}:/sys/fs/bpf", bpffs.display()))
+            .arg(format!("--volume={}:/run/firewall", run_dir.display()))
+            .args(["--env", "RUST_LOG=info", &image()])
+            .args(["run", "--rules", "/etc/firewall/rules.toml"])
+            .args(args)
+            .output()
+            .expect("run podman");
+        assert!(output.status.success(), "podman run: {output:?}");
+        container.wait_for("filtering; ");
+        container
+    }
+
+    fn logs(&self) -> String {
+        let output = podman_output(&["logs", &self.name]);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr)
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.logs().contains(needle) {
+            let state = podman_output(&["inspect", "--format", "{{.State.Status}}", &self.name]);
+            assert!(
+                Instant::now() < deadline
+                    && String::from_utf8_lossy(&state.stdout).trim() == "running",
+                "the container never logged {needle:?}; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `podman stop`: SIGTERM to the daemon, which is the container's PID 1.
+    fn stop(&self) {
+        let output = podman_output(&["stop", "--time", "20", &self.name]);
+        assert!(output.status.success(), "podman stop: {output:?}");
+        let state = podman_output(&["inspect", "--format", "{{.State.ExitCode}}", &self.name]);
+        assert_eq!(
+            String::from_utf8_lossy(&state.stdout).trim(),
+            "0",
+            "the daemon's exit; logs:\n{}",
+            self.logs()
+        );
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = podman_output(&["rm", "--force", "--time", "0", &self.name]);
+    }
+}
+
+/// A directory of the host's, removed on drop: the DaemonSet's /run/firewall.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What `rules/default.toml` decides for the peer: TCP 22 and UDP 443 pass, TCP and UDP 23
+/// are dropped.
+fn assert_default_rules(net: &TestNet) {
+    let at = |port| SocketAddr::new(net.a4, port);
+    assert!(tcp_reaches(&net.b, at(22)), "TCP 22 (allowed) did not pass");
+    assert!(
+        udp_reaches(&net.b, at(443)),
+        "UDP 443 (allowed) did not pass"
+    );
+    assert!(!tcp_reaches(&net.b, at(23)), "TCP 23 (denied) passed");
+    assert!(!udp_reaches(&net.b, at(23)), "UDP 23 (denied) passed");
+    let at6 = |port| SocketAddr::new(net.a6, port);
+    assert!(
+        tcp_reaches(&net.b, at6(22)),
+        "TCP 22 over IPv6 did not pass"
+    );
+    assert!(!tcp_reaches(&net.b, at6(23)), "TCP 23 over IPv6 passed");
+}
+
+#[test]
+#[ignore = "needs the image: cargo xtask image --test"]
+fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
+    let net = TestNet::new();
+    serve(&net.a, vec![net.a4, net.a6], vec![22, 23, 443]);
+    // The control: without the firewall the denied port answers.
+    assert!(tcp_reaches(&net.b, SocketAddr::new(net.a4, 23)));
+    assert!(udp_reaches(&net.b, SocketAddr::new(net.a4, 23)));
+
+    let bpffs = BpfMount::new();
+    let run_dir = ScratchDir(std::env::temp_dir().join(format!("fwt-run-{}", std::process::id())));
+    std::fs::create_dir_all(&run_dir.0).unwrap();
+    let metrics_port = 9469;
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let args = [
+        "--iface",
+        net.veth_a.as_str(),
+        "--persist",
+        "--metrics",
+        metrics.as_str(),
+    ];
+    let name = format!("fwt-{}", std::process::id());
+    let first = Container::start(&format!("{name}-1"), &net, &bpffs.path, &run_dir.0, &args);
+    assert!(net.xdp_attached());
+    assert_default_rules(&net);
+
+    // From the host, as on a node: the control socket in the host's directory, the pins in
+    // the host's bpffs.
+    let control = run_dir.0.join("control.sock");
+    let status = Command::new(firewall_exe())
+        .args(["status", "--control"])
+        .arg(&control)
+        .args(["--pin-dir"])
+        .arg(bpffs.pin_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "firewall status: {status:?}");
+    assert!(
+        text.contains("Status: active") && text.contains(&net.veth_a),
+        "firewall status from the host:\n{text}"
+    );
+    let stats = bpffs.run("stats");
+    assert!(
+        stats.contains("ssh"),
+        "stats from the host's pins:\n{stats}"
+    );
+    let page = scrape_metrics(&net.a, metrics_port);
+    assert!(
+        page.contains("firewall_decided_packets_total"),
+        "metrics page:\n{page}"
+    );
+
+    // The DaemonSet's rolling update: the old pod stops (--persist leaves its links and rules
+    // pinned), no daemon runs, then the new pod takes the pins over.
+    first.stop();
+    assert!(
+        net.xdp_attached(),
+        "the XDP program went with the container"
+    );
+    assert!(
+        !tcp_reaches(&net.b, SocketAddr::new(net.a4, 23)),
+        "TCP 23 passed between pods"
+    );
+    let second = Container::start(&format!("{name}-2"), &net, &bpffs.path, &run_dir.0, &args);
+    assert_default_rules(&net);
+    second.stop();
+    drop(second);
+    drop(first);
+    bpffs.detach();
+    assert!(net.xdp_detached_soon());
+}
+
+#[test]
+#[ignore = "needs the image: cargo xtask image --test"]
+fn check_runs_in_the_image() {
+    let output = podman()
+        .args(["run", "--rm", "--network", "none", "--cap-drop", "all"])
+        .args(LIMITS)
+        .args([&image(), "check", "/etc/firewall/rules.toml"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "check: {output:?}");
+    assert!(
+        text.contains("5 rules, default policy deny"),
+        "check of the image's rules:\n{text}"
+    );
+
+    // A broken file, mounted in: refused with its position.
+    let dir = ScratchDir(std::env::temp_dir().join(format!("fwt-check-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let bad = dir.0.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rules]]\naction = \"allow\"\nfrom = [\"10.0.0.0/33\"]\n",
+    )
+    .unwrap();
+    let output = podman()
+        .args(["run", "--rm", "--network", "none", "--cap-drop", "all"])
+        .args(LIMITS)
+        .arg(format!("--volume={}:/bad.toml:ro", bad.display()))
+        .args([&image(), "check", "/bad.toml"])
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "check accepted a bad file: {output:?}"
+    );
+    assert!(error.contains("/bad.toml:3:"), "check's error:\n{error}");
+}
