@@ -263,3 +263,49 @@ fn check_runs_in_the_image() {
     );
     assert!(error.contains("/bad.toml:3:"), "check's error:\n{error}");
 }
+
+/// Each of the three capabilities is needed: without any one, the daemon in the image fails
+/// to load its program or maps (without CAP_PERFMON the verifier refuses the packet pointer
+/// arithmetic) (on `lo` of a container without a network, in a bpffs of its
+/// own); with the three it filters.
+#[test]
+#[ignore = "needs the image: cargo xtask image --test"]
+fn each_capability_is_needed() {
+    let all = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"];
+    for missing in [None, Some(0), Some(1), Some(2)] {
+        let caps: Vec<&str> = (0..3)
+            .filter(|&i| Some(i) != missing)
+            .map(|i| all[i])
+            .collect();
+        let bpffs = BpfMount::new();
+        let name = format!("fwt-{}-caps-{}", std::process::id(), caps.join("-"));
+        let _ = podman_output(&["rm", "--force", &name]);
+        let container = Container { name: name.clone() };
+        let output = podman()
+            .args(["run", "--detach", "--name", &name, "--network", "none"])
+            .args(["--cap-drop", "all", "--cap-add", &caps.join(",")])
+            .args(["--read-only", "--security-opt", "seccomp=unconfined"])
+            .args(LIMITS)
+            .arg(format!("--volume={}:/sys/fs/bpf", bpffs.path.display()))
+            .args([&image(), "run", "--rules", "/etc/firewall/rules.toml"])
+            .args(["--iface", "lo"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "podman run: {output:?}");
+        match missing {
+            None => container.wait_for("filtering; "),
+            Some(_) => {
+                let wait = podman_output(&["wait", &name]);
+                let code = String::from_utf8_lossy(&wait.stdout).trim().to_string();
+                let logs = container.logs();
+                assert!(
+                    code != "0"
+                        && (logs.contains("Operation not permitted")
+                            || logs.contains("Permission denied")),
+                    "without {}: exit {code}, logs:\n{logs}",
+                    all[missing.unwrap()]
+                );
+            }
+        }
+    }
+}
