@@ -161,7 +161,10 @@ fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let denied = SocketAddr::new(net.a4, 23);
     while !(tcp_reaches(&net.b, denied) && udp_reaches(&net.b, denied)) {
-        assert!(Instant::now() < deadline, "port 23 never answered without the firewall");
+        assert!(
+            Instant::now() < deadline,
+            "port 23 never answered without the firewall"
+        );
     }
 
     let bpffs = BpfMount::new();
@@ -224,8 +227,18 @@ fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
     second.stop();
     drop(second);
     drop(first);
-    bpffs.detach();
-    assert!(net.xdp_detached_soon());
+    // What README "Deployment" says to run on a node after deleting the DaemonSet.
+    let output = podman()
+        .args(["run", "--rm", "--network", "none", "--cap-drop", "all"])
+        .args(["--cap-add", "CAP_BPF,CAP_NET_ADMIN"])
+        .args(["--security-opt", "seccomp=unconfined"])
+        .args(LIMITS)
+        .arg(format!("--volume={}:/sys/fs/bpf", bpffs.path.display()))
+        .args([&image(), "detach"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "detach in the image: {output:?}");
+    assert!(net.xdp_detached_soon(), "XDP still attached after detach");
 }
 
 #[test]
