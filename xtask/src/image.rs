@@ -32,6 +32,26 @@ pub fn podman() -> Command {
     command
 }
 
+/// [`podman`] to run containers here: with runc, since crun 1.8 refuses a hybrid cgroup
+/// hierarchy whose v2 part holds a controller (as this kind of machine has).
+/// `tests/container.rs` runs podman alike.
+pub fn podman_to_run() -> Command {
+    let mut command = podman();
+    command.args(["--runtime", "runc"]);
+    command
+}
+
+/// `podman run` flags this kind of machine needs and the image does not: limits within the
+/// machine's own, since podman's defaults (1,048,576 files, 4,194,304 processes) may exceed
+/// them; and never a pull.
+pub const TEST_RUN_FLAGS: [&str; 5] = [
+    "--ulimit",
+    "nofile=4096:4096",
+    "--ulimit",
+    "nproc=4096:4096",
+    "--pull=never",
+];
+
 /// Builds the static daemon and the image from it; also saves the image as an OCI archive
 /// (`target/image/firewall-VERSION.oci.tar`) to load where podman's store is not at hand.
 /// Returns the image's name.

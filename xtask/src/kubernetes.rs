@@ -148,7 +148,46 @@ pub fn validate(root: &Path) -> Result<()> {
         .arg(root.join(RULES))
         .status()?;
     crate::check(status, "the ConfigMap's rule file")?;
+    check_daemonset_args(root, &venv)?;
     println!("kubernetes: {DAEMONSET} and {CONFIGMAP} valid for Kubernetes {KUBERNETES_VERSION} (strict)");
+    Ok(())
+}
+
+/// The DaemonSet's arguments, given to the image's entrypoint with `--help` appended: the
+/// command line parser reads them all (unknown flags and bad values are errors) before it
+/// prints the help, and runs nothing.
+fn check_daemonset_args(root: &Path, venv: &Path) -> Result<()> {
+    let output = Command::new(venv.join("bin/python"))
+        .arg("-c")
+        .arg(
+            "import sys, yaml, json\n\
+             doc = yaml.safe_load(open(sys.argv[1]))\n\
+             container = doc['spec']['template']['spec']['containers'][0]\n\
+             print(json.dumps([container['image'], container['args']]))\n",
+        )
+        .arg(root.join(DAEMONSET))
+        .output()?;
+    crate::check(output.status, "reading the DaemonSet's arguments")?;
+    let (image, args): (String, Vec<String>) = serde_json::from_slice(&output.stdout)?;
+    if image != crate::image::image_name() {
+        bail!(
+            "{DAEMONSET} runs {image}, `cargo xtask image` builds {}",
+            crate::image::image_name()
+        );
+    }
+    let output = crate::image::podman_to_run()
+        .args(["run", "--rm", "--network", "none", "--cap-drop", "all"])
+        .args(crate::image::TEST_RUN_FLAGS)
+        .arg(&image)
+        .args(&args)
+        .arg("--help")
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "the image refuses the DaemonSet's arguments {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
     Ok(())
 }
 
