@@ -66,7 +66,9 @@ impl Container {
                 "--cap-add",
                 "CAP_BPF,CAP_NET_ADMIN,CAP_PERFMON",
             ])
-            .args(["--read-only", "--security-opt", "no-new-privileges"])
+            // As readOnlyRootFilesystem: no tmpfs on /tmp and /run either.
+            .args(["--read-only", "--read-only-tmpfs=false"])
+            .args(["--security-opt", "no-new-privileges"])
             // As the DaemonSet: podman's default profile allows bpf(2) and perf_event_open(2)
             // only with CAP_SYS_ADMIN (map creation fails with EPERM).
             .args(["--security-opt", "seccomp=unconfined"])
