@@ -51,8 +51,9 @@ struct Container {
 }
 
 impl Container {
-    /// Starts `firewall ARGS` in the background as the DaemonSet does; waits until it filters.
-    fn start(name: &str, net: &TestNet, bpffs: &Path, run_dir: &Path, args: &[&str]) -> Container {
+    /// Starts the image with `args` in the background as the DaemonSet does, in `net`'s
+    /// firewalled namespace with `volumes` (`HOST:CONTAINER[:ro]`); waits until it filters.
+    fn start(name: &str, net: &TestNet, volumes: &[String], args: &[String]) -> Container {
         let _ = podman_output(&["rm", "--force", name]);
         let container = Container {
             name: name.to_string(),
@@ -73,10 +74,8 @@ impl Container {
             // only with CAP_SYS_ADMIN (map creation fails with EPERM).
             .args(["--security-opt", "seccomp=unconfined"])
             .args(LIMITS)
-            .arg(format!("--volume={}:/sys/fs/bpf", bpffs.display()))
-            .arg(format!("--volume={}:/run/firewall", run_dir.display()))
+            .args(volumes.iter().map(|volume| format!("--volume={volume}")))
             .args(["--env", "RUST_LOG=info", &image()])
-            .args(["run", "--rules", "/etc/firewall/rules.toml"])
             .args(args)
             .output()
             .expect("run podman");
@@ -153,10 +152,77 @@ fn assert_default_rules(net: &TestNet) {
     assert!(!tcp_reaches(&net.b, at6(23)), "TCP 23 over IPv6 passed");
 }
 
+/// The DaemonSet's arguments (`cargo xtask` reads them from daemonset.yaml).
+fn daemonset_args() -> Vec<String> {
+    let json = std::env::var("FW_DAEMONSET_ARGS").expect(
+        "FW_DAEMONSET_ARGS holds the DaemonSet's arguments: run `cargo xtask image --test`",
+    );
+    serde_json::from_str(&json).expect("FW_DAEMONSET_ARGS: a JSON list of strings")
+}
+
+/// A directory laid out as the kubelet lays out a ConfigMap volume (`rules.toml ->
+/// ..data/rules.toml`, `..data -> ..vN`, the volume's directory mode 0777, files 0444), which
+/// [`ConfigMapVolume::update`] changes as the kubelet does: a new version directory, a new
+/// `..data` link renamed over the old one.
+struct ConfigMapVolume {
+    dir: ScratchDir,
+    version: u32,
+}
+
+impl ConfigMapVolume {
+    fn new(rules: &str) -> ConfigMapVolume {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = ScratchDir(std::env::temp_dir().join(format!("fwt-cm-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut volume = ConfigMapVolume { dir, version: 0 };
+        volume.update(rules);
+        std::os::unix::fs::symlink("..data/rules.toml", volume.dir.0.join("rules.toml")).unwrap();
+        volume
+    }
+
+    fn update(&mut self, rules: &str) {
+        use std::os::unix::fs::PermissionsExt as _;
+        self.version += 1;
+        let name = format!("..v{}", self.version);
+        let data = self.dir.0.join(&name);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(data.join("rules.toml"), rules).unwrap();
+        std::fs::set_permissions(
+            data.join("rules.toml"),
+            std::fs::Permissions::from_mode(0o444),
+        )
+        .unwrap();
+        let staged = self.dir.0.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &staged).unwrap();
+        std::fs::rename(&staged, self.dir.0.join("..data")).unwrap();
+    }
+}
+
 #[test]
 #[ignore = "needs the image: cargo xtask image --test"]
-fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
-    let net = TestNet::new();
+fn daemonset_pod_filters_survives_a_pod_swap_and_follows_its_configmap() {
+    let mut net = TestNet::new();
+    // The DaemonSet takes the node's uplinks by pattern (en*, eth*).
+    let uplink = "eth0";
+    // A link set down loses its IPv6 addresses: given again.
+    let a6 = format!("{}/64", net.a6);
+    for args in [
+        vec!["link", "set", &net.veth_a, "down"],
+        vec!["link", "set", &net.veth_a, "name", uplink],
+        vec!["link", "set", uplink, "up"],
+        vec!["addr", "replace", &a6, "dev", uplink, "nodad"],
+    ] {
+        let status = Command::new("ip")
+            .args(["-n", &net.a])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+    net.veth_a = uplink.to_string();
     serve(&net.a, vec![net.a4, net.a6], vec![22, 23, 443]);
     // The control: without the firewall the denied port answers (once the new link carries
     // traffic: on a loaded machine the first tries can time out).
@@ -169,20 +235,24 @@ fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
         );
     }
 
+    // The DaemonSet's volumes: the host's bpffs and /run/firewall, the ConfigMap read-only.
     let bpffs = BpfMount::new();
     let run_dir = ScratchDir(std::env::temp_dir().join(format!("fwt-run-{}", std::process::id())));
     std::fs::create_dir_all(&run_dir.0).unwrap();
-    let metrics_port = 9469;
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let args = [
-        "--iface",
-        net.veth_a.as_str(),
-        "--persist",
-        "--metrics",
-        metrics.as_str(),
+    let default_rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../rules/default.toml"
+    ))
+    .unwrap();
+    let mut configmap = ConfigMapVolume::new(&default_rules);
+    let volumes = [
+        format!("{}:/sys/fs/bpf", bpffs.path.display()),
+        format!("{}:/run/firewall", run_dir.0.display()),
+        format!("{}:/etc/firewall:ro", configmap.dir.0.display()),
     ];
+    let args = daemonset_args();
     let name = format!("fwt-{}", std::process::id());
-    let first = Container::start(&format!("{name}-1"), &net, &bpffs.path, &run_dir.0, &args);
+    let first = Container::start(&format!("{name}-1"), &net, &volumes, &args);
     assert!(net.xdp_attached());
     assert_default_rules(&net);
 
@@ -199,7 +269,7 @@ fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "firewall status: {status:?}");
     assert!(
-        text.contains("Status: active") && text.contains(&net.veth_a),
+        text.contains("Status: active") && text.contains(uplink),
         "firewall status from the host:\n{text}"
     );
     let stats = bpffs.run("stats");
@@ -207,7 +277,8 @@ fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
         stats.contains("ssh"),
         "stats from the host's pins:\n{stats}"
     );
-    let page = scrape_metrics(&net.a, metrics_port);
+    // The DaemonSet's --metrics listens on 0.0.0.0:9469, in the namespace it filters.
+    let page = scrape_metrics(&net.a, 9469);
     assert!(
         page.contains("firewall_decided_packets_total"),
         "metrics page:\n{page}"
@@ -220,12 +291,27 @@ fn image_filters_a_veth_with_three_capabilities_and_survives_a_pod_swap() {
         net.xdp_attached(),
         "the XDP program went with the container"
     );
-    assert!(
-        !tcp_reaches(&net.b, SocketAddr::new(net.a4, 23)),
-        "TCP 23 passed between pods"
-    );
-    let second = Container::start(&format!("{name}-2"), &net, &bpffs.path, &run_dir.0, &args);
+    assert!(!tcp_reaches(&net.b, denied), "TCP 23 passed between pods");
+    let second = Container::start(&format!("{name}-2"), &net, &volumes, &args);
     assert_default_rules(&net);
+
+    // `kubectl apply` of a ConfigMap that opens TCP 23: the kubelet swaps ..data, the daemon
+    // follows the swap through the read-only mount and reloads.
+    configmap.update(&format!(
+        "{default_rules}\n[[rules]]\nname = \"telnet\"\naction = \"allow\"\nproto = \"tcp\"\nports = [23]\n"
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tcp_reaches(&net.b, denied) {
+        assert!(
+            Instant::now() < deadline,
+            "the ConfigMap update did not open TCP 23; logs:\n{}",
+            second.logs()
+        );
+    }
+    assert!(
+        !udp_reaches(&net.b, denied),
+        "UDP 23 passed after the update"
+    );
     second.stop();
     drop(second);
     drop(first);

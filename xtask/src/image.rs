@@ -101,13 +101,14 @@ fn stage(from: &Path, to: &PathBuf, mode: u32) -> Result<()> {
 }
 
 /// Runs the container test (ignored by plain `cargo test`: it needs the image) against
-/// `image`.
-pub fn test(env: &setup::Env, image: &str) -> Result<()> {
+/// `image`, the daemon started with the DaemonSet's arguments `args`.
+pub fn test(env: &setup::Env, image: &str, args: &[String]) -> Result<()> {
     let status = env
         .cargo()
         .args(["test", "--release", "-p", "firewall", "--test", "container"])
         .args(["--", "--ignored", "--test-threads=1"])
         .env("FW_IMAGE", image)
+        .env("FW_DAEMONSET_ARGS", serde_json::to_string(args)?)
         .status()?;
     crate::check(status, "the container test")
 }

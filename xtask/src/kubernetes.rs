@@ -123,9 +123,10 @@ fn ensure_validator() -> Result<PathBuf> {
     Ok(venv)
 }
 
-/// Checks the manifests against Kubernetes' schemas (strict: unknown fields are errors), and
-/// that the ConfigMap, read as YAML, holds rules/default.toml byte for byte.
-pub fn validate(root: &Path) -> Result<()> {
+/// Checks the manifests against Kubernetes' schemas (strict: unknown fields are errors), that
+/// the ConfigMap, read as YAML, holds rules/default.toml byte for byte, and that the image
+/// takes the DaemonSet's arguments; returns those.
+pub fn validate(root: &Path) -> Result<Vec<String>> {
     let venv = ensure_validator()?;
     let status = Command::new(venv.join("bin/kubernetes-validate"))
         .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
@@ -148,15 +149,15 @@ pub fn validate(root: &Path) -> Result<()> {
         .arg(root.join(RULES))
         .status()?;
     crate::check(status, "the ConfigMap's rule file")?;
-    check_daemonset_args(root, &venv)?;
+    let args = check_daemonset_args(root, &venv)?;
     println!("kubernetes: {DAEMONSET} and {CONFIGMAP} valid for Kubernetes {KUBERNETES_VERSION} (strict)");
-    Ok(())
+    Ok(args)
 }
 
 /// The DaemonSet's arguments, given to the image's entrypoint with `--help` appended: the
 /// command line parser reads them all (unknown flags and bad values are errors) before it
-/// prints the help, and runs nothing.
-fn check_daemonset_args(root: &Path, venv: &Path) -> Result<()> {
+/// prints the help, and runs nothing. Returns them, for the container test to run.
+fn check_daemonset_args(root: &Path, venv: &Path) -> Result<Vec<String>> {
     let output = Command::new(venv.join("bin/python"))
         .arg("-c")
         .arg(
@@ -188,7 +189,7 @@ fn check_daemonset_args(root: &Path, venv: &Path) -> Result<()> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(())
+    Ok(args)
 }
 
 #[cfg(test)]

@@ -346,8 +346,8 @@ fn main() -> Result<()> {
 /// schemas.
 fn deploy_tests(env: &setup::Env, root: &std::path::Path) -> Result<()> {
     let image = image::build(env, root)?;
-    image::test(env, &image)?;
-    kubernetes::validate(root)
+    let args = kubernetes::validate(root)?;
+    image::test(env, &image, &args)
 }
 
 /// `vm host-test`: fails if a check failed; the run's seconds.
