@@ -1,7 +1,7 @@
 //! `cargo xtask image`: an OCI image of the daemon, built with podman from scratch and
 //! offline: the static binary the VM runs and `rules/default.toml`, nothing else. Its test
 //! runs the image on a veth pair in network namespaces (`tests/container.rs`).
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context as _, Result};
@@ -93,7 +93,7 @@ pub fn build(env: &setup::Env, root: &Path) -> Result<String> {
 }
 
 /// Copies `from` to `to` with `mode`: what COPY puts in the image keeps the mode.
-fn stage(from: &Path, to: &PathBuf, mode: u32) -> Result<()> {
+fn stage(from: &Path, to: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))?;

@@ -91,18 +91,20 @@ fn ensure_validator() -> Result<PathBuf> {
     {
         return Ok(venv);
     }
-    crate::setup::ensure_packages(&[("python3", "python3")])?;
-    // Debian's python3 makes virtualenvs with pip only with python3-venv (ensurepip).
+    // Debian's python3 (not another on PATH), which makes virtualenvs with pip only with
+    // python3-venv (ensurepip).
     let has_venv = Command::new("/usr/bin/python3")
         .args(["-c", "import ensurepip"])
         .status()
         .is_ok_and(|status| status.success());
     if !has_venv {
+        crate::setup::apt_get(&["update", "-q"])?;
         crate::setup::apt_get(&[
             "install",
             "-y",
             "-q",
             "--no-install-recommends",
+            "python3",
             "python3-venv",
         ])?;
     }
