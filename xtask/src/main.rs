@@ -1,9 +1,12 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|bench [--wholepath]|fuzz|install|vm`.
+//! Developer tasks: `cargo xtask setup|build|run|test|bench [--wholepath]|fuzz|install|vm|
+//! image|configmap`.
 //!
 //! Every task starts with [`setup`], which is idempotent and quick when everything is in place:
 //! the nightly toolchain with rust-src, bpf-linker built against rustc nightly's own libLLVM
 //! (no system LLVM needed), and the Debian packages the tests use.
+mod image;
 mod install;
+mod kubernetes;
 mod setup;
 mod vm;
 mod wholepath;
@@ -70,6 +73,16 @@ enum Task {
         #[arg(long, default_value = "rules/default.toml")]
         rules: PathBuf,
     },
+    /// Build the OCI image (from scratch: the static daemon and rules/default.toml) with
+    /// podman, offline.
+    Image {
+        /// Then run it on a veth pair in namespaces (the container test) and validate the
+        /// Kubernetes manifests, as `cargo xtask test` does.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Write firewall/dist/kubernetes/configmap.yaml from rules/default.toml.
+    Configmap,
     /// Run the kernel-vs-reference differential test for longer; reports the seed of any
     /// disagreement.
     Fuzz {
@@ -175,6 +188,7 @@ fn main() -> Result<()> {
                 .args(&extra)
                 .status()?;
             check(status, "cargo test")?;
+            deploy_tests(&env, &root)?;
             if no_vm {
                 return Ok(());
             }
@@ -207,6 +221,19 @@ fn main() -> Result<()> {
             );
             suites?;
             host.map(|_| ())
+        }
+        Task::Image { test } => {
+            if test {
+                require_root("cargo xtask image --test (it creates namespaces and loads XDP)")?;
+                return deploy_tests(&env, &root);
+            }
+            image::build(&env, &root).map(|_| ())
+        }
+        Task::Configmap => {
+            let path = root.join(kubernetes::CONFIGMAP);
+            std::fs::write(&path, kubernetes::configmap(&root)?)?;
+            println!("wrote {}", path.display());
+            Ok(())
         }
         Task::Fuzz { packets, seed } => {
             require_root("cargo xtask fuzz")?;
@@ -313,6 +340,14 @@ fn main() -> Result<()> {
             check(status, "cargo bench")
         }
     }
+}
+
+/// The deployment's tests: the image run on a veth pair, the manifests against Kubernetes'
+/// schemas.
+fn deploy_tests(env: &setup::Env, root: &std::path::Path) -> Result<()> {
+    let image = image::build(env, root)?;
+    let args = kubernetes::validate(root)?;
+    image::test(env, &image, &args)
 }
 
 /// `vm host-test`: fails if a check failed; the run's seconds.

@@ -31,6 +31,9 @@ pub const WHOLEPATH_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("bpftool", "bpftool"),
 ];
+/// What `cargo xtask image` adds: podman builds the image; its test runs it with runc (crun
+/// refuses a hybrid cgroup hierarchy whose v2 part holds a controller, as some VMs have).
+pub const IMAGE_PACKAGES: &[(&str, &str)] = &[("podman", "podman"), ("runc", "runc")];
 /// What `cargo xtask vm` adds: QEMU, dpkg-deb for the kernel packages, xz for their modules.
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
