@@ -283,6 +283,11 @@ fn daemonset_pod_filters_survives_a_pod_swap_and_follows_its_configmap() {
         page.contains("firewall_decided_packets_total"),
         "metrics page:\n{page}"
     );
+    // The DaemonSet's liveness and readiness probes.
+    for path in ["/healthz", "/readyz"] {
+        let answer = common::http_exchange(&net.a, 9469, &format!("GET {path} HTTP/1.0\r\n\r\n"));
+        assert!(answer.contains(" 200 "), "{path}:\n{answer}");
+    }
 
     // The DaemonSet's rolling update: the old pod stops (--persist leaves its links and rules
     // pinned), no daemon runs, then the new pod takes the pins over.

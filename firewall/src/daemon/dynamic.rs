@@ -4,6 +4,7 @@
 //! (a reboot does not reset it); the daemon drops ended members and puts the rules in force
 //! again at the earliest end.
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -163,6 +164,13 @@ impl Members {
             })
             .collect();
         let text = serde_json::to_string_pretty(&stored)?;
+        if let Some(dir) = file.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
         crate::rules::files::replace(file, &text)
             .with_context(|| format!("writing {}", file.display()))
     }

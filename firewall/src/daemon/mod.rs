@@ -78,7 +78,8 @@ pub struct RunOptions {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469); off by default.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// Where the members of dynamic sets are kept (`dynamic-sets.json`), created if missing.
+    /// Where the members of dynamic sets are kept (`dynamic-sets.json`), created when a
+    /// dynamic set first gets a member.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
@@ -183,8 +184,7 @@ fn finish_preparing(
 pub async fn run(options: RunOptions) -> Result<()> {
     heap::map_large_blocks();
     // A broken file is reported before anything is loaded or attached.
-    std::fs::create_dir_all(&options.state_dir)
-        .with_context(|| format!("creating {}", options.state_dir.display()))?;
+    // Created when a dynamic set first gets a member (a container's root may be read-only).
     let members = Members::load(&options.state_dir)?;
     let prepared = prepare(
         &options.rules,
