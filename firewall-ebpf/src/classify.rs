@@ -1,7 +1,8 @@
 //! Classification by bit vectors: one lookup per packet field (the port field is an ICMP
-//! message's type for ICMP) returns the set of rules that field matches; the lowest rule in the intersection is the first match. The cost is five
-//! lookups (an address can take a few) plus an AND of the sets' word summaries and of the
-//! words they all allow, whatever the number of rules.
+//! message's type for ICMP) returns the set of rules that field matches; the lowest rule in
+//! the intersection is the first match. The cost is five lookups (an address can take a few)
+//! plus an AND of the sets' word summaries and of the words they all allow, whatever the
+//! number of rules.
 //!
 //! The cheap fields come first: protocol, port and interface are array reads, addresses are
 //! hash and trie lookups. When no rule allows the packet's protocol, port and interface, or
