@@ -141,9 +141,7 @@ pub(super) fn list_set(state: &State, set: &str, json: bool) -> Result<String> {
     if json {
         return Ok(serde_json::to_string_pretty(&members)?);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
+    let now = super::dynamic::unix_now();
     let mut text = format!("@{set}: {} members\n", members.len());
     for member in &members {
         let left = match member.ends {
@@ -182,7 +180,7 @@ pub struct Listed {
 
 /// The daemon's side of `firewall bans`: the bans in force (not those that ended and wait for
 /// the sweep), sorted, as a table or JSON.
-pub fn list(kernel: &mut Kernel, json: bool) -> Result<String> {
+pub fn list(kernel: &Kernel, json: bool) -> Result<String> {
     let now = monotonic_now_ns();
     let mut listed: Vec<(IpNet, Listed)> = kernel
         .bans()?

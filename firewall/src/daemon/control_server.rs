@@ -120,7 +120,7 @@ fn handle(request: Request, state: &mut State) -> Result<String, String> {
         Request::Bans { json, set } => {
             let listed = match set {
                 Some(set) => bans::list_set(state, &set, json),
-                None => bans::list(&mut state.kernel, json),
+                None => bans::list(&state.kernel, json),
             };
             return listed.map_err(|error| format!("{error:#}"));
         }

@@ -33,7 +33,8 @@ pub struct Member {
     pub ends: Option<u64>,
 }
 
-fn unix_now() -> u64 {
+/// Now, in UNIX seconds (members' ends are wall-clock times).
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs())

@@ -111,7 +111,7 @@ impl Kernel {
     }
 
     /// Every ban in the maps, expired ones included (the kernel ignores those).
-    pub fn bans(&mut self) -> Result<Vec<BanEntry>> {
+    pub fn bans(&self) -> Result<Vec<BanEntry>> {
         read_bans(self.map(map_names::HOSTS)?, self.map(map_names::PREFIXES)?)
     }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::bans::duration_text;
 use crate::dataplane::pins::{LinkKind, Pins};
 use crate::report::stats::{self, Stats};
 
@@ -97,13 +98,13 @@ pub fn text(status: &Status) -> String {
                 out,
                 "Status: active (pid {}, up {})",
                 daemon.pid,
-                duration(daemon.uptime_seconds)
+                duration_text(daemon.uptime_seconds)
             );
             let _ = writeln!(
                 out,
                 "Rules: {} (in force since {} ago){}",
                 daemon.rule_file,
-                duration(daemon.applied_seconds_ago),
+                duration_text(daemon.applied_seconds_ago),
                 if daemon.audit {
                     "; AUDIT MODE: nothing is dropped"
                 } else {
@@ -115,7 +116,7 @@ pub fn text(status: &Status) -> String {
                     out,
                     "Trial: {} is on trial, rolled back in {} unless `firewall confirm`",
                     trial.file,
-                    duration(trial.seconds_left)
+                    duration_text(trial.seconds_left)
                 );
             }
             out.push_str("Interfaces:\n");
@@ -164,8 +165,4 @@ pub fn text(status: &Status) -> String {
         out.push_str(&stats::table(kernel));
     }
     out
-}
-
-fn duration(seconds: u64) -> String {
-    crate::daemon::bans::duration_text(seconds)
 }
