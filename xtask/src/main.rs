@@ -59,6 +59,10 @@ enum Task {
         /// into a veth pair, against no filter, bare XDP_DROP, xdp-filter, nft and ip6tables.
         #[arg(long)]
         wholepath: bool,
+        /// With --wholepath: also measure the firewall rows with this other build of the
+        /// daemon (e.g. the previous commit's target/release/firewall), in the same turns.
+        #[arg(long, requires = "wholepath")]
+        baseline: Option<PathBuf>,
     },
     /// Install the daemon to /usr/local/sbin, its systemd unit, and (unless present)
     /// /etc/firewall/rules.toml and firewall.env.
@@ -324,13 +328,18 @@ fn main() -> Result<()> {
             let options = vm::Options { machine, verbose };
             run_vm(&env, &root, &kernels, modules, &options, &plan)
         }
-        Task::Bench { wholepath: true } => {
+        Task::Bench {
+            wholepath: true,
+            baseline,
+        } => {
             require_root("cargo xtask bench --wholepath")?;
             setup::ensure_packages(setup::WHOLEPATH_PACKAGES)?;
             build(&env)?;
-            wholepath::run(&root.join("target/release/firewall"))
+            wholepath::run(&root.join("target/release/firewall"), baseline.as_deref())
         }
-        Task::Bench { wholepath: false } => {
+        Task::Bench {
+            wholepath: false, ..
+        } => {
             require_root("cargo xtask bench")?;
             setup::ensure_packages(setup::BENCH_PACKAGES)?;
             let status = env

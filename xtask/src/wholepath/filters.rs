@@ -203,10 +203,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(firewall: &Path, topology: &Topology, rules: &Path, dir: &Path) -> Result<Daemon> {
+    /// `label` names its pins, log and control socket: several daemons run at once.
+    pub fn start(
+        firewall: &Path,
+        label: &str,
+        topology: &Topology,
+        rules: &Path,
+        dir: &Path,
+    ) -> Result<Daemon> {
         let started = Instant::now();
-        // Two daemons run at once: pins, log and control socket named by the rule file.
-        let label = rules.file_stem().unwrap().to_string_lossy().into_owned();
         let pins_mount = dir.join(format!("bpffs-{label}"));
         std::fs::create_dir_all(&pins_mount)?;
         // In this (the host's) mount namespace, which `ip netns exec`'s own one sees.
@@ -309,9 +314,8 @@ fn stop_child(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Instructions after the verifier's rewriting (xlated) and the JIT's bytes, of the XDP
-/// program attached to the receiving end, from `bpftool`.
-pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
+/// The id of the XDP program attached to the receiving end.
+pub fn attached_program_id(topology: &Topology) -> Result<u64> {
     let json = output(
         "ip",
         &[
@@ -326,14 +330,32 @@ pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
         ],
     )?;
     let links: serde_json::Value = serde_json::from_str(&json)?;
-    let id = links[0]["xdp"]["prog"]["id"]
+    links[0]["xdp"]["prog"]["id"]
         .as_u64()
-        .context("no XDP program on the receiving end")?;
+        .context("no XDP program on the receiving end")
+}
+
+fn program_info(id: u64) -> Result<serde_json::Value> {
     let json = output("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?;
-    let info: serde_json::Value = serde_json::from_str(&json)?;
+    Ok(serde_json::from_str(&json)?)
+}
+
+/// Instructions after the verifier's rewriting (xlated) and the JIT's bytes, of the XDP
+/// program attached to the receiving end, from `bpftool`.
+pub fn attached_program_size(topology: &Topology) -> Result<(u64, u64)> {
+    let info = program_info(attached_program_id(topology)?)?;
     let xlated = info["bytes_xlated"].as_u64().context("no bytes_xlated")?;
     let jited = info["bytes_jited"].as_u64().context("no bytes_jited")?;
     Ok((xlated / 8, jited))
+}
+
+/// The kernel's run-time statistics of program `id` (with `kernel.bpf_stats_enabled`):
+/// nanoseconds spent in it and runs, both since it was loaded.
+pub fn program_run_time(id: u64) -> Result<(u64, u64)> {
+    let info = program_info(id)?;
+    // bpftool leaves the fields out while both are zero.
+    let field = |name: &str| info[name].as_u64().unwrap_or(0);
+    Ok((field("run_time_ns"), field("run_cnt")))
 }
 
 #[cfg(test)]

@@ -56,7 +56,9 @@ const IP6TABLES: usize = 4;
 const ONE_RULE: usize = 5;
 const LARGE: usize = 6;
 const PASS_ANCHOR: usize = 7;
-const PAIRS: usize = 8;
+/// With `--baseline`: the other build's daemons, with the same rule files.
+const BASELINE_ONE_RULE: usize = 8;
+const BASELINE_LARGE: usize = 9;
 
 /// What a row's filter should do with its frames: checked on the receiving end's counters, so
 /// a filter that is not in place fails the bench instead of measuring the wrong thing.
@@ -147,6 +149,7 @@ struct Spec {
 }
 
 const LARGE_NAME: &str = "firewall, 1,024 rules + 1M set";
+const BASELINE_LARGE_NAME: &str = "baseline, 1,024 rules + 1M set";
 
 #[rustfmt::skip]
 static SPECS: [Spec; 10] = {
@@ -163,6 +166,19 @@ static SPECS: [Spec; 10] = {
         spec(LARGE_NAME, T::RandomSources, LARGE, V::Drop, A::Floor, Some(DENY_ANY_RULE)),
         spec("bare XDP_PASS", T::ToBoundSocket, PASS_ANCHOR, V::Pass, A::Pass, None),
         spec(LARGE_NAME, T::Established, LARGE, V::Pass, A::Pass, None),
+    ]
+};
+
+/// The rows of `--baseline`: the same firewall rows from another build, measured in the same
+/// turns, so that two builds compare within one run.
+#[rustfmt::skip]
+static BASELINE_SPECS: [Spec; 4] = {
+    use {Anchor as A, Traffic as T, Verdict as V};
+    [
+        spec("baseline, 1 rule", T::SetMembers, BASELINE_ONE_RULE, V::Drop, A::Floor, None),
+        spec(BASELINE_LARGE_NAME, T::SetMembers, BASELINE_LARGE, V::Drop, A::Floor, Some(DENY_RULE)),
+        spec(BASELINE_LARGE_NAME, T::RandomSources, BASELINE_LARGE, V::Drop, A::Floor, Some(DENY_ANY_RULE)),
+        spec(BASELINE_LARGE_NAME, T::Established, BASELINE_LARGE, V::Pass, A::Pass, None),
     ]
 };
 
@@ -188,6 +204,9 @@ struct Row {
     spec: &'static Spec,
     generator: Generator,
     samples: Vec<Sample>,
+    /// Nanoseconds per frame inside the receiving end's XDP program, from the kernel's
+    /// run-time statistics in rounds of their own; None where no XDP program runs.
+    program_ns: Option<f64>,
 }
 
 struct Sample {
@@ -198,8 +217,9 @@ struct Sample {
     rule_packets: u64,
 }
 
-/// Runs the bench with the daemon at `firewall`; cleans up on every way out.
-pub fn run(firewall: &Path) -> Result<()> {
+/// Runs the bench with the daemon at `firewall` (and the rows of `baseline`, another build's
+/// daemon, beside its rows); cleans up on every way out.
+pub fn run(firewall: &Path, baseline: Option<&Path>) -> Result<()> {
     struct CleanUpOnExit;
     impl Drop for CleanUpOnExit {
         fn drop(&mut self) {
@@ -208,10 +228,10 @@ pub fn run(firewall: &Path) -> Result<()> {
     }
     let _clean_up = CleanUpOnExit;
     net::clean_up_on_signals();
-    bench(firewall)
+    bench(firewall, baseline)
 }
 
-fn bench(firewall: &Path) -> Result<()> {
+fn bench(firewall: &Path, baseline: Option<&Path>) -> Result<()> {
     let cpus = thread::available_parallelism()?.get();
     let dir = std::env::temp_dir().join(format!("fwbench-wholepath-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -221,7 +241,12 @@ fn bench(firewall: &Path) -> Result<()> {
     });
     // One veth pair per filter, in place for the whole run, so that rows can take short
     // turns: the machine's load then falls on all rows alike.
-    let pairs = (0..PAIRS)
+    let pair_count = if baseline.is_some() {
+        BASELINE_LARGE + 1
+    } else {
+        PASS_ANCHOR + 1
+    };
+    let pairs = (0..pair_count)
         .map(|index| Topology::new(index, cpus))
         .collect::<Result<Vec<_>>>()?;
     let timer = Instant::now();
@@ -238,8 +263,28 @@ fn bench(firewall: &Path) -> Result<()> {
     let _xdp_filter = filters::load_xdp_filter(&pairs[XDP_FILTER])?;
     let _nft = filters::load_nft(&pairs[NFT], &dir)?;
     let _ip6tables = filters::load_ip6tables(&pairs[IP6TABLES])?;
-    let small = Daemon::start(firewall, &pairs[ONE_RULE], &one_rule, &dir)?;
-    let large_daemon = Daemon::start(firewall, &pairs[LARGE], &large, &dir)?;
+    // Each daemon with the pair it filters and the binary it runs.
+    let mut daemons = vec![
+        (
+            ONE_RULE,
+            firewall,
+            Daemon::start(firewall, "one", &pairs[ONE_RULE], &one_rule, &dir)?,
+        ),
+        (
+            LARGE,
+            firewall,
+            Daemon::start(firewall, "large", &pairs[LARGE], &large, &dir)?,
+        ),
+    ];
+    if let Some(baseline) = baseline {
+        for (pair, label, rules) in [
+            (BASELINE_ONE_RULE, "baseline-one", &one_rule),
+            (BASELINE_LARGE, "baseline-large", &large),
+        ] {
+            let daemon = Daemon::start(baseline, label, &pairs[pair], rules, &dir)?;
+            daemons.push((pair, baseline, daemon));
+        }
+    }
     let sizes = [
         (
             "bare XDP_DROP",
@@ -250,13 +295,17 @@ fn bench(firewall: &Path) -> Result<()> {
             filters::attached_program_size(&pairs[ONE_RULE])?,
         ),
     ];
-    // The host behind the large firewall opens the flow whose replies the established row
-    // sends; the XDP_PASS row's frames go to a socket bound alike, but without a flow.
-    let flow = open_flow(&pairs[LARGE])?;
+    // The host behind each large firewall opens the flow whose replies the established rows
+    // send (below); the XDP_PASS row's frames go to a socket bound alike, but without a flow.
     let _bound = bind_in_rx(&pairs[PASS_ANCHOR], DENIED_PORT)?;
 
+    let baseline_specs: &'static [Spec] = match baseline {
+        Some(_) => &BASELINE_SPECS,
+        None => &[],
+    };
     let mut rows = SPECS
         .iter()
+        .chain(baseline_specs)
         .map(|spec| {
             let pair = &pairs[spec.pair];
             let frames = Arc::new(spec.traffic.frames(pair));
@@ -264,23 +313,38 @@ fn bench(firewall: &Path) -> Result<()> {
                 spec,
                 generator: Generator::new(pair, cpus, frames)?,
                 samples: Vec::new(),
+                program_ns: None,
             })
         })
         .collect::<Result<Vec<Row>>>()?;
+
+    let flows: Vec<(usize, UdpSocket)> = [LARGE, BASELINE_LARGE]
+        .into_iter()
+        .filter(|&pair| pair < pairs.len())
+        .map(|pair| Ok((pair, open_flow(&pairs[pair])?)))
+        .collect::<Result<_>>()?;
+    // Keeps a row's flow fresh (its idle timeout is 60 s): a datagram seen by the firewall's tc
+    // egress program on its way out.
+    let refresh_flow = |spec: &Spec| -> Result<()> {
+        if spec.traffic == Traffic::Established {
+            let (_, flow) = flows.iter().find(|(pair, _)| *pair == spec.pair).unwrap();
+            flow.send_to(b"again", (pairs[spec.pair].tx_addr, PEER_PORT))?;
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
 
     for round in 0..ROUNDS {
         let timer = Instant::now();
         for row in &mut rows {
             let spec = row.spec;
             let pair = &pairs[spec.pair];
-            if spec.traffic == Traffic::Established {
-                // Keeps the flow fresh (its idle timeout is 60 s): a datagram seen by the
-                // firewall's tc egress program on its way out.
-                flow.send_to(b"again", (pair.tx_addr, PEER_PORT))?;
-                thread::sleep(Duration::from_millis(20));
-            }
+            refresh_flow(spec)?;
             let rule_packets = || match spec.rule {
-                Some(rule) => large_daemon.rule_packets(firewall, rule),
+                Some(rule) => {
+                    let (_, exe, daemon) = daemons.iter().find(|(p, ..)| *p == spec.pair).unwrap();
+                    daemon.rule_packets(exe, rule)
+                }
                 None => Ok(0),
             };
             let before = rule_packets()?;
@@ -294,8 +358,50 @@ fn bench(firewall: &Path) -> Result<()> {
             timer.elapsed().as_secs_f64()
         );
     }
-    let starts = [small.start_seconds, large_daemon.start_seconds];
+    program_rounds(&mut rows, &pairs, &refresh_flow)?;
+    let starts = [daemons[0].2.start_seconds, daemons[1].2.start_seconds];
     report::print(&rows, &sizes, &starts, cpus)
+}
+
+/// Rounds with the kernel's run-time statistics on, of the rows with an XDP program on their
+/// receiving end (the statistics cost two clock reads per run, so the rounds that give the
+/// rates run without them): nanoseconds per frame inside the program, median of the rounds.
+fn program_rounds(
+    rows: &mut [Row],
+    pairs: &[Topology],
+    refresh_flow: &dyn Fn(&Spec) -> Result<()>,
+) -> Result<()> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    const PROGRAM_ROUNDS: usize = 3;
+    let before = std::fs::read_to_string(STATS)?;
+    let _restore = Cleanup::register("kernel.bpf_stats_enabled", move || {
+        let _ = std::fs::write(STATS, &before);
+    });
+    std::fs::write(STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let mut samples = vec![Vec::new(); rows.len()];
+    for _ in 0..PROGRAM_ROUNDS {
+        for (row, samples) in rows.iter().zip(&mut samples) {
+            let pair = &pairs[row.spec.pair];
+            let Ok(program) = filters::attached_program_id(pair) else {
+                continue;
+            };
+            refresh_flow(row.spec)?;
+            let (time_before, runs_before) = filters::program_run_time(program)?;
+            row.generator.measure(pair)?;
+            let (time_after, runs_after) = filters::program_run_time(program)?;
+            let runs = runs_after.saturating_sub(runs_before);
+            if runs > 0 {
+                samples.push(time_after.saturating_sub(time_before) as f64 / runs as f64);
+            }
+        }
+    }
+    for (row, mut samples) in rows.iter_mut().zip(samples) {
+        if !samples.is_empty() {
+            samples.sort_by(f64::total_cmp);
+            row.program_ns = Some(samples[samples.len() / 2]);
+        }
+    }
+    Ok(())
 }
 
 /// A UDP socket bound to `port` on the receiving end's address, made in its namespace.

@@ -74,9 +74,9 @@ pub(super) fn print(
         median_of(XDP_FILTER),
     );
     println!(
-        "| row | frames | Mpps | min–max | × anchor | × xdp-filter | XDP drops | reached UDP | queue full | rule counted |"
+        "| row | frames | Mpps | min–max | × anchor | × xdp-filter | ns in program | XDP drops | reached UDP | queue full | rule counted |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut wrong = Vec::new();
     for (row, median) in rows.iter().zip(&medians) {
         let spec = row.spec;
@@ -108,8 +108,12 @@ pub(super) fn print(
             }
             None => ("–".to_string(), true),
         };
+        let program_ns = match row.program_ns {
+            Some(ns) => format!("{ns:.0}"),
+            None => "–".to_string(),
+        };
         println!(
-            "| {} | {} | {median:.2} | {min:.2}–{max:.2} | {anchor} | {:.2} | {dropped:.0} % | {reached:.0} % | {queue_full:.0} % | {counted} |",
+            "| {} | {} | {median:.2} | {min:.2}–{max:.2} | {anchor} | {:.2} | {program_ns} | {dropped:.0} % | {reached:.0} % | {queue_full:.0} % | {counted} |",
             spec.name,
             spec.traffic.label(),
             median / xdp_filter,
@@ -127,7 +131,9 @@ pub(super) fn print(
          rx_queue_N_xdp_packets), whatever their fate; × anchor: over the bare program that \
          gives the row's frames the same verdict for next to nothing, the XDP_DROP floor for \
          rows that drop, the XDP_PASS row for rows that pass frames up to a bound socket \
-         (no filter has none: its frames meet no socket); XDP drops: rx_queue_N_xdp_drops; \
+         (no filter has none: its frames meet no socket); ns in program: nanoseconds per frame \
+         inside the receiving end's XDP program (kernel.bpf_stats_enabled, in one more turn \
+         of their own, median: the statistics' clock reads would slow the measured rounds); XDP drops: rx_queue_N_xdp_drops; \
          reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace \
          (read just after the NAPI counters, so a few % either way); \
          queue full: frames the sending end could not queue (its tx_queue_N_xdp_xmit_errors), \
