@@ -132,8 +132,9 @@ pub(super) fn print(
          gives the row's frames the same verdict for next to nothing, the XDP_DROP floor for \
          rows that drop, the XDP_PASS row for rows that pass frames up to a bound socket \
          (no filter has none: its frames meet no socket); ns in program: nanoseconds per frame \
-         inside the receiving end's XDP program (kernel.bpf_stats_enabled, in one more turn \
-         of their own, median: the statistics' clock reads would slow the measured rounds); XDP drops: rx_queue_N_xdp_drops; \
+         inside the receiving end's XDP program (kernel.bpf_stats_enabled, median of three more \
+         rounds: the statistics' clock reads, in the figure too, would slow the measured \
+         ones; the floor's figure is about their cost); XDP drops: rx_queue_N_xdp_drops; \
          reached UDP: Udp6InDatagrams + Udp6NoPorts + Udp6InErrors of the receiving namespace \
          (read just after the NAPI counters, so a few % either way); \
          queue full: frames the sending end could not queue (its tx_queue_N_xdp_xmit_errors), \
