@@ -129,14 +129,16 @@ fn main() -> Result<()> {
     floor.load()?;
     let run_floor = |frame: &[u8]| -> Result<Duration> { Ok(run_program(floor, frame, REPEAT)?.1) };
 
-    let kernels = [1usize, 100, 1024]
-        .map(|count| -> Result<Kernel> {
-            let mut kernel = Kernel::load()?;
-            kernel.apply(&compile(&rule_set(count))?)?;
-            Ok(kernel)
-        })
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+    // This build's object, and with `FW_BENCH_BASELINE=OBJECT` another build's (with the
+    // same maps, e.g. the previous commit's), measured in the same turns.
+    let baseline = match std::env::var_os("FW_BENCH_BASELINE") {
+        Some(path) => Some(std::fs::read(&path)?),
+        None => None,
+    };
+    let mut builds = vec![("", Build::load(Kernel::load)?)];
+    if let Some(object) = &baseline {
+        builds.push(("baseline: ", Build::load(|| Kernel::load_object(object))?));
+    }
     println!(
         "packet mix: {}",
         frames
@@ -145,104 +147,146 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-
-    // Connection state, with the 1,024-rule set in force: replies that hit the flow map (and
-    // pass before the rules), segments of unknown flows that miss it, and SYNs, which skip it.
-    let replies = segments(
-        ["tcp4 reply", "udp6 reply"],
-        "198.51.100.7",
-        "2001:db8:ffff::9",
-    );
-    let table: Vec<_> = replies
-        .iter()
-        .filter_map(|(_, frame)| match parse_frame(frame) {
-            Parsed::Ip(packet) => inbound_flow(&packet),
-            _ => None,
-        })
-        .map(|key| {
-            (
-                key,
-                FlowState {
-                    last_seen_ns: monotonic_now_ns(),
-                    flags: 0,
-                    _pad: 0,
-                },
-            )
-        })
-        .collect();
-    let mut kernels = kernels;
-    kernels[2].set_flows(&table)?;
-    let misses = segments(
-        ["tcp4 unknown ack", "udp6 unknown"],
-        "198.51.100.8",
-        "2001:db8:ffff::8",
-    );
-    let syns = vec![(
-        "tcp4 syn",
-        Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 40000 }).build(),
-    )];
-
-    // The 1,024 rules again, with 100,000 host bans and 1,000 prefix bans that the mix's
-    // sources are not in: what every packet pays for the bans' lookups.
-    let mut banned = Kernel::load()?;
-    banned.apply(&compile(&rule_set(1024))?)?;
-    let bans = ban_list();
-    let timer = std::time::Instant::now();
-    banned.ban(&bans, 0)?;
-    println!(
-        "{} bans written in {:.0} ms",
-        bans.len(),
-        timer.elapsed().as_secs_f64() * 1000.0
-    );
-
-    let runs: Vec<Measured<'_>> = vec![
-        (Box::new(run_floor), &frames),
-        (on(&kernels[0]), &frames),
-        (on(&kernels[1]), &frames),
-        (on(&kernels[2]), &frames),
-        (on(&kernels[2]), &replies),
-        (on(&kernels[2]), &misses),
-        (on(&kernels[2]), &syns),
-        (on(&banned), &frames),
-    ];
+    let rows = Rows::new();
+    let mut runs: Vec<Measured<'_>> = vec![(Box::new(run_floor), &frames)];
+    for (_, build) in &builds {
+        let kernels = &build.kernels;
+        runs.push((on(&kernels[0]), &frames));
+        runs.push((on(&kernels[1]), &frames));
+        runs.push((on(&kernels[2]), &frames));
+        runs.push((on(&kernels[2]), &rows.replies));
+        runs.push((on(&kernels[2]), &rows.misses));
+        runs.push((on(&kernels[2]), &rows.syns));
+        runs.push((on(&build.banned), &frames));
+    }
     let ns = measure_in_turns(&runs)?;
     let floor_ns = ns[0];
     println!(
-        "{:<24} {:>10} {:>14} {:>14}",
+        "{:<34} {:>10} {:>14} {:>14}",
         "program", "ns/packet", "vs 1 rule", "vs floor"
     );
-    println!("{:<24} {:>10.1}", "bare XDP_DROP (floor)", floor_ns);
-    for (count, rules_ns) in [1, 100, 1024].iter().zip(&ns[1..4]) {
-        println!(
-            "{:<24} {:>10.1} {:>13.2}x {:>+13.1}",
-            format!("firewall, {count} rules"),
-            rules_ns,
-            rules_ns / ns[1],
-            rules_ns - floor_ns
-        );
+    println!("{:<34} {:>10.1}", "bare XDP_DROP (floor)", floor_ns);
+    for ((label, _), ns) in builds.iter().zip(ns[1..].chunks(7)) {
+        for (count, rules_ns) in [1, 100, 1024].iter().zip(&ns[..3]) {
+            println!(
+                "{:<34} {:>10.1} {:>13.2}x {:>+13.1}",
+                format!("{label}firewall, {count} rules"),
+                rules_ns,
+                rules_ns / ns[0],
+                rules_ns - floor_ns
+            );
+        }
+        for (name, state_ns) in [
+            "state hit (replies)",
+            "state miss (new)",
+            "SYN (lookup skipped)",
+            "1,024 rules + 101k bans",
+        ]
+        .iter()
+        .zip(&ns[3..])
+        {
+            println!(
+                "{:<34} {:>10.1} {:>14} {:>+13.1}",
+                format!("{label}{name}"),
+                state_ns,
+                "",
+                state_ns - floor_ns
+            );
+        }
     }
-    for (name, state_ns) in [
-        "state hit (replies)",
-        "state miss (new)",
-        "SYN (lookup skipped)",
-        "1,024 rules + 101k bans",
-    ]
-    .iter()
-    .zip(&ns[4..])
-    {
-        println!(
-            "{:<24} {:>10.1} {:>14} {:>+13.1}",
-            name,
-            state_ns,
-            "",
-            state_ns - floor_ns
-        );
+    if builds.len() == 2 {
+        println!("this build / baseline, row by row (same run):");
+        for (row, (new, old)) in ns[1..8].iter().zip(&ns[8..15]).enumerate() {
+            println!("  row {}: {:.2}x", row + 1, new / old);
+        }
     }
     if only.as_deref() == Ok("packets") {
         return Ok(());
     }
     sets()?;
     Ok(())
+}
+
+/// One build's programs: its object loaded with 1, 100 and 1,024 rules (the last with the
+/// flows of [`Rows::replies`]), and with 1,024 rules and the bans of [`ban_list`].
+struct Build {
+    kernels: Vec<Kernel>,
+    banned: Kernel,
+}
+
+impl Build {
+    fn load(load: impl Fn() -> Result<Kernel>) -> Result<Build> {
+        let mut kernels = [1usize, 100, 1024]
+            .map(|count| -> Result<Kernel> {
+                let mut kernel = load()?;
+                kernel.apply(&compile(&rule_set(count))?)?;
+                Ok(kernel)
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let table: Vec<_> = Rows::new()
+            .replies
+            .iter()
+            .filter_map(|(_, frame)| match parse_frame(frame) {
+                Parsed::Ip(packet) => inbound_flow(&packet),
+                _ => None,
+            })
+            .map(|key| {
+                (
+                    key,
+                    FlowState {
+                        last_seen_ns: monotonic_now_ns(),
+                        flags: 0,
+                        _pad: 0,
+                    },
+                )
+            })
+            .collect();
+        kernels[2].set_flows(&table)?;
+        // The 1,024 rules again, with 100,000 host bans and 1,000 prefix bans that the mix's
+        // sources are not in: what every packet pays for the bans' lookups.
+        let mut banned = load()?;
+        banned.apply(&compile(&rule_set(1024))?)?;
+        let bans = ban_list();
+        let timer = std::time::Instant::now();
+        banned.ban(&bans, 0)?;
+        println!(
+            "{} bans written in {:.0} ms",
+            bans.len(),
+            timer.elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(Build { kernels, banned })
+    }
+}
+
+/// Connection state's frames, with the 1,024-rule set in force: replies that hit the flow map
+/// (and pass before the rules), segments of unknown flows that miss it, and SYNs, which skip
+/// it.
+struct Rows {
+    replies: Vec<(&'static str, Vec<u8>)>,
+    misses: Vec<(&'static str, Vec<u8>)>,
+    syns: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Rows {
+    fn new() -> Rows {
+        Rows {
+            replies: segments(
+                ["tcp4 reply", "udp6 reply"],
+                "198.51.100.7",
+                "2001:db8:ffff::9",
+            ),
+            misses: segments(
+                ["tcp4 unknown ack", "udp6 unknown"],
+                "198.51.100.8",
+                "2001:db8:ffff::8",
+            ),
+            syns: vec![(
+                "tcp4 syn",
+                Frame::v4("198.51.100.7", "10.0.0.1", L4::Tcp { dport: 40000 }).build(),
+            )],
+        }
+    }
 }
 
 /// 100,000 host bans (IPv4 and IPv6 alternately) and 1,000 IPv4 /24 prefix bans, away from

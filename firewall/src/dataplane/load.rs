@@ -44,7 +44,16 @@ impl Kernel {
     /// Loads the programs of both link layers and creates their maps; nothing is attached
     /// yet, nothing pinned.
     pub fn load() -> Result<Self> {
-        let mut kernel = Self::load_with(None)?;
+        let mut kernel = Self::load_with(None, OBJECT)?;
+        kernel.load_layer(LinkLayer::Ip)?;
+        Ok(kernel)
+    }
+
+    /// As [`Kernel::load`], from another build's XDP object with the same maps (benchmarks
+    /// compare builds this way).
+    #[cfg(feature = "testing")]
+    pub fn load_object(object: &[u8]) -> Result<Self> {
+        let mut kernel = Self::load_with(None, object)?;
         kernel.load_layer(LinkLayer::Ip)?;
         Ok(kernel)
     }
@@ -61,7 +70,7 @@ impl Kernel {
         std::fs::create_dir_all(&build).with_context(|| format!("creating {}", build.display()))?;
         let bans = pins.bans_dir();
         std::fs::create_dir_all(&bans).with_context(|| format!("creating {}", bans.display()))?;
-        let mut kernel = Self::load_with(Some((&build, &bans)))?;
+        let mut kernel = Self::load_with(Some((&build, &bans)), OBJECT)?;
         kernel.pin_programs(LinkLayer::Ethernet, &build)?;
         if reused {
             // The live generation holds the old daemon's rules; neither is known to us.
@@ -87,10 +96,10 @@ impl Kernel {
         Ok(())
     }
 
-    /// Creates the maps and loads the Ethernet programs.
+    /// Creates the maps and loads the Ethernet programs of `object`.
     /// With `pin_dirs` (the build's, the bans'), maps are pinned there or reused from there.
-    fn load_with(pin_dirs: Option<(&Path, &Path)>) -> Result<Self> {
-        if OBJECT.is_empty() {
+    fn load_with(pin_dirs: Option<(&Path, &Path)>, object: &[u8]) -> Result<Self> {
+        if object.is_empty() {
             bail!("this binary was built without its XDP object (AYA_BUILD_SKIP was set)");
         }
         sys::raise_memlock_limit();
@@ -100,7 +109,7 @@ impl Kernel {
                 loader.map_pin_path(name, path);
             }
         }
-        let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
+        let ebpf = loader.load(object).context("loading the XDP object")?;
         let mut kernel = Kernel {
             ebpf,
             held: [Held::Zeroed, Held::Zeroed],
