@@ -59,9 +59,9 @@ enum Task {
         /// into a veth pair, against no filter, bare XDP_DROP, xdp-filter, nft and ip6tables.
         #[arg(long)]
         wholepath: bool,
-        /// With --wholepath: also measure the firewall rows with this other build of the
-        /// daemon (e.g. the previous commit's target/release/firewall), in the same turns.
-        #[arg(long, requires = "wholepath")]
+        /// Also measure the firewall rows with this other build of the daemon (e.g. a copy
+        /// of the previous commit's target/release/firewall), in the same turns.
+        #[arg(long)]
         baseline: Option<PathBuf>,
     },
     /// Install the daemon to /usr/local/sbin, its systemd unit, and (unless present)
@@ -338,17 +338,63 @@ fn main() -> Result<()> {
             wholepath::run(&root.join("target/release/firewall"), baseline.as_deref())
         }
         Task::Bench {
-            wholepath: false, ..
+            wholepath: false,
+            baseline,
         } => {
             require_root("cargo xtask bench")?;
             setup::ensure_packages(setup::BENCH_PACKAGES)?;
-            let status = env
-                .cargo()
-                .args(["bench", "-p", "firewall", "--bench", "packet_path"])
-                .status()?;
-            check(status, "cargo bench")
+            let mut cargo = env.cargo();
+            cargo.args(["bench", "-p", "firewall", "--bench", "packet_path"]);
+            if let Some(baseline) = baseline {
+                // The bench loads the other build's XDP object, which its binary embeds.
+                let object = root.join("target/bench-baseline.o");
+                std::fs::write(&object, embedded_xdp_object(&std::fs::read(&baseline)?)?)?;
+                cargo.env("FW_BENCH_BASELINE", object);
+            }
+            check(cargo.status()?, "cargo bench")
         }
     }
+}
+
+/// The XDP object a firewall binary embeds: the one 64-bit little-endian ELF file for BPF
+/// (e_machine 247) inside it, up to the end of its section headers (where the linker puts
+/// them, last).
+fn embedded_xdp_object(binary: &[u8]) -> Result<&[u8]> {
+    const EM_BPF: u16 = 247;
+    let field = |at: usize, len: usize| -> Option<u64> {
+        let bytes = binary.get(at..at + len)?;
+        Some(
+            bytes
+                .iter()
+                .rev()
+                .fold(0, |value, &b| value << 8 | u64::from(b)),
+        )
+    };
+    let mut at = 0;
+    while let Some(found) = binary[at..].windows(4).position(|w| w == b"\x7fELF") {
+        let start = at + found;
+        at = start + 1;
+        let header = (
+            field(start + 4, 1),
+            field(start + 5, 1),
+            field(start + 18, 2),
+        );
+        if header != (Some(2), Some(1), Some(u64::from(EM_BPF))) {
+            continue;
+        }
+        let (Some(table), Some(entry), Some(entries)) = (
+            field(start + 0x28, 8),
+            field(start + 0x3a, 2),
+            field(start + 0x3c, 2),
+        ) else {
+            continue;
+        };
+        let end = start + (table + entry * entries) as usize;
+        if let Some(object) = binary.get(start..end) {
+            return Ok(object);
+        }
+    }
+    bail!("no BPF object in that binary: is it a firewall daemon?")
 }
 
 /// The deployment's tests: the image run on a veth pair, the manifests against Kubernetes'
@@ -473,4 +519,35 @@ fn default_route_iface() -> Result<String> {
         }
     }
     bail!("no default route; name the interface with --iface")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-byte ELF header of `machine` whose section table (two 64-byte entries) ends the
+    /// file at 64 + 128 bytes.
+    fn elf(machine: u16) -> Vec<u8> {
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(b"\x7fELF");
+        header[4] = 2;
+        header[5] = 1;
+        header[18..20].copy_from_slice(&machine.to_le_bytes());
+        header[0x28..0x30].copy_from_slice(&64u64.to_le_bytes());
+        header[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        header[0x3c..0x3e].copy_from_slice(&2u16.to_le_bytes());
+        header.resize(64 + 128, 0xaa);
+        header
+    }
+
+    #[test]
+    fn the_embedded_bpf_object_is_found_whole() {
+        // An x86-64 ELF (the binary itself) first, then the BPF object, then other bytes.
+        let mut binary = elf(62);
+        let object = elf(247);
+        binary.extend_from_slice(&object);
+        binary.extend_from_slice(b"more of the binary");
+        assert_eq!(embedded_xdp_object(&binary).unwrap(), &object[..]);
+        assert!(embedded_xdp_object(&elf(62)).is_err());
+    }
 }
