@@ -62,7 +62,8 @@ pub const STAT_DEFAULT_DENY: u32 = STAT_RULES + 1;
 pub const STAT_MALFORMED: u32 = STAT_RULES + 2;
 /// Non-IP frames (ARP and others), always passed.
 pub const STAT_NON_IP: u32 = STAT_RULES + 3;
-/// Log lines suppressed by the kernel-side rate limit, or lost to a full log ring buffer.
+/// Log lines lost to a full log ring buffer (those the rate limit refuses, `LogLimit`
+/// counts).
 pub const STAT_LOG_SUPPRESSED: u32 = STAT_RULES + 4;
 /// Replies to tracked flows, and ICMP errors quoting them, passed before the rules.
 pub const STAT_ESTABLISHED: u32 = STAT_RULES + 5;
@@ -262,7 +263,7 @@ pub struct RateKey {
 
 /// A token bucket whose credit is time: a token costs `cost_ns` of credit, credit grows by
 /// the nanoseconds that pass, up to `burst_ns`. The kernel keeps one per (rule, source) for
-/// rate limits and one per CPU for log lines.
+/// rate limits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenBucket {
@@ -296,6 +297,40 @@ impl TokenBucket {
             return false;
         }
         self.credit_ns = credit - cost_ns;
+        true
+    }
+}
+
+/// The packet log's per-CPU rate limit, kept as a schedule (the generic cell rate algorithm,
+/// equivalent to a token bucket of `burst_ns / line_ns` lines refilled one per `line_ns`): a
+/// line may be written while the schedule runs at most a burst ahead of now, and each line
+/// moves it on by `line_ns`. A refused line, what every packet of a logged flood is, costs a
+/// comparison and a count in the same cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogLimit {
+    /// When the lines written so far would have been spread out (coarse monotonic ns).
+    pub schedule_ns: u64,
+    /// Lines refused on this CPU since the map was made.
+    pub suppressed: u64,
+}
+
+impl LogLimit {
+    /// Whether a line may be written at `now_ns`; counts it as suppressed if not.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64, line_ns: u64, burst_ns: u64) -> bool {
+        let ahead = burst_ns.saturating_sub(line_ns);
+        if self.schedule_ns.saturating_sub(ahead) > now_ns {
+            self.suppressed += 1;
+            return false;
+        }
+        // Idle time earns no more than the burst: the schedule starts again from now.
+        let from = if self.schedule_ns > now_ns {
+            self.schedule_ns
+        } else {
+            now_ns
+        };
+        self.schedule_ns = from + line_ns;
         true
     }
 }
@@ -437,7 +472,7 @@ pub mod map_names {
     pub const PORT_CLASS: &str = "FW_PORT_CLASS";
     pub const PORT_BITS: &str = "FW_PORT_BITS";
     pub const STATS: &str = "FW_STATS";
-    pub const LOG_BUCKET: &str = "FW_LOG_BUCKET";
+    pub const LOG_LIMIT: &str = "FW_LOG_LIMIT";
     pub const FLOWS: &str = "FW_FLOWS";
     pub const IFACE_BITS: &str = "FW_IFACE_BITS";
     pub const OTHER_IFACES: &str = "FW_OTHER_IFACES";
@@ -472,13 +507,44 @@ mod pod {
     unsafe impl aya::Pod for RateLimit {}
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for TokenBucket {}
+    unsafe impl aya::Pod for LogLimit {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
 }
 
 #[cfg(test)]
 mod tests {
-    use super::TokenBucket;
+    use super::{LogLimit, TokenBucket};
+
+    #[test]
+    fn log_limit_allows_a_burst_then_one_line_per_interval() {
+        // Lines every 10 ns, bursts of three; a fresh (all zero) limit starts with its burst.
+        let mut limit = LogLimit::default();
+        for _ in 0..3 {
+            assert!(limit.take(1_000, 10, 30));
+        }
+        assert!(!limit.take(1_000, 10, 30), "the burst is spent");
+        assert!(!limit.take(1_009, 10, 30));
+        assert!(limit.take(1_010, 10, 30), "10 ns later one line is due");
+        assert!(!limit.take(1_010, 10, 30));
+        assert_eq!(limit.suppressed, 3);
+        // A long pause earns the burst again, not more.
+        for _ in 0..3 {
+            assert!(limit.take(1_000_000, 10, 30));
+        }
+        assert!(!limit.take(1_000_000, 10, 30));
+        assert_eq!(limit.suppressed, 4);
+    }
+
+    #[test]
+    fn log_limit_with_a_burst_of_one_spaces_every_line() {
+        let mut limit = LogLimit::default();
+        assert!(limit.take(100, 10, 10));
+        assert!(!limit.take(105, 10, 10));
+        assert!(limit.take(110, 10, 10));
+        // A clock that reads earlier (another CPU's coarse tick) refuses, never wraps.
+        assert!(!limit.take(50, 10, 10));
+    }
 
     #[test]
     fn token_bucket_spends_refills_and_caps_at_burst() {

@@ -1,5 +1,5 @@
 //! Packet logging: a fixed record per line into a ring buffer the daemon reads, behind a
-//! per-CPU token bucket, so a flood of dropped packets cannot turn into a flood of log lines.
+//! per-CPU rate limit, so a flood of dropped packets cannot turn into a flood of log lines.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use firewall_common::{
     GenerationConfig, LogEvent, LOGGED_AUDIT, LOGGED_DROP, LOGGED_LIMIT, LOGGED_PASS,
@@ -7,29 +7,25 @@ use firewall_common::{
 };
 
 use crate::{
-    maps::{count, LOG_BUCKET, LOG_EVENTS},
+    maps::{count, LOG_EVENTS, LOG_LIMIT},
     parse::Packet,
     Verdict,
 };
 
-/// Takes one token if the bucket has one; counts a suppressed line otherwise.
+/// Whether the rate limit lets a line through now; the limit counts the ones it refuses.
 #[inline(always)]
 fn take_token(config: &GenerationConfig) -> bool {
     if config.log_line_ns == 0 {
         return false;
     }
-    let Some(bucket) = LOG_BUCKET.get_ptr_mut(0) else {
+    let Some(limit) = LOG_LIMIT.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
-    let bucket = unsafe { &mut *bucket };
+    let limit = unsafe { &mut *limit };
     // A coarse clock (tick resolution) is plenty for a few lines a second, and cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if !bucket.take(now, config.log_line_ns, config.log_burst_ns) {
-        count(STAT_LOG_SUPPRESSED, 0);
-        return false;
-    }
-    true
+    limit.take(now, config.log_line_ns, config.log_burst_ns)
 }
 
 /// Logs a packet that arrived on interface `ifindex`: `rule` is the 1-based rule number, 0

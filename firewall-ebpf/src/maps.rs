@@ -8,11 +8,11 @@ use aya_ebpf::{
 };
 use firewall_common::{
     bans::{self, Ban},
-    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, RateKey, RateLimit, RuleBits,
-    RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS, LOG_EVENTS_BYTES,
-    MAX_ADDRESS_CLASSES, MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS, MAX_IFACES,
-    MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS, PROTO_SLOTS,
-    STAT_SLOTS,
+    Counter, FlowKey, FlowState, GenerationConfig, IfaceKey, LogLimit, RateKey, RateLimit,
+    RuleBits, RuleName, TokenBucket, V4KeyData, V6KeyData, ADDRESS_FIELDS, GENERATIONS,
+    LOG_EVENTS_BYTES, MAX_ADDRESS_CLASSES, MAX_DHCP_IFACES, MAX_EXACT_V4, MAX_EXACT_V6, MAX_FLOWS,
+    MAX_IFACES, MAX_PORT_CLASSES, MAX_RATE_SOURCES, MAX_RULES, MAX_TRIE_ENTRIES, PORTS,
+    PROTO_SLOTS, STAT_SLOTS,
 };
 
 /// One element: the generation packets are classified with.
@@ -124,8 +124,9 @@ pub static BAN_PREFIXES: LpmTrie<[u32; 4], Ban> = LpmTrie::with_max_entries(bans
 #[map(name = "FW_BANS_IN_USE")]
 pub static BANS_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
 
-#[map(name = "FW_LOG_BUCKET")]
-pub static LOG_BUCKET: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
+/// The packet log's rate limit and its count of refused lines, per CPU.
+#[map(name = "FW_LOG_LIMIT")]
+pub static LOG_LIMIT: PerCpuArray<LogLimit> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one packet of `bytes` to counter `slot`.
 #[inline(always)]

@@ -685,6 +685,30 @@ fn rate_limits_count_per_source() {
 }
 
 #[test]
+fn log_lines_are_rate_limited_and_the_refused_ones_counted() {
+    let set = parse_rules(
+        "log.toml",
+        "[defaults]\npolicy = \"deny\"\n\n[log]\nlines_per_second = 1\nburst = 5\n\n\
+         [[rules]]\nname = \"ssh\"\naction = \"allow\"\nproto = \"tcp\"\nports = [22]\n",
+    )
+    .unwrap();
+    let kernel = kernel_with(&set);
+    let denied = tcp4("192.0.2.9", 23).build();
+    // One run of 1,000 on one CPU, well within a second: the burst of five lines is written,
+    // the rest refused (a sixth line if the run straddles a line's due time).
+    kernel.test_run(&denied, 1_000).unwrap();
+    let refused = kernel.refused_log_lines().unwrap();
+    assert!((994..=995).contains(&refused), "{refused} lines refused");
+    // Allowed packets are not logged, so they neither take lines nor count as refused.
+    kernel.test_run(&tcp4("10.1.2.3", 22).build(), 100).unwrap();
+    assert_eq!(kernel.refused_log_lines().unwrap(), refused);
+    // No line is refused once a second has passed (one more line is due).
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    kernel.test_run(&denied, 1).unwrap();
+    assert_eq!(kernel.refused_log_lines().unwrap(), refused);
+}
+
+#[test]
 fn reload_swaps_rules_and_keeps_counting_from_zero() {
     let mut kernel = kernel();
     let ssh = tcp4("10.1.2.3", 22).build();

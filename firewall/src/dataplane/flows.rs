@@ -5,7 +5,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
     local_port_slot, local_port_tick, map_names, Counter, FlowKey, FlowState, GenerationConfig,
-    STAT_SLOTS,
+    LogLimit, STAT_SLOTS,
 };
 
 use crate::dataplane::sys::monotonic_now_ns;
@@ -83,6 +83,17 @@ impl Kernel {
                 Ok(Counter::sum(per_cpu.iter()))
             })
             .collect()
+    }
+
+    /// Log lines the per-CPU rate limits refused, summed over CPUs.
+    pub fn refused_log_lines(&self) -> Result<u64> {
+        let limits: PerCpuArray<&MapData, LogLimit> =
+            PerCpuArray::try_from(self.map(map_names::LOG_LIMIT)?)?;
+        Ok(limits
+            .get(&0, 0)?
+            .iter()
+            .map(|limit| limit.suppressed)
+            .sum())
     }
 }
 

@@ -108,7 +108,7 @@ pub const MAPS: &[MapSpec] = &[
     map(FLOWS, Shared),
     map(DHCP_REQUESTS, Shared),
     map(LOCAL_PORTS, Shared),
-    map(LOG_BUCKET, Shared),
+    map(LOG_LIMIT, Shared),
     MapSpec {
         name: bans::HOSTS,
         pin: Pin::Bans,

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, RuleName, MAX_RULES, STAT_BANNED, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_LOG_SUPPRESSED,
-    STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
+    map_names, Counter, GenerationConfig, LogLimit, RuleName, MAX_RULES, STAT_BANNED,
+    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED,
+    STAT_LOG_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
 };
 use serde::Serialize;
 
@@ -119,6 +119,20 @@ impl From<Counter> for Count {
     }
 }
 
+/// The log lines the per-CPU rate limits refused (the counter slot holds those lost to a full
+/// ring). Builds before the limit counted its refusals in the slot and have no such map.
+fn refused_log_lines(limits: Result<MapData>) -> Result<u64> {
+    let Ok(limits) = limits else {
+        return Ok(0);
+    };
+    let limits: PerCpuArray<MapData, LogLimit> = PerCpuArray::try_from(Map::PerCpuArray(limits))?;
+    Ok(limits
+        .get(&0, 0)?
+        .iter()
+        .map(|limit| limit.suppressed)
+        .sum())
+}
+
 fn action(code: u32) -> &'static str {
     Action::from_code(code).name()
 }
@@ -186,7 +200,8 @@ pub fn read(pins: &Pins) -> Result<Stats> {
         dhcp: counter(STAT_DHCP)?.into(),
         rate_limited: counter(STAT_RATE_LIMITED)?.into(),
         banned: counter(STAT_BANNED)?.into(),
-        log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets,
+        log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets
+            + refused_log_lines(open(map_names::LOG_LIMIT))?,
         flows,
         bans,
     })
