@@ -36,6 +36,7 @@ fn rule_set(count: usize) -> RuleSet {
     let mut rules: Vec<Rule> = (0..count.saturating_sub(1))
         .map(|i| Rule {
             name: format!("filler {i}"),
+            direction: Direction::In,
             action: Action::Deny,
             proto: if i % 2 == 0 { Proto::Tcp } else { Proto::Udp },
             from: Some(vec![
@@ -55,6 +56,7 @@ fn rule_set(count: usize) -> RuleSet {
         .collect();
     rules.push(Rule {
         name: "allow-web".into(),
+        direction: Direction::In,
         action: Action::Allow,
         proto: Proto::Any,
         from: Some(vec![

@@ -133,6 +133,7 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
     });
     Rule {
         name: format!("rule {}", index + 1),
+        direction: Direction::In,
         action: if rng.gen_bool(0.5) {
             Action::Allow
         } else {

@@ -123,8 +123,10 @@ pub fn log_line(event: &LogEvent, names: &RuleNames, iface: &str) -> String {
     };
     let name = names.name(event.rule).unwrap_or_else(|| "?".into());
     let v6 = event.v6 != 0;
+    // Outbound lines say so: their source is this host, not a peer to ban.
+    let direction = if event.outbound != 0 { " dir=out" } else { "" };
     format!(
-        "{outcome} rule={} name={} iface={} proto={} src={} sport={} dst={} dport={}",
+        "{outcome} rule={} name={} iface={}{direction} proto={} src={} sport={} dst={} dport={}",
         event.rule,
         value(&name),
         value(iface),

@@ -9,7 +9,7 @@ use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use ipnet::IpNet;
 
 use crate::analysis::reference::{classify, PacketInfo, Verdict};
-use crate::rules::model::{Action, Position, Proto, Rule, RuleSet};
+use crate::rules::model::{Action, Direction, Position, Proto, Rule, RuleSet};
 
 const SSH_PORT: u16 = 22;
 
@@ -95,6 +95,8 @@ fn label(set: &RuleSet, index: usize) -> String {
 
 /// What a rule matches, in a form where coverage is a field-by-field check.
 struct MatchShape<'a> {
+    /// A rule only covers rules of its own direction.
+    direction: Direction,
     /// IP protocol numbers the rule can match; `None`: every protocol.
     protos: Option<Vec<u8>>,
     /// Destination port ranges, merged and sorted; `None`: no port needed (so also packets
@@ -122,6 +124,7 @@ impl<'a> MatchShape<'a> {
         let Rule {
             name: _,
             action: _,
+            direction,
             proto,
             from,
             to,
@@ -142,6 +145,7 @@ impl<'a> MatchShape<'a> {
             aggregated: OnceCell::new(),
         };
         MatchShape {
+            direction: *direction,
             protos,
             ports: ports.as_deref().map(merged_ranges),
             from: networks(from),
@@ -173,7 +177,8 @@ impl<'a> MatchShape<'a> {
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => theirs.iter().all(|kind| mine.contains(kind)),
         };
-        protos
+        self.direction == later.direction
+            && protos
             && ports()
             && iface()
             && icmp_types()

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES};
-use crate::rules::model::{Action, DynamicUse, ListStyle, Position, RuleSet};
+use crate::rules::model::{Action, Direction, DynamicUse, ListStyle, Position, RuleSet};
 
 mod services;
 mod sets;
@@ -186,9 +186,10 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub fn summary(set: &RuleSet) -> String {
     let on_off = |on: bool| if on { "on" } else { "off" };
     let mut out = format!(
-        "{} rules, default policy {}, established {}, essentials {}, dhcp {}{}\n",
+        "{} rules, default policy {}, outbound {}, established {}, essentials {}, dhcp {}{}\n",
         set.rules.len(),
         set.default_policy.name(),
+        set.outbound_policy.name(),
         on_off(set.established),
         on_off(set.essentials),
         on_off(set.dhcp),
@@ -218,6 +219,10 @@ pub fn summary(set: &RuleSet) -> String {
             None => String::new(),
         };
         let log = if rule.log { " log" } else { "" };
+        let direction = match rule.direction {
+            Direction::In => "",
+            Direction::Out => " out",
+        };
         let comment = match &rule.comment {
             Some(comment) => format!("  # {comment}"),
             None => String::new(),
@@ -226,7 +231,7 @@ pub fn summary(set: &RuleSet) -> String {
             "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{types}{iface}{limit}{log}{comment}\n",
             index + 1,
             rule.name,
-            text.action,
+            format!("{}{direction}", text.action),
             text.proto,
             text.from,
             text.to,
