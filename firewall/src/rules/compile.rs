@@ -768,6 +768,22 @@ mod tests {
     }
 
     #[test]
+    fn out_rules_are_only_in_the_outbound_protocol_slots() {
+        let mut out = rule(Proto::Tcp, None, None);
+        out.direction = Direction::Out;
+        let compiled = set(vec![rule(Proto::Tcp, None, None), out]);
+        for v6 in [false, true] {
+            let inbound = compiled.proto_bits[proto_slot(false, v6, IPPROTO_TCP) as usize];
+            let outbound = compiled.proto_bits[proto_slot(true, v6, IPPROTO_TCP) as usize];
+            assert!(inbound.contains(0) && !inbound.contains(1));
+            assert!(outbound.contains(1) && !outbound.contains(0));
+        }
+        assert_ne!(compiled.checks & CHECK_OUTBOUND, 0);
+        let inbound_only = set(vec![rule(Proto::Tcp, None, None)]);
+        assert_eq!(inbound_only.checks & CHECK_OUTBOUND, 0, "off: egress as before");
+    }
+
+    #[test]
     fn summaries_mark_the_words_in_use() {
         let mut rules = vec![rule(Proto::Tcp, None, None); 130];
         rules[129].proto = Proto::Udp;

@@ -321,6 +321,25 @@ mod tests {
     }
 
     #[test]
+    fn rules_cover_only_rules_of_their_direction() {
+        let deny_all = "action = \"deny\"";
+        let deny_all_out = "action = \"deny\"\ndirection = \"out\"";
+        let web_out = "action = \"allow\"\ndirection = \"out\"\nproto = \"tcp\"\nports = [443]";
+        assert!(!second_shadowed(deny_all, web_out));
+        assert!(!second_shadowed(deny_all_out, "action = \"allow\"\nproto = \"tcp\""));
+        assert!(second_shadowed(deny_all_out, web_out));
+    }
+
+    /// Out rules let nothing in: the SSH warning does not count them.
+    #[test]
+    fn an_out_rule_for_ssh_does_not_silence_the_ssh_warning() {
+        let text = "[defaults]\npolicy = \"deny\"\n[[rules]]\naction = \"allow\"\n\
+                    direction = \"out\"\nproto = \"tcp\"\nports = [22]\n";
+        assert!(warns(text));
+        assert!(!warns(&text.replace("direction = \"out\"\n", "")));
+    }
+
+    #[test]
     fn icmp_types_narrow_what_a_rule_covers() {
         let echo = "action = \"allow\"\nproto = \"icmp\"\nicmp_types = [\"echo-request\"]";
         let unreachable = "action = \"deny\"\nproto = \"icmp\"\nicmp_types = [3]";

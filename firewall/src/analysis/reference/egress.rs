@@ -32,7 +32,7 @@ pub fn is_live(rules: &RuleSet, flows: &FlowTable, key: &FlowKey) -> bool {
 
 /// The flow an outbound packet belongs to, keyed as its replies look; the host's echo
 /// replies as the request they answer.
-fn egress_flow(packet: &PacketInfo) -> Option<FlowKey> {
+pub fn egress_flow(packet: &PacketInfo) -> Option<FlowKey> {
     own_flow(packet, true, Echo::Request).or_else(|| own_flow(packet, true, Echo::Reply))
 }
 

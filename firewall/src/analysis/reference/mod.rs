@@ -23,7 +23,7 @@ use crate::rules::model::{Action, Direction, Rule, RuleSet};
 
 mod egress;
 mod frame;
-pub use egress::{accepted_flow, evaluate_egress, is_live};
+pub use egress::{accepted_flow, egress_flow, evaluate_egress, is_live};
 pub use frame::{parse_frame, parse_frame_on, PacketInfo, Parsed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

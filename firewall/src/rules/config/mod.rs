@@ -295,6 +295,9 @@ mod tests {
             ("[defaults]\ndhcp = \"on\"\n", 2, 8, "invalid type"),
             ("[defaults]\ndhcp = 1\n", 2, 8, "invalid type"),
             ("[defaults]\nmode = \"watch\"\n", 2, 8, "mode must be"),
+            ("[defaults]\noutbound = \"drop\"\n", 2, 12, "invalid outbound \"drop\""),
+            ("[[rules]]\naction = \"allow\"\ndirection = \"up\"\n", 3, 13, "invalid direction \"up\""),
+            ("[[rules]]\naction = \"allow\"\ndirection = \"out\"\nlimit = \"5/s\"\n", 4, 9, "`limit` applies to inbound rules"),
             ("[[rules]]\naction = \"allow\"\nlimit = \"5/d\"\n", 3, 9, "invalid limit \"5/d\""),
             ("[[rules]]\naction = \"allow\"\nlimit = \"0/s\"\n", 3, 9, "invalid limit"),
             ("[[rules]]\naction = \"deny\"\nlimit = \"5/s\"\n", 3, 9, "applies to allow rules"),
@@ -535,6 +538,24 @@ mod tests {
             (second.proto, &second.from, &second.ports),
             (Proto::Any, &None, &None)
         );
+        assert_eq!((rule.direction, second.direction), (Direction::In, Direction::In));
+        assert_eq!(set.outbound_policy, Action::Allow);
+        assert!(!set.filters_outbound());
+    }
+
+    #[test]
+    fn out_rules_and_the_outbound_default_parse() {
+        let text = "[defaults]\noutbound = \"deny\"\n[[rules]]\naction = \"allow\"\n\
+                    direction = \"out\"\nproto = \"tcp\"\nports = [443]\n";
+        let set = parse_rules("t.toml", text).unwrap();
+        assert_eq!(set.outbound_policy, Action::Deny);
+        assert_eq!(set.rules[0].direction, Direction::Out);
+        assert!(set.filters_outbound());
+        assert!(summary(&set).contains("outbound deny"));
+        assert!(summary(&set).contains("allow out"));
+        // An out rule alone turns outbound filtering on (with the outbound default allow).
+        let one_rule = text.replace("outbound = \"deny\"", "");
+        assert!(parse_rules("t.toml", &one_rule).unwrap().filters_outbound());
     }
 
     /// Rules naming ports, parsed against a services file of the test's own.
