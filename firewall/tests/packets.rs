@@ -1712,9 +1712,7 @@ mod outbound {
         }
         let counters = kernel.counters().unwrap();
         // Generation 0 or 1 holds the rules: their counters are the sum of both.
-        let rule_hits = |rule: usize| {
-            counters[rule].packets + counters[MAX_RULES + rule].packets
-        };
+        let rule_hits = |rule: usize| counters[rule].packets + counters[MAX_RULES + rule].packets;
         assert_eq!(rule_hits(HTTPS_OUT), 1);
         assert_eq!(counters[STAT_OUT_DEFAULT_DENY as usize].packets, 4);
         // Out rules are not in rules: https arriving is denied by the inbound default.
@@ -1791,13 +1789,21 @@ mod outbound {
             .sport(40000)
             .tcp_flags(TCP_ACK)
             .build();
-        assert_eq!(send(&kernel, &set, &syn_ack), TC_ACT_SHOT, "nothing accepted");
+        assert_eq!(
+            send(&kernel, &set, &syn_ack),
+            TC_ACT_SHOT,
+            "nothing accepted"
+        );
         let denied = Frame::v4(PEER, HOST, L4::Tcp { dport: 23 })
             .sport(40000)
             .tcp_flags(TCP_SYN)
             .build();
         assert_eq!(verdict(&kernel, &denied), XDP_DROP);
-        assert_eq!(kernel.flows().unwrap(), vec![], "a denied SYN records nothing");
+        assert_eq!(
+            kernel.flows().unwrap(),
+            vec![],
+            "a denied SYN records nothing"
+        );
 
         assert_eq!(verdict(&kernel, &syn), XDP_PASS);
         let flows = kernel.flows().unwrap();
@@ -1806,9 +1812,8 @@ mod outbound {
         assert_eq!(flows[0].1.flags, FLOW_ACCEPTED);
         // Accepted but unanswered: the peer's next packets are judged by the rules, not
         // passed as established.
-        let established = |kernel: &Kernel| {
-            kernel.counters().unwrap()[STAT_ESTABLISHED as usize].packets
-        };
+        let established =
+            |kernel: &Kernel| kernel.counters().unwrap()[STAT_ESTABLISHED as usize].packets;
         let before = established(&kernel);
         assert_eq!(verdict(&kernel, &ack), XDP_PASS);
         assert_eq!(established(&kernel), before);
@@ -1845,7 +1850,11 @@ mod outbound {
             };
             table.flows.insert(key, state);
             let reference = evaluate_layer(&set, LinkLayer::Ethernet, &inbound, None, &table);
-            assert_eq!(xdp_action(reference.verdict), want, "reference, flags {flags}");
+            assert_eq!(
+                xdp_action(reference.verdict),
+                want,
+                "reference, flags {flags}"
+            );
         }
     }
 
@@ -1892,7 +1901,11 @@ mod outbound {
         ] {
             assert_eq!(send(&kernel, &set, &frame), TC_ACT_OK);
         }
-        assert_eq!(kernel.flows().unwrap().len(), 2, "TCP and UDP, not the echo reply");
+        assert_eq!(
+            kernel.flows().unwrap().len(),
+            2,
+            "TCP and UDP, not the echo reply"
+        );
         let counters = kernel.counters().unwrap();
         for slot in [STAT_OUT_DEFAULT_DENY, STAT_OUT_ESTABLISHED, STAT_MALFORMED] {
             assert_eq!(counters[slot as usize].packets, 0, "slot {slot}");

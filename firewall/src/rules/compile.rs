@@ -780,7 +780,11 @@ mod tests {
         }
         assert_ne!(compiled.checks & CHECK_OUTBOUND, 0);
         let inbound_only = set(vec![rule(Proto::Tcp, None, None)]);
-        assert_eq!(inbound_only.checks & CHECK_OUTBOUND, 0, "off: egress as before");
+        assert_eq!(
+            inbound_only.checks & CHECK_OUTBOUND,
+            0,
+            "off: egress as before"
+        );
     }
 
     #[test]

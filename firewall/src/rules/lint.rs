@@ -326,7 +326,10 @@ mod tests {
         let deny_all_out = "action = \"deny\"\ndirection = \"out\"";
         let web_out = "action = \"allow\"\ndirection = \"out\"\nproto = \"tcp\"\nports = [443]";
         assert!(!second_shadowed(deny_all, web_out));
-        assert!(!second_shadowed(deny_all_out, "action = \"allow\"\nproto = \"tcp\""));
+        assert!(!second_shadowed(
+            deny_all_out,
+            "action = \"allow\"\nproto = \"tcp\""
+        ));
         assert!(second_shadowed(deny_all_out, web_out));
     }
 

@@ -42,7 +42,8 @@ pub enum Proto {
 
 /// Which packets a rule judges: arriving ones (`in`, the default) or the host's own outbound
 /// ones (`out`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     #[default]
     In,

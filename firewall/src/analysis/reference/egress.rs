@@ -1,7 +1,7 @@
 //! The reference evaluator's outbound side: what the tc egress program decides about a
 //! packet the host sends, and what it records, restated from the rules' meaning.
 use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP};
-use firewall_common::{FlowKey, DHCP4_PORTS, DHCP6_PORTS, FLOW_ACCEPTED, FLOW_CLOSING};
+use firewall_common::{FlowKey, DHCP4_PORTS, DHCP6_PORTS, FLOW_CLOSING};
 
 use super::{
     classify_direction, is_essential, own_flow, parse_frame_on, Decision, FlowTable, PacketInfo,
@@ -104,8 +104,8 @@ pub fn evaluate_egress(
 }
 
 /// The host sent `packet` of flow `key` with outbound filtering on: as
-/// [`FlowTable::record_outbound`], and the flow is the host's own from now on (no longer
-/// only accepted); an echo reply only refreshes the request's entry and creates none.
+/// [`FlowTable::record_outbound`], but an echo reply only refreshes the entry of the request
+/// it answers (which stays an accepted one) and creates none.
 fn record_egress(flows: &mut FlowTable, packet: &PacketInfo, key: FlowKey) {
     let echo_reply = packet
         .icmp
@@ -118,9 +118,6 @@ fn record_egress(flows: &mut FlowTable, packet: &PacketInfo, key: FlowKey) {
         return;
     }
     flows.record_outbound(packet);
-    if let Some(state) = flows.flows.get_mut(&key) {
-        state.flags &= !FLOW_ACCEPTED;
-    }
 }
 
 fn record_dhcp_request(flows: &mut FlowTable, packet: &PacketInfo, iface: Option<&str>) {

@@ -73,7 +73,8 @@ pub struct FlowTable {
 impl FlowTable {
     /// What the host sending `packet` does to the table (the tc egress program's part):
     /// the flow is seen now; TCP's FIN or RST starts its closing timeout, a SYN (a new
-    /// connection on the same ports) ends it. Inbound packets change nothing, not even the
+    /// connection on the same ports) ends it; a connection the host accepted becomes its own
+    /// flow. Inbound packets change nothing, not even the
     /// peer's FIN or RST: that could be an off-path sender's guess (a blind RST).
     pub fn record_outbound(&mut self, packet: &PacketInfo) {
         let Some(key) = outbound_flow(packet) else {
@@ -83,6 +84,8 @@ impl FlowTable {
         let reopened = packet.tcp_flags & TCP_SYN != 0;
         let state = self.flows.entry(key).or_default();
         state.last_seen_ns = self.now_ns;
+        // A connection accepted inbound is the host's own flow once it answers.
+        state.flags &= !FLOW_ACCEPTED;
         if closing {
             state.flags |= FLOW_CLOSING;
         } else if reopened {

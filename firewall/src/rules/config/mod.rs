@@ -538,7 +538,10 @@ mod tests {
             (second.proto, &second.from, &second.ports),
             (Proto::Any, &None, &None)
         );
-        assert_eq!((rule.direction, second.direction), (Direction::In, Direction::In));
+        assert_eq!(
+            (rule.direction, second.direction),
+            (Direction::In, Direction::In)
+        );
         assert_eq!(set.outbound_policy, Action::Allow);
         assert!(!set.filters_outbound());
     }
