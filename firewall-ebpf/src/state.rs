@@ -48,7 +48,8 @@ pub fn outbound_key(packet: &Packet, echo_replies: bool) -> Option<FlowKey> {
     }
     let icmp = packet.icmp()?;
     let request = icmp.kind == Echo::Request.kind(packet.v6);
-    if !request && !(echo_replies && icmp.kind == Echo::Reply.kind(packet.v6)) {
+    let reply = echo_replies && icmp.kind == Echo::Reply.kind(packet.v6);
+    if !(request || reply) {
         return None;
     }
     key.local_port = icmp.id;
@@ -114,7 +115,7 @@ fn is_live(config: &GenerationConfig, key: &FlowKey, state: &FlowState) -> bool 
 #[inline(always)]
 pub fn is_tracked(config: &GenerationConfig, key: FlowKey) -> bool {
     // SAFETY: a value of the map, copied out.
-    match unsafe { FLOWS.get(&key) } {
+    match unsafe { FLOWS.get(key) } {
         Some(state) => is_live(config, &key, state),
         None => false,
     }
@@ -243,7 +244,7 @@ pub fn is_established(
     }
     // Read only: no inbound packet changes a flow (see the module comment).
     // SAFETY: a value of the map, copied out.
-    let Some(state) = (unsafe { FLOWS.get(&key) }) else {
+    let Some(state) = (unsafe { FLOWS.get(key) }) else {
         return false;
     };
     // A connection accepted inbound that the host has not answered yet is not established:

@@ -13,7 +13,7 @@ use firewall::dataplane::monotonic_now_ns;
 use firewall::dataplane::test_run::run_program;
 use firewall::dataplane::Kernel;
 use firewall::rules::compile::compile;
-use firewall::rules::model::{Action, Proto, Rule, RuleSet};
+use firewall::rules::model::{Action, Direction, Proto, Rule, RuleSet};
 use firewall::testing::packet::{self, Frame, L4, TCP_ACK};
 use firewall_common::FlowState;
 
