@@ -166,9 +166,12 @@ pub fn track_egress_l3(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn track<const L3: bool>(ctx: TcContext) -> i32 {
     let mut packet = Packet::new();
-    let parsed = parse::parse::<L3>(ctx.data(), ctx.data_end(), &mut packet);
     // SAFETY: the context's own skb.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (ifindex, wire_len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
+    // What the host sends keeps its headers in the skb's linear part, not always its payload.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let wire_len = (wire_len as usize).max(end - start);
+    let parsed = parse::parse_linear::<L3>(start, end, wire_len, &mut packet);
     let live = ACTIVE_GEN
         .get(0)
         .and_then(|&gen| Some((gen & 1, GEN_CONFIG.get(gen & 1)?)));
@@ -186,7 +189,7 @@ fn track<const L3: bool>(ctx: TcContext) -> i32 {
         }
         return TC_ACT_OK;
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = wire_len as u64;
     if let Parsed::NonIp = parsed {
         return TC_ACT_OK;
     }
