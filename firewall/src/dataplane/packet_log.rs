@@ -208,6 +208,15 @@ mod tests {
         event.rule = 9;
         event.outcome = LOGGED_LIMIT;
         assert!(log_line(&event, &names, "#4").starts_with("limit rule=9 name=? iface=#4 "));
+        // An out rule's line says so: its source is this host.
+        event.rule = 2;
+        event.outcome = LOGGED_DROP;
+        event.outbound = 1;
+        assert_eq!(
+            log_line(&event, &names, "eth0"),
+            "drop rule=2 name=no-web iface=eth0 dir=out proto=6 src=10.0.0.1 sport=40000 \
+             dst=10.0.0.2 dport=80"
+        );
     }
 
     #[test]

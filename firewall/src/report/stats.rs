@@ -213,8 +213,9 @@ pub fn read(pins: &Pins) -> Result<Stats> {
     })
 }
 
-/// This build's maps; else the only maps there are (another build's: the counters' layout is
-/// the same across builds so far).
+/// This build's maps; else the only maps there are (another build's, read with this build's
+/// layouts: a map whose value size differs, as the generation config's did when outbound
+/// rules came, is an error, not a misreading).
 fn build_dir(pins: &Pins) -> Result<PathBuf> {
     let own = pins.build_dir(object_id());
     if own.is_dir() {
