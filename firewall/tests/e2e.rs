@@ -2146,6 +2146,19 @@ fn outbound_deny_allows_only_out_rules_and_replies() {
     assert!(stats["outbound_default"]["dropped"]["packets"].as_u64() > Some(0));
     assert!(stats["rules"][1]["packets"].as_u64() > Some(0), "{stats}");
     assert!(stats["outbound_established"]["packets"].as_u64() > Some(0));
+    let status = Command::new(firewall_exe())
+        .arg("status")
+        .arg("--control")
+        .arg(&daemon.control)
+        .arg("--pin-dir")
+        .arg(pins.pin_dir())
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("Default: deny (incoming), deny (outgoing)\n"),
+        "{status}"
+    );
     // `explain --direction out` says the same, from the file.
     let explain = Command::new(firewall_exe())
         .args([
