@@ -7,7 +7,10 @@
 #![no_std]
 
 pub mod bans;
+mod flows;
 pub mod proto;
+
+pub use flows::*;
 
 /// Most rules a rule set can hold; one bit per rule in a [`RuleBits`].
 pub const MAX_RULES: usize = 1024;
@@ -23,13 +26,15 @@ pub const GENERATIONS: u32 = 2;
 pub const PORTS: u32 = 1 << 16;
 /// IP protocol numbers: the index space of the protocol map, per family.
 pub const PROTOS: u32 = 256;
-/// Protocol map slots per generation: IPv4's protocols, then IPv6's. A rule whose addresses
-/// (in `from` or in `to`) are all of one family is left out of the other family's sets, so
-/// that a packet of that other family never looks up its addresses on the rule's account.
-pub const PROTO_SLOTS: u32 = 2 * PROTOS;
-/// Slot of an IP protocol of a family in a generation's protocol map.
-pub const fn proto_slot(v6: bool, proto: u8) -> u32 {
-    (v6 as u32) * PROTOS + proto as u32
+/// Protocol map slots per generation: inbound IPv4's protocols, inbound IPv6's, then the
+/// same for outbound. A rule is only in its own direction's slots, so that the two
+/// directions share the rule space and every other table. A rule whose addresses (in `from`
+/// or in `to`) are all of one family is left out of the other family's sets, so that a
+/// packet of that other family never looks up its addresses on the rule's account.
+pub const PROTO_SLOTS: u32 = 4 * PROTOS;
+/// Slot of an IP protocol of a family and direction in a generation's protocol map.
+pub const fn proto_slot(outbound: bool, v6: bool, proto: u8) -> u32 {
+    ((outbound as u32) * 2 + v6 as u32) * PROTOS + proto as u32
 }
 /// Distinct destination-port classes per generation. Class 0 is "packet has no port".
 pub const MAX_PORT_CLASSES: u32 = 4096;
@@ -75,7 +80,14 @@ pub const STAT_RATE_LIMITED: u32 = STAT_RULES + 7;
 pub const STAT_DHCP: u32 = STAT_RULES + 8;
 /// Packets from banned sources (`firewall ban`), dropped before the rules.
 pub const STAT_BANNED: u32 = STAT_RULES + 9;
-pub const STAT_SLOTS: u32 = STAT_RULES + 10;
+/// Outbound packets (with outbound filtering on, see [`CHECK_OUTBOUND`]) no out rule matched:
+/// passed and dropped by the outbound default.
+pub const STAT_OUT_DEFAULT_ALLOW: u32 = STAT_RULES + 10;
+pub const STAT_OUT_DEFAULT_DENY: u32 = STAT_RULES + 11;
+/// Outbound packets of tracked flows (the host's own, or connections it accepted), passed
+/// before the out rules.
+pub const STAT_OUT_ESTABLISHED: u32 = STAT_RULES + 12;
+pub const STAT_SLOTS: u32 = STAT_RULES + 13;
 
 /// Bit set of rule indices; bit `i` of word `i / 64` is rule `i`. Lowest set bit wins.
 #[repr(C)]
@@ -141,6 +153,10 @@ pub struct GenerationConfig {
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub icmp_timeout_ns: u64,
+    /// `ACTION_ALLOW` or `ACTION_DENY` for outbound packets no out rule matches (read only
+    /// with [`CHECK_OUTBOUND`]).
+    pub outbound_action: u32,
+    pub _pad: u32,
 }
 
 /// Replies to the host's own flows (and ICMP errors quoting them) pass before the rules.
@@ -155,6 +171,11 @@ pub const CHECK_AUDIT: u32 = 8;
 /// the rules on an interface where the host sent a DHCP request in the last
 /// [`DHCP_WINDOW_NS`].
 pub const CHECK_DHCP: u32 = 16;
+/// Outbound filtering: the tc egress program judges outbound packets (out rules, then
+/// `outbound_action`) and the XDP program records the connections the rules accepted, so
+/// that the host's replies pass out. Off (egress only records flows) when the rule set has
+/// no out rule and allows outbound by default.
+pub const CHECK_OUTBOUND: u32 = 32;
 
 /// How long after the host's last DHCP request on an interface replies pass there.
 pub const DHCP_WINDOW_NS: u64 = 60_000_000_000;
@@ -163,58 +184,6 @@ pub const MAX_DHCP_IFACES: u32 = 1024;
 /// UDP ports of DHCP: (client, server) for DHCPv4 and DHCPv6.
 pub const DHCP4_PORTS: (u16, u16) = (68, 67);
 pub const DHCP6_PORTS: (u16, u16) = (546, 547);
-
-/// A flow the host started, keyed as its replies look from the host: `remote` is the peer.
-/// ICMP echo flows use `local_port` for the echo identifier and 0 for `remote_port`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// Addresses in wire byte order; IPv4 uses word 0.
-    pub remote: [u32; 4],
-    pub local: [u32; 4],
-    pub remote_port: u16,
-    pub local_port: u16,
-    pub proto: u8,
-    pub v6: u8,
-    pub _pad: [u8; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowState {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the host's last packet of the flow.
-    pub last_seen_ns: u64,
-    /// `FLOW_CLOSING` once the host sent a FIN or RST.
-    pub flags: u32,
-    pub _pad: u32,
-}
-
-pub const FLOW_CLOSING: u32 = 1;
-/// Flows tracked at once (LRU: the least recently used is evicted).
-pub const MAX_FLOWS: u32 = 262_144;
-
-/// The `LOCAL_PORTS` map keeps, per local TCP and UDP port, the tick (`ns >>
-/// LOCAL_PORT_TICK_SHIFT`, about a second) of the host's last packet sent from it; 0 means
-/// never (the first tick after boot is stored as 1). A reply can only belong to a live flow if
-/// its destination port was used that recently, so the XDP program skips the flow lookup for
-/// every other port: a flood to a port the host does not send from never pays for it.
-pub const LOCAL_PORT_TICK_SHIFT: u32 = 30;
-/// The `LOCAL_PORTS` tick of CLOCK_MONOTONIC `now_ns`, never 0 (which means never).
-pub const fn local_port_tick(now_ns: u64) -> u32 {
-    let tick = (now_ns >> LOCAL_PORT_TICK_SHIFT) as u32;
-    if tick == 0 {
-        1
-    } else {
-        tick
-    }
-}
-/// Slot of a local port in `LOCAL_PORTS`: TCP ports first, then UDP.
-pub const fn local_port_slot(udp: bool, port: u16) -> u32 {
-    (udp as u32) * PORTS + port as u32
-}
-/// Ticks a port stays in use past its flows' idle timeout: the tick is cut down from the
-/// flow's own clock, and the XDP program reads a coarser clock that lags it.
-pub const LOCAL_PORT_SLACK_TICKS: u32 = 2;
 
 /// Packet and byte counter, one per CPU per slot.
 #[repr(C)]
@@ -388,7 +357,7 @@ pub struct LogEvent {
     pub dst: [u32; 4],
     /// 1-based rule number; 0 for the default policy.
     pub rule: u32,
-    /// Interface index the packet arrived on.
+    /// Interface index the packet arrived on (left on, for an outbound packet).
     pub ifindex: u32,
     /// Ports, 0 for packets without them.
     pub sport: u16,
@@ -397,7 +366,8 @@ pub struct LogEvent {
     pub v6: u8,
     /// One of the `LOGGED_*` values.
     pub outcome: u8,
-    pub _pad: u8,
+    /// 1 for an outbound packet (judged by an out rule), 0 for an inbound one.
+    pub outbound: u8,
 }
 
 // Every byte is a named field: the kernel writes the record from its stack, where the

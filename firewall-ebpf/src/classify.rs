@@ -23,15 +23,20 @@ use crate::{
     parse::Packet,
 };
 
-/// Index of the first rule matching `packet` in generation `gen`, if any.
+/// Index of the first rule of the packet's direction (in rules if not `outbound`, out rules
+/// if it is) matching `packet` in generation `gen`, if any. `ifindex` is the interface it
+/// arrived on or leaves by.
 #[inline(always)]
 pub fn first_match(
     gen: u32,
     config: &GenerationConfig,
     packet: &Packet,
     ifindex: u32,
+    outbound: bool,
 ) -> Option<u32> {
-    let proto = PROTO_BITS.get(gen * PROTO_SLOTS + proto_slot(packet.v6, packet.proto))?;
+    // The direction is part of the protocol slot: the other direction's rules are in none.
+    let slot = proto_slot(outbound, packet.v6, packet.proto);
+    let proto = PROTO_BITS.get(gen * PROTO_SLOTS + slot)?;
     // A TCP/UDP destination port or an ICMP type: both index the same class table.
     let class = match packet.port_class_key() {
         Some(key) => *PORT_CLASS.get(gen * PORTS + u32::from(key))?,

@@ -18,11 +18,17 @@ fn ports(v6: bool) -> (u16, u16) {
     }
 }
 
+/// Whether an outbound packet is a DHCP request (client port to server port).
+#[inline(always)]
+pub fn is_request(packet: &Packet) -> bool {
+    let (client, server) = ports(packet.v6);
+    packet.proto == IPPROTO_UDP && packet.dport() == Some(server) && packet.sport == client
+}
+
 /// Records an outbound DHCP request on interface `ifindex` (called from tc egress).
 #[inline(always)]
 pub fn record_request(packet: &Packet, ifindex: u32) {
-    let (client, server) = ports(packet.v6);
-    if packet.proto != IPPROTO_UDP || packet.dport() != Some(server) || packet.sport != client {
+    if !is_request(packet) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };

@@ -28,8 +28,9 @@ fn take_token(config: &GenerationConfig) -> bool {
     limit.take(now, config.log_line_ns, config.log_burst_ns)
 }
 
-/// Logs a packet that arrived on interface `ifindex`: `rule` is the 1-based rule number, 0
-/// for the default policy; ports are 0 for packets without them. The daemon formats the line;
+/// Logs a packet that arrived on interface `ifindex` (or, `outbound`, leaves by it): `rule` is
+/// the 1-based rule number, 0 for the default policy; ports are 0 for packets without them.
+/// The daemon formats the line;
 /// its first word is the verdict: `pass`, `drop`, `limit` (over an allow rule's rate), or
 /// `audit` for a drop that audit mode let through.
 #[inline(always)]
@@ -40,6 +41,7 @@ pub fn log_packet(
     rule: u32,
     verdict: Verdict,
     audit: bool,
+    outbound: bool,
 ) {
     if !take_token(config) {
         return;
@@ -61,7 +63,7 @@ pub fn log_packet(
         proto: packet.proto,
         v6: u8::from(packet.v6),
         outcome,
-        _pad: 0,
+        outbound: u8::from(outbound),
     };
     // A full ring (no daemon reading) loses the line, which the suppressed count shows.
     if LOG_EVENTS.output::<LogEvent>(&event, 0).is_err() {

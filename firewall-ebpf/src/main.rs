@@ -14,15 +14,16 @@ mod rate;
 mod state;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use firewall_common::{
-    proto, ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK, CHECK_AUDIT, CHECK_DHCP,
-    CHECK_ESSENTIALS, CHECK_ESTABLISHED, MAX_RULES, STAT_BANNED, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP,
-    STAT_RATE_LIMITED,
+    proto, GenerationConfig, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK,
+    CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_OUTBOUND, MAX_RULES,
+    STAT_BANNED, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL,
+    STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_OUT_DEFAULT_ALLOW, STAT_OUT_DEFAULT_DENY,
+    STAT_OUT_ESTABLISHED, STAT_RATE_LIMITED,
 };
 
 use crate::{
@@ -93,7 +94,7 @@ fn judge<const L3: bool>(ctx: XdpContext) -> u32 {
     }
     // `rule_number` is 1-based for the log; 0 is the default policy.
     let (action, rule_number, slot) =
-        match classify::first_match(gen, config, &packet, ctx.ingress_ifindex() as u32) {
+        match classify::first_match(gen, config, &packet, ctx.ingress_ifindex() as u32, false) {
             Some(rule) => {
                 let slot = gen * MAX_RULES as u32 + rule;
                 let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
@@ -118,7 +119,11 @@ fn judge<const L3: bool>(ctx: XdpContext) -> u32 {
     }
     if action & ACTION_LOG != 0 || verdict == Verdict::Limit {
         let ifindex = ctx.ingress_ifindex() as u32;
-        log::log_packet(config, &packet, ifindex, rule_number, verdict, audit);
+        log::log_packet(config, &packet, ifindex, rule_number, verdict, audit, false);
+    }
+    if verdict == Verdict::Pass && config.checks & CHECK_OUTBOUND != 0 {
+        // So that the host's replies pass the outbound rules.
+        state::record_accepted(&packet);
     }
     match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,
@@ -146,7 +151,7 @@ fn is_essential_icmpv6(packet: &parse::Packet) -> bool {
 }
 
 /// tc egress: records the host's outbound flows so that their replies pass, and its DHCP
-/// requests. Never drops.
+/// requests; with outbound filtering on ([`CHECK_OUTBOUND`]), judges outbound packets too.
 #[classifier]
 pub fn track_egress(ctx: TcContext) -> i32 {
     track::<false>(ctx)
@@ -161,12 +166,94 @@ pub fn track_egress_l3(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn track<const L3: bool>(ctx: TcContext) -> i32 {
     let mut packet = Packet::new();
-    if let Parsed::Ip = parse::parse::<L3>(ctx.data(), ctx.data_end(), &mut packet) {
-        state::record_outbound(&packet);
-        // SAFETY: the context's own skb.
-        dhcp::record_request(&packet, unsafe { (*ctx.skb.skb).ifindex });
+    // SAFETY: the context's own skb.
+    let (ifindex, wire_len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
+    // What the host sends keeps its headers in the skb's linear part, not always its payload.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let wire_len = (wire_len as usize).max(end - start);
+    let parsed = parse::parse_linear::<L3>(start, end, wire_len, &mut packet);
+    let live = ACTIVE_GEN
+        .get(0)
+        .and_then(|&gen| Some((gen & 1, GEN_CONFIG.get(gen & 1)?)));
+    let filtering = match live {
+        Some((gen, config)) if config.checks & CHECK_OUTBOUND != 0 => Some((gen, config)),
+        _ => None,
+    };
+    let Some((gen, config)) = filtering else {
+        // Outbound filtering off: record, never drop.
+        if let Parsed::Ip = parsed {
+            if let Some(key) = state::outbound_key(&packet, false) {
+                state::record_outbound(&packet, key, true);
+            }
+            dhcp::record_request(&packet, ifindex);
+        }
+        return TC_ACT_OK;
+    };
+    let bytes = wire_len as u64;
+    if let Parsed::NonIp = parsed {
+        return TC_ACT_OK;
     }
-    TC_ACT_OK
+    let audit = config.checks & CHECK_AUDIT != 0;
+    if let Parsed::Malformed = parsed {
+        count(STAT_MALFORMED, bytes);
+        return if audit { TC_ACT_OK } else { TC_ACT_SHOT };
+    }
+    if judge_outbound(gen, config, &packet, ifindex, bytes) == Verdict::Pass || audit {
+        // Only what leaves starts or continues a flow.
+        if let Some(key) = state::outbound_key(&packet, true) {
+            state::record_outbound(&packet, key, !state::is_echo_reply(&packet));
+        }
+        dhcp::record_request(&packet, ifindex);
+        return TC_ACT_OK;
+    }
+    TC_ACT_SHOT
+}
+
+/// The verdict on an outbound packet: essential ICMPv6, DHCP requests and packets of
+/// tracked flows pass; then the first out rule, else the outbound default. Counts and logs.
+#[inline(always)]
+fn judge_outbound(
+    gen: u32,
+    config: &GenerationConfig,
+    packet: &Packet,
+    ifindex: u32,
+    bytes: u64,
+) -> Verdict {
+    if config.checks & CHECK_ESSENTIALS != 0 && is_essential_icmpv6(packet) {
+        return Verdict::Pass;
+    }
+    if config.checks & CHECK_DHCP != 0 && dhcp::is_request(packet) {
+        return Verdict::Pass;
+    }
+    if let Some(key) = state::outbound_key(packet, true) {
+        if state::is_tracked(config, key) {
+            count(STAT_OUT_ESTABLISHED, bytes);
+            return Verdict::Pass;
+        }
+    }
+    let (action, rule_number, slot) =
+        match classify::first_match(gen, config, packet, ifindex, true) {
+            Some(rule) => {
+                let slot = gen * MAX_RULES as u32 + rule;
+                let action = RULE_ACTIONS.get(slot).copied().unwrap_or(ACTION_DENY);
+                (action, rule + 1, slot)
+            }
+            None if config.outbound_action == ACTION_DENY => {
+                (ACTION_DENY, 0, STAT_OUT_DEFAULT_DENY)
+            }
+            None => (ACTION_ALLOW, 0, STAT_OUT_DEFAULT_ALLOW),
+        };
+    count(slot, bytes);
+    let verdict = if action & ACTION_MASK == ACTION_DENY {
+        Verdict::Drop
+    } else {
+        Verdict::Pass
+    };
+    if action & ACTION_LOG != 0 {
+        let audit = config.checks & CHECK_AUDIT != 0;
+        log::log_packet(config, packet, ifindex, rule_number, verdict, audit, true);
+    }
+    verdict
 }
 
 #[cfg(target_arch = "bpf")]

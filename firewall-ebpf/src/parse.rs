@@ -127,13 +127,16 @@ pub enum Parsed {
 /// Bounds-checked view of the frame.
 struct Frame {
     start: usize,
+    /// End of the bytes that can be read (for tc, the skb's linear part).
     end: usize,
+    /// The packet's whole length, which IP lengths are checked against.
+    wire_len: usize,
 }
 
 impl Frame {
     #[inline(always)]
     fn len(&self) -> usize {
-        self.end - self.start
+        self.wire_len
     }
 
     /// Pointer to `N` bytes at `offset`, if they lie inside the frame.
@@ -183,7 +186,24 @@ fn word(bytes: &[u8]) -> u32 {
 /// nibble tells IPv4 from IPv6; otherwise at an Ethernet header.
 #[inline(always)]
 pub fn parse<const L3: bool>(start: usize, end: usize, packet: &mut Packet) -> Parsed {
-    let frame = Frame { start, end };
+    parse_linear::<L3>(start, end, end - start, packet)
+}
+
+/// [`parse`] of a packet of `wire_len` bytes whose first `end - start` are readable: a tc
+/// program's skb keeps its headers there, the payload of what the host sends may lie beyond
+/// (in page fragments). `wire_len` must not be less than `end - start`.
+#[inline(always)]
+pub fn parse_linear<const L3: bool>(
+    start: usize,
+    end: usize,
+    wire_len: usize,
+    packet: &mut Packet,
+) -> Parsed {
+    let frame = Frame {
+        start,
+        end,
+        wire_len,
+    };
     let parsed = if L3 {
         parse_ip(&frame, packet)
     } else {
@@ -370,7 +390,11 @@ fn transport(frame: &Frame, packet: &mut Packet, l4: usize, ip_end: usize) -> Op
 /// read as one block at a fixed layout, which keeps the verifier's bounds tracking simple.
 #[inline(always)]
 pub fn quoted_flow(start: usize, end: usize, packet: &Packet) -> Option<FlowKey> {
-    let frame = Frame { start, end };
+    let frame = Frame {
+        start,
+        end,
+        wire_len: end - start,
+    };
     let (v6, inner, ip_end) = (packet.v6, packet.quote_at, packet.quote_end);
     let mut key = FlowKey::default();
     let transport: [u8; 8];

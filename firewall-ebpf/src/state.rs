@@ -9,11 +9,12 @@
 //! blind RST. Egress sees only what the host's stack sends. The cost: a flow the peer resets
 //! keeps its long timeout (or until the LRU evicts it), admitting only packets from that
 //! peer's address and port to that local port, which the host's stack then answers with RST.
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use firewall_common::proto::{Echo, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use firewall_common::{
-    local_port_slot, local_port_tick, FlowKey, FlowState, GenerationConfig, FLOW_CLOSING,
-    LOCAL_PORT_SLACK_TICKS, LOCAL_PORT_TICK_SHIFT,
+    local_port_slot, local_port_tick, FlowKey, FlowState, GenerationConfig, FLOW_ACCEPTED,
+    FLOW_CLOSING, LOCAL_PORT_SLACK_TICKS, LOCAL_PORT_TICK_SHIFT,
 };
 
 use crate::{
@@ -34,13 +35,44 @@ fn key(packet: &Packet, remote: [u32; 4], local: [u32; 4]) -> FlowKey {
     }
 }
 
-/// The flow an outbound packet belongs to, keyed as its replies will look.
+/// The flow an outbound packet belongs to, keyed as its replies will look. With
+/// `echo_replies`, the host's echo replies too: keyed as the request they answer was (see
+/// [`accepted_key`]).
 #[inline(always)]
-pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
+pub fn outbound_key(packet: &Packet, echo_replies: bool) -> Option<FlowKey> {
     let mut key = key(packet, packet.dst, packet.src);
     if let Some(dport) = packet.dport() {
         key.remote_port = dport;
         key.local_port = packet.sport;
+        return Some(key);
+    }
+    let icmp = packet.icmp()?;
+    let request = icmp.kind == Echo::Request.kind(packet.v6);
+    let reply = echo_replies && icmp.kind == Echo::Reply.kind(packet.v6);
+    if !(request || reply) {
+        return None;
+    }
+    key.local_port = icmp.id;
+    Some(key)
+}
+
+/// Whether the packet is an ICMP echo reply (ICMPv6's in IPv6).
+#[inline(always)]
+pub fn is_echo_reply(packet: &Packet) -> bool {
+    packet
+        .icmp()
+        .is_some_and(|icmp| icmp.kind == Echo::Reply.kind(packet.v6))
+}
+
+/// The connection an inbound packet opens or continues, keyed as the host's replies will
+/// look on egress (the mirror image of [`outbound_key`]): TCP/UDP by ports, echo requests by
+/// identifier.
+#[inline(always)]
+fn accepted_key(packet: &Packet) -> Option<FlowKey> {
+    let mut key = key(packet, packet.src, packet.dst);
+    if let Some(dport) = packet.dport() {
+        key.remote_port = packet.sport;
+        key.local_port = dport;
         return Some(key);
     }
     let icmp = packet.icmp()?;
@@ -49,6 +81,44 @@ pub fn outbound_key(packet: &Packet) -> Option<FlowKey> {
     }
     key.local_port = icmp.id;
     Some(key)
+}
+
+/// Records a connection the rules accepted inbound (outbound filtering on), unless its flow
+/// is tracked already: the host's replies to it then pass out.
+#[inline(always)]
+pub fn record_accepted(packet: &Packet) {
+    let Some(key) = accepted_key(packet) else {
+        return;
+    };
+    let state = FlowState {
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        flags: FLOW_ACCEPTED,
+        _pad: 0,
+    };
+    let _ = FLOWS.insert(key, state, BPF_NOEXIST as u64);
+}
+
+/// Whether flow `key`, in `state`, is still alive (idle no longer than its timeout).
+#[inline(always)]
+fn is_live(config: &GenerationConfig, key: &FlowKey, state: &FlowState) -> bool {
+    let timeout = match key.proto {
+        IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => config.tcp_closing_timeout_ns,
+        IPPROTO_TCP => config.tcp_timeout_ns,
+        IPPROTO_UDP => config.udp_timeout_ns,
+        _ => config.icmp_timeout_ns,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(state.last_seen_ns) <= timeout
+}
+
+/// Whether outbound flow `key` is tracked and alive: the host's own, or one it accepted.
+#[inline(always)]
+pub fn is_tracked(config: &GenerationConfig, key: FlowKey) -> bool {
+    // SAFETY: a value of the map, copied out.
+    match unsafe { FLOWS.get(key) } {
+        Some(state) => is_live(config, &key, state),
+        None => false,
+    }
 }
 
 /// The flow an inbound packet would reply to (for an ICMP error, the flow it quotes from the
@@ -76,12 +146,10 @@ fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
     Some(key)
 }
 
-/// Records an outbound packet (called from the tc egress program).
+/// Records an outbound packet of flow `key` (called from the tc egress program). Without
+/// `insert` (the host's echo replies) only an existing entry is refreshed.
 #[inline(always)]
-pub fn record_outbound(packet: &Packet) {
-    let Some(key) = outbound_key(packet) else {
-        return;
-    };
+pub fn record_outbound(packet: &Packet, key: FlowKey, insert: bool) {
     let now = unsafe { bpf_ktime_get_ns() };
     if key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP {
         stamp_local_port(key.proto == IPPROTO_UDP, key.local_port, now);
@@ -95,12 +163,19 @@ pub fn record_outbound(packet: &Packet) {
         // SAFETY: a value of the map; concurrent writers store whole words.
         let state = unsafe { &mut *state };
         state.last_seen_ns = now;
+        if insert {
+            // The host's own packet: an accepted connection becomes an ordinary flow.
+            state.flags &= !FLOW_ACCEPTED;
+        }
         if closing_flags {
             state.flags |= FLOW_CLOSING;
         } else if packet.tcp_flags & TCP_SYN != 0 {
             // A new connection reusing the ports.
             state.flags &= !FLOW_CLOSING;
         }
+        return;
+    }
+    if !insert {
         return;
     }
     let state = FlowState {
@@ -172,12 +247,7 @@ pub fn is_established(
     let Some(state) = (unsafe { FLOWS.get(key) }) else {
         return false;
     };
-    let timeout = match key.proto {
-        IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => config.tcp_closing_timeout_ns,
-        IPPROTO_TCP => config.tcp_timeout_ns,
-        IPPROTO_UDP => config.udp_timeout_ns,
-        _ => config.icmp_timeout_ns,
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    now.saturating_sub(state.last_seen_ns) <= timeout
+    // A connection accepted inbound that the host has not answered yet is not established:
+    // its packets pass by the rules, as without outbound filtering.
+    state.flags & FLOW_ACCEPTED == 0 && is_live(config, &key, state)
 }

@@ -13,7 +13,7 @@ use firewall::dataplane::monotonic_now_ns;
 use firewall::dataplane::test_run::run_program;
 use firewall::dataplane::Kernel;
 use firewall::rules::compile::compile;
-use firewall::rules::model::{Action, Proto, Rule, RuleSet};
+use firewall::rules::model::{Action, Direction, Proto, Rule, RuleSet};
 use firewall::testing::packet::{self, Frame, L4, TCP_ACK};
 use firewall_common::FlowState;
 
@@ -36,6 +36,7 @@ fn rule_set(count: usize) -> RuleSet {
     let mut rules: Vec<Rule> = (0..count.saturating_sub(1))
         .map(|i| Rule {
             name: format!("filler {i}"),
+            direction: Direction::In,
             action: Action::Deny,
             proto: if i % 2 == 0 { Proto::Tcp } else { Proto::Udp },
             from: Some(vec![
@@ -55,6 +56,7 @@ fn rule_set(count: usize) -> RuleSet {
         .collect();
     rules.push(Rule {
         name: "allow-web".into(),
+        direction: Direction::In,
         action: Action::Allow,
         proto: Proto::Any,
         from: Some(vec![

@@ -9,7 +9,7 @@ use firewall::daemon::{self, RunOptions};
 use firewall::dataplane::pins::{Pins, DEFAULT_PIN_DIR};
 use firewall::rules::config::{load_rules, load_rules_trusting, summary};
 use firewall::rules::files::Trust;
-use firewall::rules::model::unit_seconds;
+use firewall::rules::model::{unit_seconds, Direction};
 
 #[derive(Parser)]
 #[command(
@@ -165,9 +165,12 @@ enum Command {
         /// ICMP type (icmp, icmpv6): a name as nftables spells it (echo-request) or a number.
         #[arg(long)]
         icmp_type: Option<String>,
-        /// Interface the packet arrives on.
+        /// Interface the packet arrives on (or, with --direction out, leaves by).
         #[arg(long)]
         iface: Option<String>,
+        /// `in`: a packet arriving (in rules); `out`: one this host sends (out rules).
+        #[arg(long, default_value = "in", value_parser = parse_direction)]
+        direction: Direction,
     },
     /// Print the shell completion script (bash, zsh, fish, ...) generated from this command
     /// line's definition; for packaging.
@@ -205,6 +208,11 @@ fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// `90s`, `5m`, `1h`, `2d` or plain seconds; at least one second.
+/// `in` or `out`, for `explain --direction`.
+fn parse_direction(text: &str) -> Result<Direction, String> {
+    Direction::from_name(text).ok_or_else(|| format!("{text:?}: expected \"in\" or \"out\""))
+}
+
 fn parse_seconds(text: &str) -> Result<u64, String> {
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((at, _)) => text.split_at(at),
@@ -344,6 +352,7 @@ fn main() -> ExitCode {
             port,
             icmp_type,
             iface,
+            direction,
         } => {
             let question = Question {
                 proto,
@@ -352,6 +361,7 @@ fn main() -> ExitCode {
                 port,
                 icmp_type,
                 iface,
+                direction,
             };
             match explained_file(rules, &control) {
                 Some(rules) => load_rules(&rules)

@@ -13,16 +13,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
 use firewall::analysis::reference::{
-    evaluate_layer, inbound_flow, parse_frame_on, FlowTable, Parsed, Reason,
+    egress_flow, evaluate_egress, evaluate_layer, inbound_flow, parse_frame_on, FlowTable,
+    PacketInfo, Parsed, Reason, Verdict,
 };
 use firewall::dataplane::monotonic_now_ns;
 use firewall::dataplane::Kernel;
 use firewall::host::link::LinkLayer;
 use firewall::rules::compile::{compile_with_budget, EXACT_BUDGET};
-use firewall::rules::model::{Action, Proto, Rule, RuleSet};
+use firewall::rules::model::{Action, Direction, Proto, Rule, RuleSet};
 use firewall::testing::packet::{xdp_action, XDP_PASS};
 use firewall_common::proto::IPPROTO_TCP;
-use firewall_common::{FlowState, FLOW_CLOSING};
+use firewall_common::{FlowKey, FlowState, FLOW_ACCEPTED, FLOW_CLOSING};
 use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -133,6 +134,12 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
     });
     Rule {
         name: format!("rule {}", index + 1),
+        // A third are out rules, judged by the egress program.
+        direction: if rng.gen_bool(0.3) {
+            Direction::Out
+        } else {
+            Direction::In
+        },
         action: if rng.gen_bool(0.5) {
             Action::Allow
         } else {
@@ -174,6 +181,9 @@ fn random_rule_set(rng: &mut StdRng, max_rules: usize) -> RuleSet {
     set.essentials = rng.gen_bool(0.8);
     set.dhcp = rng.gen_bool(0.8);
     set.audit = rng.gen_bool(0.05);
+    if rng.gen_bool(0.3) {
+        set.outbound_policy = Action::Deny;
+    }
     // Short timeouts, so that expired flows (twice the longest timeout old) are at most a few
     // minutes old.
     let longest = longest_timeout();
@@ -480,10 +490,16 @@ fn dhcp_map(table: &FlowTable) -> Vec<(u32, u64)> {
         .collect()
 }
 
-/// Tracked flows for about a third of `frames` (the flows they would reply to), fresh, long
-/// expired, or (TCP) between the closing and the open timeout; open or closing; timestamps
-/// are far from the timeouts' edges.
-fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet) -> FlowTable {
+/// Tracked flows for about a third of `inbound` frames (the flows they would reply to) and
+/// of `outbound` frames (the flows they belong to), fresh, long expired, or (TCP) between the
+/// closing and the open timeout; open, closing or accepted (a connection the rules let in,
+/// which counts only outbound); timestamps are far from the timeouts' edges.
+fn random_flows(
+    rng: &mut StdRng,
+    inbound: &[(LinkLayer, Vec<u8>)],
+    outbound: &[(LinkLayer, Vec<u8>)],
+    set: &RuleSet,
+) -> FlowTable {
     let now_ns = monotonic_now_ns();
     let mut table = FlowTable {
         now_ns,
@@ -494,11 +510,15 @@ fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet
         .tcp
         .max(set.timeouts.udp)
         .max(set.timeouts.icmp);
-    for (layer, frame) in frames {
+    let frames = inbound
+        .iter()
+        .map(|frame| (frame, inbound_flow as fn(&PacketInfo) -> Option<FlowKey>))
+        .chain(outbound.iter().map(|frame| (frame, egress_flow as _)));
+    for ((layer, frame), flow) in frames {
         let Parsed::Ip(packet) = parse_frame_on(*layer, frame) else {
             continue;
         };
-        let Some(key) = inbound_flow(&packet) else {
+        let Some(key) = flow(&packet) else {
             continue;
         };
         if rng.gen_bool(0.35) {
@@ -509,7 +529,11 @@ fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet
                 6..8 if key.proto == IPPROTO_TCP => between,
                 _ => 2 * longest * 1_000_000_000,
             };
-            let flags = if rng.gen_bool(0.3) { FLOW_CLOSING } else { 0 };
+            let flags = match rng.gen_range(0..10) {
+                0..=2 => FLOW_CLOSING,
+                3..=4 => FLOW_ACCEPTED,
+                _ => 0,
+            };
             let last_seen_ns = now_ns - age;
             table.flows.insert(
                 key,
@@ -522,6 +546,25 @@ fn random_flows(rng: &mut StdRng, frames: &[(LinkLayer, Vec<u8>)], set: &RuleSet
         }
     }
     table
+}
+
+/// The flow table's keys and flags, sorted (timestamps of flows a program wrote are its
+/// clock's, not the reference's).
+fn flow_flags<'a>(table: impl IntoIterator<Item = (&'a FlowKey, &'a FlowState)>) -> Vec<String> {
+    let mut flags: Vec<String> = table
+        .into_iter()
+        .map(|(key, state)| format!("{key:?} {}", state.flags))
+        .collect();
+    flags.sort_unstable();
+    flags
+}
+
+/// The tc action for a reference verdict.
+fn tc_action(verdict: Verdict) -> u32 {
+    match verdict {
+        Verdict::Pass => 0,
+        Verdict::Drop => 2,
+    }
 }
 
 fn seed() -> u64 {
@@ -544,6 +587,9 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
     let mut kernel = Kernel::load().expect("load the XDP program");
     let mut verdicts = [0usize; 2];
     let mut reasons = [0usize; 7];
+    let mut egress_verdicts = [0usize; 2];
+    let mut egress_reasons = [0usize; 7];
+    let mut egress_refused = 0usize;
     for set_index in 0..rule_sets {
         let set = random_rule_set(&mut rng, max_rules);
         // Mostly the real host-map budget; sometimes a small one, so that some prefixes are
@@ -555,12 +601,17 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         kernel
             .apply(&compile_with_budget(&set, budget).expect("compile"))
             .expect("apply");
+        // Half as many frames the host sends as frames it receives.
         let frames: Vec<(LinkLayer, Vec<u8>)> = (0..packets_per_set)
             .map(|_| random_layered_frame(&mut rng))
             .collect();
-        let mut flows = random_flows(&mut rng, &frames, &set);
+        let sent: Vec<(LinkLayer, Vec<u8>)> = (0..packets_per_set / 2)
+            .map(|_| random_layered_frame(&mut rng))
+            .collect();
+        let mut flows = random_flows(&mut rng, &frames, &sent, &set);
         random_dhcp_requests(&mut rng, &mut flows);
         let table: Vec<_> = flows.flows.iter().map(|(k, v)| (*k, *v)).collect();
+        let initial = flows.flows.clone();
         kernel.set_flows(&table).expect("set flows");
         kernel
             .set_dhcp_requests(&dhcp_map(&flows))
@@ -588,14 +639,66 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
             }
             verdicts[usize::from(want == XDP_PASS)] += 1;
             reasons[reason_index(expected.reason)] += 1;
+            // With outbound filtering on, what the rules allowed is recorded as accepted.
+            if let Parsed::Ip(packet) = parse_frame_on(layer, &frame) {
+                flows.record_accepted(&set, &packet, expected);
+            }
         }
-        // Inbound packets change no flow (the reference has them change nothing): not even
-        // the peer's FIN or RST.
+        // Inbound packets change no flow but by recording accepted connections (the
+        // reference has them do the same): not even the peer's FIN or RST.
         let held: std::collections::HashMap<_, _> =
             kernel.flows().expect("read flows").into_iter().collect();
+        for (key, state) in &initial {
+            assert_eq!(
+                held.get(key),
+                Some(state),
+                "inbound packets changed a flow (seed {seed}, rule set {set_index})"
+            );
+        }
         assert_eq!(
-            held, flows.flows,
-            "inbound packets changed the kernel's flows (seed {seed}, rule set {set_index})"
+            flow_flags(&held),
+            flow_flags(&flows.flows),
+            "inbound packets left other flows than the reference's (seed {seed}, rule set {set_index})"
+        );
+        // The host sends: the egress program's verdicts, and the flows it records.
+        for (layer, frame) in sent {
+            let expected = evaluate_egress(&set, layer, &frame, Some(TEST_RUN_IFACE), &mut flows);
+            if frame.len() < ETH_HLEN {
+                continue;
+            }
+            let got = match kernel.test_run_egress_on(layer, &frame) {
+                Ok(action) => action,
+                // The skb test run refuses some truncated IP headers (the host's stack
+                // never sends one): only malformed frames may be refused.
+                Err(error) => {
+                    assert_eq!(
+                        parse_frame_on(layer, &frame),
+                        Parsed::Malformed,
+                        "egress test run of {layer:?} {}: {error}",
+                        hex(&frame)
+                    );
+                    egress_refused += 1;
+                    continue;
+                }
+            };
+            if got != tc_action(expected.verdict) {
+                panic!(
+                    "egress: kernel and reference disagree (seed {seed}, rule set {set_index}):\n\
+                     {layer:?} frame {}\nreference {:?}, kernel tc action {got}\nrules {:#?}\nflows {:?}",
+                    hex(&frame),
+                    expected,
+                    set,
+                    flows
+                );
+            }
+            egress_verdicts[usize::from(expected.verdict == Verdict::Pass)] += 1;
+            egress_reasons[reason_index(expected.reason)] += 1;
+        }
+        let held: Vec<_> = kernel.flows().expect("read flows");
+        assert_eq!(
+            flow_flags(held.iter().map(|(key, state)| (key, state))),
+            flow_flags(&flows.flows),
+            "the egress program recorded other flows than the reference (seed {seed}, rule set {set_index})"
         );
     }
     eprintln!(
@@ -605,6 +708,14 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
         verdicts[1]
     );
     eprintln!("differential: by reason [non-IP, malformed, essential, established, rule, default, DHCP] = {reasons:?}");
+    eprintln!(
+        "differential: {} outbound packets agree ({} dropped, {} passed), by reason \
+         {egress_reasons:?}; {egress_refused} malformed ones the test run refused",
+        egress_verdicts[0] + egress_verdicts[1],
+        egress_verdicts[0],
+        egress_verdicts[1]
+    );
+    assert!(egress_verdicts[0] > rule_sets && egress_verdicts[1] > rule_sets);
     // Guard against a generator that leaves a path unexercised.
     assert!(verdicts[0] > rule_sets && verdicts[1] > rule_sets);
     // Large random rule sets nearly always contain a catch-all rule, so the default policy is
@@ -617,6 +728,11 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
     assert!(
         paths.iter().all(|&n| n > 0),
         "a decision path was never taken: {reasons:?}"
+    );
+    let egress_paths = &egress_reasons[..paths.len()];
+    assert!(
+        egress_paths.iter().all(|&n| n > 0),
+        "an outbound decision path was never taken: {egress_reasons:?}"
     );
 }
 

@@ -2099,3 +2099,94 @@ fn a_spoofed_syn_flood_does_not_cut_the_hosts_idle_connection() {
     }
     assert!(restarted.terminate().success());
 }
+
+/// Outbound deny with one out rule (TCP 443) and an in rule for SSH: from the firewalled host
+/// a connection to the peer's 443 works and one to its 8080 does not, while the peer's SSH
+/// connection in works both ways (the host's replies pass as an accepted connection's). A
+/// reload to `outbound = "allow"` lets 8080 through.
+#[test]
+fn outbound_deny_allows_only_out_rules_and_replies() {
+    let net = TestNet::new();
+    serve(&net.b, vec![net.b4, net.b6], vec![443, 8080]);
+    serve(&net.a, vec![net.a4, net.a6], vec![22]);
+    let rules = |outbound: &str| {
+        format!(
+            "[defaults]\npolicy = \"deny\"\noutbound = \"{outbound}\"\n\n\
+             [[rules]]\nname = \"ssh\"\naction = \"allow\"\nproto = \"tcp\"\nports = [22]\n\n\
+             [[rules]]\nname = \"https-out\"\naction = \"allow\"\ndirection = \"out\"\n\
+             proto = \"tcp\"\nports = [443]\n"
+        )
+    };
+    let file = RuleFile::new("outbound.toml", &rules("deny"));
+    let pins = common::BpfMount::new();
+    let daemon = Daemon::builder(&net.a, &file.path, &net.veth_a)
+        .pins(&pins)
+        .start();
+    for (host, peer) in [(net.a4, net.b4), (net.a6, net.b6)] {
+        let to_peer = |port| tcp_reaches(&net.a, SocketAddr::new(peer, port));
+        assert!(to_peer(443), "the host's https to {peer} was dropped");
+        assert!(
+            !to_peer(8080),
+            "the host reached {peer}:8080 under outbound deny"
+        );
+        let ssh = SocketAddr::new(host, 22);
+        assert!(
+            tcp_reaches(&net.b, ssh),
+            "the peer's SSH connection to {ssh} got no answer: the host's replies were dropped"
+        );
+    }
+    // The out rule's verdicts, and the outbound default's, are counted.
+    let stats = Command::new(firewall_exe())
+        .args(["stats", "--json", "--pin-dir"])
+        .arg(pins.pin_dir())
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["outbound_default"]["policy"], "deny", "{stats}");
+    assert!(stats["outbound_default"]["dropped"]["packets"].as_u64() > Some(0));
+    assert!(stats["rules"][1]["packets"].as_u64() > Some(0), "{stats}");
+    assert!(stats["outbound_established"]["packets"].as_u64() > Some(0));
+    let status = Command::new(firewall_exe())
+        .arg("status")
+        .arg("--control")
+        .arg(&daemon.control)
+        .arg("--pin-dir")
+        .arg(pins.pin_dir())
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("Default: deny (incoming), deny (outgoing)\n"),
+        "{status}"
+    );
+    // `explain --direction out` says the same, from the file.
+    let explain = Command::new(firewall_exe())
+        .args([
+            "explain",
+            "--direction",
+            "out",
+            "--proto",
+            "tcp",
+            "--port",
+            "8080",
+        ])
+        .args(["--from", &net.a4.to_string(), "--to", &net.b4.to_string()])
+        .arg("--rules")
+        .arg(&file.path)
+        .output()
+        .unwrap();
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.contains("verdict: drop (no out rule matches: outbound default)"),
+        "{explain}"
+    );
+
+    file.write(&rules("allow"));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reloaded", 1);
+    assert!(
+        tcp_reaches(&net.a, SocketAddr::new(net.b4, 8080)),
+        "outbound allow: 8080 still dropped"
+    );
+    daemon.terminate();
+}

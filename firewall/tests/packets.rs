@@ -1648,3 +1648,291 @@ mod bans {
         assert_eq!(banned_count(&kernel), 1);
     }
 }
+
+/// Outbound rules: the tc egress program's verdicts (each checked against the reference
+/// evaluator's, on the kernel's own flow table) and the flows both programs record.
+mod outbound {
+    use super::*;
+    use firewall::analysis::reference::{accepted_flow, evaluate_egress, parse_frame, Parsed};
+    use firewall::dataplane::monotonic_now_ns;
+    use firewall_common::{
+        FlowKey, FlowState, FLOW_ACCEPTED, MAX_RULES, STAT_ESTABLISHED, STAT_OUT_DEFAULT_DENY,
+        STAT_OUT_ESTABLISHED,
+    };
+
+    const TC_ACT_OK: u32 = 0;
+    const TC_ACT_SHOT: u32 = 2;
+    const HOST: &str = "10.0.0.1";
+    const PEER: &str = "198.51.100.7";
+    const OTHER: &str = "203.0.113.9";
+    /// Rule indices of fixtures/outbound.toml.
+    const HTTPS_OUT: usize = 2;
+
+    fn outbound_rules() -> RuleSet {
+        parse_rules("outbound.toml", include_str!("fixtures/outbound.toml")).unwrap()
+    }
+
+    /// The host sends `frame`: the kernel's tc action, which must be the reference's given
+    /// the flows the kernel holds; the kernel's flows afterwards must be the reference's too
+    /// (timestamps aside).
+    fn send(kernel: &Kernel, set: &RuleSet, frame: &[u8]) -> u32 {
+        let mut flows = FlowTable {
+            flows: kernel.flows().unwrap().into_iter().collect(),
+            now_ns: monotonic_now_ns(),
+            ..Default::default()
+        };
+        let expected = evaluate_egress(set, LinkLayer::Ethernet, frame, Some("lo"), &mut flows);
+        let got = kernel.test_run_egress(frame).unwrap();
+        let want = match expected.verdict {
+            Verdict::Pass => TC_ACT_OK,
+            Verdict::Drop => TC_ACT_SHOT,
+        };
+        assert_eq!(got, want, "kernel and reference ({expected:?}) disagree");
+        let flags = |table: Vec<(FlowKey, FlowState)>| {
+            let mut flags: Vec<_> = table.into_iter().map(|(k, s)| (k, s.flags)).collect();
+            flags.sort_by_key(|(key, _)| format!("{key:?}"));
+            flags
+        };
+        assert_eq!(
+            flags(kernel.flows().unwrap()),
+            flags(flows.flows.into_iter().collect()),
+            "the flows the host's packet left"
+        );
+        got
+    }
+
+    fn key_of(frame: &[u8], key: fn(&Parsed) -> Option<FlowKey>) -> FlowKey {
+        key(&parse_frame(frame)).expect("a flow")
+    }
+
+    fn accepted(parsed: &Parsed) -> Option<FlowKey> {
+        match parsed {
+            Parsed::Ip(packet) => accepted_flow(packet),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn out_rules_then_the_outbound_default_judge_what_the_host_sends() {
+        let set = outbound_rules();
+        let kernel = kernel_with(&set);
+        let tcp = |dst: &str, dport| Frame::v4(HOST, dst, L4::Tcp { dport }).build();
+        let udp = |dport| Frame::v4(HOST, PEER, L4::Udp { dport }).build();
+        let rows = [
+            ("https to the allowed network", tcp(PEER, 443), TC_ACT_OK),
+            ("another port", tcp(PEER, 8080), TC_ACT_SHOT),
+            ("https elsewhere", tcp(OTHER, 443), TC_ACT_SHOT),
+            ("an in rule's port (22)", tcp(PEER, 22), TC_ACT_SHOT),
+            ("DNS, denied before the udp rule", udp(53), TC_ACT_SHOT),
+            ("other UDP", udp(123), TC_ACT_OK),
+            (
+                "IPv6 https: the rule's `to` is IPv4 only",
+                Frame::v6("fd00::1", "2001:db8::7", L4::Tcp { dport: 443 }).build(),
+                TC_ACT_SHOT,
+            ),
+        ];
+        for (name, frame, want) in &rows {
+            assert_eq!(send(&kernel, &set, frame), *want, "{name}");
+        }
+        let counters = kernel.counters().unwrap();
+        // Generation 0 or 1 holds the rules: their counters are the sum of both.
+        let rule_hits = |rule: usize| counters[rule].packets + counters[MAX_RULES + rule].packets;
+        assert_eq!(rule_hits(HTTPS_OUT), 1);
+        assert_eq!(counters[STAT_OUT_DEFAULT_DENY as usize].packets, 4);
+        // Out rules are not in rules: https arriving is denied by the inbound default.
+        let inbound = Frame::v4(PEER, HOST, L4::Tcp { dport: 443 }).build();
+        assert_eq!(verdict(&kernel, &inbound), XDP_DROP);
+        assert_eq!(evaluate(&set, &inbound).reason, Reason::Default);
+    }
+
+    #[test]
+    fn essentials_dhcp_requests_and_non_ip_pass_malformed_is_dropped() {
+        let set = outbound_rules();
+        let kernel = kernel_with(&set);
+        let neighbour_solicitation = Frame::v6("fd00::1", "ff02::1:ff00:7", L4::Icmpv6)
+            .icmp_type(135)
+            .build();
+        let discover = Frame::v4("0.0.0.0", "255.255.255.255", L4::Udp { dport: 67 })
+            .sport(68)
+            .build();
+        let solicit = Frame::v6("fe80::1", "ff02::1:2", L4::Udp { dport: 547 })
+            .sport(546)
+            .build();
+        let mut truncated = Frame::v4(HOST, PEER, L4::Tcp { dport: 443 }).build();
+        truncated.truncate(40);
+        let malformed_before = kernel.counters().unwrap()[STAT_MALFORMED as usize].packets;
+        for (name, frame, want) in [
+            ("neighbour solicitation", neighbour_solicitation, TC_ACT_OK),
+            ("DHCPv4 discover", discover, TC_ACT_OK),
+            ("DHCPv6 solicit", solicit, TC_ACT_OK),
+            ("ARP", arp_request(), TC_ACT_OK),
+            ("truncated TCP", truncated, TC_ACT_SHOT),
+        ] {
+            assert_eq!(send(&kernel, &set, &frame), want, "{name}");
+        }
+        assert_eq!(kernel.dhcp_requests().unwrap().len(), 1, "recorded as ever");
+        let malformed = kernel.counters().unwrap()[STAT_MALFORMED as usize].packets;
+        assert_eq!(malformed - malformed_before, 1);
+    }
+
+    #[test]
+    fn the_hosts_own_flows_pass_while_alive() {
+        let text = format!(
+            "{}\n[state]\ntcp_timeout = 6\n",
+            include_str!("fixtures/outbound.toml")
+        );
+        let set = parse_rules("t.toml", &text).unwrap();
+        let mut kernel = kernel_with(&set);
+        // Port 8080 of the peer: no out rule allows it, an earlier flow does.
+        let out = Frame::v4(HOST, PEER, L4::Tcp { dport: 8080 })
+            .tcp_flags(TCP_ACK)
+            .build();
+        assert_eq!(send(&kernel, &set, &out), TC_ACT_SHOT, "no flow");
+        let key = super::state::track(&mut kernel, &out, 0);
+        assert_eq!(send(&kernel, &set, &out), TC_ACT_OK, "a live flow");
+        let counted = kernel.counters().unwrap()[STAT_OUT_ESTABLISHED as usize].packets;
+        assert_eq!(counted, 1);
+        super::state::track(&mut kernel, &out, 12);
+        assert_eq!(send(&kernel, &set, &out), TC_ACT_SHOT, "expired");
+        assert_eq!(kernel.flows().unwrap()[0].0, key);
+    }
+
+    #[test]
+    fn replies_to_connections_the_rules_accepted_pass_out() {
+        let set = outbound_rules();
+        let kernel = kernel_with(&set);
+        let syn = Frame::v4(PEER, HOST, L4::Tcp { dport: 22 })
+            .sport(40000)
+            .tcp_flags(TCP_SYN)
+            .build();
+        let syn_ack = Frame::v4(HOST, PEER, L4::Tcp { dport: 40000 })
+            .sport(22)
+            .tcp_flags(TCP_SYN | TCP_ACK)
+            .build();
+        let ack = Frame::v4(PEER, HOST, L4::Tcp { dport: 22 })
+            .sport(40000)
+            .tcp_flags(TCP_ACK)
+            .build();
+        assert_eq!(
+            send(&kernel, &set, &syn_ack),
+            TC_ACT_SHOT,
+            "nothing accepted"
+        );
+        let denied = Frame::v4(PEER, HOST, L4::Tcp { dport: 23 })
+            .sport(40000)
+            .tcp_flags(TCP_SYN)
+            .build();
+        assert_eq!(verdict(&kernel, &denied), XDP_DROP);
+        assert_eq!(
+            kernel.flows().unwrap(),
+            vec![],
+            "a denied SYN records nothing"
+        );
+
+        assert_eq!(verdict(&kernel, &syn), XDP_PASS);
+        let flows = kernel.flows().unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].0, key_of(&syn, accepted));
+        assert_eq!(flows[0].1.flags, FLOW_ACCEPTED);
+        // Accepted but unanswered: the peer's next packets are judged by the rules, not
+        // passed as established.
+        let established =
+            |kernel: &Kernel| kernel.counters().unwrap()[STAT_ESTABLISHED as usize].packets;
+        let before = established(&kernel);
+        assert_eq!(verdict(&kernel, &ack), XDP_PASS);
+        assert_eq!(established(&kernel), before);
+
+        assert_eq!(send(&kernel, &set, &syn_ack), TC_ACT_OK, "the host's reply");
+        assert_eq!(kernel.flows().unwrap()[0].1.flags, 0, "now the host's flow");
+        assert_eq!(verdict(&kernel, &ack), XDP_PASS);
+        assert_eq!(established(&kernel), before + 1, "and now established");
+    }
+
+    #[test]
+    fn an_accepted_flow_does_not_count_inbound() {
+        // A flow to port 5555, which the rules deny inbound: as the host's own it lets the
+        // peer's packets in; merely accepted (which the rules would never have done) it
+        // does not.
+        let set = outbound_rules();
+        let mut kernel = kernel_with(&set);
+        let inbound = Frame::v4(PEER, HOST, L4::Tcp { dport: 5555 })
+            .sport(40000)
+            .tcp_flags(TCP_ACK)
+            .build();
+        let key = key_of(&inbound, accepted);
+        for (flags, want) in [(0, XDP_PASS), (FLOW_ACCEPTED, XDP_DROP)] {
+            let state = FlowState {
+                last_seen_ns: monotonic_now_ns(),
+                flags,
+                _pad: 0,
+            };
+            kernel.set_flows(&[(key, state)]).unwrap();
+            assert_eq!(verdict(&kernel, &inbound), want, "flags {flags}");
+            let mut table = FlowTable {
+                now_ns: monotonic_now_ns(),
+                ..Default::default()
+            };
+            table.flows.insert(key, state);
+            let reference = evaluate_layer(&set, LinkLayer::Ethernet, &inbound, None, &table);
+            assert_eq!(
+                xdp_action(reference.verdict),
+                want,
+                "reference, flags {flags}"
+            );
+        }
+    }
+
+    #[test]
+    fn echo_replies_answer_allowed_pings_only() {
+        let set = outbound_rules();
+        let kernel = kernel_with(&set);
+        let request = Frame::v4(PEER, HOST, L4::Icmp).build();
+        let reply = Frame::v4(HOST, PEER, L4::Icmp).icmp_type(0).build();
+        let reply_elsewhere = Frame::v4(HOST, OTHER, L4::Icmp).icmp_type(0).build();
+        assert_eq!(send(&kernel, &set, &reply), TC_ACT_SHOT, "no ping yet");
+        assert_eq!(verdict(&kernel, &request), XDP_PASS);
+        assert_eq!(send(&kernel, &set, &reply), TC_ACT_OK, "answers the ping");
+        assert_eq!(send(&kernel, &set, &reply), TC_ACT_OK, "and the next one");
+        assert_eq!(send(&kernel, &set, &reply_elsewhere), TC_ACT_SHOT);
+        // The entry stays an accepted one: the peer's echo replies are judged by the rules.
+        let flows = kernel.flows().unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].1.flags, FLOW_ACCEPTED);
+        let peer_reply = Frame::v4(PEER, HOST, L4::Icmp).icmp_type(0).build();
+        assert_eq!(verdict(&kernel, &peer_reply), XDP_DROP);
+    }
+
+    #[test]
+    fn without_outbound_filtering_egress_is_as_before() {
+        // No out rule, outbound allowed: egress passes everything and records every flow;
+        // XDP records no accepted connection.
+        let set = rule_set();
+        assert!(!set.filters_outbound());
+        let kernel = kernel_with(&set);
+        let syn = Frame::v4("10.1.1.1", "10.0.0.1", L4::Tcp { dport: 22 })
+            .tcp_flags(TCP_SYN)
+            .build();
+        assert_eq!(verdict(&kernel, &syn), XDP_PASS);
+        assert_eq!(kernel.flows().unwrap(), vec![]);
+        let mut truncated = Frame::v4(HOST, PEER, L4::Tcp { dport: 443 }).build();
+        truncated.truncate(40);
+        let reply_to_nothing = Frame::v4(HOST, PEER, L4::Icmp).icmp_type(0).build();
+        for frame in [
+            Frame::v4(HOST, PEER, L4::Tcp { dport: 8080 }).build(),
+            Frame::v4(HOST, PEER, L4::Udp { dport: 53 }).build(),
+            reply_to_nothing,
+            truncated,
+        ] {
+            assert_eq!(send(&kernel, &set, &frame), TC_ACT_OK);
+        }
+        assert_eq!(
+            kernel.flows().unwrap().len(),
+            2,
+            "TCP and UDP, not the echo reply"
+        );
+        let counters = kernel.counters().unwrap();
+        for slot in [STAT_OUT_DEFAULT_DENY, STAT_OUT_ESTABLISHED, STAT_MALFORMED] {
+            assert_eq!(counters[slot as usize].packets, 0, "slot {slot}");
+        }
+    }
+}

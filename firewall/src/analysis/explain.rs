@@ -9,8 +9,8 @@ use firewall_common::proto::{
     icmp_type_names, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN,
 };
 
-use crate::analysis::reference::{classify_on, PacketInfo, Reason};
-use crate::rules::model::{icmp_type_text, Action, ListStyle, Proto, Rule, RuleSet};
+use crate::analysis::reference::{classify_direction, PacketInfo, Reason};
+use crate::rules::model::{icmp_type_text, Action, Direction, ListStyle, Proto, Rule, RuleSet};
 
 /// The packet an operator asks about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -25,8 +25,15 @@ pub struct Question {
     /// number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp_type: Option<String>,
-    /// Interface the packet arrives on; `None`: one no rule names.
+    /// Interface the packet arrives on (leaves by, outbound); `None`: one no rule names.
     pub iface: Option<String>,
+    /// Arriving (`in`, judged by in rules) or sent by the host (`out`, by out rules).
+    #[serde(default, skip_serializing_if = "is_inbound")]
+    pub direction: Direction,
+}
+
+fn is_inbound(direction: &Direction) -> bool {
+    *direction == Direction::In
 }
 
 impl Question {
@@ -84,7 +91,8 @@ impl Question {
 pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
     let packet = question.packet()?;
     let iface = question.iface.as_deref();
-    let decision = classify_on(set, &packet, iface);
+    let direction = question.direction;
+    let decision = classify_direction(set, &packet, iface, direction);
     let mut out = String::new();
     let port = match (question.port, &packet.icmp) {
         (Some(port), _) => format!(" port {port}"),
@@ -96,16 +104,22 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
     let on = iface.map_or("any interface no rule names".to_string(), |name| {
         name.to_string()
     });
+    let travel = match direction {
+        Direction::In => "arriving on",
+        Direction::Out => "sent by this host by",
+    };
     writeln!(
         out,
-        "{} {} -> {}{port}, arriving on {on}",
+        "{} {} -> {}{port}, {travel} {on}",
         question.proto, question.from, question.to
     )?;
     let decided_at = match decision.reason {
         Reason::Rule(index) => index,
         _ => set.rules.len(),
     };
-    for (index, rule) in set.rules.iter().enumerate().take(decided_at) {
+    // Rules of the other direction never judge the packet: not listed.
+    let earlier = set.rules.iter().enumerate().take(decided_at);
+    for (index, rule) in earlier.filter(|(_, rule)| rule.direction == direction) {
         writeln!(
             out,
             "  rule {}: does not match: {}",
@@ -134,10 +148,19 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
                 rule.name
             )?;
         }
-        _ => writeln!(
+        _ if direction == Direction::In => writeln!(
             out,
             "verdict: {} (no rule matches: default policy)",
             verdict(set.default_policy)
+        )?,
+        _ if set.filters_outbound() => writeln!(
+            out,
+            "verdict: {} (no out rule matches: outbound default)",
+            verdict(set.outbound_policy)
+        )?,
+        _ => writeln!(
+            out,
+            "verdict: pass (outbound packets are not filtered: no out rule, outbound = \"allow\")"
         )?,
     }
     if set.audit {
@@ -146,11 +169,16 @@ pub fn explain(set: &RuleSet, question: &Question) -> Result<String> {
             "note: audit mode: the packet is counted and logged, never dropped"
         )?;
     }
-    if set.established {
-        writeln!(
+    match direction {
+        Direction::In if set.established => writeln!(
             out,
             "note: replies to connections this host opened pass before the rules (established = true)"
-        )?;
+        )?,
+        Direction::Out if set.filters_outbound() => writeln!(
+            out,
+            "note: packets of connections this host opened or accepted pass before the out rules"
+        )?,
+        _ => {}
     }
     Ok(out)
 }
@@ -202,7 +230,11 @@ fn mismatch(rule: &Rule, packet: &PacketInfo, iface: Option<&str>) -> Option<&'s
 /// The rule as `explain` shows a match: `allow: proto tcp, from any, to any, ports 22`.
 fn describe(rule: &Rule) -> String {
     let text = rule.text(ListStyle::SENTENCE);
-    let (action, proto, ports) = (text.action, text.proto, text.ports);
+    let (proto, ports) = (text.proto, text.ports);
+    let action = match rule.direction {
+        Direction::In => text.action.to_string(),
+        Direction::Out => format!("{} out", text.action),
+    };
     let types = text
         .icmp_types
         .map_or(String::new(), |types| format!(", icmp types {types}"));
@@ -229,8 +261,45 @@ mod tests {
                 port,
                 icmp_type: None,
                 iface: None,
+                direction: Direction::In,
             },
         )
+    }
+
+    #[test]
+    fn outbound_questions_are_judged_by_the_out_rules() {
+        let text = format!(
+            "{SERVER}\n[[rules]]\nname = \"https-out\"\naction = \"allow\"\n\
+             direction = \"out\"\nproto = \"tcp\"\nports = [443]\n"
+        );
+        let mut set = parse_rules("rules.toml", &text).unwrap();
+        let question = |port| Question {
+            proto: "tcp".into(),
+            from: "192.0.2.1".parse().unwrap(),
+            to: "198.51.100.7".parse().unwrap(),
+            port: Some(port),
+            icmp_type: None,
+            iface: None,
+            direction: Direction::Out,
+        };
+        let out = explain(&set, &question(443)).unwrap();
+        assert!(out.contains("sent by this host"), "{out}");
+        assert!(!out.contains("\"web\""), "in rules are not listed: {out}");
+        assert!(out.contains("matches (allow out: proto tcp"), "{out}");
+        let out = explain(&set, &question(8080)).unwrap();
+        assert!(
+            out.contains("verdict: pass (no out rule matches: outbound default)"),
+            "{out}"
+        );
+        set.outbound_policy = Action::Deny;
+        let out = explain(&set, &question(8080)).unwrap();
+        assert!(out.contains("verdict: drop (no out rule matches"), "{out}");
+        // The same packet asked about inbound: the out rule plays no part.
+        let inbound = Question {
+            direction: Direction::In,
+            ..question(443)
+        };
+        assert!(!explain(&set, &inbound).unwrap().contains("https-out"));
     }
 
     #[test]
@@ -294,6 +363,7 @@ mod tests {
                 port: None,
                 icmp_type: Some(kind.into()),
                 iface: None,
+                direction: Direction::In,
             },
         )
     }

@@ -14,7 +14,7 @@ use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 use firewall_common::proto::IPPROTO_TCP;
 
 use crate::host::sockets::Listener;
-use crate::rules::model::{Action, Rule, RuleSet};
+use crate::rules::model::{Action, Direction, Rule, RuleSet};
 
 /// Who reaches a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,11 +44,13 @@ pub fn reach(set: &RuleSet, proto: u8, addr: IpAddr, port: u16) -> Reach {
     }
     let v6 = addr.is_ipv6();
     let max = if v6 { u128::MAX } else { u128::from(u32::MAX) };
-    // The rules that can match a first packet to this port, with their networks as sorted
-    // ranges of this family (`None`: any address).
+    // The in rules that can match a first packet to this port, with their networks as
+    // sorted ranges of this family (`None`: any address). Out rules judge only what the host
+    // sends, and its replies to what the in rules let in pass them.
     let rules: Vec<Judge> = set
         .rules
         .iter()
+        .filter(|rule| rule.direction == Direction::In)
         .filter(|rule| rule.iface.is_none() && port_matches(rule, proto, port))
         .map(|rule| (rule.action, ranges(&rule.from, v6), ranges(&rule.to, v6)))
         .collect();
@@ -277,6 +279,25 @@ mod tests {
         // IPv6 sources: the IPv4 blocklist does not apply; ssh allows no IPv6 source.
         assert_eq!(reach(&rules, IPPROTO_TCP, ip("::"), 443), Reach::Everyone);
         assert_eq!(reach(&rules, IPPROTO_TCP, ip("::"), 22), Reach::Nobody);
+    }
+
+    #[test]
+    fn out_rules_change_no_exposure() {
+        let rules = set(SERVER);
+        // Out rules first: as in rules they would decide everything.
+        let outbound = format!(
+            "[[rules]]\naction = \"deny\"\ndirection = \"out\"\nproto = \"udp\"\n\n\
+             [[rules]]\naction = \"allow\"\ndirection = \"out\"\nproto = \"tcp\"\n{SERVER}"
+        );
+        let mut with_out = set(&outbound);
+        with_out.outbound_policy = Action::Deny;
+        for (proto, port) in [(IPPROTO_TCP, 443), (IPPROTO_TCP, 22), (IPPROTO_UDP, 53)] {
+            let any4 = ip("0.0.0.0");
+            assert_eq!(
+                reach(&with_out, proto, any4, port),
+                reach(&rules, proto, any4, port)
+            );
+        }
     }
 
     #[test]

@@ -171,6 +171,7 @@ pub fn encode_response(outcome: &Result<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::model::Direction;
 
     #[test]
     fn requests_round_trip() {
@@ -210,6 +211,7 @@ mod tests {
                     port: Some(22),
                     icmp_type: None,
                     iface: None,
+                    direction: Direction::Out,
                 },
             },
             Request::Explain {
@@ -220,6 +222,7 @@ mod tests {
                     port: None,
                     icmp_type: Some("echo-request".into()),
                     iface: Some("eth0".into()),
+                    direction: Direction::In,
                 },
             },
         ];

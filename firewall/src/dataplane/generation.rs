@@ -152,6 +152,8 @@ impl Kernel {
             icmp_timeout_ns: secs_to_ns(new.timeouts.icmp),
             log_line_ns: new.log_line_ns,
             log_burst_ns: new.log_burst_ns,
+            outbound_action: new.outbound_action,
+            _pad: 0,
         };
         let mut configs: Array<&mut MapData, GenerationConfig> =
             Array::try_from(self.map_mut(GEN_CONFIG)?)?;

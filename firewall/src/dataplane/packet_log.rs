@@ -123,8 +123,10 @@ pub fn log_line(event: &LogEvent, names: &RuleNames, iface: &str) -> String {
     };
     let name = names.name(event.rule).unwrap_or_else(|| "?".into());
     let v6 = event.v6 != 0;
+    // Outbound lines say so: their source is this host, not a peer to ban.
+    let direction = if event.outbound != 0 { " dir=out" } else { "" };
     format!(
-        "{outcome} rule={} name={} iface={} proto={} src={} sport={} dst={} dport={}",
+        "{outcome} rule={} name={} iface={}{direction} proto={} src={} sport={} dst={} dport={}",
         event.rule,
         value(&name),
         value(iface),
@@ -206,6 +208,15 @@ mod tests {
         event.rule = 9;
         event.outcome = LOGGED_LIMIT;
         assert!(log_line(&event, &names, "#4").starts_with("limit rule=9 name=? iface=#4 "));
+        // An out rule's line says so: its source is this host.
+        event.rule = 2;
+        event.outcome = LOGGED_DROP;
+        event.outbound = 1;
+        assert_eq!(
+            log_line(&event, &names, "eth0"),
+            "drop rule=2 name=no-web iface=eth0 dir=out proto=6 src=10.0.0.1 sport=40000 \
+             dst=10.0.0.2 dport=80"
+        );
     }
 
     #[test]

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
-use firewall_common::EGRESS_PROGRAM;
 
 use crate::dataplane::Kernel;
 use crate::host::link::LinkLayer;
@@ -16,10 +15,17 @@ impl Kernel {
     /// Runs `frame` (an Ethernet frame) through the tc egress program, as the host sending
     /// it on the test run's device (the namespace's loopback); returns the tc action.
     pub fn test_run_egress(&self, frame: &[u8]) -> Result<u32> {
+        self.test_run_egress_on(LinkLayer::Ethernet, frame)
+    }
+
+    /// [`Kernel::test_run_egress`] with the tc program of link layer `layer` (for
+    /// [`LinkLayer::Ip`], `frame` starts at the IP header).
+    pub fn test_run_egress_on(&self, layer: LinkLayer, frame: &[u8]) -> Result<u32> {
+        let name = layer.egress_program();
         let program: &SchedClassifier = self
             .ebpf
-            .program(EGRESS_PROGRAM)
-            .ok_or_else(|| anyhow!("tc program {EGRESS_PROGRAM} missing"))?
+            .program(name)
+            .ok_or_else(|| anyhow!("tc program {name} missing"))?
             .try_into()?;
         Ok(run_program(program, frame, 1)?.0)
     }

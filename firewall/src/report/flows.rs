@@ -95,6 +95,8 @@ mod tests {
             log_burst_ns: 0,
             checks: 0,
             exact_in_use: 0,
+            outbound_action: 0,
+            _pad: 0,
             tcp_timeout_ns: 100 * SECOND,
             tcp_closing_timeout_ns: 10 * SECOND,
             udp_timeout_ns: 60 * SECOND,

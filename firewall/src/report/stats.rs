@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use firewall_common::{
-    map_names, Counter, GenerationConfig, LogLimit, RuleName, MAX_RULES, STAT_BANNED,
-    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL, STAT_ESTABLISHED,
-    STAT_LOG_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, STAT_RATE_LIMITED,
+    map_names, Counter, GenerationConfig, LogLimit, RuleName, CHECK_OUTBOUND, MAX_RULES,
+    STAT_BANNED, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL,
+    STAT_ESTABLISHED, STAT_LOG_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, STAT_OUT_DEFAULT_ALLOW,
+    STAT_OUT_DEFAULT_DENY, STAT_OUT_ESTABLISHED, STAT_RATE_LIMITED,
 };
 use serde::Serialize;
 
@@ -38,6 +39,13 @@ pub struct Stats {
     pub rate_limited: Count,
     /// Packets from banned sources (`firewall ban`): dropped before the rules.
     pub banned: Count,
+    /// Whether outbound packets are judged (an out rule, or `outbound = "deny"`).
+    pub outbound_filtered: bool,
+    /// Outbound packets no out rule matched, by the outbound default.
+    pub outbound_default: Verdicts,
+    /// Outbound packets of tracked flows (the host's own, or connections it accepted),
+    /// passed before the out rules.
+    pub outbound_established: Count,
     /// Log lines suppressed by the rate limit or lost to a full log buffer (no daemon reading).
     pub log_lines_suppressed: u64,
     /// How full the table of the host's flows is.
@@ -84,10 +92,13 @@ pub struct Decided {
 
 impl Stats {
     /// Every count of packets decided without a rule, in the order they are shown.
-    pub fn decided(&self) -> [Decided; 9] {
+    pub fn decided(&self) -> [Decided; 12] {
         let policy = &self.default_policy;
         let default = format!("default policy ({})", policy.policy);
         let default = default.as_str();
+        let outbound = &self.outbound_default;
+        let out_default = format!("outbound default ({})", outbound.policy);
+        let out_default = out_default.as_str();
         // A table: one row a reason (as `stats` shows it, as the metrics label it).
         #[rustfmt::skip]
         let rows = [
@@ -100,6 +111,9 @@ impl Stats {
             ("DHCP replies (host asked)", "dhcp", "pass", self.dhcp),
             ("over a rule's rate limit", "rate_limit", "drop", self.rate_limited),
             ("banned (firewall ban)", "banned", "drop", self.banned),
+            (out_default, "outbound_default", "pass", outbound.passed),
+            (out_default, "outbound_default", "drop", outbound.dropped),
+            ("outbound established", "outbound_established", "pass", self.outbound_established),
         ];
         rows.map(|(what, reason, verdict, count)| Decided {
             what: what.to_string(),
@@ -200,6 +214,13 @@ pub fn read(pins: &Pins) -> Result<Stats> {
         dhcp: counter(STAT_DHCP)?.into(),
         rate_limited: counter(STAT_RATE_LIMITED)?.into(),
         banned: counter(STAT_BANNED)?.into(),
+        outbound_filtered: config.checks & CHECK_OUTBOUND != 0,
+        outbound_default: Verdicts {
+            policy: action(config.outbound_action),
+            passed: counter(STAT_OUT_DEFAULT_ALLOW)?.into(),
+            dropped: counter(STAT_OUT_DEFAULT_DENY)?.into(),
+        },
+        outbound_established: counter(STAT_OUT_ESTABLISHED)?.into(),
         log_lines_suppressed: counter(STAT_LOG_SUPPRESSED)?.packets
             + refused_log_lines(open(map_names::LOG_LIMIT))?,
         flows,
@@ -207,8 +228,9 @@ pub fn read(pins: &Pins) -> Result<Stats> {
     })
 }
 
-/// This build's maps; else the only maps there are (another build's: the counters' layout is
-/// the same across builds so far).
+/// This build's maps; else the only maps there are (another build's, read with this build's
+/// layouts: a map whose value size differs, as the generation config's did when outbound
+/// rules came, is an error, not a misreading).
 fn build_dir(pins: &Pins) -> Result<PathBuf> {
     let own = pins.build_dir(object_id());
     if own.is_dir() {

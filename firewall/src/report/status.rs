@@ -52,8 +52,11 @@ pub struct Status {
     /// Interfaces whose links are pinned (they keep filtering without a daemon).
     pub pinned_interfaces: Vec<String>,
     pub policy_in: &'static str,
-    /// There are no outbound rules: the host's own traffic always passes.
+    /// The outbound default, or `allow` when outbound packets are not filtered at all (no
+    /// out rule, `outbound = "allow"`): then the host's own traffic always passes.
     pub policy_out: &'static str,
+    /// Whether outbound packets are judged (out rules, or `outbound = "deny"`).
+    pub outbound_filtered: bool,
     /// Counters, bans and flows from the pins; `None` when nothing is pinned.
     pub kernel: Option<Stats>,
 }
@@ -79,12 +82,19 @@ pub fn gather(daemon: Result<DaemonStatus>, pin_dir: &Path) -> Result<Status> {
     let policy_in = kernel
         .as_ref()
         .map_or("none", |stats| stats.default_policy.policy);
+    let outbound_filtered = kernel.as_ref().is_some_and(|stats| stats.outbound_filtered);
+    let policy_out = match &kernel {
+        Some(stats) if stats.outbound_filtered => stats.outbound_default.policy,
+        Some(_) => "allow",
+        None => "none",
+    };
     Ok(Status {
         daemon,
         daemon_error,
         pinned_interfaces,
         policy_in,
-        policy_out: "allow",
+        policy_out,
+        outbound_filtered,
         kernel,
     })
 }
@@ -152,8 +162,14 @@ pub fn text(status: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "Default: {} (incoming), {} (outgoing)",
-        status.policy_in, status.policy_out
+        "Default: {} (incoming), {} (outgoing){}",
+        status.policy_in,
+        status.policy_out,
+        if status.kernel.is_some() && !status.outbound_filtered {
+            ", not filtered (no out rules)"
+        } else {
+            ""
+        }
     );
     if let Some(kernel) = &status.kernel {
         let _ = writeln!(

@@ -29,13 +29,13 @@ use anyhow::{bail, Result};
 use firewall_common::proto::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use firewall_common::{
     proto_slot, RateLimit, RuleBits, RuleName, ACTION_LIMITED, ACTION_LOG, CHECK_AUDIT, CHECK_DHCP,
-    CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, MAX_EXACT_V4, MAX_RULES, PROTO_SLOTS,
-    RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
+    CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_IFACES, CHECK_OUTBOUND, MAX_EXACT_V4, MAX_RULES,
+    PROTO_SLOTS, RULE_NAME_BYTES, V4_LEVELS, V6_LEVELS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::rules::classes::{Interner, Renumber};
-use crate::rules::model::{Limit, Rule, RuleSet, Timeouts};
+use crate::rules::model::{Direction, Limit, Rule, RuleSet, Timeouts};
 use crate::rules::ports::port_tables;
 
 /// Port values, 0..=65535 ([`firewall_common::PORTS`] as an index bound).
@@ -47,6 +47,8 @@ pub const PROTOS: usize = firewall_common::PROTOS as usize;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     pub default_action: u32,
+    /// For outbound packets no out rule matches (with `CHECK_OUTBOUND`).
+    pub outbound_action: u32,
     /// `CHECK_*` bits.
     pub checks: u32,
     pub timeouts: Timeouts,
@@ -59,7 +61,7 @@ pub struct Compiled {
     pub log_burst_ns: u64,
     /// Per rule: its name, as `firewall stats` shows it.
     pub names: Vec<RuleName>,
-    /// Indexed by [`proto_slot`] (family and IP protocol number).
+    /// Indexed by [`proto_slot`] (direction, family and IP protocol number).
     pub proto_bits: Vec<RuleBits>,
     /// Indexed by destination port: the port's class.
     pub port_class: Vec<u32>,
@@ -140,6 +142,7 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
     let (other_ifaces, ifaces) = interface_table(&set.rules);
     Ok(Compiled {
         default_action: set.default_policy.code(),
+        outbound_action: set.outbound_policy.code(),
         checks: if set.established {
             CHECK_ESTABLISHED
         } else {
@@ -151,7 +154,12 @@ pub fn compile_with_budget(set: &RuleSet, budget: usize) -> Result<Compiled> {
             } else {
                 0
             }
-            | if set.audit { CHECK_AUDIT } else { 0 },
+            | if set.audit { CHECK_AUDIT } else { 0 }
+            | if set.filters_outbound() {
+                CHECK_OUTBOUND
+            } else {
+                0
+            },
         timeouts: set.timeouts,
         actions: set
             .rules
@@ -215,18 +223,22 @@ pub fn rule_name(name: &str) -> RuleName {
     RuleName { bytes }
 }
 
-/// Per [`proto_slot`] (family, protocol): the rules that can match. A rule naming addresses
-/// of one family only (in `from` or `to`) is left out of the other's.
+/// Per [`proto_slot`] (direction, family, protocol): the rules that can match. A rule is only
+/// in its own direction's slots; a rule naming addresses of one family only (in `from` or
+/// `to`) is left out of the other's.
 fn proto_table(rules: &[Rule]) -> Vec<RuleBits> {
     let mut table = vec![RuleBits::EMPTY; PROTO_SLOTS as usize];
-    for v6 in [false, true] {
+    for (outbound, v6) in [(false, false), (false, true), (true, false), (true, true)] {
         let has_family = |nets: &Option<Vec<IpNet>>| match nets {
             None => true,
             Some(nets) => nets.iter().any(|net| matches!(net, IpNet::V6(_)) == v6),
         };
         for proto in 0..=u8::MAX {
-            let bits = &mut table[proto_slot(v6, proto) as usize];
+            let bits = &mut table[proto_slot(outbound, v6, proto) as usize];
             for (index, rule) in rules.iter().enumerate() {
+                if (rule.direction == Direction::Out) != outbound {
+                    continue;
+                }
                 let port_ok = rule.ports.is_none() || proto == IPPROTO_TCP || proto == IPPROTO_UDP;
                 // ICMP fields count only in their own family (as the parser reads them).
                 let own_icmp = (proto == IPPROTO_ICMP && !v6) || (proto == IPPROTO_ICMPV6 && v6);
@@ -465,6 +477,7 @@ mod tests {
     fn rule(proto: Proto, from: Option<&[&str]>, ports: Option<Vec<RangeInclusive<u16>>>) -> Rule {
         Rule {
             name: "r".into(),
+            direction: Direction::In,
             action: Action::Allow,
             proto,
             from: from.map(|nets| nets.iter().map(|n| n.parse().unwrap()).collect()),
@@ -491,7 +504,7 @@ mod tests {
         let mut ping6 = rule(Proto::Icmpv6, None, None);
         ping6.icmp_types = Some(vec![128]);
         let compiled = set(vec![ping, ping6, rule(Proto::Tcp, None, Some(vec![8..=8]))]);
-        let slot = |v6, proto| proto_slot(v6, proto) as usize;
+        let slot = |v6, proto| proto_slot(false, v6, proto) as usize;
         assert!(compiled.proto_bits[slot(false, 1)].contains(0));
         assert!(!compiled.proto_bits[slot(true, 1)].contains(0));
         assert!(compiled.proto_bits[slot(true, 58)].contains(1));
@@ -747,11 +760,31 @@ mod tests {
             rule(Proto::Tcp, None, None),
             to_v6,
         ]);
-        let tcp = |v6| compiled.proto_bits[proto_slot(v6, IPPROTO_TCP) as usize];
+        let tcp = |v6| compiled.proto_bits[proto_slot(false, v6, IPPROTO_TCP) as usize];
         let members = |bits: RuleBits| (0..5).filter(|&r| bits.contains(r)).collect::<Vec<_>>();
         assert_eq!(members(tcp(false)), [0, 2, 3]);
         assert_eq!(members(tcp(true)), [1, 2, 3, 4]);
         assert_eq!(compiled.proto_bits.len(), PROTO_SLOTS as usize);
+    }
+
+    #[test]
+    fn out_rules_are_only_in_the_outbound_protocol_slots() {
+        let mut out = rule(Proto::Tcp, None, None);
+        out.direction = Direction::Out;
+        let compiled = set(vec![rule(Proto::Tcp, None, None), out]);
+        for v6 in [false, true] {
+            let inbound = compiled.proto_bits[proto_slot(false, v6, IPPROTO_TCP) as usize];
+            let outbound = compiled.proto_bits[proto_slot(true, v6, IPPROTO_TCP) as usize];
+            assert!(inbound.contains(0) && !inbound.contains(1));
+            assert!(outbound.contains(1) && !outbound.contains(0));
+        }
+        assert_ne!(compiled.checks & CHECK_OUTBOUND, 0);
+        let inbound_only = set(vec![rule(Proto::Tcp, None, None)]);
+        assert_eq!(
+            inbound_only.checks & CHECK_OUTBOUND,
+            0,
+            "off: egress as before"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use firewall_common::proto::{IPPROTO_TCP, IPPROTO_UDP};
 use ipnet::IpNet;
 
 use crate::analysis::reference::{classify, PacketInfo, Verdict};
-use crate::rules::model::{Action, Position, Proto, Rule, RuleSet};
+use crate::rules::model::{Action, Direction, Position, Proto, Rule, RuleSet};
 
 const SSH_PORT: u16 = 22;
 
@@ -95,6 +95,8 @@ fn label(set: &RuleSet, index: usize) -> String {
 
 /// What a rule matches, in a form where coverage is a field-by-field check.
 struct MatchShape<'a> {
+    /// A rule only covers rules of its own direction.
+    direction: Direction,
     /// IP protocol numbers the rule can match; `None`: every protocol.
     protos: Option<Vec<u8>>,
     /// Destination port ranges, merged and sorted; `None`: no port needed (so also packets
@@ -122,6 +124,7 @@ impl<'a> MatchShape<'a> {
         let Rule {
             name: _,
             action: _,
+            direction,
             proto,
             from,
             to,
@@ -142,6 +145,7 @@ impl<'a> MatchShape<'a> {
             aggregated: OnceCell::new(),
         };
         MatchShape {
+            direction: *direction,
             protos,
             ports: ports.as_deref().map(merged_ranges),
             from: networks(from),
@@ -173,7 +177,8 @@ impl<'a> MatchShape<'a> {
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => theirs.iter().all(|kind| mine.contains(kind)),
         };
-        protos
+        self.direction == later.direction
+            && protos
             && ports()
             && iface()
             && icmp_types()
@@ -313,6 +318,28 @@ mod tests {
         let found = shadowed(&[first, second]);
         assert!(found.len() <= 1, "{found:?}");
         found.len() == 1
+    }
+
+    #[test]
+    fn rules_cover_only_rules_of_their_direction() {
+        let deny_all = "action = \"deny\"";
+        let deny_all_out = "action = \"deny\"\ndirection = \"out\"";
+        let web_out = "action = \"allow\"\ndirection = \"out\"\nproto = \"tcp\"\nports = [443]";
+        assert!(!second_shadowed(deny_all, web_out));
+        assert!(!second_shadowed(
+            deny_all_out,
+            "action = \"allow\"\nproto = \"tcp\""
+        ));
+        assert!(second_shadowed(deny_all_out, web_out));
+    }
+
+    /// Out rules let nothing in: the SSH warning does not count them.
+    #[test]
+    fn an_out_rule_for_ssh_does_not_silence_the_ssh_warning() {
+        let text = "[defaults]\npolicy = \"deny\"\n[[rules]]\naction = \"allow\"\n\
+                    direction = \"out\"\nproto = \"tcp\"\nports = [22]\n";
+        assert!(warns(text));
+        assert!(!warns(&text.replace("direction = \"out\"\n", "")));
     }
 
     #[test]

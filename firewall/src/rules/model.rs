@@ -12,6 +12,11 @@
 //!   type is one of the list.
 //! - `from` / `to`: the source / destination address lies in one of the networks of the
 //!   packet's family; a list with no network of that family never matches.
+//!
+//! Rules have a direction: in rules judge packets arriving (XDP), out rules packets the host
+//! sends (tc egress), with their own default (`outbound_policy`). Out rules keep the
+//! packet's fields: `from` is the (local) source, `to` the (remote) destination, `ports`
+//! the remote port. Both directions share the rule numbering (file order).
 use std::ops::RangeInclusive;
 
 use firewall_common::proto::{
@@ -33,6 +38,33 @@ pub enum Proto {
     Udp,
     Icmp,
     Icmpv6,
+}
+
+/// Which packets a rule judges: arriving ones (`in`, the default) or the host's own outbound
+/// ones (`out`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    In,
+    Out,
+}
+
+impl Direction {
+    /// As written in rule files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+
+    /// The direction written `name` in a rule file.
+    pub fn from_name(name: &str) -> Option<Direction> {
+        [Direction::In, Direction::Out]
+            .into_iter()
+            .find(|direction| direction.name() == name)
+    }
 }
 
 impl Action {
@@ -146,6 +178,8 @@ pub struct Rule {
     /// Name from the file, or `rule N` (1-based position) when it has none.
     pub name: String,
     pub action: Action,
+    /// Inbound (XDP) or outbound (tc egress) packets.
+    pub direction: Direction,
     pub proto: Proto,
     /// `None`: any source. `Some`: one of these networks (host bits are zero).
     pub from: Option<Vec<IpNet>>,
@@ -291,6 +325,9 @@ impl Default for LogRate {
 pub struct RuleSet {
     /// Verdict when no rule matches.
     pub default_policy: Action,
+    /// Verdict on outbound packets no out rule matches (after the host's tracked flows,
+    /// essential ICMPv6 and DHCP requests).
+    pub outbound_policy: Action,
     /// Replies to the host's own flows (and ICMP errors about them) pass before the rules.
     pub established: bool,
     /// ICMPv6 that IPv6 needs (neighbour discovery, MLD, packet too big) passes before the
@@ -342,6 +379,7 @@ impl RuleSet {
     pub fn new(default_policy: Action, rules: Vec<Rule>) -> RuleSet {
         RuleSet {
             default_policy,
+            outbound_policy: Action::Allow,
             established: true,
             essentials: true,
             dhcp: true,
@@ -354,6 +392,16 @@ impl RuleSet {
             dynamic_uses: Vec::new(),
             rule_positions: Vec::new(),
         }
+    }
+
+    /// Whether outbound packets are judged at all: some rule is an out rule, or the outbound
+    /// default is deny.
+    pub fn filters_outbound(&self) -> bool {
+        self.outbound_policy == Action::Deny
+            || self
+                .rules
+                .iter()
+                .any(|rule| rule.direction == Direction::Out)
     }
 
     /// Writes the current members of the dynamic sets (`members(NAME)`) into the rule fields

@@ -14,13 +14,16 @@ use firewall_common::proto::{
     TCP_SYN,
 };
 use firewall_common::{
-    address_words, FlowKey, FlowState, DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS, FLOW_CLOSING,
+    address_words, FlowKey, FlowState, DHCP4_PORTS, DHCP6_PORTS, DHCP_WINDOW_NS, FLOW_ACCEPTED,
+    FLOW_CLOSING,
 };
 
 use crate::host::link::LinkLayer;
-use crate::rules::model::{Action, Rule, RuleSet};
+use crate::rules::model::{Action, Direction, Rule, RuleSet};
 
+mod egress;
 mod frame;
+pub use egress::{accepted_flow, egress_flow, evaluate_egress, is_live};
 pub use frame::{parse_frame, parse_frame_on, PacketInfo, Parsed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,13 +41,15 @@ pub enum Reason {
     /// Essential ICMPv6 (neighbour discovery, MLD, packet too big), passed before the rules.
     Essential,
     /// A reply to a tracked flow, or an ICMP error quoting one, passed before the rules.
+    /// Outbound: a packet of a tracked flow (the host's own, or a connection it accepted).
     Established,
     /// A DHCP reply on an interface where the host had just sent a DHCP request, passed
-    /// before the rules.
+    /// before the rules. Outbound: the host's DHCP request.
     Dhcp,
     /// Rule index (0-based) that matched first.
     Rule(usize),
-    /// No rule matched.
+    /// No rule of the packet's direction matched (outbound: also when outbound packets are
+    /// not filtered at all).
     Default,
 }
 
@@ -68,7 +73,8 @@ pub struct FlowTable {
 impl FlowTable {
     /// What the host sending `packet` does to the table (the tc egress program's part):
     /// the flow is seen now; TCP's FIN or RST starts its closing timeout, a SYN (a new
-    /// connection on the same ports) ends it. Inbound packets change nothing, not even the
+    /// connection on the same ports) ends it; a connection the host accepted becomes its own
+    /// flow. Inbound packets change nothing, not even the
     /// peer's FIN or RST: that could be an off-path sender's guess (a blind RST).
     pub fn record_outbound(&mut self, packet: &PacketInfo) {
         let Some(key) = outbound_flow(packet) else {
@@ -78,10 +84,36 @@ impl FlowTable {
         let reopened = packet.tcp_flags & TCP_SYN != 0;
         let state = self.flows.entry(key).or_default();
         state.last_seen_ns = self.now_ns;
+        // A connection accepted inbound is the host's own flow once it answers.
+        state.flags &= !FLOW_ACCEPTED;
         if closing {
             state.flags |= FLOW_CLOSING;
         } else if reopened {
             state.flags &= !FLOW_CLOSING;
+        }
+    }
+}
+
+impl FlowTable {
+    /// What the XDP program does to the table with outbound filtering on: a connection the
+    /// rules allowed inbound (`decision` on `packet`, before audit mode's pass) is recorded
+    /// as accepted unless its flow is tracked already, so that the host's replies pass out.
+    pub fn record_accepted(&mut self, rules: &RuleSet, packet: &PacketInfo, decision: Decision) {
+        let allowed = match decision.reason {
+            Reason::Rule(index) => rules.rules[index].action == Action::Allow,
+            Reason::Default => rules.default_policy == Action::Allow,
+            _ => false,
+        };
+        if !rules.filters_outbound() || !allowed {
+            return;
+        }
+        if let Some(key) = accepted_flow(packet) {
+            let now_ns = self.now_ns;
+            self.flows.entry(key).or_insert(FlowState {
+                last_seen_ns: now_ns,
+                flags: FLOW_ACCEPTED,
+                _pad: 0,
+            });
         }
     }
 }
@@ -208,7 +240,7 @@ pub fn outbound_flow(packet: &PacketInfo) -> Option<FlowKey> {
 
 /// The host's flow `packet` belongs to, sent by the host if `outbound`: TCP/UDP by ports,
 /// ICMP `echo` messages by identifier.
-fn own_flow(packet: &PacketInfo, outbound: bool, echo: Echo) -> Option<FlowKey> {
+pub(crate) fn own_flow(packet: &PacketInfo, outbound: bool, echo: Echo) -> Option<FlowKey> {
     let (remote, local) = if outbound {
         (packet.dst, packet.src)
     } else {
@@ -236,20 +268,16 @@ fn own_flow(packet: &PacketInfo, outbound: bool, echo: Echo) -> Option<FlowKey> 
     }
 }
 
+/// A reply to a live flow of the host's. A connection accepted inbound and not answered yet
+/// is no such flow: its packets go on to the rules.
 fn is_established(rules: &RuleSet, packet: &PacketInfo, flows: &FlowTable) -> bool {
     let Some(key) = inbound_flow(packet) else {
         return false;
     };
-    let Some(state) = flows.flows.get(&key) else {
-        return false;
-    };
-    let timeout = match key.proto {
-        IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => rules.timeouts.tcp_closing,
-        IPPROTO_TCP => rules.timeouts.tcp,
-        IPPROTO_UDP => rules.timeouts.udp,
-        _ => rules.timeouts.icmp,
-    };
-    flows.now_ns.saturating_sub(state.last_seen_ns) <= timeout * 1_000_000_000
+    flows
+        .flows
+        .get(&key)
+        .is_some_and(|state| state.flags & FLOW_ACCEPTED == 0 && is_live(rules, flows, &key))
 }
 
 /// First matching rule, else the default policy (interface not named by any rule).
@@ -259,6 +287,17 @@ pub fn classify(rules: &RuleSet, packet: &PacketInfo) -> Decision {
 
 /// First matching rule for a packet arriving on `iface`, else the default policy.
 pub fn classify_on(rules: &RuleSet, packet: &PacketInfo, iface: Option<&str>) -> Decision {
+    classify_direction(rules, packet, iface, Direction::In)
+}
+
+/// First matching rule of `direction` for a packet arriving on (`In`) or leaving by (`Out`)
+/// `iface`, else that direction's default.
+pub fn classify_direction(
+    rules: &RuleSet,
+    packet: &PacketInfo,
+    iface: Option<&str>,
+    direction: Direction,
+) -> Decision {
     let verdict = |action| match action {
         Action::Allow => Verdict::Pass,
         Action::Deny => Verdict::Drop,
@@ -270,14 +309,17 @@ pub fn classify_on(rules: &RuleSet, packet: &PacketInfo, iface: Option<&str>) ->
     match rules
         .rules
         .iter()
-        .position(|rule| on_iface(rule) && matches(rule, packet))
+        .position(|rule| rule.direction == direction && on_iface(rule) && matches(rule, packet))
     {
         Some(index) => Decision {
             verdict: verdict(rules.rules[index].action),
             reason: Reason::Rule(index),
         },
         None => Decision {
-            verdict: verdict(rules.default_policy),
+            verdict: verdict(match direction {
+                Direction::In => rules.default_policy,
+                Direction::Out => rules.outbound_policy,
+            }),
             reason: Reason::Default,
         },
     }

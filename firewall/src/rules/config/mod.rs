@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::rules::files::{self, Trust, MAX_RULE_FILE_BYTES};
-use crate::rules::model::{Action, DynamicUse, ListStyle, Position, RuleSet};
+use crate::rules::model::{Action, Direction, DynamicUse, ListStyle, Position, RuleSet};
 
 mod services;
 mod sets;
@@ -186,9 +186,10 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub fn summary(set: &RuleSet) -> String {
     let on_off = |on: bool| if on { "on" } else { "off" };
     let mut out = format!(
-        "{} rules, default policy {}, established {}, essentials {}, dhcp {}{}\n",
+        "{} rules, default policy {}, outbound {}, established {}, essentials {}, dhcp {}{}\n",
         set.rules.len(),
         set.default_policy.name(),
+        set.outbound_policy.name(),
         on_off(set.established),
         on_off(set.essentials),
         on_off(set.dhcp),
@@ -218,6 +219,10 @@ pub fn summary(set: &RuleSet) -> String {
             None => String::new(),
         };
         let log = if rule.log { " log" } else { "" };
+        let direction = match rule.direction {
+            Direction::In => "",
+            Direction::Out => " out",
+        };
         let comment = match &rule.comment {
             Some(comment) => format!("  # {comment}"),
             None => String::new(),
@@ -226,7 +231,7 @@ pub fn summary(set: &RuleSet) -> String {
             "{:>4}  {:<20} {:<5} proto {:<6} from {} to {} ports {}{types}{iface}{limit}{log}{comment}\n",
             index + 1,
             rule.name,
-            text.action,
+            format!("{}{direction}", text.action),
             text.proto,
             text.from,
             text.to,
@@ -290,6 +295,9 @@ mod tests {
             ("[defaults]\ndhcp = \"on\"\n", 2, 8, "invalid type"),
             ("[defaults]\ndhcp = 1\n", 2, 8, "invalid type"),
             ("[defaults]\nmode = \"watch\"\n", 2, 8, "mode must be"),
+            ("[defaults]\noutbound = \"drop\"\n", 2, 12, "invalid outbound \"drop\""),
+            ("[[rules]]\naction = \"allow\"\ndirection = \"up\"\n", 3, 13, "invalid direction \"up\""),
+            ("[[rules]]\naction = \"allow\"\ndirection = \"out\"\nlimit = \"5/s\"\n", 4, 9, "`limit` applies to inbound rules"),
             ("[[rules]]\naction = \"allow\"\nlimit = \"5/d\"\n", 3, 9, "invalid limit \"5/d\""),
             ("[[rules]]\naction = \"allow\"\nlimit = \"0/s\"\n", 3, 9, "invalid limit"),
             ("[[rules]]\naction = \"deny\"\nlimit = \"5/s\"\n", 3, 9, "applies to allow rules"),
@@ -530,6 +538,27 @@ mod tests {
             (second.proto, &second.from, &second.ports),
             (Proto::Any, &None, &None)
         );
+        assert_eq!(
+            (rule.direction, second.direction),
+            (Direction::In, Direction::In)
+        );
+        assert_eq!(set.outbound_policy, Action::Allow);
+        assert!(!set.filters_outbound());
+    }
+
+    #[test]
+    fn out_rules_and_the_outbound_default_parse() {
+        let text = "[defaults]\noutbound = \"deny\"\n[[rules]]\naction = \"allow\"\n\
+                    direction = \"out\"\nproto = \"tcp\"\nports = [443]\n";
+        let set = parse_rules("t.toml", text).unwrap();
+        assert_eq!(set.outbound_policy, Action::Deny);
+        assert_eq!(set.rules[0].direction, Direction::Out);
+        assert!(set.filters_outbound());
+        assert!(summary(&set).contains("outbound deny"));
+        assert!(summary(&set).contains("allow out"));
+        // An out rule alone turns outbound filtering on (with the outbound default allow).
+        let one_rule = text.replace("outbound = \"deny\"", "");
+        assert!(parse_rules("t.toml", &one_rule).unwrap().filters_outbound());
     }
 
     /// Rules naming ports, parsed against a services file of the test's own.

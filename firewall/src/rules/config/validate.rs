@@ -13,7 +13,7 @@ use super::values::{
     action, address_list, comment, icmp_type_list, interface_list, port_list, proto, rate_limit,
 };
 use super::{Located, DEFAULT_MAX_ENTRIES};
-use crate::rules::model::{Action, LogRate, Proto, Rule, RuleSet, Timeouts};
+use crate::rules::model::{Action, Direction, LogRate, Proto, Rule, RuleSet, Timeouts};
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +22,8 @@ pub(super) struct RawDefaults {
     established: Option<bool>,
     essentials: Option<bool>,
     dhcp: Option<bool>,
+    /// For outbound packets no out rule matches: "allow" (default) or "deny".
+    outbound: Option<Spanned<String>>,
     /// "enforce" (default) or "audit".
     mode: Option<Spanned<String>>,
 }
@@ -31,6 +33,9 @@ pub(super) fn defaults(set: &mut RuleSet, defaults: Option<RawDefaults>) -> Resu
     let defaults = defaults.unwrap_or_default();
     if let Some(policy) = &defaults.policy {
         set.default_policy = action(policy, "policy")?;
+    }
+    if let Some(outbound) = &defaults.outbound {
+        set.outbound_policy = action(outbound, "outbound")?;
     }
     for (value, slot) in [
         (defaults.established, &mut set.established),
@@ -140,6 +145,8 @@ pub(super) fn limits(
 pub(super) struct RawRule {
     name: Option<Spanned<String>>,
     action: Option<Spanned<String>>,
+    /// "in" (default) or "out".
+    direction: Option<Spanned<String>>,
     proto: Option<Spanned<String>>,
     from: Option<Spanned<Vec<Spanned<String>>>>,
     to: Option<Spanned<Vec<Spanned<String>>>>,
@@ -216,6 +223,18 @@ fn rule(
             ))
         }
     };
+    let direction = match &raw_rule.direction {
+        None => Direction::In,
+        Some(value) => Direction::from_name(value.get_ref()).ok_or_else(|| {
+            (
+                value.span(),
+                format!(
+                    "invalid direction {:?}: expected \"in\" or \"out\"",
+                    value.get_ref()
+                ),
+            )
+        })?,
+    };
     let proto = match &raw_rule.proto {
         None => Proto::Any,
         Some(value) => proto(value)?,
@@ -244,6 +263,12 @@ fn rule(
             None
         }
         Some(limit) => {
+            if direction == Direction::Out {
+                return Err((
+                    limit.span(),
+                    "`limit` applies to inbound rules (per source address)".into(),
+                ));
+            }
             if action != Action::Allow {
                 return Err((
                     limit.span(),
@@ -259,6 +284,7 @@ fn rule(
         limit,
         name,
         action,
+        direction,
         proto,
         from: raw_rule
             .from
