@@ -713,16 +713,18 @@ mod tests {
     }
 
     #[test]
-    fn the_example_rule_files_parse() {
+    fn the_example_rule_files_parse_and_compile() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
         let mut checked = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                load_rules(&path).unwrap_or_else(|e| panic!("{e:#}"));
+                let set = load_rules(&path).unwrap_or_else(|e| panic!("{e:#}"));
+                crate::rules::compile::compile(&set)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
                 checked += 1;
             }
         }
-        assert!(checked >= 3);
+        assert!(checked >= 4);
     }
 }
