@@ -585,6 +585,7 @@ fn differential(max_rules: usize, rule_sets: usize, packets_per_set: usize) {
     eprintln!("differential: seed {seed} (FW_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut kernel = Kernel::load().expect("load the XDP program");
+    kernel.load_layer(LinkLayer::Ip).unwrap();
     let mut verdicts = [0usize; 2];
     let mut reasons = [0usize; 7];
     let mut egress_verdicts = [0usize; 2];

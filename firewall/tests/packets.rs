@@ -73,7 +73,8 @@ fn check_truncations(layer: LinkLayer) {
         Frame::v6("2001:db9::7", "fd00::1", L4::Icmpv6),
     ]
     .map(|frame| build(&frame));
-    let kernel = kernel();
+    let mut kernel = kernel();
+    kernel.load_layer(layer).unwrap();
     let set = rule_set();
     let want = |frame: &[u8]| {
         let decision = evaluate_layer(&set, layer, frame, None, &FlowTable::default());
@@ -568,6 +569,7 @@ fn icmp_types_select_messages_and_ports_never_match_them() {
     ];
     for (set, essentials) in [(&set, true), (&without_essentials, false)] {
         let mut kernel = Kernel::load().expect("load the XDP program");
+        kernel.load_layer(LinkLayer::Ip).unwrap();
         kernel.apply(&compile(set).unwrap()).unwrap();
         for (name, frame, with, without) in &rows {
             let want = if essentials { *with } else { *without };
@@ -1067,6 +1069,19 @@ mod l3 {
     use firewall::dataplane::monotonic_now_ns;
     use firewall_common::{FlowState, STAT_ESTABLISHED};
 
+    /// The kernel of the tests above, with the L3 programs loaded too.
+    fn kernel() -> Kernel {
+        let mut kernel = super::kernel();
+        kernel.load_layer(LinkLayer::Ip).unwrap();
+        kernel
+    }
+
+    fn kernel_with(set: &RuleSet) -> Kernel {
+        let mut kernel = super::kernel_with(set);
+        kernel.load_layer(LinkLayer::Ip).unwrap();
+        kernel
+    }
+
     fn verdict_l3(kernel: &Kernel, frame: &[u8]) -> u32 {
         kernel
             .test_run_on(LinkLayer::Ip, frame, 1)
@@ -1380,6 +1395,7 @@ mod dhcp {
     fn replies_on_l3_links() {
         use firewall::host::link::LinkLayer;
         let mut kernel = deny_all("");
+        kernel.load_layer(LinkLayer::Ip).unwrap();
         kernel
             .set_dhcp_requests(&[(loopback_index(), monotonic_now_ns())])
             .unwrap();

@@ -41,21 +41,19 @@ fn rejected(program: &str) -> String {
 }
 
 impl Kernel {
-    /// Loads the programs of both link layers and creates their maps; nothing is attached
-    /// yet, nothing pinned.
+    /// Loads the programs of Ethernet interfaces and creates the maps; nothing is attached
+    /// yet, nothing pinned. [`Kernel::load_layer`] adds the other link layer's: each program
+    /// costs the verifier's time (seconds per program on a slow machine), and most uses need
+    /// only these.
     pub fn load() -> Result<Self> {
-        let mut kernel = Self::load_with(None, OBJECT)?;
-        kernel.load_layer(LinkLayer::Ip)?;
-        Ok(kernel)
+        Self::load_with(None, OBJECT)
     }
 
     /// As [`Kernel::load`], from another build's XDP object with the same maps (benchmarks
     /// compare builds this way).
     #[cfg(feature = "testing")]
     pub fn load_object(object: &[u8]) -> Result<Self> {
-        let mut kernel = Self::load_with(None, object)?;
-        kernel.load_layer(LinkLayer::Ip)?;
-        Ok(kernel)
+        Self::load_with(None, object)
     }
 
     /// As [`Kernel::load`], with the maps pinned under `pins`, or reused from there when this
@@ -123,7 +121,7 @@ impl Kernel {
     }
 
     /// Loads (and pins, with pins) the programs of `layer`, once.
-    pub(super) fn load_layer(&mut self, layer: LinkLayer) -> Result<()> {
+    pub fn load_layer(&mut self, layer: LinkLayer) -> Result<()> {
         if self.loaded.contains(&layer) {
             return Ok(());
         }
