@@ -179,7 +179,7 @@ fn class_bits(gen: u32, class: u32) -> Option<&'static RuleBits> {
 
 /// The lowest rule in all five sets. Visits only the words every summary marks, lowest
 /// first: a packet that only the last rules can match does not step through the words before
-/// theirs (that walk was the classifier's largest cost with 1,024 rules).
+/// theirs (that walk was the program's hottest line under a flood at 1,024 rules).
 #[inline(always)]
 fn lowest_common_rule(sets: [&RuleBits; 5]) -> Option<u32> {
     let mut candidates =

@@ -64,11 +64,11 @@ pub fn is_echo_reply(packet: &Packet) -> bool {
         .is_some_and(|icmp| icmp.kind == Echo::Reply.kind(packet.v6))
 }
 
-/// The connection an inbound packet opens or continues, keyed as the host's replies will
-/// look on egress (the mirror image of [`outbound_key`]): TCP/UDP by ports, echo requests by
+/// The flow of an arriving packet, keyed as the host's packets of it are on egress (the
+/// mirror image of [`outbound_key`]): TCP/UDP by ports, ICMP echoes of kind `echo` by
 /// identifier.
 #[inline(always)]
-fn accepted_key(packet: &Packet) -> Option<FlowKey> {
+fn arriving_key(packet: &Packet, echo: Echo) -> Option<FlowKey> {
     let mut key = key(packet, packet.src, packet.dst);
     if let Some(dport) = packet.dport() {
         key.remote_port = packet.sport;
@@ -76,11 +76,18 @@ fn accepted_key(packet: &Packet) -> Option<FlowKey> {
         return Some(key);
     }
     let icmp = packet.icmp()?;
-    if icmp.kind != Echo::Request.kind(packet.v6) {
+    if icmp.kind != echo.kind(packet.v6) {
         return None;
     }
     key.local_port = icmp.id;
     Some(key)
+}
+
+/// The connection an inbound packet opens or continues (an echo request: the exchange it
+/// starts).
+#[inline(always)]
+fn accepted_key(packet: &Packet) -> Option<FlowKey> {
+    arriving_key(packet, Echo::Request)
 }
 
 /// Records a connection the rules accepted inbound (outbound filtering on), unless its flow
@@ -132,18 +139,7 @@ fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
     if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
     }
-    let mut key = key(packet, packet.src, packet.dst);
-    if let Some(dport) = packet.dport() {
-        key.remote_port = packet.sport;
-        key.local_port = dport;
-        return Some(key);
-    }
-    let icmp = packet.icmp()?;
-    if icmp.kind != Echo::Reply.kind(packet.v6) {
-        return None;
-    }
-    key.local_port = icmp.id;
-    Some(key)
+    arriving_key(packet, Echo::Reply)
 }
 
 /// Records an outbound packet of flow `key` (called from the tc egress program). Without
