@@ -19,9 +19,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use firewall_common::{
-    proto, GenerationConfig, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG, ACTION_MASK,
-    CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_OUTBOUND, MAX_RULES,
-    STAT_BANNED, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL,
+    proto, FlowKey, GenerationConfig, ACTION_ALLOW, ACTION_DENY, ACTION_LIMITED, ACTION_LOG,
+    ACTION_MASK, CHECK_AUDIT, CHECK_DHCP, CHECK_ESSENTIALS, CHECK_ESTABLISHED, CHECK_OUTBOUND,
+    MAX_RULES, STAT_BANNED, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_DHCP, STAT_ESSENTIAL,
     STAT_ESTABLISHED, STAT_MALFORMED, STAT_NON_IP, STAT_OUT_DEFAULT_ALLOW, STAT_OUT_DEFAULT_DENY,
     STAT_OUT_ESTABLISHED, STAT_RATE_LIMITED,
 };
@@ -198,37 +198,56 @@ fn track<const L3: bool>(ctx: TcContext) -> i32 {
         count(STAT_MALFORMED, bytes);
         return if audit { TC_ACT_OK } else { TC_ACT_SHOT };
     }
-    if judge_outbound(gen, config, &packet, ifindex, bytes) == Verdict::Pass || audit {
-        // Only what leaves starts or continues a flow.
-        if let Some(key) = state::outbound_key(&packet, true) {
-            state::record_outbound(&packet, key, !state::is_echo_reply(&packet));
-        }
-        dhcp::record_request(&packet, ifindex);
-        return TC_ACT_OK;
+    // The flow the packet belongs to, and whether it is the host's own (not an echo reply to
+    // an accepted request), found once for the judgement and the record.
+    let key = state::outbound_key(&packet, true);
+    let own = !state::is_echo_reply(&packet);
+    let judged = judge_outbound(gen, config, &packet, key, own, ifindex, bytes);
+    if judged == Outbound::Drop && !audit {
+        return TC_ACT_SHOT;
     }
-    TC_ACT_SHOT
+    // Only what leaves starts or continues a flow (a tracked flow's entry is refreshed).
+    if judged != Outbound::Refreshed {
+        if let Some(key) = key {
+            state::record_outbound(&packet, key, own);
+        }
+    }
+    dhcp::record_request(&packet, ifindex);
+    TC_ACT_OK
 }
 
-/// The verdict on an outbound packet: essential ICMPv6, DHCP requests and packets of
-/// tracked flows pass; then the first out rule, else the outbound default. Counts and logs.
+/// What the outbound judgement made of a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outbound {
+    /// A packet of a live tracked flow: passes, its flow's entry refreshed already.
+    Refreshed,
+    Pass,
+    Drop,
+}
+
+/// The verdict on an outbound packet of flow `key` (`own` as in [`state::pass_tracked`]):
+/// essential ICMPv6, DHCP requests and packets of tracked flows pass; then the first out
+/// rule, else the outbound default. Counts and logs.
 #[inline(always)]
 fn judge_outbound(
     gen: u32,
     config: &GenerationConfig,
     packet: &Packet,
+    key: Option<FlowKey>,
+    own: bool,
     ifindex: u32,
     bytes: u64,
-) -> Verdict {
+) -> Outbound {
     if config.checks & CHECK_ESSENTIALS != 0 && is_essential_icmpv6(packet) {
-        return Verdict::Pass;
+        return Outbound::Pass;
     }
     if config.checks & CHECK_DHCP != 0 && dhcp::is_request(packet) {
-        return Verdict::Pass;
+        return Outbound::Pass;
     }
-    if let Some(key) = state::outbound_key(packet, true) {
-        if state::is_tracked(config, key) {
+    if let Some(key) = key {
+        if state::pass_tracked(config, packet, key, own) {
             count(STAT_OUT_ESTABLISHED, bytes);
-            return Verdict::Pass;
+            return Outbound::Refreshed;
         }
     }
     let (action, rule_number, slot) =
@@ -253,7 +272,10 @@ fn judge_outbound(
         let audit = config.checks & CHECK_AUDIT != 0;
         log::log_packet(config, packet, ifindex, rule_number, verdict, audit, true);
     }
-    verdict
+    match verdict {
+        Verdict::Pass => Outbound::Pass,
+        _ => Outbound::Drop,
+    }
 }
 
 #[cfg(target_arch = "bpf")]

@@ -105,27 +105,35 @@ pub fn record_accepted(packet: &Packet) {
     let _ = FLOWS.insert(key, state, BPF_NOEXIST as u64);
 }
 
-/// Whether flow `key`, in `state`, is still alive (idle no longer than its timeout).
+/// Whether flow `key`, in `state`, is still alive at `now` (idle no longer than its timeout).
 #[inline(always)]
-fn is_live(config: &GenerationConfig, key: &FlowKey, state: &FlowState) -> bool {
+fn is_live(config: &GenerationConfig, key: &FlowKey, state: &FlowState, now: u64) -> bool {
     let timeout = match key.proto {
         IPPROTO_TCP if state.flags & FLOW_CLOSING != 0 => config.tcp_closing_timeout_ns,
         IPPROTO_TCP => config.tcp_timeout_ns,
         IPPROTO_UDP => config.udp_timeout_ns,
         _ => config.icmp_timeout_ns,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     now.saturating_sub(state.last_seen_ns) <= timeout
 }
 
-/// Whether outbound flow `key` is tracked and alive: the host's own, or one it accepted.
+/// With outbound filtering: whether outbound flow `key` is tracked and alive (the host's
+/// own, or one it accepted); if so, the packet refreshes it as [`record_outbound`] would, in
+/// the same lookup. `own` as `insert` there.
 #[inline(always)]
-pub fn is_tracked(config: &GenerationConfig, key: FlowKey) -> bool {
-    // SAFETY: a value of the map, copied out.
-    match unsafe { FLOWS.get(key) } {
-        Some(state) => is_live(config, &key, state),
-        None => false,
+pub fn pass_tracked(config: &GenerationConfig, packet: &Packet, key: FlowKey, own: bool) -> bool {
+    let Some(state) = FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a value of the map; concurrent writers store whole words.
+    let state = unsafe { &mut *state };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !is_live(config, &key, state, now) {
+        return false;
     }
+    stamp_if_ported(&key, now);
+    refresh(state, packet, &key, now, own);
+    true
 }
 
 /// The flow an inbound packet would reply to (for an ICMP error, the flow it quotes from the
@@ -147,28 +155,10 @@ fn inbound_key(packet: &Packet, start: usize, end: usize) -> Option<FlowKey> {
 #[inline(always)]
 pub fn record_outbound(packet: &Packet, key: FlowKey, insert: bool) {
     let now = unsafe { bpf_ktime_get_ns() };
-    if key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP {
-        stamp_local_port(key.proto == IPPROTO_UDP, key.local_port, now);
-    }
-    let closing_flags = if key.proto == IPPROTO_TCP {
-        packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
-    } else {
-        false
-    };
+    stamp_if_ported(&key, now);
     if let Some(state) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a value of the map; concurrent writers store whole words.
-        let state = unsafe { &mut *state };
-        state.last_seen_ns = now;
-        if insert {
-            // The host's own packet: an accepted connection becomes an ordinary flow.
-            state.flags &= !FLOW_ACCEPTED;
-        }
-        if closing_flags {
-            state.flags |= FLOW_CLOSING;
-        } else if packet.tcp_flags & TCP_SYN != 0 {
-            // A new connection reusing the ports.
-            state.flags &= !FLOW_CLOSING;
-        }
+        refresh(unsafe { &mut *state }, packet, &key, now, insert);
         return;
     }
     if !insert {
@@ -176,10 +166,44 @@ pub fn record_outbound(packet: &Packet, key: FlowKey, insert: bool) {
     }
     let state = FlowState {
         last_seen_ns: now,
-        flags: if closing_flags { FLOW_CLOSING } else { 0 },
+        flags: if closes(packet, &key) {
+            FLOW_CLOSING
+        } else {
+            0
+        },
         _pad: 0,
     };
     let _ = FLOWS.insert(key, state, 0);
+}
+
+/// Whether the host's packet closes its TCP connection (FIN or RST).
+#[inline(always)]
+fn closes(packet: &Packet, key: &FlowKey) -> bool {
+    key.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// An existing flow's entry after an outbound packet of it at `now`; `own` (not an echo reply
+/// to an accepted request) makes an accepted connection an ordinary flow.
+#[inline(always)]
+fn refresh(state: &mut FlowState, packet: &Packet, key: &FlowKey, now: u64, own: bool) {
+    state.last_seen_ns = now;
+    if own {
+        state.flags &= !FLOW_ACCEPTED;
+    }
+    if closes(packet, key) {
+        state.flags |= FLOW_CLOSING;
+    } else if packet.tcp_flags & TCP_SYN != 0 {
+        // A new connection reusing the ports.
+        state.flags &= !FLOW_CLOSING;
+    }
+}
+
+/// Stamps a TCP/UDP flow's local port (before its entry is written: see [`stamp_local_port`]).
+#[inline(always)]
+fn stamp_if_ported(key: &FlowKey, now: u64) {
+    if key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP {
+        stamp_local_port(key.proto == IPPROTO_UDP, key.local_port, now);
+    }
 }
 
 /// Marks `port` as used by the host at `now_ns` (before the flow is written, so that no
@@ -245,5 +269,5 @@ pub fn is_established(
     };
     // A connection accepted inbound that the host has not answered yet is not established:
     // its packets pass by the rules, as without outbound filtering.
-    state.flags & FLOW_ACCEPTED == 0 && is_live(config, &key, state)
+    state.flags & FLOW_ACCEPTED == 0 && is_live(config, &key, state, unsafe { bpf_ktime_get_ns() })
 }
