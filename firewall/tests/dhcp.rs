@@ -198,12 +198,7 @@ fn leases_under_default_rules(v6: bool) {
     );
     let renewed = leased_address(&dir.join("client.leases"), v6).unwrap();
     assert_eq!(first, renewed, "{family}: the renewal changed the address");
-    let stats = Command::new(common::firewall_exe())
-        .args(["stats", "--json", "--pin-dir"])
-        .arg(pins.pin_dir())
-        .output()
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = pins.stats_json();
     assert!(
         stats["dhcp"]["packets"].as_u64().unwrap() >= 2,
         "{family}: DHCP replies not counted: {stats}"

@@ -2136,12 +2136,7 @@ fn outbound_deny_allows_only_out_rules_and_replies() {
         );
     }
     // The out rule's verdicts, and the outbound default's, are counted.
-    let stats = Command::new(firewall_exe())
-        .args(["stats", "--json", "--pin-dir"])
-        .arg(pins.pin_dir())
-        .output()
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = pins.stats_json();
     assert_eq!(stats["outbound_default"]["policy"], "deny", "{stats}");
     assert!(stats["outbound_default"]["dropped"]["packets"].as_u64() > Some(0));
     assert!(stats["rules"][1]["packets"].as_u64() > Some(0), "{stats}");

@@ -265,8 +265,18 @@ impl BpfMount {
 
     /// Runs `firewall COMMAND --pin-dir` on the pins, which must succeed; its output.
     pub fn run(&self, command: &str) -> String {
+        self.run_args(&[command])
+    }
+
+    /// `firewall stats --json` of the pins.
+    pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.run_args(&["stats", "--json"])).unwrap()
+    }
+
+    /// Runs `firewall ARGS... --pin-dir` on the pins, which must succeed; its output.
+    pub fn run_args(&self, args: &[&str]) -> String {
         let output = Command::new(firewall_exe())
-            .arg(command)
+            .args(args)
             .arg("--pin-dir")
             .arg(self.pin_dir())
             .output()
